@@ -1,0 +1,9 @@
+"""Hermes: universal 3D medical image segmentation with context priors.
+
+One model, trained jointly on many partially labelled datasets across CT, MRI and PET,
+that segments any structure it has learned when told the image's modality (or detects it).
+"""
+
+from hermes._version import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,5 @@
+"""Front ends of the native kernels: validation, custom ops, autograd and pure-PyTorch references."""
+
+from hermes.ops._extension import capabilities, extension, extension_loaded
+
+__all__ = ["capabilities", "extension", "extension_loaded"]
