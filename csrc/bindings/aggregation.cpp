@@ -1,9 +1,123 @@
+// Bindings of the sliding-window aggregation kernels. Tensors cross as raw addresses
+// (tensor.data_ptr()) with their sizes; hermes/ops/aggregate.py validates everything first.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+
 #include "bindings.h"
+#include "hermes/aggregate.h"
+
+namespace py = pybind11;
 
 namespace hermes {
 namespace bindings {
 
-void register_aggregation(pybind11::module_& m) { (void)m; }
+namespace {
+
+using aggregate::AccGeometry;
+using aggregate::FinalizeArgs;
+using aggregate::WindowWeights;
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+AccGeometry make_geom(int64_t channels, int64_t ring, int64_t height, int64_t width) {
+  return AccGeometry{channels, ring, height, width};
+}
+
+WindowWeights make_weights(std::uintptr_t wz, std::uintptr_t wy, std::uintptr_t wx,
+                           int64_t roi_d, int64_t roi_h, int64_t roi_w, float clamp_min) {
+  return WindowWeights{ptr<const float>(wz), ptr<const float>(wy), ptr<const float>(wx),
+                       roi_d, roi_h, roi_w, clamp_min};
+}
+
+FinalizeArgs make_finalize(std::uintptr_t acc, std::uintptr_t wsum, int64_t channels,
+                           int64_t ring, int64_t height, int64_t width, int64_t z0, int64_t z1,
+                           int64_t y0, int64_t y1, int64_t x0, int64_t x1, int64_t out_z0,
+                           std::uintptr_t out, int64_t out_d, int64_t out_h, int64_t out_w,
+                           int kind, bool sigmoid, float threshold, bool zero_after) {
+  if (kind < aggregate::kOutFloat32 || kind > aggregate::kOutLabelU16) {
+    throw std::invalid_argument("aggregate finalize: unknown output kind");
+  }
+  return FinalizeArgs{ptr<float>(acc), ptr<float>(wsum), make_geom(channels, ring, height, width),
+                      z0, z1, y0, y1, x0, x1, out_z0, ptr<void>(out), out_d, out_h, out_w,
+                      kind, sigmoid, threshold, zero_after};
+}
+
+}  // namespace
+
+void register_aggregation(py::module_& m) {
+  m.def(
+      "aggregate_add_cpu",
+      [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
+         int64_t width, std::uintptr_t patches, std::uintptr_t starts, int64_t count,
+         std::uintptr_t wz, std::uintptr_t wy, std::uintptr_t wx, int64_t roi_d, int64_t roi_h,
+         int64_t roi_w, float clamp_min, bool add_weight) {
+        py::gil_scoped_release release;
+        aggregate::add_patches_cpu(ptr<float>(acc), ptr<float>(wsum),
+                                   make_geom(channels, ring, height, width),
+                                   ptr<const float>(patches), ptr<const int64_t>(starts), count,
+                                   make_weights(wz, wy, wx, roi_d, roi_h, roi_w, clamp_min),
+                                   add_weight);
+      },
+      "Weighted scatter-add of count x C x roi patches into a C x ring x H x W accumulator.");
+  m.def(
+      "aggregate_finalize_cpu",
+      [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
+         int64_t width, int64_t z0, int64_t z1, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+         int64_t out_z0, std::uintptr_t out, int64_t out_d, int64_t out_h, int64_t out_w,
+         int kind, bool sigmoid, float threshold, bool zero_after) {
+        FinalizeArgs args =
+            make_finalize(acc, wsum, channels, ring, height, width, z0, z1, y0, y1, x0, x1,
+                          out_z0, out, out_d, out_h, out_w, kind, sigmoid, threshold, zero_after);
+        py::gil_scoped_release release;
+        aggregate::finalize_cpu(args);
+      },
+      "Normalise planes [z0, z1) by the weight sum and write the requested output kind.");
+  m.def(
+      "aggregate_zero_cpu",
+      [](std::uintptr_t data, int64_t count) {
+        py::gil_scoped_release release;
+        aggregate::zero_cpu(ptr<float>(data), count);
+      },
+      "Zero `count` float32 values.");
+#ifdef HERMES_WITH_CUDA
+  m.def(
+      "aggregate_add_cuda",
+      [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
+         int64_t width, std::uintptr_t patches, std::uintptr_t starts, int64_t count,
+         std::uintptr_t wz, std::uintptr_t wy, std::uintptr_t wx, int64_t roi_d, int64_t roi_h,
+         int64_t roi_w, float clamp_min, bool add_weight, std::uintptr_t stream) {
+        aggregate::add_patches_cuda(ptr<float>(acc), ptr<float>(wsum),
+                                    make_geom(channels, ring, height, width),
+                                    ptr<const float>(patches), ptr<const int64_t>(starts), count,
+                                    make_weights(wz, wy, wx, roi_d, roi_h, roi_w, clamp_min),
+                                    add_weight, stream);
+      },
+      "CUDA aggregate_add_cpu on `stream` (starts is a host address, the rest device).");
+  m.def(
+      "aggregate_finalize_cuda",
+      [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
+         int64_t width, int64_t z0, int64_t z1, int64_t y0, int64_t y1, int64_t x0, int64_t x1,
+         int64_t out_z0, std::uintptr_t out, int64_t out_d, int64_t out_h, int64_t out_w,
+         int kind, bool sigmoid, float threshold, bool zero_after, std::uintptr_t stream) {
+        aggregate::finalize_cuda(
+            make_finalize(acc, wsum, channels, ring, height, width, z0, z1, y0, y1, x0, x1,
+                          out_z0, out, out_d, out_h, out_w, kind, sigmoid, threshold, zero_after),
+            stream);
+      },
+      "CUDA aggregate_finalize_cpu on `stream`.");
+  m.def(
+      "aggregate_zero_cuda",
+      [](std::uintptr_t data, int64_t count, std::uintptr_t stream) {
+        aggregate::zero_cuda(ptr<float>(data), count, stream);
+      },
+      "Zero `count` float32 values on `stream`.");
+#endif
+}
 
 }  // namespace bindings
 }  // namespace hermes

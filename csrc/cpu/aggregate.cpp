@@ -1,0 +1,232 @@
+// CPU (OpenMP) kernels of the sliding-window patch aggregation; see hermes/aggregate.h.
+#include "hermes/aggregate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef HERMES_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace hermes {
+namespace aggregate {
+
+namespace {
+
+// float32 -> float16 bits, round to nearest even (same result as torch's .half()).
+inline uint16_t float_to_half_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  uint32_t mag = bits & 0x7fffffffu;
+  if (mag >= 0x47800000u) {  // >= 65536, inf or nan
+    return static_cast<uint16_t>(sign | (mag > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  }
+  if (mag < 0x38800000u) {  // below the smallest normal half: let the FPU round the subnormal
+    float f;
+    std::memcpy(&f, &mag, sizeof(f));
+    f += 0.5f;
+    uint32_t r;
+    std::memcpy(&r, &f, sizeof(r));
+    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
+  }
+  const uint32_t odd = (mag >> 13) & 1u;
+  mag += 0xc8000fffu + odd;  // rebias the exponent (127 -> 15) and round half to even
+  return static_cast<uint16_t>(sign | (mag >> 13));
+}
+
+inline float logistic(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+}  // namespace
+
+void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
+                     const int64_t* starts, int64_t count, const WindowWeights& weights,
+                     bool add_weight) {
+  const int64_t C = geom.channels, L = geom.ring, H = geom.height, W = geom.width;
+  const int64_t rd = weights.roi_d, rh = weights.roi_h, rw = weights.roi_w;
+  const int64_t plane = H * W;
+  const int64_t patch_plane = rh * rw;
+  const int64_t patch_volume = rd * patch_plane;
+  const float clamp_min = weights.clamp_min;
+  // One patch after another (fixed order per voxel); the planes of a patch are independent.
+  for (int64_t b = 0; b < count; ++b) {
+    const int64_t sz = starts[3 * b], sy = starts[3 * b + 1], sx = starts[3 * b + 2];
+    const float* patch = patches + b * C * patch_volume;
+#ifdef HERMES_WITH_OPENMP
+#pragma omp parallel
+#endif
+    {
+      std::vector<float> wplane(static_cast<size_t>(patch_plane));
+#ifdef HERMES_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t z = 0; z < rd; ++z) {
+        const int64_t gz = (sz + z) % L;
+        const float fz = weights.wz[z];
+        float* wp = wplane.data();
+        for (int64_t y = 0; y < rh; ++y) {
+          const float fzy = fz * weights.wy[y];
+          float* wrow = wp + y * rw;
+#pragma omp simd
+          for (int64_t x = 0; x < rw; ++x) wrow[x] = std::max(fzy * weights.wx[x], clamp_min);
+        }
+        if (add_weight) {
+          for (int64_t y = 0; y < rh; ++y) {
+            float* __restrict__ dst = wsum + gz * plane + (sy + y) * W + sx;
+            const float* __restrict__ wrow = wp + y * rw;
+#pragma omp simd
+            for (int64_t x = 0; x < rw; ++x) dst[x] += wrow[x];
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const float* src_plane = patch + (c * rd + z) * patch_plane;
+          float* dst_plane = acc + (c * L + gz) * plane + sy * W + sx;
+          for (int64_t y = 0; y < rh; ++y) {
+            float* __restrict__ dst = dst_plane + y * W;
+            const float* __restrict__ src = src_plane + y * rw;
+            const float* __restrict__ wrow = wp + y * rw;
+#pragma omp simd
+            for (int64_t x = 0; x < rw; ++x) dst[x] += src[x] * wrow[x];
+          }
+        }
+      }
+    }
+  }
+}
+
+namespace {
+
+// Finalizes one row (global plane z, row y) of the crop into the output.
+void finalize_row(const FinalizeArgs& a, int64_t z, int64_t y, float* scratch_value,
+                  int32_t* scratch_index) {
+  const int64_t C = a.geom.channels, L = a.geom.ring, H = a.geom.height, W = a.geom.width;
+  const int64_t plane = H * W;
+  const int64_t gz = z % L;
+  const int64_t n = a.x1 - a.x0;
+  const float* __restrict__ wrow = a.wsum + gz * plane + y * W + a.x0;
+  const int64_t oz = z - a.out_z0, oy = y - a.y0;
+  const int64_t out_plane = a.out_h * a.out_w;
+  const int64_t out_volume = a.out_d * out_plane;
+  const int64_t out_row = oz * out_plane + oy * a.out_w;
+  auto acc_row = [&](int64_t c) -> const float* {
+    return a.acc + (c * L + gz) * plane + y * W + a.x0;
+  };
+  switch (a.kind) {
+    case kOutFloat32: {
+      for (int64_t c = 0; c < C; ++c) {
+        const float* __restrict__ src = acc_row(c);
+        float* __restrict__ dst = static_cast<float*>(a.out) + c * out_volume + out_row;
+        if (a.sigmoid) {
+          for (int64_t x = 0; x < n; ++x) dst[x] = logistic(src[x] / wrow[x]);
+        } else {
+#pragma omp simd
+          for (int64_t x = 0; x < n; ++x) dst[x] = src[x] / wrow[x];
+        }
+      }
+      break;
+    }
+    case kOutFloat16: {
+      for (int64_t c = 0; c < C; ++c) {
+        const float* __restrict__ src = acc_row(c);
+        uint16_t* __restrict__ dst = static_cast<uint16_t*>(a.out) + c * out_volume + out_row;
+        for (int64_t x = 0; x < n; ++x) {
+          float v = src[x] / wrow[x];
+          if (a.sigmoid) v = logistic(v);
+          dst[x] = float_to_half_bits(v);
+        }
+      }
+      break;
+    }
+    case kOutMask: {
+      const float t = a.threshold;
+      for (int64_t c = 0; c < C; ++c) {
+        const float* __restrict__ src = acc_row(c);
+        uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + c * out_volume + out_row;
+#pragma omp simd
+        for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<uint8_t>(src[x] / wrow[x] >= t);
+      }
+      break;
+    }
+    default: {  // labels
+      float* __restrict__ best = scratch_value;
+      int32_t* __restrict__ arg = scratch_index;
+      {
+        const float* __restrict__ src = acc_row(0);
+#pragma omp simd
+        for (int64_t x = 0; x < n; ++x) {
+          best[x] = src[x] / wrow[x];
+          arg[x] = 0;
+        }
+      }
+      for (int64_t c = 1; c < C; ++c) {
+        const float* __restrict__ src = acc_row(c);
+        const int32_t ci = static_cast<int32_t>(c);
+#pragma omp simd
+        for (int64_t x = 0; x < n; ++x) {
+          const float v = src[x] / wrow[x];
+          const bool better = v > best[x];  // strict: ties keep the lowest channel
+          best[x] = better ? v : best[x];
+          arg[x] = better ? ci : arg[x];
+        }
+      }
+      const float t = a.threshold;
+      if (a.kind == kOutLabelU8) {
+        uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + out_row;
+        for (int64_t x = 0; x < n; ++x)
+          dst[x] = static_cast<uint8_t>(best[x] >= t ? arg[x] + 1 : 0);
+      } else {
+        uint16_t* __restrict__ dst = static_cast<uint16_t*>(a.out) + out_row;
+        for (int64_t x = 0; x < n; ++x)
+          dst[x] = static_cast<uint16_t>(best[x] >= t ? arg[x] + 1 : 0);
+      }
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+void finalize_cpu(const FinalizeArgs& a) {
+  const int64_t C = a.geom.channels, L = a.geom.ring, H = a.geom.height, W = a.geom.width;
+  const int64_t plane = H * W;
+  const int64_t rows = (a.z1 - a.z0) * H;
+  const int64_t n = std::max<int64_t>(a.x1 - a.x0, 0);
+#ifdef HERMES_WITH_OPENMP
+#pragma omp parallel
+#endif
+  {
+    std::vector<float> best(static_cast<size_t>(n) + 1);
+    std::vector<int32_t> arg(static_cast<size_t>(n) + 1);
+#ifdef HERMES_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t z = a.z0 + r / H, y = r % H;
+      if (y >= a.y0 && y < a.y1 && n > 0) finalize_row(a, z, y, best.data(), arg.data());
+      if (a.zero_after) {
+        const int64_t gz = z % L;
+        for (int64_t c = 0; c < C; ++c)
+          std::memset(a.acc + (c * L + gz) * plane + y * W, 0, sizeof(float) * W);
+        std::memset(a.wsum + gz * plane + y * W, 0, sizeof(float) * W);
+      }
+    }
+  }
+}
+
+void zero_cpu(float* data, int64_t count) {
+  const int64_t chunk = int64_t(1) << 16;
+  const int64_t chunks = (count + chunk - 1) / chunk;
+#ifdef HERMES_WITH_OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t begin = i * chunk;
+    const int64_t len = std::min(chunk, count - begin);
+    std::memset(data + begin, 0, sizeof(float) * len);
+  }
+}
+
+}  // namespace aggregate
+}  // namespace hermes

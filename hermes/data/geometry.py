@@ -1,0 +1,173 @@
+"""Voxel-grid geometry: canonical reorientation, cropping and resampling with exact affines.
+
+Arrays here are channel-first, ``(C, X, Y, Z)`` for images and ``(X, Y, Z)`` for labels, and
+``affine`` always maps voxel indices of the three spatial axes to RAS+ world mm. Every function
+returns the new affine, so a cached array can be mapped back to the original image exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from nibabel.orientations import (
+    apply_orientation,
+    axcodes2ornt,
+    inv_ornt_aff,
+    io_orientation,
+    ornt_transform,
+)
+from scipy import ndimage
+
+from hermes.data.io import spacing_from_affine
+
+__all__ = [
+    "CANONICAL_AXCODES",
+    "reorient",
+    "orientation_transform",
+    "nonzero_bbox",
+    "crop",
+    "resampled_grid",
+    "resample",
+]
+
+#: Canonical orientation of cached arrays: axis 0 -> Right, 1 -> Anterior, 2 -> Superior
+#: (nibabel's "closest canonical", also MONAI ``Orientation("RAS")``).
+CANONICAL_AXCODES: tuple[str, str, str] = ("R", "A", "S")
+
+
+def orientation_transform(
+    affine: np.ndarray, axcodes: Sequence[str] = CANONICAL_AXCODES
+) -> np.ndarray:
+    """nibabel orientation transform (3x2: target axis, flip) from ``affine`` to ``axcodes``."""
+    return ornt_transform(io_orientation(affine), axcodes2ornt(tuple(axcodes)))
+
+
+def reorient(
+    array: np.ndarray, affine: np.ndarray, axcodes: Sequence[str] = CANONICAL_AXCODES,
+    channel_first: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Permute/flip the spatial axes so they point along ``axcodes`` (no interpolation).
+
+    Args:
+        array: ``(X, Y, Z[, ...])`` or, with ``channel_first``, ``(C, X, Y, Z)``.
+        affine: 4x4 voxel -> RAS mm of ``array``'s spatial axes.
+
+    Returns:
+        ``(array, affine)`` reoriented; a view where possible (call ``np.ascontiguousarray``).
+        Oblique affines are handled: each voxel axis goes to its closest world axis.
+    """
+    spatial = array.shape[1:4] if channel_first else array.shape[:3]
+    t = orientation_transform(affine, axcodes)
+    new_affine = np.asarray(affine, np.float64) @ inv_ornt_aff(t, spatial)
+    if channel_first:
+        moved = np.moveaxis(array, 0, -1)
+        out = np.moveaxis(apply_orientation(moved, t), -1, 0)
+    else:
+        out = apply_orientation(array, t)
+    return out, new_affine
+
+
+def nonzero_bbox(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Half-open bounding box ``((x0, x1), (y0, y1), (z0, z1))`` of a boolean (X, Y, Z) mask;
+    the whole array when the mask is empty."""
+    if not mask.any():
+        return tuple((0, int(s)) for s in mask.shape)
+    out = []
+    for ax in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != ax)
+        nz = np.flatnonzero(mask.any(axis=other))
+        out.append((int(nz[0]), int(nz[-1]) + 1))
+    return tuple(out)
+
+
+def crop(
+    array: np.ndarray, affine: np.ndarray, bbox: Sequence[tuple[int, int]],
+    channel_first: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop the spatial axes to the half-open ``bbox``; the affine's origin moves to the corner."""
+    sl = tuple(slice(a, b) for a, b in bbox)
+    out = array[(slice(None), *sl)] if channel_first else array[sl]
+    new_affine = np.asarray(affine, np.float64).copy()
+    new_affine[:3, 3] = affine[:3, :3] @ np.array([a for a, _ in bbox], float) + affine[:3, 3]
+    return out, new_affine
+
+
+def resampled_grid(
+    shape: Sequence[int], affine: np.ndarray, spacing: float | Sequence[float]
+) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """Geometry of resampling a grid to ``spacing`` mm, keeping axis directions and centre.
+
+    New voxel ``i`` (per axis) sits at old fractional index ``offset + i * step`` with
+    ``step = new_spacing / old_spacing``, centred so both grids share their midpoint.
+
+    Returns:
+        ``(new_shape, new_affine, step (3,), offset (3,))``.
+    """
+    old_sp = np.asarray(spacing_from_affine(affine))
+    new_sp = np.broadcast_to(np.asarray(spacing, np.float64), (3,)).astype(np.float64)
+    if np.any(new_sp <= 0):
+        raise ValueError(f"target spacing must be positive, got {spacing}")
+    shape_a = np.asarray(shape[:3], np.float64)
+    new_shape = np.maximum(1, np.round(shape_a * old_sp / new_sp)).astype(int)
+    step = new_sp / old_sp
+    offset = ((shape_a - 1) - (new_shape - 1) * step) / 2.0
+    new_affine = np.asarray(affine, np.float64).copy()
+    new_affine[:3, :3] = affine[:3, :3] * step[None, :]
+    new_affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+    return tuple(int(s) for s in new_shape), new_affine, step, offset  # type: ignore[return-value]
+
+
+def _resample_3d(
+    vol: np.ndarray, new_shape: Sequence[int], step: np.ndarray, offset: np.ndarray, order: int,
+    axes: Sequence[int] = (0, 1, 2),
+) -> np.ndarray:
+    """Resample only ``axes`` of a 3D volume (the others must already have their new size)."""
+    m = np.ones(3)
+    o = np.zeros(3)
+    for a in axes:
+        m[a], o[a] = step[a], offset[a]
+    out_shape = [vol.shape[a] if a not in axes else new_shape[a] for a in range(3)]
+    if order == 0 and vol.dtype.kind in "uib":
+        out = np.empty(out_shape, dtype=vol.dtype)
+    else:
+        out = np.empty(out_shape, dtype=np.float32)
+        vol = vol.astype(np.float32, copy=False)
+    ndimage.affine_transform(vol, m, offset=o, output_shape=tuple(out_shape), output=out,
+                             order=order, mode="nearest", prefilter=order > 1)
+    return out
+
+
+def resample(
+    array: np.ndarray, affine: np.ndarray, spacing: float | Sequence[float], order: int = 3,
+    anisotropy_threshold: float = 3.0, channel_first: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample ``(C, X, Y, Z)`` (or ``(X, Y, Z)`` with ``channel_first=False``) to ``spacing``.
+
+    Args:
+        order: spline order: 0 nearest (labels), 1 linear, 3 cubic (images).
+        anisotropy_threshold: when the coarsest/finest spacing ratio exceeds it and
+            ``order > 1``, the coarse axis is interpolated linearly after the in-plane axes
+            with ``order`` (avoids spline ringing across thick slices, as nnU-Net does).
+
+    Returns:
+        ``(resampled float32 array (integer dtype kept for order 0), new_affine)``.
+    """
+    vol = array if channel_first else array[None]
+    new_shape, new_affine, step, offset = resampled_grid(vol.shape[1:], affine, spacing)
+    if tuple(new_shape) == tuple(vol.shape[1:]) and np.allclose(step, 1) and np.allclose(offset, 0):
+        out = vol.astype(np.float32) if order > 0 else vol.copy()
+        return (out if channel_first else out[0]), new_affine
+    sp = np.asarray(spacing_from_affine(affine))
+    anisotropic = order > 1 and sp.max() / sp.min() > anisotropy_threshold
+    chans = []
+    for c in range(vol.shape[0]):
+        if anisotropic:
+            coarse = int(np.argmax(sp))
+            fine_axes = [a for a in range(3) if a != coarse]
+            tmp = _resample_3d(vol[c], new_shape, step, offset, order, fine_axes)
+            chans.append(_resample_3d(tmp, new_shape, step, offset, 1, [coarse]))
+        else:
+            chans.append(_resample_3d(vol[c], new_shape, step, offset, order))
+    out = np.stack(chans)
+    return (out if channel_first else out[0]), new_affine

@@ -1,0 +1,60 @@
+"""Reusable zero-filled float32 buffers for the aggregation accumulators.
+
+Freshly allocated host memory is filled at page-fault speed (several times slower than reused
+memory), so accumulators are taken from here and handed back zeroed. Invariant: every buffer in
+the cache is entirely zero. A buffer that was not handed back (e.g. after an exception) is simply
+dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["acquire", "release", "clear_workspace", "cached_bytes"]
+
+_MAX_PER_DEVICE = 2
+_lock = threading.Lock()
+_cache: dict[str, list[torch.Tensor]] = {}
+
+
+def acquire(numel: int, device: torch.device, reuse: bool = True) -> torch.Tensor:
+    """A zero-filled contiguous float32 tensor of ``numel`` elements on ``device``.
+
+    The result is a view of a cached buffer when one is large enough (``reuse``), else new.
+    """
+    if reuse:
+        with _lock:
+            bucket = _cache.get(str(device), [])
+            fitting = [i for i, b in enumerate(bucket) if b.numel() >= numel]
+            if fitting:
+                best = min(fitting, key=lambda i: bucket[i].numel())
+                return bucket.pop(best)[:numel]
+    return torch.zeros(numel, dtype=torch.float32, device=device)
+
+
+def release(buffer: torch.Tensor, reuse: bool = True) -> None:
+    """Hands back a buffer from ``acquire``; the caller guarantees it is all zero again."""
+    if not reuse:
+        return
+    base = buffer._base if buffer._base is not None else buffer
+    with _lock:
+        bucket = _cache.setdefault(str(base.device), [])
+        if any(b.data_ptr() == base.data_ptr() for b in bucket):
+            return
+        bucket.append(base)
+        bucket.sort(key=lambda b: -b.numel())
+        del bucket[_MAX_PER_DEVICE:]
+
+
+def clear_workspace() -> None:
+    """Frees all cached accumulator buffers."""
+    with _lock:
+        _cache.clear()
+
+
+def cached_bytes() -> int:
+    """Bytes currently held by the cache."""
+    with _lock:
+        return sum(b.numel() * 4 for bucket in _cache.values() for b in bucket)

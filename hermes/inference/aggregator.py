@@ -1,0 +1,314 @@
+"""Aggregation of patch predictions into a whole-volume result (TorchIO-like ``add_batch`` /
+``finalize``), with Gaussian or constant blending, fused output reduction and a streaming mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hermes.inference import _workspace
+from hermes.ops import aggregate as ops
+
+__all__ = ["OUTPUT_KINDS", "PatchAggregator"]
+
+#: User-facing output kinds of :class:`PatchAggregator` and ``sliding_window_inference``.
+OUTPUT_KINDS = ("logits", "probs", "masks", "labels")
+
+
+def _spatial_tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        value = (value,) * ndim
+    out = tuple(value)
+    if len(out) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        raise ValueError(f"{name} must be an int or {ndim} ints, got {value!r}")
+    return out
+
+
+class PatchAggregator:
+    """Accumulates weighted patch predictions of one image and reduces them to the output.
+
+    Each added patch ``p`` (``C x roi``) at corner ``s`` contributes ``p * w`` and ``w`` to the
+    voxels it covers, ``w`` being the window weight (MONAI's Gaussian importance map or ones);
+    ``finalize`` divides the sums and writes the requested output. Voxels sum their
+    contributions in the order patches were added, so results are deterministic.
+
+    Args:
+        spatial_shape: ``(D, H, W)`` or ``(H, W)`` of the volume the patches tile, in voxels.
+        channels: number of predictor output channels (tasks) ``C``.
+        roi_size: window size, an int or one per spatial axis; must fit in ``spatial_shape``.
+        mode: ``"gaussian"`` or ``"constant"`` blending.
+        sigma_scale: Gaussian sigma as a fraction of the window size (one value or per axis).
+        output: ``"logits"`` (averaged logits, float32, or float16 with ``output_dtype``),
+            ``"probs"`` (sigmoid of them, float16 by default), ``"masks"`` (bool ``C x ...``,
+            probability >= ``threshold`` per task) or ``"labels"`` (``1 x ...``, uint8 when
+            ``C < 256`` else uint16: 1 + the task of highest probability where that probability
+            is >= ``threshold``, else 0).
+        threshold: probability threshold of masks and labels, in (0, 1); applied exactly, as
+            ``logit >= log(t / (1 - t))``.
+        output_dtype: float32 or float16 for logits/probs.
+        streaming: keep only a window-deep slab of accumulators; patches must then be added
+            with non-decreasing first corner coordinate ``z``, and planes that no later patch can
+            reach are finalised (and their memory reused) as soon as ``z`` advances.
+        device: where accumulators and the output live.
+        crop: ``(lo, hi)`` per spatial axis: only that region is written to the output
+            (sliding-window inference uses it to drop padding). Default: everything.
+        out: optional preallocated output of the final (cropped) shape, contiguous, of the
+            output dtype. For float32 logits without streaming it is the accumulator itself:
+            it must then be zero-filled and uncropped (``C x D x H x W``).
+        reuse_buffers: take accumulators from a cache of zeroed buffers (much faster on the CPU
+            than fresh memory); they are handed back on ``finalize``.
+    """
+
+    def __init__(
+        self,
+        spatial_shape: Sequence[int],
+        channels: int,
+        roi_size: int | Sequence[int],
+        *,
+        mode: str = "gaussian",
+        sigma_scale: float | Sequence[float] = 0.125,
+        output: str = "logits",
+        threshold: float = 0.5,
+        output_dtype: torch.dtype | None = None,
+        streaming: bool = False,
+        device: torch.device | str = "cpu",
+        crop: Sequence[tuple[int, int]] | None = None,
+        out: torch.Tensor | None = None,
+        reuse_buffers: bool = True,
+    ) -> None:
+        shape = tuple(int(s) for s in spatial_shape)
+        if len(shape) not in (2, 3) or min(shape) < 1:
+            raise ValueError(
+                f"spatial_shape must be 2 or 3 positive sizes ((H, W) or (D, H, W)), got {shape}"
+            )
+        self.spatial_ndim = len(shape)
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        roi = _spatial_tuple(roi_size, self.spatial_ndim, "roi_size")
+        for r, s in zip(roi, shape, strict=True):
+            if r < 1 or r > s:
+                raise ValueError(
+                    f"roi_size {roi} must be >= 1 and fit in the volume {shape} on every axis "
+                    "(pad the volume, or use sliding_window_inference which pads for you)"
+                )
+        if output not in OUTPUT_KINDS:
+            raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+        self.device = torch.device(device)
+        self.channels = channels
+        self.output = output
+        self.streaming = bool(streaming)
+        self.reuse_buffers = bool(reuse_buffers)
+        self._shape3 = shape if len(shape) == 3 else (1, *shape)
+        self._roi3 = roi if len(roi) == 3 else (1, *roi)
+        if crop is None:
+            crop3 = tuple((0, s) for s in self._shape3)
+        else:
+            crop = tuple((int(lo), int(hi)) for lo, hi in crop)
+            if len(crop) != self.spatial_ndim or any(
+                not 0 <= lo < hi <= s for (lo, hi), s in zip(crop, shape, strict=True)
+            ):
+                raise ValueError(f"crop must be one (lo, hi) per axis inside {shape}, got {crop}")
+            crop3 = crop if len(crop) == 3 else ((0, 1), *crop)
+        self._crop3: tuple[tuple[int, int], ...] = tuple(crop3)
+        sig = sigma_scale
+        if self.spatial_ndim == 2 and not isinstance(sigma_scale, (int, float)):
+            sig = (1.0, *tuple(sigma_scale))
+        self._tables = ops.window_tables(self._roi3, mode, sig, device=self.device)
+
+        # output kind -> kernel kind
+        self._sigmoid = output == "probs"
+        self._threshold = 0.0
+        if output in ("logits", "probs"):
+            default = torch.float32 if output == "logits" else torch.float16
+            dtype = default if output_dtype is None else output_dtype
+            if dtype not in (torch.float32, torch.float16):
+                raise ValueError(f"output_dtype must be float32 or float16, got {dtype}")
+            self._kind = ops.OUTPUT_FLOAT32 if dtype == torch.float32 else ops.OUTPUT_FLOAT16
+            out_channels = channels
+        else:
+            if output_dtype is not None:
+                raise ValueError(f"output_dtype applies to logits/probs, not {output!r}")
+            self._threshold = ops.logit_threshold(threshold)
+            if output == "masks":
+                self._kind = ops.OUTPUT_MASK
+                out_channels = channels
+            else:
+                self._kind = ops.OUTPUT_LABEL_U8 if channels < 256 else ops.OUTPUT_LABEL_U16
+                out_channels = 1
+        self.output_dtype = ops._OUTPUT_DTYPES[self._kind]
+        crop_shape = tuple(hi - lo for lo, hi in self._crop3)
+        self.output_shape: tuple[int, ...] = (out_channels, *crop_shape)
+
+        D, H, W = self._shape3
+        self._in_place = (
+            self._kind == ops.OUTPUT_FLOAT32 and not self._sigmoid and not self.streaming
+        )
+        ring = self._roi3[0] if self.streaming else D
+        self._ring = ring
+        self._buffer: torch.Tensor | None = None
+        if self._in_place:
+            if out is not None:
+                self._check_tensor(out, (channels, D, H, W), torch.float32, "out")
+                self._acc = out.view(channels, D, H, W)
+            else:
+                self._acc = torch.zeros((channels, D, H, W), dtype=torch.float32, device=self.device)
+            self._buffer = _workspace.acquire(ring * H * W, self.device, self.reuse_buffers)
+            self._wsum = self._buffer.view(ring, H, W)
+            self._out = self._acc
+        else:
+            n = (channels + 1) * ring * H * W
+            self._buffer = _workspace.acquire(n, self.device, self.reuse_buffers)
+            self._acc = self._buffer[: channels * ring * H * W].view(channels, ring, H, W)
+            self._wsum = self._buffer[channels * ring * H * W :].view(ring, H, W)
+            if out is not None:
+                self._check_tensor(out, self.output_shape_3d, self.output_dtype, "out")
+                self._out = out.view(self.output_shape_3d)
+            else:
+                self._out = torch.empty(
+                    self.output_shape_3d, dtype=self.output_dtype, device=self.device
+                )
+        self._done = 0  # planes [0, _done) are final (streaming)
+        self._z = 0  # current (largest) patch corner z (streaming)
+        self._finalized = False
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def output_shape_3d(self) -> tuple[int, int, int, int]:
+        """The output shape with a unit depth axis for 2-D volumes."""
+        c = self.output_shape[0]
+        return (c, *(hi - lo for lo, hi in self._crop3))  # type: ignore[return-value]
+
+    @property
+    def accumulator_bytes(self) -> int:
+        """Bytes of accumulator memory (accumulator plus weight sum) this aggregator uses."""
+        D, H, W = self._shape3
+        acc = self.channels * (D if self._in_place else self._ring) * H * W
+        return 4 * (acc + self._ring * H * W)
+
+    def _check_tensor(self, t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, name: str):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor")
+        if t.dtype != dtype or t.numel() != int(torch.Size(shape).numel()) or not t.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
+                f"{t.dtype} {tuple(t.shape)}"
+            )
+        if t.device != self.device:
+            raise ValueError(f"{name} must be on {self.device}, got {t.device}")
+
+    # ------------------------------------------------------------------------------------------
+    def add_batch(
+        self, patches: torch.Tensor, locations: torch.Tensor | Sequence[Sequence[int]]
+    ) -> None:
+        """Adds a batch of patch predictions.
+
+        Args:
+            patches: ``B x C x roi`` predictions (logits), any float dtype and device.
+            locations: ``B x n`` (start corners, ``n`` = spatial dims) or ``B x 2n`` (TorchIO
+                style: starts then ends, ends exclusive) voxel coordinates in the volume.
+        """
+        if self._finalized:
+            raise RuntimeError("this aggregator was already finalised")
+        nd = self.spatial_ndim
+        if not isinstance(patches, torch.Tensor):
+            raise TypeError(f"patches must be a tensor, got {type(patches).__name__}")
+        if patches.dim() != nd + 2:
+            raise ValueError(
+                f"patches must be B x C x {'x'.join('dhw'[3 - nd:])} ({nd + 2}-D), got shape "
+                f"{tuple(patches.shape)}"
+            )
+        roi = self._roi3[3 - nd :]
+        if tuple(patches.shape[1:]) != (self.channels, *roi):
+            raise ValueError(
+                f"patches must have shape (B, {self.channels}, {', '.join(map(str, roi))}), got "
+                f"{tuple(patches.shape)}"
+            )
+        if not patches.is_floating_point():
+            raise TypeError(f"patches must be floating point, got {patches.dtype}")
+        loc = torch.as_tensor(locations, dtype=torch.int64, device="cpu")
+        B = int(patches.shape[0])
+        if loc.dim() != 2 or loc.shape[0] != B or loc.shape[1] not in (nd, 2 * nd):
+            raise ValueError(
+                f"locations must be B x {nd} (corners) or B x {2 * nd} (corners, ends) with "
+                f"B = {B}, got shape {tuple(loc.shape)}"
+            )
+        if loc.shape[1] == 2 * nd:
+            extent = loc[:, nd:] - loc[:, :nd]
+            if bool((extent != torch.tensor(roi)).any()):
+                raise ValueError(f"location ends - starts must equal the window size {roi}")
+            loc = loc[:, :nd]
+        if nd == 2:
+            loc = torch.cat([torch.zeros(B, 1, dtype=torch.int64), loc], dim=1)
+            patches = patches.unsqueeze(2)
+        if B == 0:
+            return
+        hi = torch.tensor([s - r for s, r in zip(self._shape3, self._roi3, strict=True)])
+        if bool((loc < 0).any()) or bool((loc > hi).any()):
+            raise ValueError(
+                f"patch locations must keep the window inside the volume {self._shape3[3 - nd:]}"
+            )
+        loc = loc.contiguous()
+        if not self.streaming:
+            ops.add_patches(self._acc, self._wsum, patches, loc, self._tables)
+            return
+        zs = loc[:, 0].tolist()
+        begin = 0
+        for i in range(B + 1):
+            if i < B and zs[i] == zs[begin]:
+                continue
+            z = zs[begin]
+            if z < self._z:
+                raise ValueError(
+                    f"streaming aggregation needs non-decreasing patch z corners (got {z} after "
+                    f"{self._z}); use streaming=False for arbitrary order"
+                )
+            if z > self._z:
+                self._flush(z)
+                self._z = z
+            ops.add_patches(self._acc, self._wsum, patches[begin:i], loc[begin:i], self._tables)
+            begin = i
+
+    def _flush(self, until: int) -> None:
+        """Finalises planes [_done, until) into the output and resets their accumulators."""
+        (cz0, cz1), (cy0, cy1), (cx0, cx1) = self._crop3
+        ring = self._ring
+        z = self._done
+        while z < until:
+            z_end = min(until, z + ring)
+            lo, hi = max(z, cz0), min(z_end, cz1)
+            for p in [*range(z, min(lo, z_end)), *range(max(hi, z), z_end)]:
+                self._acc[:, p % ring].zero_()  # planes outside the crop: just reset
+                self._wsum[p % ring].zero_()
+            if lo < hi:
+                ops.finalize(
+                    self._acc, self._wsum, (lo, hi), self._out, kind=self._kind,
+                    crop=((cy0, cy1), (cx0, cx1)), out_z0=cz0, sigmoid=self._sigmoid,
+                    threshold=self._threshold, zero_after=True,
+                )  # fmt: skip
+            z = z_end
+        self._done = max(self._done, until)
+
+    def finalize(self) -> torch.Tensor:
+        """Finishes the aggregation and returns the output (``output_shape``, on ``device``).
+
+        Voxels no patch covered have a zero weight sum: their logits are NaN (0/0).
+        """
+        if self._finalized:
+            raise RuntimeError("finalize() was already called")
+        self._finalized = True
+        D = self._shape3[0]
+        if self._in_place:
+            self._acc.div_(self._wsum)
+            result = self._acc[(slice(None), *(slice(lo, hi) for lo, hi in self._crop3))]
+            ops.zero_(self._wsum)
+        else:
+            self._flush(D)
+            result = self._out
+        assert self._buffer is not None
+        _workspace.release(self._buffer, self.reuse_buffers)
+        self._buffer = None
+        if self.spatial_ndim == 2:
+            result = result.squeeze(1)
+        return result

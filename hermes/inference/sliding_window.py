@@ -1,0 +1,364 @@
+"""Sliding-window inference with native, memory-bounded patch aggregation.
+
+``sliding_window_inference`` takes MONAI's arguments and, with the defaults, returns MONAI's
+result (same windows, same weights, same summation order, float32 accumulation), so code can
+switch by changing an import. Extensions (keyword-only): ``output`` (reduce to probabilities,
+masks or a label map in the same pass), ``streaming`` (accumulators for one window-deep slab
+only), ``tta`` (mirroring test-time augmentation).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hermes.inference.aggregator import OUTPUT_KINDS, PatchAggregator
+
+__all__ = ["sliding_window_inference", "window_starts", "extract_logits"]
+
+_PAD_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+def _as_str(value: Any) -> str:
+    return str(getattr(value, "value", value)).lower()
+
+
+def window_starts(
+    image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float]
+) -> list[tuple[int, ...]]:
+    """Window corners in MONAI's order (first axis slowest) for an image at least roi-sized.
+
+    The step along an axis is ``int(roi * (1 - overlap))`` (at least 1; the whole axis when
+    the window covers it), and the last window is shifted back to end at the border.
+
+    Args:
+        image_size: spatial size, each ``>= roi_size``.
+        roi_size: window size per axis.
+        overlap: overlap fraction per axis in [0, 1).
+
+    Returns:
+        One tuple of start coordinates per window.
+    """
+    per_axis = []
+    for size, roi, ov in zip(image_size, roi_size, overlap, strict=True):
+        step = roi if roi == size else max(int(roi * (1 - ov)), 1)
+        count = 1
+        while (count - 1) * step + roi < size:
+            count += 1
+        per_axis.append([min(i * step, size - roi) for i in range(count)])
+    return list(itertools.product(*per_axis))
+
+
+def extract_logits(output: Any) -> torch.Tensor:
+    """The logits tensor of a predictor's output.
+
+    Accepts a tensor, a tuple/list (its first element), an object with ``seg_logits`` (the
+    Hermes model's output) or a mapping with key ``"seg_logits"``.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "seg_logits"):
+        return output.seg_logits
+    if isinstance(output, Mapping):
+        if "seg_logits" in output:
+            return output["seg_logits"]
+        raise TypeError(
+            "predictor returned a mapping without 'seg_logits'; return a tensor, a tuple "
+            f"(logits first) or an object with .seg_logits (got keys {sorted(output)})"
+        )
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        "predictor must return a tensor, a tuple/list whose first element is the logits tensor, "
+        f"or an object with .seg_logits; got {type(output).__name__}"
+    )
+
+
+def _per_axis(value: Any, ndim: int, name: str) -> tuple:
+    if isinstance(value, (int, float)) or value is None:
+        return (value,) * ndim
+    seq = tuple(value)
+    if len(seq) != ndim:
+        raise ValueError(f"{name} must be one value or {ndim} values (one per spatial axis), got {value!r}")
+    return seq
+
+
+def _mirror_predictor(
+    predictor: Callable[..., Any], axes: Sequence[int]
+) -> Callable[..., torch.Tensor]:
+    """Averages the predictor's logits over all mirrorings along ``axes`` (tensor dims)."""
+    combos = [c for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]
+
+    def predict(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for dims in combos:
+            xi = torch.flip(x, dims) if dims else x
+            yi = extract_logits(predictor(xi, *args, **kwargs)).float()
+            if dims:
+                yi = torch.flip(yi, dims)
+            total = yi if total is None else total.add_(yi)
+        assert total is not None
+        return total.div_(len(combos))
+
+    return predict
+
+
+def sliding_window_inference(
+    inputs: torch.Tensor,
+    roi_size: Sequence[int] | int,
+    sw_batch_size: int,
+    predictor: Callable[..., Any],
+    overlap: Sequence[float] | float = 0.25,
+    mode: str = "constant",
+    sigma_scale: Sequence[float] | float = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+    sw_device: torch.device | str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    roi_weight_map: torch.Tensor | None = None,
+    process_fn: Callable | None = None,
+    buffer_steps: int | None = None,
+    buffer_dim: int = -1,
+    with_coord: bool = False,
+    *args: Any,
+    output: str = "logits",
+    threshold: float = 0.5,
+    output_dtype: torch.dtype | None = None,
+    streaming: bool = False,
+    tta: bool | Sequence[int] = False,
+    reuse_buffers: bool = True,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Sliding-window inference of ``predictor`` over ``inputs``, aggregated natively.
+
+    Arguments up to ``with_coord`` are MONAI's (same meaning, order and defaults); the default
+    result equals ``monai.inferers.sliding_window_inference`` (averaged logits, float32).
+
+    Args:
+        inputs: ``N x C_in x D x H x W`` (or ``N x C_in x H x W``) image batch.
+        roi_size: window size, an int or one per spatial axis; ``None``/non-positive entries
+            take the image size. Images smaller than the window are padded (``padding_mode``,
+            ``cval``) and the output cropped back.
+        sw_batch_size: windows per predictor call (>= 1); windows of consecutive images of the
+            batch may share a call, as in MONAI.
+        predictor: called as ``predictor(windows, *args, **kwargs)`` with ``b x C_in x roi``
+            windows on ``sw_device``; returns ``b x C x roi`` logits as a tensor, a tuple/list
+            (first element), or an object with ``.seg_logits``.
+        overlap: window overlap fraction in [0, 1), one value or one per axis.
+        mode: ``"constant"`` (uniform) or ``"gaussian"`` blending.
+        sigma_scale: Gaussian sigma as a fraction of the window size.
+        padding_mode: ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        cval: constant padding value.
+        sw_device: device of the windows (the predictor's); default the inputs' device.
+        device: device of the accumulators and the output; default the inputs' device.
+        progress: show a tqdm progress bar over predictor calls.
+        roi_weight_map, process_fn: not supported (must be None).
+        buffer_steps, buffer_dim: accepted for compatibility and ignored (use ``streaming``).
+        with_coord: pass the windows' slices to the predictor as its second argument.
+        args, kwargs: extra arguments of the predictor.
+        output: ``"logits"`` (default; averaged logits), ``"probs"`` (sigmoid, float16 unless
+            ``output_dtype``), ``"masks"`` (bool per task, probability >= ``threshold``) or
+            ``"labels"`` (``N x 1 x ...`` uint8, uint16 for >= 256 tasks: 1 + argmax over tasks
+            where the top probability is >= ``threshold``, else 0).
+        threshold: probability threshold of masks/labels, in (0, 1).
+        output_dtype: float32 or float16 for logits/probs.
+        streaming: visit windows slab by slab along the first spatial axis and finalise each
+            slab as soon as no later window touches it; accumulators then take
+            ``(C + 1) x roi_d x H x W`` floats instead of ``C x D x H x W``. Results are
+            identical to ``streaming=False``.
+        tta: mirroring test-time augmentation: True mirrors all spatial axes, a sequence of
+            spatial axis indices (0 = first spatial axis) mirrors those; logits of all
+            ``2^k`` mirrorings are averaged per window.
+        reuse_buffers: reuse cached zeroed accumulator buffers between calls
+            (``hermes.inference.clear_workspace()`` frees them).
+
+    Returns:
+        ``N x C x spatial`` (``N x 1 x spatial`` for labels) on ``device``.
+    """
+    # ---- validation -----------------------------------------------------------------------
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if hasattr(inputs, "as_tensor"):  # MONAI MetaTensor
+        inputs = inputs.as_tensor()
+    if inputs.dim() not in (4, 5):
+        raise ValueError(
+            "inputs must be N x C x H x W (2-D) or N x C x D x H x W (3-D), got shape "
+            f"{tuple(inputs.shape)} ({inputs.dim()}-D)"
+        )
+    nd = inputs.dim() - 2
+    if isinstance(roi_size, Sequence) and len(roi_size) != nd:
+        raise ValueError(
+            f"roi_size {tuple(roi_size)} has {len(roi_size)} values but the inputs have {nd} "
+            f"spatial dims (shape {tuple(inputs.shape)}; channel-first N x C x spatial expected)"
+        )
+    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    if not callable(predictor):
+        raise TypeError("predictor must be callable")
+    if roi_weight_map is not None or process_fn is not None:
+        raise NotImplementedError("roi_weight_map and process_fn are not supported")
+    del buffer_steps, buffer_dim  # memory is bounded by `streaming` instead
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+    overlaps = _per_axis(overlap, nd, "overlap")
+    for o in overlaps:
+        if not isinstance(o, (int, float)) or not 0.0 <= float(o) < 1.0:
+            raise ValueError(f"overlap must be in [0, 1) on every axis, got {overlap!r}")
+    mode_s = _as_str(mode)
+    if mode_s not in ("constant", "gaussian"):
+        raise ValueError(f"mode must be 'constant' or 'gaussian', got {mode!r}")
+    pad_s = _as_str(padding_mode)
+    if pad_s not in _PAD_MODES:
+        raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
+    sigmas = _per_axis(sigma_scale, nd, "sigma_scale")
+    if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in sigmas):
+        raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
+    if tta is True:
+        tta_axes: tuple[int, ...] = tuple(range(nd))
+    elif tta is False or tta is None:
+        tta_axes = ()
+    else:
+        tta_axes = tuple(int(a) for a in tta)
+        if any(a < 0 or a >= nd for a in tta_axes) or len(set(tta_axes)) != len(tta_axes):
+            raise ValueError(f"tta axes must be distinct spatial axes in [0, {nd}), got {tta!r}")
+
+    N = int(inputs.shape[0])
+    image_size_ = [int(s) for s in inputs.shape[2:]]
+    raw_roi = _per_axis(roi_size, nd, "roi_size")
+    roi: list[int] = []
+    for r, s in zip(raw_roi, image_size_, strict=True):
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
+            raise ValueError(f"roi_size must contain ints, got {roi_size!r}")
+        roi.append(s if r is None or r <= 0 else r)
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+
+    # ---- padding (images smaller than the window) ----------------------------------------
+    pad: list[int] = []
+    for k in range(nd - 1, -1, -1):  # F.pad order: last axis first
+        diff = max(roi[k] - image_size_[k], 0)
+        pad.extend([diff // 2, diff - diff // 2])
+    if any(pad):
+        if pad_s == "reflect" and any(
+            max(pad[2 * (nd - 1 - k)], pad[2 * (nd - 1 - k) + 1]) >= image_size_[k]
+            for k in range(nd)
+        ):
+            raise ValueError(
+                f"reflect padding needs the image {tuple(image_size_)} to be larger than half "
+                f"the padding to the window {tuple(roi)}; use padding_mode='constant' or "
+                "'replicate'"
+            )
+        inputs = F.pad(inputs, pad=pad, mode=pad_s, value=cval)
+    image_size = [int(s) for s in inputs.shape[2:]]
+    crop = [(pad[2 * (nd - 1 - k)], pad[2 * (nd - 1 - k)] + image_size_[k]) for k in range(nd)]
+
+    # ---- windows ------------------------------------------------------------------------
+    starts = window_starts(image_size, roi, [float(o) for o in overlaps])
+    num_win = len(starts)
+    total = num_win * N
+    run = _mirror_predictor(predictor, [a + 2 for a in tta_axes]) if tta_axes else predictor
+
+    aggregators: dict[int, PatchAggregator] = {}
+    results: torch.Tensor | None = None
+    channels: int | None = None
+    batches = range(0, total, sw_batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches)
+    for first in batches:
+        idx = list(range(first, min(first + sw_batch_size, total)))
+        slices = [
+            (slice(i // num_win, i // num_win + 1), slice(None))
+            + tuple(slice(s, s + r) for s, r in zip(starts[i % num_win], roi, strict=True))
+            for i in idx
+        ]
+        if len(slices) > 1:
+            windows = torch.cat([inputs[s] for s in slices]).to(sw_device)
+        else:
+            windows = inputs[slices[0]].to(sw_device)
+        if with_coord:
+            raw = run(windows, [list(s) for s in slices], *args, **kwargs)
+        else:
+            raw = run(windows, *args, **kwargs)
+        logits = extract_logits(raw)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != nd + 2:
+            raise ValueError(
+                f"predictor output must be b x C x roi ({nd + 2}-D), got "
+                f"{getattr(logits, 'shape', type(logits))}"
+            )
+        if logits.shape[0] != len(idx) or tuple(logits.shape[2:]) != tuple(roi):
+            raise ValueError(
+                f"predictor output must have shape ({len(idx)}, C, {', '.join(map(str, roi))}) "
+                f"for a batch of {len(idx)} windows, got {tuple(logits.shape)} (outputs at "
+                "another resolution than the window are not supported)"
+            )
+        if channels is None:
+            channels = int(logits.shape[1])
+            results = _allocate_results(
+                N, channels, image_size, crop, output, output_dtype, streaming, device
+            )
+        elif logits.shape[1] != channels:
+            raise ValueError(f"predictor returned {logits.shape[1]} channels, earlier {channels}")
+        assert results is not None
+        # windows of image n form one run of consecutive indices
+        j = 0
+        while j < len(idx):
+            n = idx[j] // num_win
+            k = j
+            while k < len(idx) and idx[k] // num_win == n:
+                k += 1
+            agg = aggregators.get(n)
+            if agg is None:
+                agg = PatchAggregator(
+                    image_size, channels, tuple(roi), mode=mode_s,
+                    sigma_scale=sigmas if nd == 3 else tuple(sigmas), output=output,
+                    threshold=threshold, output_dtype=output_dtype, streaming=streaming,
+                    device=device, crop=crop, out=results[n], reuse_buffers=reuse_buffers,
+                )  # fmt: skip
+                aggregators[n] = agg
+            locs = torch.tensor([starts[i % num_win] for i in idx[j:k]], dtype=torch.int64)
+            agg.add_batch(logits[j:k], locs)
+            if idx[k - 1] % num_win == num_win - 1:  # last window of image n
+                agg.finalize()
+                del aggregators[n]
+            j = k
+    assert results is not None
+    if output == "logits" and (output_dtype in (None, torch.float32)) and not streaming:
+        # the accumulators were the results (full padded size): crop like MONAI (a view)
+        results = results[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in crop))]
+    return results
+
+
+def _allocate_results(
+    N: int,
+    channels: int,
+    image_size: Sequence[int],
+    crop: Sequence[tuple[int, int]],
+    output: str,
+    output_dtype: torch.dtype | None,
+    streaming: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """The batch output tensor, which the per-image aggregators fill in."""
+    cropped = [hi - lo for lo, hi in crop]
+    if output == "logits" and output_dtype in (None, torch.float32) and not streaming:
+        return torch.zeros((N, channels, *image_size), dtype=torch.float32, device=device)
+    if output in ("logits", "probs"):
+        default = torch.float32 if output == "logits" else torch.float16
+        dtype = default if output_dtype is None else output_dtype
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"output_dtype must be float32 or float16, got {dtype}")
+        return torch.empty((N, channels, *cropped), dtype=dtype, device=device)
+    if output_dtype is not None:
+        raise ValueError(f"output_dtype applies to logits/probs, not {output!r}")
+    if output == "masks":
+        return torch.empty((N, channels, *cropped), dtype=torch.bool, device=device)
+    dtype = torch.uint8 if channels < 256 else torch.uint16
+    return torch.empty((N, 1, *cropped), dtype=dtype, device=device)

@@ -1,0 +1,25 @@
+"""Hermes models: ResUNet backbone, context priors, heads, presets and checkpoints."""
+
+from hermes.models.build import build
+from hermes.models.checkpoint import CheckpointError, load, read_header, save
+from hermes.models.config import PRESETS, HermesConfig, preset_config
+from hermes.models.hermes_resunet import HermesOutput, HermesResUNet
+from hermes.models.official import from_official
+from hermes.models.vocabulary import UnknownNameError, Vocabulary, official_vocabulary
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "HermesConfig",
+    "HermesOutput",
+    "HermesResUNet",
+    "UnknownNameError",
+    "Vocabulary",
+    "build",
+    "from_official",
+    "load",
+    "official_vocabulary",
+    "preset_config",
+    "read_header",
+    "save",
+]

@@ -1,0 +1,158 @@
+"""Self-describing Hermes checkpoints, written atomically and verified on load.
+
+File layout (all integers little-endian):
+
+    b"HERMES-CKPT\\n"                 magic, 12 bytes
+    u64 header length, then a UTF-8 JSON header:
+        format_version, hermes_version, config, vocab, metadata,
+        payload_bytes, payload_sha256
+    payload: a ``torch.save`` of the state dict (tensors only)
+
+The header can be read without loading any weight (``read_header``), truncation is detected
+from ``payload_bytes`` and corruption from ``payload_sha256``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hermes._version import __version__
+from hermes.models.config import HermesConfig
+from hermes.models.hermes_resunet import HermesResUNet
+from hermes.models.vocabulary import Vocabulary
+
+MAGIC = b"HERMES-CKPT\n"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used, with the reason."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
+    """Write ``chunks`` (iterable of bytes) to ``path`` via a temporary file and ``os.replace``,
+    so readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: HermesResUNet, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
+    """Write ``model`` (weights, config, vocabularies, package version) to ``path`` atomically."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    header = {
+        "format_version": FORMAT_VERSION,
+        "hermes_version": __version__,
+        **model.describe(),
+        "metadata": metadata or {},
+        "payload_bytes": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    head = json.dumps(header).encode()
+    atomic_write_bytes(path, [MAGIC, struct.pack("<Q", len(head)), head, payload])
+
+
+def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(len(MAGIC))
+        if magic != MAGIC:
+            hint = ""
+            if magic[:2] == b"PK" or magic[:1] == b"\x80":
+                hint = " (it looks like a plain torch.save file: for official Hermes weights "
+                hint += "use hermes.models.from_official)"
+            raise CheckpointError(f"{path} is not a Hermes checkpoint{hint}")
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise CheckpointError(f"checkpoint {path} is truncated (header length missing)")
+        (head_len,) = struct.unpack("<Q", raw_len)
+        head = f.read(head_len)
+        if len(head) != head_len:
+            raise CheckpointError(f"checkpoint {path} is truncated inside its header")
+        try:
+            header = json.loads(head)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {path} has a corrupted header: {exc}") from exc
+        if header.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {path} has format version {header.get('format_version')}, this "
+                f"hermes ({__version__}) reads up to {FORMAT_VERSION}: upgrade hermes"
+            )
+        payload = None
+        if with_payload:
+            payload = f.read()
+            expected = header["payload_bytes"]
+            if len(payload) != expected:
+                raise CheckpointError(
+                    f"checkpoint {path} is truncated: {len(payload)} of {expected} weight bytes"
+                )
+            if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+                raise CheckpointError(f"checkpoint {path} is corrupted: weight checksum mismatch")
+    return header, payload
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Config, vocabulary, version and metadata of a checkpoint, without loading weights."""
+    return _read(Path(path), with_payload=False)[0]
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> HermesResUNet:
+    """Rebuild the model stored at ``path``; raises :class:`CheckpointError` saying what is wrong."""
+    path = Path(path)
+    header, payload = _read(path, with_payload=True)
+    try:
+        config = HermesConfig.from_dict(header["config"])
+        vocab = Vocabulary.from_dict(header["vocab"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid architecture: {exc}") from exc
+    state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    model = HermesResUNet(config, vocab)
+    load_state_checked(model, state, f"checkpoint {path}")
+    return model.to(map_location).eval()
+
+
+def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+        raise CheckpointError(f"{what} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,242 @@
+"""Hermes-ResUNet: a residual U-Net whose features exchange information with context priors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hermes.models.config import HermesConfig
+from hermes.models.heads import HierarchicalPriorClassifier, ModalityClassifier
+from hermes.models.prior_fusion import PriorFusionLayer
+from hermes.models.resunet import DownStage, Stem, UpStage
+from hermes.models.vocabulary import Vocabulary
+
+MIN_SIZE = 16  # four 2x poolings must leave at least one voxel
+
+
+class HermesOutput:
+    """Result of a forward pass; unpacks as ``seg_logits, modality_logits``.
+
+    Attributes:
+        seg_logits: B x T x D x H x W, one logit per requested task (sigmoid for probability).
+        modality_logits: B x M, logits over the model's modalities.
+        tasks: per sample, the task names of ``seg_logits``' channels (name form only).
+        task_mask: B x T bool, False where a sample asked for fewer tasks than the batch's
+            widest request (those channels hold the null token's output and mean nothing).
+    """
+
+    __slots__ = ("seg_logits", "modality_logits", "tasks", "task_mask")
+
+    def __init__(
+        self,
+        seg_logits: Tensor,
+        modality_logits: Tensor,
+        tasks: list[list[str]] | None = None,
+        task_mask: Tensor | None = None,
+    ) -> None:
+        self.seg_logits = seg_logits
+        self.modality_logits = modality_logits
+        self.tasks = tasks
+        self.task_mask = task_mask
+
+    def __iter__(self):
+        return iter((self.seg_logits, self.modality_logits))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> Tensor:
+        return (self.seg_logits, self.modality_logits)[i]
+
+    def __repr__(self) -> str:
+        return (
+            f"HermesOutput(seg_logits={tuple(self.seg_logits.shape)}, "
+            f"modality_logits={tuple(self.modality_logits.shape)})"
+        )
+
+
+class HermesResUNet(nn.Module):
+    """Universal segmentation model addressed by task and modality names.
+
+    ``model(x, tasks=[["bcv/liver", "bcv/spleen"], ["brain/gm"]], modality=["CT", "T1"])`` or the
+    index form ``model(x, task_idx=LongTensor[B, T] (-1 = null), modality_idx=LongTensor[B])``.
+    Input ``x`` is B x in_channels x D x H x W (float, each size >= 16; sizes need not be
+    multiples of 16: the decoder resamples to each skip's size as the official model does).
+    """
+
+    def __init__(self, config: HermesConfig, vocab: Vocabulary) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab = vocab
+        w = config.widths
+        nb = config.num_blocks
+        n_tasks, n_mods = len(vocab.tasks), len(vocab.modalities)
+
+        def fusion(dim: int, depth: int) -> PriorFusionLayer:
+            return PriorFusionLayer(
+                dim, n_tasks, n_mods, config.modality_tokens, depth, config.head_dim
+            )
+
+        self.stem = Stem(config.in_channels, w[0])
+        self.down = nn.ModuleList(DownStage(w[i], w[i + 1], nb[i]) for i in range(4))
+        # decoder: (in, skip) widths and block counts as in the official model
+        self.up = nn.ModuleList([
+            UpStage(w[4], w[3], nb[2]),
+            UpStage(w[3], w[2], nb[1]),
+            UpStage(w[2], w[1], nb[0]),
+            UpStage(w[1], w[0], 2),
+        ])
+        self.fusion = nn.ModuleList(
+            fusion(dim, depth) for dim, depth in zip(config.fusion_widths, config.fusion_depths)
+        )
+        token_dim = sum(config.fusion_widths)
+        self.task_head = HierarchicalPriorClassifier(token_dim, w[0])
+        self.modality_head = ModalityClassifier(token_dim, n_mods)
+
+    # ------------------------------------------------------------------ name handling
+    def encode_tasks(self, tasks: Sequence[str] | Sequence[Sequence[str]], batch: int):
+        """Names -> (task_idx B x (T + null_tokens), task_mask B x T, names per sample)."""
+        if isinstance(tasks, str):
+            raise TypeError("tasks must be a list of names (or one list per sample), not a str")
+        per_sample: list[list[str]]
+        if len(tasks) and all(isinstance(t, str) for t in tasks):
+            per_sample = [list(tasks)] * batch  # type: ignore[arg-type]
+        else:
+            per_sample = [list(t) for t in tasks]  # type: ignore[union-attr]
+        if len(per_sample) != batch:
+            raise ValueError(f"got task lists for {len(per_sample)} samples, batch has {batch}")
+        width = max((len(t) for t in per_sample), default=0)
+        if width == 0:
+            raise ValueError("no task requested: give at least one task name per sample")
+        idx = torch.full((batch, width + self.config.null_tokens), -1, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.bool)
+        for i, names in enumerate(per_sample):
+            if not names:
+                raise ValueError(f"sample {i} requests no task")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"sample {i} requests tasks more than once: {dup}")
+            for j, name in enumerate(names):
+                idx[i, j] = self.vocab.task_index(name)
+            mask[i, : len(names)] = True
+        return idx, mask, per_sample
+
+    def encode_modality(self, modality: str | Sequence[str], batch: int) -> Tensor:
+        """Modality name(s) -> B long."""
+        names = [modality] * batch if isinstance(modality, str) else list(modality)
+        if len(names) != batch:
+            raise ValueError(f"got {len(names)} modality names for a batch of {batch}")
+        return torch.tensor([self.vocab.modality_index(n) for n in names], dtype=torch.long)
+
+    # ------------------------------------------------------------------ checks
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 5:
+            raise ValueError(
+                f"input must be 5-D (B x C x D x H x W), got {x.dim()}-D shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"input has {x.shape[1]} channels, the model expects {self.config.in_channels}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+        if min(x.shape[2:]) < MIN_SIZE:
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} too small: each side needs >= {MIN_SIZE}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("input contains NaN or infinite values")
+
+    def _check_indices(self, task_idx: Tensor, modality_idx: Tensor, batch: int):
+        task_idx = torch.as_tensor(task_idx, dtype=torch.long)
+        modality_idx = torch.as_tensor(modality_idx, dtype=torch.long).reshape(-1)
+        if task_idx.dim() != 2 or task_idx.shape[0] != batch:
+            raise ValueError(f"task_idx must be B x T with B={batch}, got {tuple(task_idx.shape)}")
+        if modality_idx.numel() != batch:
+            raise ValueError(f"modality_idx must hold one index per sample ({batch})")
+        n_t, n_m = len(self.vocab.tasks), len(self.vocab.modalities)
+        if ((task_idx < -1) | (task_idx >= n_t)).any():
+            raise ValueError(f"task_idx values must lie in [-1, {n_t - 1}] (-1 = null)")
+        if ((modality_idx < -1) | (modality_idx >= n_m)).any():
+            raise ValueError(f"modality_idx values must lie in [-1, {n_m - 1}]")
+        return task_idx, modality_idx
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        x: Tensor,
+        tasks: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        modality: str | Sequence[str] | None = None,
+        *,
+        task_idx: Tensor | None = None,
+        modality_idx: Tensor | None = None,
+    ) -> HermesOutput:
+        self._check_input(x)
+        batch = x.shape[0]
+        names: list[list[str]] | None = None
+        mask: Tensor | None = None
+        if tasks is not None or modality is not None:
+            if task_idx is not None or modality_idx is not None:
+                raise ValueError("give tasks/modality by name or by index, not both")
+            if tasks is None or modality is None:
+                raise ValueError("the name form needs both tasks= and modality=")
+            task_idx, mask, names = self.encode_tasks(tasks, batch)
+            modality_idx = self.encode_modality(modality, batch)
+            n_out = mask.shape[1]
+        else:
+            if task_idx is None or modality_idx is None:
+                raise ValueError("give tasks= and modality= (names) or task_idx= and modality_idx=")
+            task_idx, modality_idx = self._check_indices(task_idx, modality_idx, batch)
+            n_out = task_idx.shape[1]
+        task_idx = task_idx.to(x.device)
+        modality_idx = modality_idx.to(x.device)
+        n_tok = task_idx.shape[1]
+
+        x1 = self.stem(x)
+        x2 = self.down[0](x1)
+        x3 = self.down[1](x2)
+        x3, p2 = self.fusion[0](x3, task_idx, modality_idx)
+        x4 = self.down[2](x3)
+        x4, p3 = self.fusion[1](x4, task_idx, modality_idx)
+        x5 = self.down[3](x4)
+        x5, p4 = self.fusion[2](x5, task_idx, modality_idx)
+        out = self.up[0](x5, x4)
+        out, p5 = self.fusion[3](out, task_idx, modality_idx)
+        out = self.up[1](out, x3)
+        out, p6 = self.fusion[4](out, task_idx, modality_idx)
+        out = self.up[2](out, x2)
+        out = self.up[3](out, x1)
+
+        posteriors = (p2, p3, p4, p5, p6)
+        seg = self.task_head(out, [p[:, :n_out] for p in posteriors])
+        mod = self.modality_head([p[:, n_tok:] for p in posteriors])
+        if mask is not None:
+            mask = mask.to(x.device)
+        return HermesOutput(seg, mod, names, mask)
+
+    # ------------------------------------------------------------------ reporting
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts: backbone (convolutions), priors (tables), fusion (attention blocks),
+        heads, and total."""
+
+        def count(modules) -> int:
+            return sum(p.numel() for m in modules for p in m.parameters())
+
+        priors = sum(f.task_priors.numel() + f.modality_priors.numel() for f in self.fusion)
+        counts = {
+            "backbone": count([self.stem, self.down, self.up]),
+            "priors": priors,
+            "fusion": count([f.interaction for f in self.fusion]),
+            "heads": count([self.task_head, self.modality_head]),
+        }
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    def describe(self) -> dict[str, Any]:
+        """Architecture config and vocabulary, as stored in checkpoints."""
+        return {"config": self.config.to_dict(), "vocab": self.vocab.to_dict()}
