@@ -578,6 +578,12 @@ class Collection:
         total = sum(ds.weight for ds in self.datasets) or 1.0
         return {ds.name: ds.weight / total for ds in self.datasets}
 
+    @property
+    def groups(self) -> dict[str, dict]:
+        """``{dataset: {"tasks": [...], "modality": ...}}`` for ``hermes.models.build(groups=)``."""
+        return {ds.name: {"tasks": ds.task_names, "modality": ds.modality}
+                for ds in self.datasets}
+
     def dataset(self, name: str) -> DatasetSpec:
         for ds in self.datasets:
             if ds.name == name:

@@ -162,7 +162,7 @@ def _save_nrrd(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     directions: list = [lps_affine[:3, i].tolist() for i in range(3)]
     kinds = ["domain"] * 3
     if array.ndim == 4:
-        directions.append(None)
+        directions.append([np.nan, np.nan, np.nan])
         kinds.append("list")
     header = {
         "space": "left-posterior-superior",
@@ -179,7 +179,9 @@ def _save_nrrd(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike, dtype: np.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_image(
+    path: str | os.PathLike, dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI (``.nii``, ``.nii.gz``) or NRRD (``.nrrd``, ``.nhdr``) volume.
 
     Args:

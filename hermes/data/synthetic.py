@@ -157,12 +157,18 @@ def _world_grid(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
 def _ellipsoid(world: np.ndarray, centre, semi, rng: np.random.Generator, jitter: float):
     c = np.asarray(centre, np.float32) + rng.normal(0, jitter, 3).astype(np.float32)
     s = np.asarray(semi, np.float32) * rng.uniform(0.88, 1.12, 3).astype(np.float32)
-    d = world - c[:, None, None, None]
-    r2 = (d[0] / s[0]) ** 2 + (d[1] / s[1]) ** 2 + (d[2] / s[2]) ** 2
-    # lobulated surface: a low-frequency wobble of the radius
+    inv = (1.0 / s).astype(np.float32)
+    r2 = ((world[0] - c[0]) * inv[0]) ** 2
+    r2 += ((world[1] - c[1]) * inv[1]) ** 2
+    r2 += ((world[2] - c[2]) * inv[2]) ** 2
+    # lobulated surface: a low-frequency wobble (+-8%) of the radius, evaluated near the surface
     ph = rng.uniform(0, 2 * np.pi, 2)
-    wobble = 1.0 + 0.08 * np.sin(d[0] / 9.0 + ph[0]) * np.cos(d[2] / 11.0 + ph[1])
-    return r2 <= wobble**2
+    out = r2 <= 0.92**2
+    near = (r2 > 0.92**2) & (r2 <= 1.08**2)
+    dx, dz = world[0][near] - c[0], world[2][near] - c[2]
+    wobble = 1.0 + 0.08 * np.sin(dx / 9.0 + ph[0]) * np.cos(dz / 11.0 + ph[1])
+    out[near] = r2[near] <= wobble**2
+    return out
 
 
 def make_case(

@@ -153,7 +153,9 @@ class PatchAggregator:
                 self._check_tensor(out, (channels, D, H, W), torch.float32, "out")
                 self._acc = out.view(channels, D, H, W)
             else:
-                self._acc = torch.zeros((channels, D, H, W), dtype=torch.float32, device=self.device)
+                self._acc = torch.zeros(
+                    (channels, D, H, W), dtype=torch.float32, device=self.device
+                )
             self._buffer = _workspace.acquire(ring * H * W, self.device, self.reuse_buffers)
             self._wsum = self._buffer.view(ring, H, W)
             self._out = self._acc

@@ -84,7 +84,9 @@ def _per_axis(value: Any, ndim: int, name: str) -> tuple:
         return (value,) * ndim
     seq = tuple(value)
     if len(seq) != ndim:
-        raise ValueError(f"{name} must be one value or {ndim} values (one per spatial axis), got {value!r}")
+        raise ValueError(
+            f"{name} must be one value or {ndim} values (one per spatial axis), got {value!r}"
+        )
     return seq
 
 
@@ -254,7 +256,10 @@ def sliding_window_inference(
                 f"the padding to the window {tuple(roi)}; use padding_mode='constant' or "
                 "'replicate'"
             )
-        inputs = F.pad(inputs, pad=pad, mode=pad_s, value=cval)
+        if pad_s == "constant":
+            inputs = F.pad(inputs, pad=pad, mode="constant", value=cval)
+        else:  # torch refuses a value argument for the other modes
+            inputs = F.pad(inputs, pad=pad, mode=pad_s)
     image_size = [int(s) for s in inputs.shape[2:]]
     crop = [(pad[2 * (nd - 1 - k)], pad[2 * (nd - 1 - k)] + image_size_[k]) for k in range(nd)]
 

@@ -63,8 +63,8 @@ class HermesResUNet(nn.Module):
 
     ``model(x, tasks=[["bcv/liver", "bcv/spleen"], ["brain/gm"]], modality=["CT", "T1"])`` or the
     index form ``model(x, task_idx=LongTensor[B, T] (-1 = null), modality_idx=LongTensor[B])``.
-    Input ``x`` is B x in_channels x D x H x W (float, each size >= 16; sizes need not be
-    multiples of 16: the decoder resamples to each skip's size as the official model does).
+    Input ``x`` is B x in_channels x D x H x W (float, each size >= 16 and one >= 32; sizes need
+    not be multiples of 16: the decoder resamples to each skip's size as the official model does).
     """
 
     def __init__(self, config: HermesConfig, vocab: Vocabulary) -> None:
@@ -145,9 +145,11 @@ class HermesResUNet(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
-        if min(x.shape[2:]) < MIN_SIZE:
+        bottleneck = [s // MIN_SIZE for s in x.shape[2:]]
+        if min(bottleneck) < 1 or bottleneck[0] * bottleneck[1] * bottleneck[2] < 2:
             raise ValueError(
-                f"spatial size {tuple(x.shape[2:])} too small: each side needs >= {MIN_SIZE}"
+                f"spatial size {tuple(x.shape[2:])} too small: each side needs >= {MIN_SIZE} and "
+                f"one side >= {2 * MIN_SIZE} (instance norm needs 2+ voxels at the bottleneck)"
             )
         if not torch.isfinite(x).all():
             raise ValueError("input contains NaN or infinite values")

@@ -209,7 +209,9 @@ def _stream(device: torch.device) -> int:
 def _starts_tensor(starts: torch.Tensor | Sequence[Sequence[int]], count: int) -> torch.Tensor:
     s = torch.as_tensor(starts, dtype=torch.int64, device="cpu")
     if s.shape != (count, 3):
-        raise ValueError(f"starts must have shape ({count}, 3) (z, y, x corners), got {tuple(s.shape)}")
+        raise ValueError(
+            f"starts must have shape ({count}, 3) (z, y, x corners), got {tuple(s.shape)}"
+        )
     return s.contiguous()
 
 
@@ -354,7 +356,9 @@ def finalize(
     if kind == OUTPUT_LABEL_U16 and C > 65535:
         raise ValueError(f"{C} channels do not fit uint16 labels")
     if out.dtype != want or out.dim() != 4 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous 4-D {want} tensor, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be a contiguous 4-D {want} tensor, got {out.dtype} {tuple(out.shape)}"
+        )
     if out.device != acc.device:
         raise ValueError(f"out is on {out.device} but the accumulator on {acc.device}")
     Do, Ho, Wo = (int(s) for s in out.shape[1:])

@@ -1,0 +1,78 @@
+"""The ``hermes`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hermes.info import main as info_main
+
+    return info_main(["--json"] if args.json else [])
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    import hermes.models as hm
+
+    if args.model is None or args.model == "official":
+        vocab = hm.official_vocabulary()
+        source = "official Hermes-R index tables"
+    else:
+        header = hm.read_header(args.model)
+        vocab = hm.Vocabulary.from_dict(header["vocab"])
+        source = args.model
+    print(f"{source}: {len(vocab.usable_tasks())} tasks, modalities {', '.join(vocab.modalities)}")
+    grouped = set()
+    groups = sorted(vocab.groups.items(), key=lambda g: vocab.task_index(g[1]["tasks"][0]))
+    for group, spec in groups:
+        modality = spec.get("modality", "")
+        print(f"\n[{group}]" + (f" ({modality})" if modality else ""))
+        for name in spec["tasks"]:
+            print(f"  {vocab.task_index(name):3d}  {name}")
+            grouped.add(name)
+    rest = [t for t in vocab.usable_tasks() if t not in grouped]
+    if rest:
+        print("\n[tasks]")
+        for name in rest:
+            print(f"  {vocab.task_index(name):3d}  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hermes", description="Universal 3D medical image segmentation with context priors."
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help="what this installation can run (extension, OpenMP, CUDA)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(handler=_cmd_info)
+    tasks = sub.add_parser("tasks", help="list a model's tasks and modalities")
+    tasks.add_argument("model", nargs="?", help="checkpoint path, or 'official' (default)")
+    tasks.set_defaults(handler=_cmd_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("hermes: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one-line reason, non-zero exit
+        print(f"hermes {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

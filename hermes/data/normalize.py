@@ -1,0 +1,117 @@
+"""Per-modality intensity normalisation (clip, then z-score), as in the Hermes recipe.
+
+- CT: clip Hounsfield units to a fixed window (default [-1000, 1000] HU, keeping air, lung,
+  soft tissue and bone distinguishable across body regions), then z-score with the mean and
+  standard deviation of the clipped voxels inside the body (HU above ``body_threshold``).
+- MRI (T1, T2, CINE), PET and user-declared modalities: clip to the 0.5 / 99.5 percentiles of
+  the non-zero voxels, then z-score with the non-zero voxels' mean and standard deviation.
+
+Statistics are per image (per channel). Settings can be overridden per modality in the
+collection YAML, e.g. ``normalization: {CT: {clip: [-200, 300]}, T2: {percentiles: [1, 99]}}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["NormalizationSpec", "default_normalization", "normalization_for", "normalize"]
+
+
+@dataclass(frozen=True)
+class NormalizationSpec:
+    """How to normalise one modality.
+
+    ``kind``: ``"ct"`` (fixed clip window in ``clip``), ``"percentile"`` (clip to
+    ``percentiles`` of the non-zero voxels) or ``"none"``.
+    """
+
+    kind: str = "percentile"
+    clip: tuple[float, float] = (-1000.0, 1000.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    body_threshold: float = -500.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_normalization(modality: str) -> NormalizationSpec:
+    """CT: HU window; everything else (MRI, PET, new modalities): percentile clipping."""
+    return NormalizationSpec("ct") if modality == "CT" else NormalizationSpec("percentile")
+
+
+def normalization_for(modality: str, overrides: Mapping | None = None) -> NormalizationSpec:
+    """The spec for ``modality``, with YAML ``normalization:`` overrides applied.
+
+    Raises:
+        ValueError: malformed override (names the modality and the bad key).
+    """
+    spec = default_normalization(modality)
+    if not overrides:
+        return spec
+    o = None
+    for k, v in overrides.items():
+        if str(k).strip().upper() == modality.upper():
+            o = v
+    if o is None:
+        return spec
+    if not isinstance(o, Mapping):
+        raise ValueError(f"normalization for {modality}: expected a mapping, got {o!r}")
+    kw = asdict(spec)
+    for key, val in o.items():
+        if key == "clip":
+            kw["kind"] = "ct" if o.get("kind") is None else o["kind"]
+            kw["clip"] = tuple(float(x) for x in val)
+        elif key == "percentiles":
+            kw["kind"] = "percentile" if o.get("kind") is None else o["kind"]
+            kw["percentiles"] = tuple(float(x) for x in val)
+        elif key in ("kind", "body_threshold"):
+            kw[key] = val if key == "kind" else float(val)
+        else:
+            raise ValueError(f"normalization for {modality}: unknown key {key!r}")
+    if kw["kind"] not in ("ct", "percentile", "none"):
+        raise ValueError(f"normalization for {modality}: unknown kind {kw['kind']!r}")
+    for pair in ("clip", "percentiles"):
+        if len(kw[pair]) != 2 or kw[pair][0] >= kw[pair][1]:
+            raise ValueError(f"normalization for {modality}: {pair} must be [low, high]")
+    return NormalizationSpec(**kw)
+
+
+def _zscore(x: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, float, float]:
+    vals = x[sel] if sel is not None and sel.any() else x.ravel()
+    mean = float(vals.mean(dtype=np.float64))
+    std = float(vals.std(dtype=np.float64))
+    std = std if std > 1e-8 else 1.0
+    return (x - np.float32(mean)) / np.float32(std), mean, std
+
+
+def normalize(image: np.ndarray, spec: NormalizationSpec) -> tuple[np.ndarray, list[dict]]:
+    """Normalise a ``(C, X, Y, Z)`` image per channel.
+
+    Returns:
+        ``(float32 image, per-channel stats)``: each stats dict holds the clip range used and
+        the mean/std subtracted/divided, so the transform is recorded and invertible.
+    """
+    out = np.empty(image.shape, np.float32)
+    stats = []
+    for c in range(image.shape[0]):
+        x = np.asarray(image[c], np.float32)
+        if spec.kind == "none":
+            out[c] = x
+            stats.append({"clip": None, "mean": 0.0, "std": 1.0})
+            continue
+        if spec.kind == "ct":
+            lo, hi = spec.clip
+            x = np.clip(x, lo, hi)
+            sel = x > spec.body_threshold
+        else:
+            nz = x != 0
+            vals = x[nz] if nz.any() else x.ravel()
+            lo, hi = (float(v) for v in np.percentile(vals, spec.percentiles))
+            x = np.clip(x, lo, hi)
+            sel = nz
+        out[c], mean, std = _zscore(x, sel)
+        stats.append({"clip": [float(lo), float(hi)], "mean": mean, "std": std})
+    return out, stats

@@ -1,0 +1,409 @@
+"""Preprocess a collection into a memory-mappable case cache (``hermes preprocess``).
+
+Per case: load -> reorient to RAS -> crop to the non-zero region -> normalise intensities
+(per modality) -> resample to the target spacing (image: spline/linear; label: nearest) ->
+write. Cache layout (``cache_dir``)::
+
+    preprocess.json                  parameters of this cache (a cache holds one setting)
+    collection.json                  vocabularies, datasets, tasks, weights (written last)
+    splits.json                      train/val/test per dataset (made once, reused)
+    <dataset>/<case>_image.npy       float32|float16 (C, X, Y, Z), axes R, A, S, z-scored
+    <dataset>/<case>_label.npy       uint8|uint16 (X, Y, Z): the dataset's own label values
+    <dataset>/<case>.json            geometry, parameters, statistics, foreground samples,
+                                     checksums (written last: marks the case complete)
+
+The source folders are never written to. Every file is written to a temporary name and moved
+into place with ``os.replace``; a case whose JSON exists and verifies is skipped on re-runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+
+from hermes.data.collection import Case, Collection, load_collection
+from hermes.data.geometry import CANONICAL_AXCODES, crop, nonzero_bbox, reorient, resample
+from hermes.data.io import axcodes, load_image, spacing_from_affine
+from hermes.data.normalize import NormalizationSpec, normalization_for, normalize
+from hermes.data.splits import load_or_create_splits
+
+__all__ = ["PreprocessError", "PreprocessParams", "preprocess", "preprocess_case",
+           "verify_case", "resolve_cache_dir"]
+
+CACHE_FORMAT = 1
+
+
+class PreprocessError(RuntimeError):
+    """Preprocessing failed for one or more cases (all are listed) or the cache is unusable."""
+
+
+class PreprocessParams:
+    """Settings of one cache. ``spacing`` in mm (one value or per axis X, Y, Z after RAS)."""
+
+    def __init__(self, spacing: float | Sequence[float] = 1.5, image_order: int = 3,
+                 dtype: str = "float32", max_fg_samples: int = 500,
+                 crop_nonzero: bool = True, normalization: dict | None = None):
+        sp = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
+        if np.any(sp <= 0):
+            raise ValueError(f"spacing must be positive, got {spacing}")
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+        if image_order not in (0, 1, 2, 3, 4, 5):
+            raise ValueError(f"image_order must be a spline order 0..5, got {image_order}")
+        self.spacing = [float(s) for s in sp]
+        self.image_order = int(image_order)
+        self.dtype = dtype
+        self.max_fg_samples = int(max_fg_samples)
+        self.crop_nonzero = bool(crop_nonzero)
+        self.normalization = dict(normalization or {})
+
+    def to_dict(self) -> dict:
+        return {
+            "format": CACHE_FORMAT,
+            "spacing": self.spacing,
+            "axcodes": list(CANONICAL_AXCODES),
+            "image_order": self.image_order,
+            "label_order": 0,
+            "dtype": self.dtype,
+            "max_fg_samples": self.max_fg_samples,
+            "crop_nonzero": self.crop_nonzero,
+            "normalization": self.normalization,
+        }
+
+    def spec_for(self, modality: str) -> NormalizationSpec:
+        return normalization_for(modality, self.normalization)
+
+    def case_hash(self, modality: str) -> str:
+        d = self.to_dict()
+        d["normalization"] = self.spec_for(modality).to_dict()
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# files
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` to ``path`` atomically; returns the sha256 of the file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def _atomic_write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_fingerprint(case: Case) -> list[dict]:
+    out = []
+    for p in (*case.images, case.label):
+        st = p.stat()
+        out.append({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def case_paths(cache_dir: Path, dataset: str, case_id: str) -> tuple[Path, Path, Path]:
+    """``(image .npy, label .npy, meta .json)`` of a case in a cache."""
+    d = cache_dir / dataset
+    return d / f"{case_id}_image.npy", d / f"{case_id}_label.npy", d / f"{case_id}.json"
+
+
+def verify_case(cache_dir: Path, case: Case, params_hash: str, full: bool = False,
+                check_sources: bool = True) -> dict | None:
+    """The case's metadata if its cache entry is complete and current, else None.
+
+    Quick verification: JSON readable, same parameters, same source files (size, mtime),
+    arrays present with the recorded size, shape and dtype. ``full`` also re-hashes the arrays.
+    """
+    img_p, lab_p, meta_p = case_paths(cache_dir, case.dataset, case.case_id)
+    try:
+        meta = json.loads(meta_p.read_text())
+        if meta.get("params_hash") != params_hash:
+            return None
+        if check_sources and meta.get("sources") != _source_fingerprint(case):
+            return None
+        for p, key in ((img_p, "image"), (lab_p, "label")):
+            rec = meta["files"][key]
+            if p.stat().st_size != rec["bytes"]:
+                return None
+            arr = np.load(p, mmap_mode="r")
+            if list(arr.shape) != rec["shape"] or str(arr.dtype) != rec["dtype"]:
+                return None
+            if full and _sha256(p) != rec["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# one case
+# --------------------------------------------------------------------------------------------
+
+
+def _load_channels(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """``(image (C, X, Y, Z) float32, affine)`` from one 4D or several 3D files."""
+    chans = []
+    affine = None
+    for p in case.images:
+        arr, aff = load_image(p, dtype=np.float32)
+        if affine is None:
+            affine = aff
+        if arr.ndim == 3:
+            chans.append(arr)
+        else:
+            chans.extend(np.moveaxis(arr.reshape(arr.shape[:3] + (-1,)), -1, 0))
+    return np.stack(chans), affine  # type: ignore[return-value]
+
+
+def _foreground_samples(label: np.ndarray, n: int, seed: int) -> tuple[dict, dict]:
+    """Up to ``n`` voxel coordinates per label value and the voxel count of every value."""
+    flat = np.flatnonzero(label)
+    vals = label.ravel()[flat]
+    rng = np.random.default_rng(seed)
+    samples, counts = {}, {}
+    for v in np.unique(vals):
+        idx = flat[vals == v]
+        counts[str(int(v))] = int(idx.size)
+        if idx.size > n:
+            idx = np.sort(rng.choice(idx, n, replace=False))
+        samples[str(int(v))] = np.stack(np.unravel_index(idx, label.shape), 1).tolist()
+    return samples, counts
+
+
+def preprocess_case(case: Case, modality: str, params: PreprocessParams,
+                    cache_dir: Path) -> dict:
+    """Preprocess one case into ``cache_dir`` and return its metadata (also written as JSON).
+
+    Raises:
+        hermes.data.io.ImageReadError, ValueError: with the file/case named.
+    """
+    t0 = time.perf_counter()
+    image, img_aff = _load_channels(case)
+    label, lab_aff = load_image(case.label)
+    if label.ndim > 3:
+        label = label.reshape(label.shape[:3])
+    if label.dtype.kind == "f":
+        label = np.round(label)
+    if label.min() < 0 or label.max() > 65535:
+        raise ValueError(f"{case.label}: label values outside 0..65535")
+    label = label.astype(np.uint16 if label.max() > 255 else np.uint8)
+    if image.shape[1:] != label.shape:
+        raise ValueError(f"{case.key}: image shape {image.shape[1:]} != label {label.shape}")
+    orig = {
+        "affine": img_aff.tolist(),
+        "shape": list(image.shape[1:]),
+        "spacing": list(spacing_from_affine(img_aff)),
+        "axcodes": list(axcodes(img_aff)),
+        "channels": int(image.shape[0]),
+    }
+    image, aff = reorient(image, img_aff, channel_first=True)
+    label, _ = reorient(label, img_aff)
+    canon_shape = list(image.shape[1:])
+    canon_aff = aff
+    if params.crop_nonzero:
+        bbox = nonzero_bbox(np.any(image != 0, axis=0) | (label > 0))
+    else:
+        bbox = tuple((0, int(s)) for s in image.shape[1:])
+    image, aff = crop(image, aff, bbox, channel_first=True)
+    label, _ = crop(label, canon_aff, bbox)
+    spec = params.spec_for(modality)
+    image, stats = normalize(image, spec)
+    image, new_aff = resample(image, aff, params.spacing, order=params.image_order)
+    label, _ = resample(label, aff, params.spacing, order=0, channel_first=False)
+    image = image.astype(params.dtype)
+    seed = zlib.crc32(case.key.encode())
+    fg, counts = _foreground_samples(label, params.max_fg_samples, seed)
+
+    img_p, lab_p, meta_p = case_paths(cache_dir, case.dataset, case.case_id)
+    img_p.parent.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for key, p, arr in (("image", img_p, image), ("label", lab_p, label)):
+        digest = _atomic_save_npy(p, arr)
+        files[key] = {"path": p.name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                      "bytes": p.stat().st_size, "sha256": digest}
+    meta = {
+        "format": CACHE_FORMAT,
+        "dataset": case.dataset,
+        "case_id": case.case_id,
+        "modality": modality,
+        "params_hash": params.case_hash(modality),
+        "sources": _source_fingerprint(case),
+        "original": orig,
+        "canonical": {"affine": canon_aff.tolist(), "shape": canon_shape,
+                      "axcodes": list(CANONICAL_AXCODES)},
+        "crop_bbox": [list(b) for b in bbox],
+        "affine": new_aff.tolist(),
+        "shape": list(label.shape),
+        "spacing": list(spacing_from_affine(new_aff)),
+        "normalization": {"spec": spec.to_dict(), "channels": stats},
+        "resampling": {"image_order": params.image_order, "label_order": 0},
+        "label_counts": counts,
+        "foreground": fg,
+        "files": files,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    _atomic_write_json(meta_p, meta)
+    return meta
+
+
+def _work(args: tuple) -> tuple[str, str, str | None]:
+    case, modality, params, cache_dir, verify_full = args
+    h = params.case_hash(modality)
+    if verify_case(cache_dir, case, h, full=verify_full) is not None:
+        return case.key, "skipped", None
+    try:
+        preprocess_case(case, modality, params, cache_dir)
+    except Exception as exc:  # reported per case; the other cases go on
+        return case.key, "failed", f"{type(exc).__name__}: {exc}"
+    return case.key, "done", None
+
+
+# --------------------------------------------------------------------------------------------
+# the collection
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_cache_dir(collection: Collection, cache_dir: str | os.PathLike | None) -> Path:
+    """The cache folder: the argument, else the YAML's ``cache_dir``, else ``hermes_cache/``
+    next to the YAML. Refuses any folder inside (or equal to) a dataset's source folder."""
+    if cache_dir is None:
+        cache_dir = collection.cache_dir or "hermes_cache"
+        p = Path(os.path.expanduser(str(cache_dir)))
+        p = p if p.is_absolute() else collection.root / p
+    else:
+        p = Path(os.path.expanduser(str(cache_dir)))
+    p = p.resolve()
+    for ds in collection.datasets:
+        if p == ds.root or ds.root in p.parents:
+            raise PreprocessError(f"cache folder {p} is inside the source folder of dataset "
+                                  f"{ds.name!r} ({ds.root}); choose a folder outside it")
+    return p
+
+
+def preprocess(
+    collection: Collection | str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    spacing: float | Sequence[float] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    image_order: int = 3,
+    dtype: str = "float32",
+    max_fg_samples: int = 500,
+    crop_nonzero: bool = True,
+    validate: bool = True,
+    verify_full: bool = False,
+    overwrite: bool = False,
+):
+    """Validate and preprocess a collection into a cache; return it opened.
+
+    Args:
+        collection: a :class:`Collection` or the path of its YAML.
+        cache_dir: destination (see :func:`resolve_cache_dir`).
+        spacing: target spacing in mm (default: the YAML's ``spacing``, else 1.5).
+        workers: processes (default: ``min(4, os.cpu_count())``).
+        progress: tqdm progress bar.
+        image_order: image spline order (1 linear, 3 cubic); labels always nearest.
+        dtype: cached image dtype, ``"float32"`` or ``"float16"`` (half the I/O).
+        max_fg_samples: foreground voxel coordinates stored per label value.
+        validate: run :meth:`Collection.check` first (raises listing all problems).
+        verify_full: re-hash cached arrays when deciding whether to skip a case.
+        overwrite: allow replacing a cache made with different parameters.
+
+    Returns:
+        :class:`hermes.data.cache.PreprocessedCollection`.
+
+    Raises:
+        CollectionError: validation problems (all of them).
+        PreprocessError: the cache folder is unusable, or some cases failed (all listed;
+            the others are cached, so a re-run resumes).
+    """
+    from hermes.data.cache import PreprocessedCollection
+
+    if not isinstance(collection, Collection):
+        collection = load_collection(collection)
+    workers = workers or min(4, os.cpu_count() or 1)
+    if validate:
+        collection.check(deep=True, workers=workers, progress=progress)
+    if spacing is None:
+        spacing = collection.spacing if collection.spacing is not None else 1.5
+    params = PreprocessParams(spacing, image_order, dtype, max_fg_samples, crop_nonzero,
+                              collection.normalization)
+    for ds in collection.datasets:
+        params.spec_for(ds.modality)  # malformed overrides fail before any work
+    cache = resolve_cache_dir(collection, cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    header_p = cache / "preprocess.json"
+    header = params.to_dict()
+    if header_p.is_file() and not overwrite:
+        old = json.loads(header_p.read_text())
+        if old != header:
+            diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+            raise PreprocessError(
+                f"cache {cache} was made with different parameters ({', '.join(diff)}); "
+                "use another cache folder or overwrite=True (--overwrite)")
+    _atomic_write_json(header_p, header)
+    splits = load_or_create_splits(collection, cache / "splits.json")
+
+    jobs = [(c, ds.modality, params, cache, verify_full)
+            for ds in collection.datasets for c in ds.cases]
+    status: dict[str, int] = {"done": 0, "skipped": 0, "failed": 0}
+    failures: list[str] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="preprocessing", unit="case")
+
+    def record(key: str, st: str, err: str | None) -> None:
+        status[st] += 1
+        if err:
+            failures.append(f"{key}: {err}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(status, refresh=False)
+
+    t0 = time.perf_counter()
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            futs = [ex.submit(_work, j) for j in jobs]
+            for f in as_completed(futs):
+                record(*f.result())
+    else:
+        for j in jobs:
+            record(*_work(j))
+    if bar is not None:
+        bar.close()
+    if failures:
+        raise PreprocessError(f"{len(failures)} case(s) failed (the others are cached; "
+                              "re-run to resume):\n  " + "\n  ".join(sorted(failures)))
+    info = collection.to_dict()
+    info["cases"] = {ds.name: [c.case_id for c in ds.cases] for ds in collection.datasets}
+    info["params"] = header
+    info["source"] = str(collection.path) if collection.path else None
+    info["stats"] = {**status, "seconds": round(time.perf_counter() - t0, 2)}
+    _atomic_write_json(cache / "collection.json", info)
+    del splits
+    return PreprocessedCollection(cache)

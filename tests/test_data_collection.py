@@ -1,0 +1,232 @@
+"""Collections: modality names, label maps, task naming, validation of every problem, splits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from hermes.data import CollectionError, load_collection, save_image
+from hermes.data.collection import Collection
+from hermes.data.io import load_image
+from hermes.data.labels import LabelMapError, parse_label_map
+from hermes.data.modalities import UnknownModalityError, canonical_modality
+from hermes.data.splits import SplitError, load_or_create_splits
+from hermes.data.synthetic import generate_collection
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    return generate_collection(root, seed=3, cases_per_dataset=3, size=(16, 20),
+                               predefined_test=1)
+
+
+@pytest.fixture
+def synth_copy(synth, tmp_path):
+    shutil.copytree(synth.parent, tmp_path / "c")
+    return tmp_path / "c" / "collection.yaml"
+
+
+# ------------------------------------------------------------------ modalities
+@pytest.mark.parametrize("alias,expected", [
+    ("ct", "CT"), ("MR T1", "T1"), ("t1w", "T1"), ("T2-weighted", "T2"), ("cine MRI", "CINE"),
+    ("Cine", "CINE"), ("FDG-PET", "PET"), ("pet", "PET"),
+])
+def test_modality_aliases(alias, expected):
+    assert canonical_modality(alias) == expected
+
+
+def test_unknown_modality_names_it_and_the_valid_ones():
+    with pytest.raises(UnknownModalityError) as e:
+        canonical_modality("ultrasound")
+    msg = str(e.value)
+    assert "'ultrasound'" in msg and "CT" in msg and "CINE" in msg
+    assert canonical_modality("Ultrasound", extra=["ULTRASOUND"]) == "ULTRASOUND"
+
+
+# ------------------------------------------------------------------ label maps
+def test_label_map_orientations_and_unions():
+    assert parse_label_map({"0": "background", "1": "liver", "2": "tumour"}) == {
+        "liver": (1,), "tumour": (2,)}
+    assert parse_label_map({"background": 0, "kidney": [1, 2], "tumour": 2}) == {
+        "kidney": (1, 2), "tumour": (2,)}
+    assert parse_label_map({1: "kidney", 2: "kidney", 3: "cyst"}) == {
+        "kidney": (1, 2), "cyst": (3,)}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({1: "liver", "tumour": 2}, "mixes"),
+    ({"liver": 0}, "value 0"),
+    ({"liver": "x"}, "not an integer"),
+    ({"0": "background"}, "no foreground"),
+    ({1: "background"}, "not 0"),
+])
+def test_label_map_errors(bad, match):
+    with pytest.raises(LabelMapError, match=match):
+        parse_label_map(bad)
+
+
+# ------------------------------------------------------------------ tasks
+def test_task_vocabulary_shared_and_namespaced(synth):
+    c = load_collection(synth)
+    assert c.tasks == ["liver", "kidney", "spleen", "synth_ct/liver_tumour", "bladder",
+                       "synth_pet/lesion"]
+    assert c.modalities == ["CT", "PET", "T1", "T2", "CINE"]
+    assert c.used_modalities == ["CT", "PET", "T1", "T2"]
+    assert c.dataset("synth_t1").task_names == ["liver", "spleen"]
+    assert c.task_indices("synth_pet") == [1, 4, 5]
+    assert c.groups["synth_t2"] == {"tasks": ["kidney", "bladder"], "modality": "T2"}
+    w = c.sampling_weights
+    assert w["synth_ct"] == pytest.approx(2 / 5) and sum(w.values()) == pytest.approx(1)
+    # MSD (training list) and nnU-Net v2 (_0000 channel files, NRRD) layouts both discovered
+    assert [x.case_id for x in c.dataset("synth_t2").cases] == [
+        "synth_t2_000", "synth_t2_001", "synth_t2_002"]
+    assert c.dataset("synth_t2").cases[0].images[0].name == "synth_t2_000_0000.nrrd"
+    # predefined test case (dataset.json "test" with labels)
+    assert [x.case_id for x in c.dataset("synth_ct").cases if x.predefined_split] == [
+        "synth_ct_002"]
+    assert c.validate() == []
+
+
+def test_namespacing_without_shared_and_alias_mapping(synth):
+    root = synth.parent
+    cfg = {"datasets": [
+        {"name": "a", "path": str(root / "synth_ct"), "modality": "computed tomography",
+         "labels": {1: "liver", 2: "kidney", 3: "spleen", 4: "liver_tumour"}},
+        {"name": "b", "path": str(root / "synth_t1"), "modality": "MR T1",
+         "labels": {"hepar": 1, "spleen": 2}, "shared": ["spleen"]},
+    ], "shared_tasks": {"liver": ["a/liver", "b/hepar"], "spleen": ["spleen"]}}
+    c = Collection.from_dict(cfg)
+    assert c.validate(deep=False) == []
+    assert c.tasks == ["liver", "a/kidney", "spleen", "a/liver_tumour"]
+    assert c.dataset("b").task_names == ["liver", "spleen"]
+    assert c.dataset("b").modality == "T1"
+    # nothing shared: everything namespaced
+    c2 = Collection.from_dict({"datasets": cfg["datasets"][1:2]})
+    assert c2.tasks == ["b/hepar", "spleen"]
+
+
+def _rewrite_yaml(path, fn):
+    cfg = yaml.safe_load(path.read_text())
+    fn(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_validation_reports_every_problem_at_once(synth_copy):
+    root = synth_copy.parent
+    # 1. missing image file
+    (root / "synth_t1" / "imagesTr" / "synth_t1_001_0000.nii.gz").unlink()
+    # 2. label value not in the mapping
+    lab_p = root / "synth_ct" / "labelsTr" / "synth_ct_001.nii.gz"
+    lab, aff = load_image(lab_p)
+    lab[0, 0, 0] = 7
+    save_image(lab_p, lab, aff)
+    # 3. image/label geometry mismatch (shifted origin)
+    img_p = root / "synth_pet" / "imagesTr" / "synth_pet_000.nii.gz"
+    img, aff = load_image(img_p)
+    aff2 = aff.copy()
+    aff2[:3, 3] += 5.0
+    save_image(img_p, img, aff2)
+    # 4. shape mismatch
+    img_p2 = root / "synth_pet" / "imagesTr" / "synth_pet_001.nii.gz"
+    img2, aff3 = load_image(img_p2)
+    save_image(img_p2, img2[:-1], aff3)
+    # 5. unknown modality, 6. corrupt label
+    _rewrite_yaml(synth_copy, lambda c: c["datasets"][2].update(modality="ultrasound"))
+    (root / "synth_t2" / "labelsTr" / "synth_t2_002.nrrd").write_bytes(b"NRRD0004\ngarbage\n")
+
+    coll = load_collection(synth_copy)
+    problems = coll.validate(workers=2)
+    kinds = sorted((p.kind, p.dataset, p.case) for p in problems)
+    assert kinds == sorted([
+        ("missing_file", "synth_t1", "synth_t1_001"),
+        ("label_values", "synth_ct", "synth_ct_001"),
+        ("geometry", "synth_pet", "synth_pet_000"),
+        ("geometry", "synth_pet", "synth_pet_001"),
+        ("modality", "synth_t2", None),
+        ("unreadable", "synth_t2", "synth_t2_002"),
+    ]), problems
+    lv = next(p for p in problems if p.kind == "label_values")
+    assert "7 (1 voxels)" in lv.message and "synth_ct_001.nii.gz" in lv.message
+    assert "ultrasound" in next(p for p in problems if p.kind == "modality").message
+    with pytest.raises(CollectionError) as e:
+        coll.check()
+    assert len(e.value.problems) == 6 and str(e.value).count("\n  - ") == 6
+    # shallow validation skips only the label-value check
+    assert len(coll.validate(deep=False)) == 5
+
+
+def test_declared_extra_modality_and_config_problems(synth_copy):
+    def edit(c):
+        c["modalities"] = ["US"]
+        c["datasets"][0]["modality"] = "us"
+        c["datasets"][1]["weight"] = -1
+        c["datasets"][1]["bogus"] = 1
+        c["datasets"].append({"name": "nope", "path": "missing_dir", "modality": "CT",
+                              "labels": {1: "x"}})
+    _rewrite_yaml(synth_copy, edit)
+    c = load_collection(synth_copy)
+    assert c.dataset("synth_ct").modality == "US" and c.modalities[-1] == "US"
+    msgs = [str(p) for p in c.validate(deep=False)]
+    assert any("'weight' must be a positive number" in m for m in msgs)
+    assert any("unknown key 'bogus'" in m for m in msgs)
+    assert any("missing_dir" in m and "not found" in m for m in msgs)
+
+
+def test_invalid_yaml_raises(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("datasets: [\n  - name: x\n")
+    with pytest.raises(CollectionError, match="invalid YAML"):
+        load_collection(p)
+
+
+# ------------------------------------------------------------------ splits
+def test_splits_are_seeded_stored_and_reused(synth_copy, tmp_path):
+    c = load_collection(synth_copy)
+    sp_path = tmp_path / "splits.json"
+    s1 = load_or_create_splits(c, sp_path)
+    for ds in c.datasets:
+        parts = s1["datasets"][ds.name]
+        allc = sorted(parts["train"] + parts["val"] + parts["test"])
+        assert allc == sorted(x.case_id for x in ds.cases)
+        assert len(parts["val"]) == 1 and len(parts["train"]) >= 1
+    assert s1["datasets"]["synth_ct"]["test"] == ["synth_ct_002"]
+    # stored file is reused verbatim even with another seed requested
+    stored = json.loads(sp_path.read_text())
+    stored["datasets"]["synth_t1"] = {"train": ["synth_t1_000"], "val": [],
+                                      "test": ["synth_t1_001", "synth_t1_002"]}
+    sp_path.write_text(json.dumps(stored))
+    s2 = load_or_create_splits(c, sp_path, seed=99)
+    assert s2["datasets"]["synth_t1"]["test"] == ["synth_t1_001", "synth_t1_002"]
+    # determinism: a fresh file with the same seed gives the same split
+    s3 = load_or_create_splits(c, tmp_path / "other.json")
+    assert s3["datasets"] == s1["datasets"]
+    # a new dataset is split and added; changed cases of a stored dataset are an error
+    del stored["datasets"]["synth_pet"]
+    sp_path.write_text(json.dumps(stored))
+    s4 = load_or_create_splits(c, sp_path)
+    assert s4["datasets"]["synth_pet"] == s1["datasets"]["synth_pet"]
+    stored = json.loads(sp_path.read_text())
+    stored["datasets"]["synth_t2"]["train"].append("ghost_case")
+    sp_path.write_text(json.dumps(stored))
+    with pytest.raises(SplitError, match="synth_t2.*ghost_case"):
+        load_or_create_splits(c, sp_path)
+
+
+def test_label_values_ok_with_union_map(tmp_path):
+    # a dataset whose map uses a union (nnU-Net region style) accepts all its values
+    ds = tmp_path / "d"
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1], lab[2, 2, 2] = 1, 2
+    save_image(ds / "labelsTr" / "a.nii.gz", lab, np.eye(4))
+    save_image(ds / "imagesTr" / "a_0000.nii.gz", lab.astype(np.float32), np.eye(4))
+    (ds / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": [1, 2]},
+        "file_ending": ".nii.gz", "numTraining": 1}))
+    c = Collection.from_dict({"datasets": [{"name": "d", "path": str(ds)}]})
+    assert c.validate() == []
+    assert c.dataset("d").tasks[0].values == (1, 2) and c.dataset("d").modality == "CT"

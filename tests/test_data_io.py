@@ -1,0 +1,100 @@
+"""Image I/O: NIfTI/NRRD round trips with known geometry, LPS->RAS, corrupt files."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+from hermes.data.io import (
+    ImageReadError,
+    axcodes,
+    load_header,
+    load_image,
+    save_image,
+    spacing_from_affine,
+    strip_image_suffix,
+)
+
+
+def _affine():
+    a = np.array([[0.0, 0.0, -2.5, 40.0], [-0.8, 0.0, 0.0, 12.0], [0.0, 1.2, 0.0, -7.0],
+                  [0, 0, 0, 1]])
+    return a
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_round_trip_keeps_data_and_ras_affine(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
+    p = save_image(tmp_path / f"x{suffix}", data, _affine())
+    arr, aff = load_image(p)
+    np.testing.assert_array_equal(arr, data)
+    np.testing.assert_allclose(aff, _affine(), atol=1e-5)
+    shape, aff_h = load_header(p)
+    assert shape == (5, 6, 7)
+    np.testing.assert_allclose(aff_h, aff, atol=1e-6)
+
+
+def test_nrrd_lps_header_is_converted_to_ras(tmp_path):
+    # Hand-written LPS NRRD (as ITK / 3D Slicer / pyradiomics write it).
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    dirs = np.array([[0.7, 0.0, 0.0], [0.0, 0.7, 0.0], [0.0, 0.0, 5.0]])  # rows: per axis
+    origin = np.array([-100.0, 50.0, 20.0])
+    header = {"space": "left-posterior-superior", "space directions": dirs,
+              "space origin": origin, "kinds": ["domain"] * 3}
+    nrrd.write(str(tmp_path / "x.nrrd"), data, header, index_order="F")
+    arr, aff = load_image(tmp_path / "x.nrrd")
+    np.testing.assert_array_equal(arr, data)
+    # voxel (1, 2, 3) in LPS: origin + 1*d0 + 2*d1 + 3*d2; in RAS x and y flip sign
+    lps = origin + 1 * dirs[0] + 2 * dirs[1] + 3 * dirs[2]
+    ras = aff @ np.array([1, 2, 3, 1.0])
+    np.testing.assert_allclose(ras[:3], [-lps[0], -lps[1], lps[2]])
+    assert axcodes(aff) == ("L", "P", "S")
+    np.testing.assert_allclose(spacing_from_affine(aff), [0.7, 0.7, 5.0])
+
+
+def test_nrrd_channel_axis_goes_last(tmp_path):
+    data = np.random.default_rng(1).random((2, 4, 5, 6)).astype(np.float32)  # channel first
+    header = {"space": "RAS", "kinds": ["list", "domain", "domain", "domain"],
+              "space directions": [[np.nan] * 3, [1.0, 0, 0], [0, 2.0, 0], [0, 0, 3.0]]}
+    nrrd.write(str(tmp_path / "c.nrrd"), data, header, index_order="F")
+    arr, aff = load_image(tmp_path / "c.nrrd")
+    assert arr.shape == (4, 5, 6, 2)
+    np.testing.assert_array_equal(arr[..., 1], data[1])
+    np.testing.assert_allclose(np.diag(aff)[:3], [1, 2, 3])
+    assert load_header(tmp_path / "c.nrrd")[0] == (4, 5, 6, 2)
+
+
+def test_nifti_scaling_applied_for_float_dtype(tmp_path):
+    img = nib.Nifti1Image(np.array([[[1, 2]]], np.int16), np.eye(4))
+    img.header.set_slope_inter(2.0, -1024.0)
+    nib.save(img, str(tmp_path / "s.nii.gz"))
+    arr, _ = load_image(tmp_path / "s.nii.gz", dtype=np.float32)
+    np.testing.assert_allclose(arr.ravel(), [-1022.0, -1020.0])
+
+
+def test_corrupt_and_missing_files_name_the_file(tmp_path):
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(gzip.compress(b"this is not a nifti header" * 20))
+    with pytest.raises(ImageReadError, match="broken.nii.gz"):
+        load_image(bad)
+    with pytest.raises(ImageReadError, match="broken.nii.gz"):
+        load_header(bad)
+    trunc = tmp_path / "trunc.nrrd"
+    save_image(trunc, np.ones((8, 8, 8), np.float32), np.eye(4))
+    trunc.write_bytes(trunc.read_bytes()[:-40])
+    with pytest.raises(ImageReadError, match="trunc.nrrd"):
+        load_image(trunc)
+    with pytest.raises(ImageReadError, match="nothere.nii.gz.*not found"):
+        load_image(tmp_path / "nothere.nii.gz")
+    with pytest.raises(ImageReadError, match="not a recognised image type"):
+        load_image(tmp_path / "x.png")
+
+
+def test_strip_suffix():
+    assert strip_image_suffix("case_0001.nii.gz") == "case_0001"
+    assert strip_image_suffix("a.b.nrrd") == "a.b"

@@ -1,0 +1,245 @@
+"""Preprocessing: geometry against nibabel oracles, normalisation by hand, the case cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import hermes.data as hd
+from hermes.data.geometry import crop, nonzero_bbox, reorient, resample, resampled_grid
+from hermes.data.io import load_image
+from hermes.data.normalize import NormalizationSpec, normalization_for, normalize
+from hermes.data.preprocess import PreprocessError
+from hermes.data.synthetic import generate_collection
+
+
+# ------------------------------------------------------------------ geometry
+def _random_affine(rng):
+    perm = rng.permutation(3)
+    a = np.eye(4)
+    a[:3, :3] = 0
+    for i in range(3):
+        a[perm[i], i] = rng.choice([-1, 1]) * rng.uniform(0.5, 3)
+    a[:3, 3] = rng.uniform(-50, 50, 3)
+    return a
+
+
+def test_reorient_matches_nibabel_closest_canonical():
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        aff = _random_affine(rng)
+        data = rng.random((4, 5, 6)).astype(np.float32)
+        oracle = nib.as_closest_canonical(nib.Nifti1Image(data, aff))
+        arr, new_aff = reorient(data, aff)
+        np.testing.assert_array_equal(arr, oracle.get_fdata())
+        np.testing.assert_allclose(new_aff, oracle.affine)
+        assert nib.aff2axcodes(new_aff) == ("R", "A", "S")
+        chans, aff_c = reorient(np.stack([data, 2 * data]), aff, channel_first=True)
+        np.testing.assert_array_equal(chans[1], 2 * oracle.get_fdata())
+
+
+def test_resampled_grid_by_hand():
+    # 10 voxels at 1 mm -> 2 mm: 5 voxels at old indices 0.5, 2.5, ..., 8.5 (same centre)
+    shape, aff, step, off = resampled_grid((10, 4, 3), np.eye(4), (2.0, 1.0, 0.5))
+    assert shape == (5, 4, 6)
+    np.testing.assert_allclose(step, [2, 1, 0.5])
+    np.testing.assert_allclose(off, [0.5, 0, -0.25])
+    np.testing.assert_allclose(aff @ [0, 0, 0, 1], [0.5, 0, -0.25, 1])
+    np.testing.assert_allclose(np.diag(aff)[:3], [2, 1, 0.5])
+
+
+def test_linear_resampling_of_a_linear_field_is_exact():
+    # f(world) = a . world + b is reproduced exactly by (tri)linear interpolation inside the FOV
+    aff = np.diag([0.7, 1.3, 4.0, 1.0])
+    aff[:3, 3] = [10, -20, 5]
+    shape = (30, 20, 8)
+    idx = np.indices(shape).reshape(3, -1)
+    world = aff[:3, :3] @ idx + aff[:3, 3:4]
+    a, b = np.array([0.5, -1.0, 2.0]), 3.0
+    f = (a @ world + b).reshape(shape).astype(np.float32)
+    for order in (1, 3):  # order 3 + anisotropy: the coarse axis is linear
+        out, new_aff = resample(f[None], aff, 1.5, order=order)
+        nidx = np.indices(out.shape[1:]).reshape(3, -1)
+        nworld = new_aff[:3, :3] @ nidx + new_aff[:3, 3:4]
+        expect = (a @ nworld + b).reshape(out.shape[1:])
+        inside = np.all((nworld - aff[:3, 3:4]) / np.diag(aff)[:3, None] <= np.array(shape)[:, None] - 1, 0)
+        inside &= np.all(nworld >= aff[:3, 3:4], 0)
+        inside = inside.reshape(out.shape[1:])
+        np.testing.assert_allclose(out[0][inside], expect[inside], atol=1e-3)
+        np.testing.assert_allclose(hd.io.spacing_from_affine(new_aff), [1.5] * 3)
+
+
+def test_label_resampling_is_nearest_and_keeps_dtype():
+    lab = np.zeros((10, 10, 10), np.uint8)
+    lab[2:8, 2:8, 2:8] = 3
+    lab[4:6, 4:6, 4:6] = 9
+    out, _ = resample(lab, np.eye(4), 0.5, order=0, channel_first=False)
+    assert out.dtype == np.uint8 and set(np.unique(out)) == {0, 3, 9}
+    # nearest at 2x upsampling: each value covers 8x its voxels (up to the border)
+    assert (out == 9).sum() == 8 * 8
+
+
+def test_nonzero_bbox_and_crop():
+    m = np.zeros((6, 7, 8), bool)
+    m[1, 2, 3] = m[4, 5, 3] = True
+    bbox = nonzero_bbox(m)
+    assert bbox == ((1, 5), (2, 6), (3, 4))
+    aff = np.diag([2.0, 3.0, 4.0, 1.0])
+    arr, caff = crop(np.arange(6 * 7 * 8).reshape(6, 7, 8), aff, bbox)
+    assert arr.shape == (4, 4, 1) and arr[0, 0, 0] == 1 * 56 + 2 * 8 + 3
+    np.testing.assert_allclose(caff[:3, 3], [2, 6, 12])
+    assert nonzero_bbox(np.zeros((2, 3, 4), bool)) == ((0, 2), (0, 3), (0, 4))
+
+
+# ------------------------------------------------------------------ normalisation
+def test_ct_normalisation_by_hand():
+    x = np.array([-2000.0, -1000, 0, 100, 3000], np.float32).reshape(1, 5, 1, 1)
+    out, stats = normalize(x, NormalizationSpec("ct", clip=(-1000, 1000), body_threshold=-500))
+    # clip -> [-1000, -1000, 0, 100, 1000]; body voxels (> -500): 0, 100, 1000
+    body = np.array([0, 100, 1000.0])
+    expect = (np.array([-1000, -1000, 0, 100, 1000]) - body.mean()) / body.std()
+    np.testing.assert_allclose(out.ravel(), expect, rtol=1e-5)
+    assert stats[0]["clip"] == [-1000, 1000]
+
+
+def test_percentile_normalisation_uses_nonzero_voxels():
+    rng = np.random.default_rng(0)
+    x = np.zeros((1, 20, 20, 20), np.float32)
+    x[0, 5:15, 5:15, 5:15] = rng.normal(500, 50, (10, 10, 10))
+    x[0, 6, 6, 6] = 1e6  # outlier, clipped at the 99.5th percentile
+    out, stats = normalize(x, normalization_for("T1"))
+    nz = x[0] != 0
+    lo, hi = np.percentile(x[0][nz], [0.5, 99.5])
+    clipped = np.clip(x[0], lo, hi)
+    expect = (clipped - clipped[nz].mean()) / clipped[nz].std()
+    np.testing.assert_allclose(out[0], expect, rtol=1e-4, atol=1e-4)
+    assert abs(out[0][nz].mean()) < 1e-4 and abs(out[0][nz].std() - 1) < 1e-4
+
+
+def test_normalisation_overrides():
+    s = normalization_for("CT", {"ct": {"clip": [-200, 300]}})
+    assert s.kind == "ct" and s.clip == (-200, 300)
+    assert normalization_for("PET", {"PET": {"percentiles": [1, 99]}}).percentiles == (1, 99)
+    with pytest.raises(ValueError, match="unknown key 'window'"):
+        normalization_for("CT", {"CT": {"window": 3}})
+
+
+# ------------------------------------------------------------------ cache
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pp")
+    return generate_collection(root, seed=11, cases_per_dataset=2, size=(16, 20),
+                               predefined_test=1)
+
+
+def _tree_digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_preprocess_cache_geometry_and_resume(synth, tmp_path):
+    src_digest = {d: _tree_digest(synth.parent / d) for d in
+                  ("synth_ct", "synth_t1", "synth_t2", "synth_pet")}
+    cache = tmp_path / "cache"
+    pc = hd.preprocess(synth, cache_dir=cache, spacing=6.0, workers=2, progress=False,
+                       max_fg_samples=50)
+    assert len(pc) == 8 and pc.tasks == hd.load_collection(synth).tasks
+    assert pc.modalities == ["CT", "PET", "T1", "T2", "CINE"]
+    for d in src_digest:  # sources untouched
+        assert _tree_digest(synth.parent / d) == src_digest[d]
+    for case in pc.cases:
+        img, lab = case.image, case.label
+        assert isinstance(img, np.memmap) and img.dtype == np.float32 and img.ndim == 4
+        assert lab.dtype == np.uint8 and img.shape[1:] == lab.shape == case.shape
+        assert nib.aff2axcodes(case.affine) == ("R", "A", "S")
+        np.testing.assert_allclose(case.spacing, [6.0] * 3, rtol=1e-6)
+        # world-space centroid of each structure is preserved (oracle: source file + affine)
+        src_lab, src_aff = load_image(
+            next(c for c in hd.load_collection(synth).cases() if c.key == case.key).label)
+        for v in case.present_values:
+            n_src = (src_lab == v).sum()
+            if n_src < 30:
+                continue
+            c_src = src_aff[:3, :3] @ np.argwhere(src_lab == v).mean(0) + src_aff[:3, 3]
+            c_new = case.affine[:3, :3] @ np.argwhere(lab == v).mean(0) + case.affine[:3, 3]
+            assert np.linalg.norm(c_src - c_new) < 6.0, (case.key, v)
+        # foreground samples are real voxels of their value
+        for v, coords in case.foreground.items():
+            assert len(coords) <= 50 and np.all(lab[tuple(coords.T)] == v)
+        assert case.meta["original"]["affine"] is not None
+        assert abs(float(np.mean(img[0][lab > 0]))) < 5  # z-scored
+    # splits stored and exposed; predefined test cases honoured
+    assert [c.case_id for c in pc.split("test", "synth_ct")] == ["synth_ct_001"]
+    assert {c.key for s in ("train", "val", "test") for c in pc.split(s)} == {
+        c.key for c in pc.cases}
+
+    # resume: nothing recomputed; a damaged case is redone
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
+    victim = cache / "synth_t1" / "synth_t1_000_image.npy"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    pc2 = hd.preprocess(synth, cache_dir=cache, spacing=6.0, workers=1, progress=False,
+                        max_fg_samples=50)
+    stats = json.loads((cache / "collection.json").read_text())["stats"]
+    assert stats["done"] == 1 and stats["skipped"] == 7
+    for p, t in stamps.items():
+        if p != victim:
+            assert p.stat().st_mtime_ns == t, p
+    assert pc2.case("synth_t1/synth_t1_000").image.shape[0] == 1
+
+    # other parameters on the same cache are refused
+    with pytest.raises(PreprocessError, match="different parameters.*spacing"):
+        hd.preprocess(synth, cache_dir=cache, spacing=5.0, progress=False)
+    # no leftover temporary files
+    assert not list(cache.rglob(".*tmp*"))
+
+
+def test_cached_case_api(synth, tmp_path):
+    pc = hd.preprocess(synth, cache_dir=tmp_path / "c16", spacing=8.0, workers=1,
+                       progress=False, dtype="float16", image_order=1)
+    case = pc.case("synth_pet/synth_pet_000")
+    assert case.image.dtype == np.float16
+    info = pc.datasets["synth_pet"]
+    assert info.tasks == ("kidney", "bladder", "synth_pet/lesion")
+    assert [pc.tasks[i] for i in info.task_indices] == list(info.tasks)
+    assert pc.modalities[info.modality_index] == "PET"
+    t = case.task_targets()
+    assert t.shape == (3, *case.shape) and t.dtype == bool
+    np.testing.assert_array_equal(t[1], np.asarray(case.label) == 2)
+    # crop with padding outside the volume
+    img, lab = case.crop((-2, 0, 0), (4, 3, 2))
+    assert img.shape == (1, 4, 3, 2) and np.all(img[:, :2] == 0)
+    np.testing.assert_array_equal(lab[2:], case.label[:2, :3, :2])
+    np.testing.assert_array_equal(img[0, 2:], case.image[0, :2, :3, :2].astype(np.float32))
+    # pickles without the arrays (cheap to send to DataLoader workers)
+    _ = case.image
+    blob = pickle.dumps(case)
+    assert len(blob) < case.image.nbytes or case.image.nbytes < 4096
+    np.testing.assert_array_equal(pickle.loads(blob).label, case.label)
+    assert sum(pc.sampling_weights.values()) == pytest.approx(1.0)
+    assert pc.groups["synth_t1"]["tasks"] == ["liver", "spleen"]
+
+
+def test_preprocess_refuses_cache_inside_sources_and_reports_problems(synth, tmp_path):
+    with pytest.raises(PreprocessError, match="inside the source folder"):
+        hd.preprocess(synth, cache_dir=synth.parent / "synth_ct" / "cache", progress=False)
+    shutil.copytree(synth.parent, tmp_path / "s")
+    (tmp_path / "s" / "synth_t1" / "labelsTr" / "synth_t1_001.nii.gz").unlink()
+    with pytest.raises(hd.CollectionError, match="synth_t1"):
+        hd.preprocess(tmp_path / "s" / "collection.yaml", progress=False)
+    assert not (tmp_path / "s" / "hermes_cache").exists()
+
+
+def test_default_cache_next_to_yaml(synth, tmp_path):
+    shutil.copytree(synth.parent, tmp_path / "s")
+    pc = hd.preprocess(tmp_path / "s" / "collection.yaml", spacing=10.0, workers=1,
+                       progress=False)
+    assert pc.cache_dir == (tmp_path / "s" / "hermes_cache").resolve()

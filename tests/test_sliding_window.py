@@ -1,0 +1,354 @@
+"""hermes.inference.sliding_window_inference and PatchAggregator, with MONAI as the oracle."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference as monai_swi
+
+from hermes.inference import PatchAggregator, clear_workspace, sliding_window_inference
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class ConvPredictor:
+    """A fixed random convolution: its output near window borders depends on the window, so
+    overlapping windows disagree and the blending is really tested."""
+
+    def __init__(self, c_in: int, c_out: int, ndim: int = 3, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(c_out, c_in, *([3] * ndim), generator=g) * 0.3
+        self.bias = torch.randn(c_out, generator=g)
+        self.conv = F.conv3d if ndim == 3 else F.conv2d
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        w, b = self.weight.to(x.device), self.bias.to(x.device)
+        return self.conv(x, w, b, padding=1)
+
+
+def _inputs(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(ours, ref):
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+MONAI_CASES = [
+    # shape, roi, sw_batch_size, overlap, mode, padding_mode
+    ((1, 1, 24, 23, 21), (12, 12, 12), 1, 0.5, "gaussian", "constant"),
+    ((1, 2, 24, 23, 21), (12, 10, 8), 3, 0.25, "constant", "constant"),
+    ((2, 1, 19, 17, 23), (8, 8, 8), 4, 0.7, "gaussian", "constant"),
+    ((1, 1, 17, 15, 13), (9, 9, 9), 2, 0.0, "gaussian", "constant"),
+    ((1, 1, 18, 20, 22), (8, 16, 10), 5, (0.5, 0.3, 0.1), "gaussian", "constant"),
+    ((1, 1, 7, 20, 9), (12, 12, 12), 2, 0.5, "gaussian", "reflect"),  # smaller than the roi
+    ((1, 1, 10, 20, 5), (12, 12, 8), 1, 0.5, "constant", "replicate"),
+    ((2, 1, 6, 9, 20), (8, 12, 8), 3, 0.5, "gaussian", "circular"),
+    ((1, 1, 20, 20, 20), (20, 20, 20), 1, 0.5, "gaussian", "constant"),  # one window
+    ((1, 1, 20, 18, 16), (-1, 10, 0), 2, 0.5, "gaussian", "constant"),  # non-positive roi
+]
+
+
+@pytest.mark.parametrize("shape,roi,bs,overlap,mode,padding", MONAI_CASES)
+def test_float_output_equals_monai(shape, roi, bs, overlap, mode, padding):
+    x = _inputs(shape)
+    predictor = ConvPredictor(shape[1], 3)
+    kw = dict(overlap=overlap, mode=mode, padding_mode=padding)
+    if padding == "constant":
+        kw["cval"] = 0.7
+    ref = monai_swi(x, roi, bs, predictor, **kw)
+    ours = sliding_window_inference(x, roi, bs, predictor, **kw)
+    _close(ours, ref)
+    streamed = sliding_window_inference(x, roi, bs, predictor, streaming=True, **kw)
+    assert torch.equal(streamed, ours)
+
+
+@pytest.mark.parametrize("sigma_scale", [0.25, (0.1, 0.2, 0.3)])
+def test_sigma_scale_equals_monai(sigma_scale):
+    x = _inputs((1, 1, 20, 21, 22))
+    predictor = ConvPredictor(1, 2)
+    kw = dict(overlap=0.5, mode="gaussian", sigma_scale=sigma_scale)
+    ref = monai_swi(x, 12, 2, predictor, **kw)
+    _close(sliding_window_inference(x, 12, 2, predictor, **kw), ref)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_2d_inputs_equal_monai(streaming):
+    x = _inputs((2, 2, 37, 29))
+    predictor = ConvPredictor(2, 4, ndim=2)
+    kw = dict(overlap=0.5, mode="gaussian")
+    ref = monai_swi(x, (16, 12), 3, predictor, **kw)
+    _close(sliding_window_inference(x, (16, 12), 3, predictor, streaming=streaming, **kw), ref)
+    masks = sliding_window_inference(x, (16, 12), 3, predictor, output="masks", **kw)
+    assert masks.shape == ref.shape and torch.equal(masks, torch.sigmoid(ref.double()) >= 0.5)
+
+
+def test_default_arguments_equal_monai():
+    x = _inputs((1, 1, 20, 24, 28))
+    predictor = ConvPredictor(1, 2)
+    _close(sliding_window_inference(x, 10, 1, predictor), monai_swi(x, 10, 1, predictor))
+
+
+def _reference_outputs(ref: torch.Tensor, threshold: float):
+    prob64 = torch.sigmoid(ref.double())
+    best, arg = ref.max(dim=1, keepdim=True)
+    labels = torch.where(torch.sigmoid(best.double()) >= threshold, arg + 1, 0)
+    return prob64, labels
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("threshold", [0.5, 0.7])
+def test_reduced_outputs_equal_reference_from_float_result(streaming, threshold):
+    x = _inputs((2, 1, 22, 19, 17))
+    predictor = ConvPredictor(1, 5)
+    kw = dict(overlap=0.5, mode="gaussian", streaming=streaming)
+    ref = sliding_window_inference(x, (10, 12, 8), 2, predictor, overlap=0.5, mode="gaussian")
+    prob64, labels = _reference_outputs(ref, threshold)
+
+    probs = sliding_window_inference(x, (10, 12, 8), 2, predictor, output="probs", **kw)
+    assert probs.dtype == torch.float16 and probs.shape == ref.shape
+    torch.testing.assert_close(probs.float(), prob64.float(), rtol=0, atol=1e-3)
+    probs32 = sliding_window_inference(
+        x, (10, 12, 8), 2, predictor, output="probs", output_dtype=torch.float32, **kw
+    )
+    torch.testing.assert_close(probs32, torch.sigmoid(ref), rtol=1e-6, atol=1e-7)
+    logits16 = sliding_window_inference(
+        x, (10, 12, 8), 2, predictor, output_dtype=torch.float16, **kw
+    )
+    assert torch.equal(logits16, ref.half())
+
+    masks = sliding_window_inference(x, (10, 12, 8), 2, predictor, output="masks",
+                                     threshold=threshold, **kw)  # fmt: skip
+    assert masks.dtype == torch.bool and torch.equal(masks, prob64 >= threshold)
+    lab = sliding_window_inference(x, (10, 12, 8), 2, predictor, output="labels",
+                                   threshold=threshold, **kw)  # fmt: skip
+    assert lab.dtype == torch.uint8 and lab.shape == (2, 1, 22, 19, 17)
+    assert torch.equal(lab.long(), labels)
+    assert 0 < int((lab == 0).sum()) < lab.numel()  # the threshold matters in this case
+
+
+@pytest.mark.parametrize("output", ["logits", "probs", "masks", "labels"])
+def test_streaming_equals_non_streaming_exactly(output):
+    x = _inputs((1, 1, 41, 13, 15))
+    predictor = ConvPredictor(1, 3)
+    kw = dict(overlap=0.6, mode="gaussian", output=output, padding_mode="replicate")
+    a = sliding_window_inference(x, (9, 16, 15), 4, predictor, **kw)
+    b = sliding_window_inference(x, (9, 16, 15), 4, predictor, streaming=True, **kw)
+    assert torch.equal(a, b)
+
+
+def test_labels_uint16_with_many_tasks():
+    x = _inputs((1, 1, 6, 7, 8))
+    predictor = ConvPredictor(1, 300)
+    ref = sliding_window_inference(x, 4, 2, predictor, overlap=0.5)
+    lab = sliding_window_inference(x, 4, 2, predictor, overlap=0.5, output="labels")
+    assert lab.dtype == torch.uint16
+    assert torch.equal(lab.long(), _reference_outputs(ref, 0.5)[1])
+
+
+def test_predictor_output_structures():
+    x = _inputs((1, 1, 16, 16, 16))
+    conv = ConvPredictor(1, 2)
+    ref = monai_swi(x, 8, 2, conv, overlap=0.5)
+    for wrap in (
+        lambda t: (t, t * 2),
+        lambda t: [t],
+        lambda t: SimpleNamespace(seg_logits=t, other=None),
+        lambda t: {"seg_logits": t},
+    ):
+        ours = sliding_window_inference(x, 8, 2, lambda w, f=wrap: f(conv(w)), overlap=0.5)
+        _close(ours, ref)
+    with pytest.raises(TypeError, match="predictor must return"):
+        sliding_window_inference(x, 8, 2, lambda w: "nope")
+
+
+def test_predictor_args_and_with_coord():
+    x = _inputs((1, 1, 12, 12, 12))
+    seen = []
+
+    def predictor(w, coords, scale, *, shift):
+        seen.append(coords)
+        return w * scale + shift
+
+    positional = (0.5, "gaussian", 0.125, "constant", 0.0, None, None, False, None, None, None)
+    out = sliding_window_inference(x, 8, 3, predictor, *positional, -1, True, 2.0, shift=1.0)
+    _close(out, x * 2 + 1)
+    assert len(seen[0]) == 3 and seen[0][0][2] == slice(0, 8)
+
+
+def test_tta_mirroring_equals_averaged_monai():
+    x = _inputs((1, 1, 14, 15, 16))
+    conv = ConvPredictor(1, 2)
+    ref = 0
+    combos = [c for k in range(4) for c in itertools.combinations((2, 3, 4), k)]
+    for dims in combos:
+        flip = (lambda w, d=dims: torch.flip(conv(torch.flip(w, d)), d)) if dims else conv
+        ref = ref + monai_swi(x, 8, 2, flip, overlap=0.5, mode="gaussian")
+    ref = ref / len(combos)
+    ours = sliding_window_inference(x, 8, 2, conv, overlap=0.5, mode="gaussian", tta=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    plain = sliding_window_inference(x, 8, 2, conv, overlap=0.5, mode="gaussian")
+    assert not torch.allclose(ours, plain)
+    one_axis = sliding_window_inference(x, 8, 2, conv, overlap=0.5, tta=(1,), streaming=True)
+    flip_h = lambda w: torch.flip(conv(torch.flip(w, (3,))), (3,))  # noqa: E731
+    ref1 = (monai_swi(x, 8, 2, conv, overlap=0.5) + monai_swi(x, 8, 2, flip_h, overlap=0.5)) / 2
+    torch.testing.assert_close(one_axis, ref1, rtol=1e-5, atol=1e-5)
+
+
+def test_buffers_are_reused_and_clean_after_errors():
+    x = _inputs((1, 1, 16, 16, 16))
+    conv = ConvPredictor(1, 3)
+    ref = sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels", streaming=True)
+    calls = {"n": 0}
+
+    def failing(w):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return conv(w)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sliding_window_inference(x, 8, 2, failing, overlap=0.5, output="labels", streaming=True)
+    again = sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels", streaming=True)
+    assert torch.equal(again, ref)
+    clear_workspace()
+    fresh = sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels", streaming=True)
+    assert torch.equal(fresh, ref)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(overlap=1.0), ValueError, "overlap"),
+        (dict(overlap=-0.1), ValueError, "overlap"),
+        (dict(overlap=(0.5, 0.5)), ValueError, "overlap"),
+        (dict(roi_size=(8, 8)), ValueError, "roi_size"),
+        (dict(roi_size=(8.5, 8, 8)), ValueError, "roi_size"),
+        (dict(sw_batch_size=0), ValueError, "sw_batch_size"),
+        (dict(mode="triangle"), ValueError, "mode"),
+        (dict(padding_mode="wrap"), ValueError, "padding_mode"),
+        (dict(output="softmax"), ValueError, "output"),
+        (dict(output="masks", threshold=1.0), ValueError, "threshold"),
+        (dict(output="labels", output_dtype=torch.float16), ValueError, "output_dtype"),
+        (dict(tta=(3,)), ValueError, "tta"),
+        (dict(sigma_scale=0.0, mode="gaussian"), ValueError, "sigma_scale"),
+        (dict(process_fn=lambda *a: a), NotImplementedError, "process_fn"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    x = _inputs((1, 1, 10, 10, 10))
+    args = dict(inputs=x, roi_size=(8, 8, 8), sw_batch_size=1, predictor=ConvPredictor(1, 1))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        sliding_window_inference(**args)
+
+
+@pytest.mark.parametrize("shape", [(10, 10), (10, 10, 10), (1, 1, 1, 10, 10, 10)])
+def test_wrong_input_ranks_raise(shape):
+    with pytest.raises(ValueError, match="inputs must be"):
+        sliding_window_inference(torch.zeros(shape), 4, 1, ConvPredictor(1, 1))
+
+
+def test_reflect_padding_too_large_is_refused():
+    with pytest.raises(ValueError, match="reflect"):
+        sliding_window_inference(torch.zeros(1, 1, 3, 10, 10), 8, 1, ConvPredictor(1, 1),
+                                 padding_mode="reflect")  # fmt: skip
+
+
+def test_predictor_with_wrong_output_shape_is_refused():
+    x = _inputs((1, 1, 12, 12, 12))
+    with pytest.raises(ValueError, match="another resolution"):
+        sliding_window_inference(x, 8, 1, lambda w: w[:, :, ::2, ::2, ::2])
+    with pytest.raises(ValueError, match="b x C x roi"):
+        sliding_window_inference(x, 8, 1, lambda w: w[:, 0])
+
+
+# ---- PatchAggregator ------------------------------------------------------------------------
+
+
+def test_aggregator_custom_loop_equals_sliding_window():
+    x = _inputs((1, 1, 20, 18, 16))
+    conv = ConvPredictor(1, 3)
+    # same predictor batches (5 windows) as the custom loop below
+    ref = sliding_window_inference(x, (8, 8, 8), 5, conv, overlap=0.5, mode="gaussian")
+    from hermes.inference import window_starts
+
+    starts = window_starts((20, 18, 16), (8, 8, 8), (0.5, 0.5, 0.5))
+    for streaming in (False, True):
+        aggr = PatchAggregator((20, 18, 16), 3, 8, mode="gaussian", streaming=streaming)
+        for i in range(0, len(starts), 5):  # TorchIO-style locations: corners then ends
+            locs = torch.tensor([[*s, *(v + 8 for v in s)] for s in starts[i : i + 5]])
+            windows = torch.cat(
+                [x[:, :, z : z + 8, y : y + 8, w : w + 8] for z, y, w in starts[i : i + 5]]
+            )
+            aggr.add_batch(conv(windows), locs)
+        assert torch.equal(aggr.finalize(), ref[0])
+
+
+def test_aggregator_arbitrary_order_matches_float64_by_hand():
+    g = torch.Generator().manual_seed(3)
+    shape, roi = (9, 10, 11), (4, 5, 6)
+    starts = [(z, y, w) for z in (5, 0, 3) for y in (0, 5, 2) for w in (5, 0)]
+    patches = torch.randn(len(starts), 2, *roi, generator=g)
+    aggr = PatchAggregator(shape, 2, roi, mode="gaussian", sigma_scale=0.3)
+    aggr.add_batch(patches, starts)
+    out = aggr.finalize()
+    from hermes.ops.aggregate import weight_map, window_tables
+
+    w = weight_map(window_tables(roi, "gaussian", 0.3)).double()
+    num = torch.zeros(2, *shape, dtype=torch.float64)
+    den = torch.zeros(shape, dtype=torch.float64)
+    for (z, y, v), p in zip(starts, patches, strict=True):
+        num[:, z : z + 4, y : y + 5, v : v + 6] += p.double() * w
+        den[z : z + 4, y : y + 5, v : v + 6] += w
+    torch.testing.assert_close(out.double(), num / den, rtol=1e-5, atol=1e-6)
+    covered = den > 0
+    assert bool(torch.isnan(out[:, ~covered]).all()) and bool(covered.any())
+
+
+def test_aggregator_errors():
+    with pytest.raises(ValueError, match="fit in the volume"):
+        PatchAggregator((10, 10, 10), 2, (12, 8, 8))
+    with pytest.raises(ValueError, match="spatial_shape"):
+        PatchAggregator((10,), 2, 4)
+    aggr = PatchAggregator((10, 10, 10), 2, 4, streaming=True)
+    with pytest.raises(ValueError, match="patches must have shape"):
+        aggr.add_batch(torch.zeros(1, 3, 4, 4, 4), [[0, 0, 0]])
+    with pytest.raises(ValueError, match="inside the volume"):
+        aggr.add_batch(torch.zeros(1, 2, 4, 4, 4), [[0, 7, 0]])
+    with pytest.raises(ValueError, match="ends - starts"):
+        aggr.add_batch(torch.zeros(1, 2, 4, 4, 4), [[0, 0, 0, 4, 4, 5]])
+    aggr.add_batch(torch.zeros(1, 2, 4, 4, 4), [[4, 0, 0]])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        aggr.add_batch(torch.zeros(1, 2, 4, 4, 4), [[2, 0, 0]])
+    aggr.finalize()
+    with pytest.raises(RuntimeError, match="already"):
+        aggr.finalize()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("streaming", [False, True])
+def test_cuda_equals_monai_and_cpu(streaming):
+    x = _inputs((1, 1, 30, 27, 25))
+    conv = ConvPredictor(1, 4)
+    kw = dict(overlap=0.5, mode="gaussian")
+    ref = monai_swi(x, (12, 12, 12), 3, conv, **kw)
+    ours = sliding_window_inference(x.cuda(), (12, 12, 12), 3, conv, streaming=streaming, **kw)
+    assert ours.is_cuda
+    torch.testing.assert_close(ours.cpu(), ref, rtol=1e-5, atol=1e-5)
+    for output in ("masks", "labels"):
+        kw2 = dict(kw, output=output, streaming=streaming)
+        gpu = sliding_window_inference(x.cuda(), 12, 3, conv, **kw2)
+        cpu = sliding_window_inference(x, 12, 3, conv, **kw2)
+        mismatch = (gpu.cpu() != cpu).float().mean().item()
+        assert mismatch < 1e-4  # fused multiply-adds on the GPU may flip voxels at the threshold
+    again = sliding_window_inference(x.cuda(), (12, 12, 12), 3, conv, streaming=streaming, **kw)
+    assert torch.equal(ours, again)  # deterministic
