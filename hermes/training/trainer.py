@@ -1,0 +1,334 @@
+"""The universal training loop: partial labels, AMP, EMA, atomic resumable checkpoints, DDP.
+
+``train(TrainConfig(...))`` or ``hermes train collection.yaml``. Under ``torchrun`` the run is
+data-parallel (NCCL on GPUs, gloo on CPUs); rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+import hermes.models as hm
+from hermes.data.cache import PreprocessedCollection
+from hermes.models.checkpoint import atomic_write_bytes
+from hermes.training.ema import EMA
+from hermes.training.losses import modality_loss, partial_label_loss
+from hermes.training.optim import make_optimizer, warmup_cosine
+from hermes.training.sampling import PatchDataset, StepSampler, collate_partial
+
+STATE_FILE = "last.ckpt"
+LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (stored in its checkpoints).
+
+    ``steps`` optimiser steps of ``batch_size`` crops per process; ``lr`` None picks 3e-4 for
+    AdamW and 2e-3 for LAMB; ``warmup_steps`` None is 5 % of ``steps``; ``amp`` "auto" uses
+    bfloat16 autocast on CUDA and float32 on CPU.
+    """
+
+    cache_dir: str
+    out_dir: str
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    crop_size: tuple[int, int, int] = (96, 96, 96)
+    batch_size: int = 2
+    steps: int = 1000
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float = 1e-5
+    warmup_steps: int | None = None
+    grad_clip: float = 12.0
+    ema_decay: float = 0.99
+    amp: str = "auto"
+    fg_prob: float = 1 / 3
+    augment: bool = True
+    modality_loss_weight: float = 0.01
+    seed: int = 0
+    workers: int = 2
+    checkpoint_every: int = 100
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.crop_size = tuple(int(c) for c in self.crop_size)  # type: ignore[assignment]
+        if len(self.crop_size) != 3 or min(self.crop_size) < 16:
+            raise ValueError("crop_size needs three sizes >= 16")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be positive")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError("amp must be auto, bf16, fp16 or off")
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but torch sees no CUDA device")
+    return dev
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One training run; ``run()`` trains to ``cfg.steps`` (resuming if asked) and returns the
+    path of the exported EMA model."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.world, self.rank, local = _dist_info()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        self.device = _device(cfg, local)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.out = Path(cfg.out_dir)
+        self.collection = PreprocessedCollection(cfg.cache_dir)
+        torch.manual_seed(cfg.seed)
+        model = hm.build(
+            cfg.preset, tasks=self.collection.tasks, modalities=self.collection.modalities,
+            in_channels=int(self.collection.cases[0].image.shape[0]),
+            groups=self.collection.groups, **cfg.model_overrides,
+        )
+        self.model = model.to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        lr = cfg.lr if cfg.lr is not None else (2e-3 if cfg.optimizer == "lamb" else 3e-4)
+        self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), lr,
+                                        cfg.weight_decay)
+        warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
+        self.scheduler = warmup_cosine(self.optimizer, warm, cfg.steps)
+        amp = cfg.amp
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" else "off"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.step = 0
+        if resume:
+            self._load_state()
+        self.ddp = (
+            torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.world > 1 else None
+        )
+
+    # ---------------------------------------------------------------- state
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_FILE
+
+    def _save_state(self) -> None:
+        if self.rank != 0:
+            return
+        import io
+
+        state = {
+            "config": asdict(self.cfg),
+            "model_describe": self.model.describe(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.state_path, [buf.getvalue()])
+
+    def _load_state(self) -> None:
+        if not self.state_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {self.state_path}")
+        try:
+            state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        except Exception as exc:
+            raise RuntimeError(f"cannot read training checkpoint {self.state_path}: {exc}") from exc
+        if state["model_describe"] != self.model.describe():
+            raise RuntimeError(
+                f"{self.state_path} was written for another model or collection (vocabulary or "
+                "architecture differ): use a new --out directory"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    # ---------------------------------------------------------------- logging
+    def _open_log(self):
+        path = self.out / "log.csv"
+        rows = []
+        if self.step > 0 and path.exists():  # drop rows a killed run logged after its checkpoint
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+        f = open(path, "w", newline="")
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        return f, writer
+
+    def _tensorboard(self):
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # ---------------------------------------------------------------- loop
+    def _loader(self) -> DataLoader:
+        ds = PatchDataset(self.collection, self.cfg.crop_size, seed=self.cfg.seed,
+                          fg_prob=self.cfg.fg_prob, augment=self.cfg.augment)
+        sampler = StepSampler(self.step, self.cfg.steps, self.cfg.batch_size, self.world,
+                              self.rank)
+        null = self.model.config.null_tokens
+        return DataLoader(
+            ds, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.workers,
+            collate_fn=lambda s: collate_partial(s, null), pin_memory=self.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
+        )
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """One optimiser step on ``batch`` (from :func:`collate_partial`); returns the losses."""
+        dev = self.device
+        x = batch["image"].to(dev, non_blocking=True)
+        targets = batch["targets"].to(dev, non_blocking=True)
+        annotated = batch["annotated"].to(dev)
+        mod_idx = batch["modality_idx"].to(dev)
+        net = self.ddp if self.ddp is not None else self.model
+        self.model.train()
+        with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = net(x, task_idx=batch["task_idx"].to(dev), modality_idx=mod_idx)
+        t = targets.shape[1]
+        bce, dice = partial_label_loss(out.seg_logits[:, :t], targets, annotated)
+        mod = modality_loss(out.modality_logits, mod_idx)
+        loss = bce + dice + self.cfg.modality_loss_weight * mod
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        return {"loss": loss.item(), "bce": bce.item(), "dice": dice.item(),
+                "modality": mod.item()}
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        main = self.rank == 0
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+            log_file, log = self._open_log()
+            tb = self._tensorboard()
+        bar = None
+        if main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
+        try:
+            t_data = time.perf_counter()
+            for batch in self._loader():
+                data_s = time.perf_counter() - t_data
+                t0 = time.perf_counter()
+                losses = self.train_step(batch)
+                self.step += 1
+                row = {"step": self.step, **{k: f"{v:.6g}" for k, v in losses.items()},
+                       "lr": f"{self.scheduler.get_last_lr()[0]:.6g}",
+                       "seconds": f"{time.perf_counter() - t0:.4f}",
+                       "data_seconds": f"{data_s:.4f}"}
+                if main:
+                    log.writerow(row)
+                    log_file.flush()
+                    if tb is not None:
+                        for k, v in losses.items():
+                            tb.add_scalar(f"train/{k}", v, self.step)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{losses['loss']:.4f}")
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self._save_state()
+                t_data = time.perf_counter()
+            self._check_sync()
+            model_path = self.out / "model.hermes"
+            if main:
+                hm.save(self.ema.model, model_path,
+                        metadata={"trained_steps": self.step, "train_config": asdict(cfg),
+                                  "collection": self.collection.name, "weights": "ema"})
+            return model_path
+        finally:
+            if bar is not None:
+                bar.close()
+            if main:
+                log_file.close()
+                if tb is not None:
+                    tb.close()
+
+    def _check_sync(self) -> None:
+        """Under DDP, verify every rank ends with the same weights."""
+        if self.world == 1:
+            return
+        total = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum()
+        gathered = [torch.zeros_like(total) for _ in range(self.world)]
+        dist.all_gather(gathered, total)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"DDP ranks diverged: parameter sums {gathered}")
+        if self.rank == 0:
+            print(f"ddp: parameters in sync across {self.world} ranks")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) a universal model; returns the exported EMA model path."""
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

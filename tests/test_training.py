@@ -1,0 +1,203 @@
+"""Universal training: losses, optimiser, schedule, EMA, sampling, resume after a kill, DDP."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hermes.data as hd
+import hermes.models as hm
+from hermes.data.synthetic import generate_collection
+from hermes.training import Lamb, TrainConfig, partial_label_loss, train, warmup_cosine
+from hermes.training.ema import EMA
+from hermes.training.losses import modality_loss
+from hermes.training.sampling import PatchDataset, StepSampler, collate_partial
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    yaml_path = generate_collection(root / "src", seed=3, cases_per_dataset=3,
+                                    datasets=("synth_ct", "synth_t1", "synth_pet"), size=(36, 44))
+    hd.preprocess(hd.load_collection(yaml_path), root / "cache", workers=1, progress=False,
+                  image_order=1)
+    return root / "cache"
+
+
+def _small_cfg(cache, out, **kw) -> TrainConfig:
+    base = dict(cache_dir=str(cache), out_dir=str(out), crop_size=(32, 32, 32), batch_size=2,
+                steps=6, workers=0, checkpoint_every=2, progress=False, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------- losses
+def test_partial_label_loss_hand_computed():
+    logits = torch.tensor([[[0.0, 2.0], [1.0, -1.0]]]).view(1, 2, 2, 1, 1)
+    targets = torch.tensor([[[0.0, 1.0], [1.0, 1.0]]]).view(1, 2, 2, 1, 1)
+    annotated = torch.tensor([[True, False]])  # the second task is not annotated: ignored
+    bce, dice = partial_label_loss(logits, targets, annotated, smooth=0.0)
+    p = 1 / (1 + math.exp(-2.0))
+    exp_bce = (math.log(2) + -math.log(p)) / 2
+    exp_dice = 1 - 2 * p / (0.5 + p + 1)
+    assert bce.item() == pytest.approx(exp_bce, rel=1e-6)
+    assert dice.item() == pytest.approx(exp_dice, rel=1e-6)
+    # nothing annotated -> zero loss that still back-propagates
+    logits.requires_grad_(True)
+    bce, dice = partial_label_loss(logits, targets, torch.zeros(1, 2, dtype=torch.bool))
+    (bce + dice).backward()
+    assert bce.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_modality_loss_ignores_unknown():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
+    ref = torch.nn.functional.cross_entropy(logits[:1], torch.tensor([0]))
+    assert modality_loss(logits, torch.tensor([0, -1])).item() == pytest.approx(ref.item())
+    assert modality_loss(logits, torch.tensor([-1, -1])).item() == 0.0
+
+
+# ----------------------------------------------------------------------- optimiser and schedule
+def test_lamb_step_matches_formula():
+    w = torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+    w.grad = torch.tensor([0.5, 0.25])
+    opt = Lamb([w], lr=0.1, weight_decay=0.01, eps=1e-6)
+    opt.step()
+    g = torch.tensor([0.5, 0.25])
+    update = g / (g.abs() + 1e-6) + 0.01 * torch.tensor([3.0, -4.0])  # m_hat=g, v_hat=g^2
+    trust = 5.0 / update.norm()
+    expected = torch.tensor([3.0, -4.0]) - 0.1 * trust * update
+    torch.testing.assert_close(w.detach(), expected)
+
+
+def test_warmup_then_cosine():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=14, final_fraction=0.0)
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[9] == pytest.approx(0.5)  # half-way through the cosine
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_ema_update():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.9)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, 0.9 * before + 0.1 * model.weight)
+
+
+# ------------------------------------------------------------------------------------- sampling
+def test_samples_are_deterministic_and_partial(cache):
+    pc = hd.PreprocessedCollection(cache)
+    ds = PatchDataset(pc, (32, 32, 32), seed=5, fg_prob=1.0)
+    a, b = ds[17], ds[17]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["targets"], b["targets"])
+    info = pc.datasets[a["dataset"]]
+    assert a["task_idx"].tolist() == list(info.task_indices)
+    assert a["targets"].shape == (len(info.task_indices), 32, 32, 32)
+    batch = collate_partial([ds[i] for i in range(6)], null_tokens=1)
+    widths = [len(pc.datasets[d].task_indices) for d in batch["datasets"]]
+    assert batch["task_idx"].shape == (6, max(widths) + 1)
+    assert batch["annotated"].sum(1).tolist() == widths
+    assert (batch["task_idx"][:, -1] == -1).all()
+    # foreground oversampling: with fg_prob=1 every crop holds some foreground
+    assert all(ds[i]["targets"].any() for i in range(8))
+
+
+def test_step_sampler_partitions_ranks():
+    r0 = list(StepSampler(1, 3, batch=2, world=2, rank=0))
+    r1 = list(StepSampler(1, 3, batch=2, world=2, rank=1))
+    assert r0 == [4, 5, 8, 9] and r1 == [6, 7, 10, 11]
+
+
+# ------------------------------------------------------------------------------------- training
+def _log(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_runs_and_exports_model(cache, tmp_path):
+    path = train(_small_cfg(cache, tmp_path / "run", steps=3))
+    rows = _log(tmp_path / "run")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    model = hm.load(path)
+    pc = hd.PreprocessedCollection(cache)
+    assert model.vocab.tasks == pc.tasks and model.vocab.modalities == pc.modalities
+    assert set(model.vocab.groups) == set(pc.datasets)
+
+
+_RUNNER = textwrap.dedent("""
+    import sys
+    from hermes.training import TrainConfig, train
+    cache, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    train(TrainConfig(cache_dir=cache, out_dir=out, crop_size=(32, 32, 32), batch_size=2,
+                      steps=6, workers=0, checkpoint_every=2, progress=False,
+                      tensorboard=False), resume=resume)
+""")
+
+
+def test_resume_after_kill_continues_the_same_run(cache, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = tmp_path / "runner.py"
+    script.write_text(_RUNNER)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(cache), str(ref), "0"], env=env, check=True,
+                   cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, str(script), str(cache), str(killed), "0"], env=env,
+                            cwd=tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once step 3 is logged
+        if (killed / "log.csv").exists() and len(_log(killed)) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "model.hermes").exists()
+    subprocess.run([sys.executable, str(script), str(cache), str(killed), "1"], env=env,
+                   check=True, cwd=tmp_path)
+    a, b = _log(ref), _log(killed)
+    assert [r["step"] for r in b] == [str(i) for i in range(1, 7)]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"], f"step {ra['step']}: {ra['loss']} != {rb['loss']}"
+    wa = hm.load(ref / "model.hermes").state_dict()
+    wb = hm.load(killed / "model.hermes").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_small_cfg(cache, tmp_path / "none"), resume=True)
+
+
+def test_ddp_gloo_two_processes(cache, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(_RUNNER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(cache), str(tmp_path / "ddp"), "0"],
+        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ddp: parameters in sync across 2 ranks" in out.stdout
+    rows = _log(tmp_path / "ddp")
+    assert len(rows) == 6 and (tmp_path / "ddp" / "model.hermes").exists()
