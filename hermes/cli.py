@@ -46,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hermes", description="Universal 3D medical image segmentation with context priors."
     )
-    parser.add_argument("--quiet", action="store_true", help="print only errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="what this installation can run (extension, OpenMP, CUDA)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -54,13 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list a model's tasks and modalities")
     tasks.add_argument("model", nargs="?", help="checkpoint path, or 'official' (default)")
     tasks.set_defaults(handler=_cmd_tasks)
+
+    from hermes.data.commands import register as register_data
+    from hermes.training.commands import register as register_training
+
+    register_data(sub)
+    register_training(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler: Handler | None = getattr(args, "handler", None)
+    handler: Handler | None = getattr(args, "handler", None) or getattr(args, "func", None)
     if handler is None:
         parser.print_help()
         return 2

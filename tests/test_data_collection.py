@@ -230,3 +230,38 @@ def test_label_values_ok_with_union_map(tmp_path):
     c = Collection.from_dict({"datasets": [{"name": "d", "path": str(ds)}]})
     assert c.validate() == []
     assert c.dataset("d").tasks[0].values == (1, 2) and c.dataset("d").modality == "CT"
+
+
+def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):
+    ds = tmp_path / "d"
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[0] = 5  # unannotated
+    lab[1, 1, 1] = 1
+    save_image(ds / "labelsTr" / "a.nii.gz", lab, np.eye(4))
+    save_image(ds / "imagesTr" / "a_0000.nii.gz", lab.astype(np.float32), np.eye(4))
+    (ds / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T2"}, "labels": {"background": 0, "prostate": 1, "ignore": 5},
+        "file_ending": ".nii.gz", "numTraining": 1}))
+    c = Collection.from_dict({"datasets": [{"name": "d", "path": str(ds)}]})
+    assert c.validate() == []
+    assert c.tasks == ["d/prostate"] and c.dataset("d").ignore_values == (5,)
+    import hermes.data as hd
+
+    pc = hd.preprocess(c, cache_dir=tmp_path / "cache", spacing=1.0, workers=1,
+                       progress=False)
+    case = pc.cases[0]
+    assert pc.datasets["d"].ignore_values == (5,)
+    np.testing.assert_array_equal(case.ignore_mask(), np.asarray(case.label) == 5)
+    assert case.ignore_mask().sum() == 16
+
+
+def test_malformed_settings_are_reported(synth_copy):
+    def edit(c):
+        c["spacing"] = [1.5, -1]
+        c["splits"] = {"seed": "abc"}
+        c["normalization"] = {"CT": {"window": [0, 1]}}
+    _rewrite_yaml(synth_copy, edit)
+    msgs = [str(p) for p in load_collection(synth_copy).validate(deep=False)]
+    assert any("'spacing' must be" in m for m in msgs)
+    assert any("'splits' must be" in m for m in msgs)
+    assert any("normalization for CT: unknown key 'window'" in m for m in msgs)

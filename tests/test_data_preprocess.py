@@ -68,9 +68,12 @@ def test_linear_resampling_of_a_linear_field_is_exact():
         nidx = np.indices(out.shape[1:]).reshape(3, -1)
         nworld = new_aff[:3, :3] @ nidx + new_aff[:3, 3:4]
         expect = (a @ nworld + b).reshape(out.shape[1:])
-        inside = np.all((nworld - aff[:3, 3:4]) / np.diag(aff)[:3, None] <= np.array(shape)[:, None] - 1, 0)
-        inside &= np.all(nworld >= aff[:3, 3:4], 0)
-        inside = inside.reshape(out.shape[1:])
+        old_idx = (nworld - aff[:3, 3:4]) / np.diag(aff)[:3, None]
+        # cubic splines: boundary effects decay inwards; the thick-slice axis z is linear
+        margin = np.array([0, 0, 0] if order == 1 else [5, 5, 0])[:, None]
+        inside = np.all((old_idx >= margin) & (old_idx <= np.array(shape)[:, None] - 1 - margin),
+                        0).reshape(out.shape[1:])
+        assert inside.sum() > 500
         np.testing.assert_allclose(out[0][inside], expect[inside], atol=1e-3)
         np.testing.assert_allclose(hd.io.spacing_from_affine(new_aff), [1.5] * 3)
 
@@ -191,7 +194,7 @@ def test_preprocess_cache_geometry_and_resume(synth, tmp_path):
     stats = json.loads((cache / "collection.json").read_text())["stats"]
     assert stats["done"] == 1 and stats["skipped"] == 7
     for p, t in stamps.items():
-        if p != victim:
+        if not p.name.startswith("synth_t1_000"):
             assert p.stat().st_mtime_ns == t, p
     assert pc2.case("synth_t1/synth_t1_000").image.shape[0] == 1
 
@@ -216,7 +219,9 @@ def test_cached_case_api(synth, tmp_path):
     np.testing.assert_array_equal(t[1], np.asarray(case.label) == 2)
     # crop with padding outside the volume
     img, lab = case.crop((-2, 0, 0), (4, 3, 2))
-    assert img.shape == (1, 4, 3, 2) and np.all(img[:, :2] == 0)
+    pad = float(np.asarray(case.image, np.float32).min())  # default pad: the image minimum
+    assert img.shape == (1, 4, 3, 2) and np.all(img[:, :2] == pad)
+    assert np.all(case.crop((-2, 0, 0), (4, 3, 2), image_pad=0.0)[0][:, :2] == 0)
     np.testing.assert_array_equal(lab[2:], case.label[:2, :3, :2])
     np.testing.assert_array_equal(img[0, 2:], case.image[0, :2, :3, :2].astype(np.float32))
     # pickles without the arrays (cheap to send to DataLoader workers)
@@ -243,3 +248,64 @@ def test_default_cache_next_to_yaml(synth, tmp_path):
     pc = hd.preprocess(tmp_path / "s" / "collection.yaml", spacing=10.0, workers=1,
                        progress=False)
     assert pc.cache_dir == (tmp_path / "s" / "hermes_cache").resolve()
+
+
+def test_failed_case_is_reported_and_the_rest_resumes(synth, tmp_path):
+    shutil.copytree(synth.parent, tmp_path / "s")
+    bad = tmp_path / "s" / "synth_pet" / "imagesTr" / "synth_pet_001.nii.gz"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated gzip
+    y = tmp_path / "s" / "collection.yaml"
+    with pytest.raises(PreprocessError, match=r"1 case\(s\) failed[\s\S]*synth_pet_001"):
+        hd.preprocess(y, cache_dir=tmp_path / "c", spacing=10.0, workers=1, progress=False,
+                      validate=False)
+    assert not (tmp_path / "c" / "collection.json").exists()
+    assert len(list((tmp_path / "c").rglob("*_label.npy"))) == 7
+    bad.write_bytes(good)
+    hd.preprocess(y, cache_dir=tmp_path / "c", spacing=10.0, workers=1, progress=False)
+    stats = json.loads((tmp_path / "c" / "collection.json").read_text())["stats"]
+    assert stats == {**stats, "done": 1, "skipped": 7, "failed": 0}
+
+
+def _to_grid(arr, src_aff, dst_aff, dst_shape):
+    """Oracle: nearest-neighbour pull of ``arr`` onto another grid of the same world space."""
+    from scipy import ndimage
+
+    m = np.linalg.inv(src_aff) @ dst_aff
+    m = np.where(np.abs(m - np.round(m)) < 1e-6, np.round(m), m)
+    return ndimage.affine_transform(arr, m[:3, :3], m[:3, 3], output_shape=tuple(dst_shape),
+                                    order=0, mode="constant", cval=0)
+
+
+def test_recorded_geometry_maps_back_to_the_original_grid(synth, tmp_path):
+    from hermes.data.preprocess import PreprocessParams, prepare_arrays, prepare_image
+
+    coll = hd.load_collection(synth)
+    for case in coll.dataset("synth_t2").cases[:2] + coll.dataset("synth_ct").cases[:1]:
+        img, aff = load_image(case.images[0], dtype=np.float32)
+        lab, _ = load_image(case.label)
+        canon_sp = hd.io.spacing_from_affine(reorient(lab, aff)[1])
+        # identity resampling: the cached label is the original one, permuted/flipped/cropped
+        params = PreprocessParams(spacing=canon_sp, image_order=1)
+        _, clab, geom = prepare_arrays(img[None], aff, "T2", params, lab.astype(np.uint8))
+        back = _to_grid(clab, np.array(geom["affine"]), aff, lab.shape)
+        np.testing.assert_array_equal(back, lab)
+        assert geom["original"]["axcodes"] == list(nib.aff2axcodes(aff))
+    # prepare_image (inference) reproduces the cached image of a training case
+    pc = hd.preprocess(synth, cache_dir=tmp_path / "c", spacing=7.0, workers=1, progress=False,
+                       image_order=1)
+    cached = pc.case("synth_ct/synth_ct_000")
+    src = next(c for c in coll.cases() if c.key == cached.key)
+    img, geom = prepare_image(src.images, "CT", spacing=7.0, image_order=1)
+    np.testing.assert_allclose(img, cached.image, atol=1e-5)
+    np.testing.assert_allclose(geom["affine"], cached.affine)
+
+
+def test_non_finite_image_is_an_error_naming_the_file(tmp_path):
+    from hermes.data.preprocess import prepare_image
+
+    data = np.ones((4, 4, 4), np.float32)
+    data[1, 1, 1] = np.nan
+    hd.save_image(tmp_path / "nan.nii.gz", data, np.eye(4))
+    with pytest.raises(ValueError, match=r"nan.nii.gz: image has 1 non-finite"):
+        prepare_image(tmp_path / "nan.nii.gz", "T1")

@@ -24,7 +24,8 @@ class DatasetInfo:
 
     ``tasks``: global task names; ``task_values[i]``: the label values forming ``tasks[i]``;
     ``task_indices[i]``: index of ``tasks[i]`` in the collection's task vocabulary;
-    ``modality_index``: index of ``modality`` in the modality vocabulary.
+    ``modality_index``: index of ``modality`` in the modality vocabulary;
+    ``ignore_values``: label values of unannotated voxels (nnU-Net "ignore"), to mask out.
     """
 
     name: str
@@ -34,6 +35,7 @@ class DatasetInfo:
     task_values: tuple[tuple[int, ...], ...]
     task_indices: tuple[int, ...]
     weight: float
+    ignore_values: tuple[int, ...] = ()
 
 
 class CachedCase:
@@ -119,19 +121,42 @@ class CachedCase:
         """Binary targets ``(T, ...)`` bool, one per dataset task, from ``label`` (a crop of
         this case's label or the whole label by default)."""
         lab = np.asarray(self.label if label is None else label)
-        return np.stack([np.isin(lab, vals) for vals in self.info.task_values])
+        out = np.empty((len(self.info.task_values), *lab.shape), bool)
+        vmax = int(lab.max(initial=0))
+        for i, vals in enumerate(self.info.task_values):
+            if len(vals) == 1:
+                np.equal(lab, vals[0], out=out[i])
+            else:
+                lut = np.zeros(max(vmax, *vals) + 1, bool)
+                lut[list(vals)] = True
+                np.take(lut, lab, out=out[i])
+        return out
+
+    def ignore_mask(self, label: np.ndarray | None = None) -> np.ndarray:
+        """Boolean mask of unannotated voxels (the dataset's "ignore" values; all False when
+        it has none), for ``label`` or the whole label."""
+        lab = np.asarray(self.label if label is None else label)
+        if not self.info.ignore_values:
+            return np.zeros(lab.shape, bool)
+        return np.isin(lab, self.info.ignore_values)
 
     def crop(self, start: Sequence[int], size: Sequence[int],
-             image_pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+             image_pad: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Copy a ``size`` box starting at voxel ``start`` (may extend outside the volume;
-        the outside is filled with ``image_pad`` / label 0). Reads only that box from disk.
+        the outside is filled with ``image_pad``, default each channel's minimum, and label
+        0). Reads only that box from disk.
 
         Returns:
             ``(image (C, *size) float32, label (*size) same dtype as the cache)``.
         """
         img, lab = self.image, self.label
         size = [int(s) for s in size]
-        out_img = np.full((img.shape[0], *size), image_pad, np.float32)
+        out_img = np.empty((img.shape[0], *size), np.float32)
+        if image_pad is None:
+            pads = self.meta.get("image_min") or [0.0] * img.shape[0]
+            out_img[:] = np.asarray(pads, np.float32)[:, None, None, None]
+        else:
+            out_img[:] = image_pad
         out_lab = np.zeros(size, lab.dtype)
         src, dst = [], []
         for a in range(3):
@@ -185,6 +210,7 @@ class PreprocessedCollection:
                 task_values=tuple(tuple(t["values"]) for t in d["tasks"]),
                 task_indices=tuple(vocab[t["name"]] for t in d["tasks"]),
                 weight=self.sampling_weights[d["name"]],
+                ignore_values=tuple(d.get("ignore_values", ())),
             )
         self.cases: list[CachedCase] = []
         self._by_key: dict[str, CachedCase] = {}

@@ -15,6 +15,7 @@ Example ``collection.yaml``::
         path: raw/Dataset003_Liver   # MSD / nnU-Net raw folder, relative to this YAML
         modality: CT
         labels: {1: liver, 2: tumour}    # optional; default: dataset.json "labels"
+                                         # (a label named "ignore" marks unannotated voxels)
         shared: [liver]                  # or `true`: all of this dataset's labels are shared
         weight: 2.0                      # sampling weight (default 1)
         test_cases: [liver_007]          # optional predefined test cases
@@ -143,6 +144,7 @@ class DatasetSpec:
     cases: list[Case] = field(default_factory=list)
     channel_names: list[str] = field(default_factory=list)
     unlabelled_test_images: list[Path] = field(default_factory=list)
+    ignore_values: tuple[int, ...] = ()
 
     @property
     def task_names(self) -> list[str]:
@@ -152,7 +154,7 @@ class DatasetSpec:
     @property
     def label_values(self) -> set[int]:
         """Integer values allowed in this dataset's label files (including 0)."""
-        out = {0}
+        out = {0, *self.ignore_values}
         for t in self.tasks:
             out.update(t.values)
         return out
@@ -168,6 +170,7 @@ class DatasetSpec:
                 for t in self.tasks
             ],
             "channel_names": list(self.channel_names),
+            "ignore_values": list(self.ignore_values),
             "num_cases": len(self.cases),
         }
 
@@ -324,7 +327,12 @@ def _check_case(
                                    ds, cid, str(label_path)))
                 return out
             lab = lab.astype(np.int64)
-        values, counts = np.unique(lab, return_counts=True)
+        if lab.size and lab.min() >= 0 and lab.max() < 1 << 20:  # fast path
+            counts = np.bincount(lab.ravel())
+            values = np.flatnonzero(counts)
+            counts = counts[values]
+        else:
+            values, counts = np.unique(lab, return_counts=True)
         bad = [(int(v), int(c)) for v, c in zip(values, counts, strict=True)
                if int(v) not in allowed]
         if bad:
@@ -385,12 +393,30 @@ class Collection:
             except UnknownModalityError:
                 self.extra_modalities.append(m.strip())
         self.spacing = cfg.get("spacing")
-        self.normalization = dict(cfg.get("normalization") or {})
+        if self.spacing is not None:
+            try:
+                sp = np.asarray(self.spacing, np.float64)
+                if sp.size not in (1, 3) or not np.all(sp > 0):
+                    raise ValueError
+            except (TypeError, ValueError):
+                self._bad(f"'spacing' must be a positive number or 3 of them (mm), "
+                          f"got {self.spacing!r}")
+                self.spacing = None
+        norm = cfg.get("normalization") or {}
+        if not isinstance(norm, Mapping):
+            self._bad("'normalization' must map modality names to settings")
+            norm = {}
+        self.normalization = dict(norm)
         splits = cfg.get("splits") or {}
-        self.split_seed = int(splits.get("seed", 0))
-        self.val_fraction = float(splits.get("val_fraction", 0.2))
-        if not 0.0 <= self.val_fraction < 1.0:
-            self._bad(f"splits.val_fraction must be in [0, 1), got {self.val_fraction}")
+        self.split_seed, self.val_fraction = 0, 0.2
+        try:
+            self.split_seed = int(splits.get("seed", 0))
+            self.val_fraction = float(splits.get("val_fraction", 0.2))
+            if not 0.0 <= self.val_fraction < 1.0:
+                raise ValueError
+        except (AttributeError, TypeError, ValueError):
+            self._bad(f"'splits' must be {{seed: int, val_fraction: [0, 1)}}, got {splits!r}")
+            self.val_fraction = 0.2
         self.cache_dir = cfg.get("cache_dir")
 
         # shared structures: global name -> set of references ("name" or "dataset/name")
@@ -429,6 +455,13 @@ class Collection:
                 used_refs.discard(f"{ds.name}/{t.local_name}")
         for r in sorted(used_refs):
             self._bad(f"shared_tasks entry {r!r} matches no dataset label")
+        from hermes.data.normalize import normalization_for
+
+        for ds in self.datasets:
+            try:
+                normalization_for(ds.modality, self.normalization)
+            except (TypeError, ValueError) as exc:
+                self._bad(str(exc), ds.name)
 
     def _parse_dataset(self, i: int, dcfg: object) -> DatasetSpec | None:
         if not isinstance(dcfg, Mapping):
@@ -486,6 +519,7 @@ class Collection:
         # labels
         raw_labels = dcfg.get("labels", meta.get("labels"))
         tasks: list[Task] = []
+        ignore_values: tuple[int, ...] = ()
         if raw_labels is None:
             self._bad("no label map: give 'labels' in the YAML or in dataset.json", name)
         else:
@@ -494,6 +528,9 @@ class Collection:
             except LabelMapError as exc:
                 self._bad(f"label map: {exc}", name)
                 lmap = {}
+            # nnU-Net v2 "ignore" label: unannotated voxels, excluded from every loss
+            ignore_values = tuple(v for k in list(lmap) if k.lower() == "ignore"
+                                  for v in lmap.pop(k))
             shared_flag = dcfg.get("shared", [])
             if shared_flag is True:
                 shared_local = set(lmap)
@@ -539,7 +576,8 @@ class Collection:
                                               name, path=str(root)))
             for t in sorted(test_ids - {c.case_id for c in cases}):
                 self._bad(f"test_cases names unknown case {t!r}", name)
-        return DatasetSpec(name, root, modality, tasks, weight, cases, channel_names, unlabelled)
+        return DatasetSpec(name, root, modality, tasks, weight, cases, channel_names, unlabelled,
+                           ignore_values)
 
     @classmethod
     def from_dict(cls, config: Mapping, root: str | os.PathLike = ".") -> Collection:

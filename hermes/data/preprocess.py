@@ -36,7 +36,7 @@ from hermes.data.normalize import NormalizationSpec, normalization_for, normaliz
 from hermes.data.splits import load_or_create_splits
 
 __all__ = ["PreprocessError", "PreprocessParams", "preprocess", "preprocess_case",
-           "verify_case", "resolve_cache_dir"]
+           "prepare_arrays", "prepare_image", "verify_case", "resolve_cache_dir"]
 
 CACHE_FORMAT = 1
 
@@ -169,6 +169,9 @@ def _load_channels(case: Case) -> tuple[np.ndarray, np.ndarray]:
     affine = None
     for p in case.images:
         arr, aff = load_image(p, dtype=np.float32)
+        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if n_bad:
+            raise ValueError(f"{p}: image has {n_bad} non-finite (NaN/inf) voxels")
         if affine is None:
             affine = aff
         if arr.ndim == 3:
@@ -193,6 +196,91 @@ def _foreground_samples(label: np.ndarray, n: int, seed: int) -> tuple[dict, dic
     return samples, counts
 
 
+def prepare_arrays(
+    image: np.ndarray, affine: np.ndarray, modality: str, params: PreprocessParams,
+    label: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """The preprocessing pipeline on arrays: reorient to RAS, crop to the non-zero region
+    (of the image, and of the label when given), normalise, resample.
+
+    Args:
+        image: ``(C, X, Y, Z)`` float32 as read (any orientation).
+        affine: its voxel -> RAS mm affine.
+        label: optional ``(X, Y, Z)`` integer map on the same grid (resampled nearest).
+
+    Returns:
+        ``(image (C, X', Y', Z') params.dtype, label (X', Y', Z') or None, geometry)`` where
+        ``geometry`` records the original/canonical grids, the crop box, the final affine
+        (``"affine"``), shape, spacing and normalisation statistics, enough to map outputs
+        back to the original grid (e.g. ``hermes.inference.geometry.resample_to_grid(pred,
+        geometry["affine"], geometry["original"]["affine"], geometry["original"]["shape"])``).
+    """
+    orig = {
+        "affine": np.asarray(affine).tolist(),
+        "shape": list(image.shape[1:]),
+        "spacing": list(spacing_from_affine(affine)),
+        "axcodes": list(axcodes(affine)),
+        "channels": int(image.shape[0]),
+    }
+    image, canon_aff = reorient(image, affine, channel_first=True)
+    if label is not None:
+        label, _ = reorient(label, affine)
+    canon_shape = list(image.shape[1:])
+    mask = np.any(image != 0, axis=0)
+    if label is not None:
+        mask |= label > 0
+    if params.crop_nonzero:
+        bbox = nonzero_bbox(mask)
+    else:
+        bbox = tuple((0, int(s)) for s in image.shape[1:])
+    image, aff = crop(image, canon_aff, bbox, channel_first=True)
+    spec = params.spec_for(modality)
+    image, stats = normalize(image, spec)
+    image, new_aff = resample(image, aff, params.spacing, order=params.image_order)
+    if label is not None:
+        label, _ = crop(label, canon_aff, bbox)
+        label, _ = resample(label, aff, params.spacing, order=0, channel_first=False)
+    image = image.astype(params.dtype)
+    geom = {
+        "original": orig,
+        "canonical": {"affine": canon_aff.tolist(), "shape": canon_shape,
+                      "axcodes": list(CANONICAL_AXCODES)},
+        "crop_bbox": [list(b) for b in bbox],
+        "affine": new_aff.tolist(),
+        "shape": list(image.shape[1:]),
+        "spacing": list(spacing_from_affine(new_aff)),
+        "normalization": {"spec": spec.to_dict(), "channels": stats},
+        "resampling": {"image_order": params.image_order, "label_order": 0},
+        "image_min": [float(image[c].min()) for c in range(image.shape[0])],
+    }
+    return image, label, geom
+
+
+def prepare_image(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], modality: str,
+    spacing: float | Sequence[float] = 1.5, image_order: int = 3, dtype: str = "float32",
+    normalization: dict | None = None, crop_nonzero: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """Preprocess a new image for inference exactly as training cases were cached.
+
+    Args:
+        paths: one (possibly 4D) file or one file per channel.
+        modality: canonical modality name (selects the normalisation).
+        spacing, image_order, dtype, normalization, crop_nonzero: as the cache's parameters
+            (``PreprocessedCollection.params`` holds them).
+
+    Returns:
+        ``(image (C, X, Y, Z), geometry)``; see :func:`prepare_arrays`.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    fake = Case("inference", "image", tuple(Path(p) for p in paths), Path(paths[0]))
+    image, aff = _load_channels(fake)
+    params = PreprocessParams(spacing, image_order, dtype, 0, crop_nonzero, normalization)
+    image, _, geom = prepare_arrays(image, aff, modality, params)
+    return image, geom
+
+
 def preprocess_case(case: Case, modality: str, params: PreprocessParams,
                     cache_dir: Path) -> dict:
     """Preprocess one case into ``cache_dir`` and return its metadata (also written as JSON).
@@ -212,28 +300,7 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
     label = label.astype(np.uint16 if label.max() > 255 else np.uint8)
     if image.shape[1:] != label.shape:
         raise ValueError(f"{case.key}: image shape {image.shape[1:]} != label {label.shape}")
-    orig = {
-        "affine": img_aff.tolist(),
-        "shape": list(image.shape[1:]),
-        "spacing": list(spacing_from_affine(img_aff)),
-        "axcodes": list(axcodes(img_aff)),
-        "channels": int(image.shape[0]),
-    }
-    image, aff = reorient(image, img_aff, channel_first=True)
-    label, _ = reorient(label, img_aff)
-    canon_shape = list(image.shape[1:])
-    canon_aff = aff
-    if params.crop_nonzero:
-        bbox = nonzero_bbox(np.any(image != 0, axis=0) | (label > 0))
-    else:
-        bbox = tuple((0, int(s)) for s in image.shape[1:])
-    image, aff = crop(image, aff, bbox, channel_first=True)
-    label, _ = crop(label, canon_aff, bbox)
-    spec = params.spec_for(modality)
-    image, stats = normalize(image, spec)
-    image, new_aff = resample(image, aff, params.spacing, order=params.image_order)
-    label, _ = resample(label, aff, params.spacing, order=0, channel_first=False)
-    image = image.astype(params.dtype)
+    image, label, geom = prepare_arrays(image, img_aff, modality, params, label)
     seed = zlib.crc32(case.key.encode())
     fg, counts = _foreground_samples(label, params.max_fg_samples, seed)
 
@@ -251,15 +318,7 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
         "modality": modality,
         "params_hash": params.case_hash(modality),
         "sources": _source_fingerprint(case),
-        "original": orig,
-        "canonical": {"affine": canon_aff.tolist(), "shape": canon_shape,
-                      "axcodes": list(CANONICAL_AXCODES)},
-        "crop_bbox": [list(b) for b in bbox],
-        "affine": new_aff.tolist(),
-        "shape": list(label.shape),
-        "spacing": list(spacing_from_affine(new_aff)),
-        "normalization": {"spec": spec.to_dict(), "channels": stats},
-        "resampling": {"image_order": params.image_order, "label_order": 0},
+        **geom,
         "label_counts": counts,
         "foreground": fg,
         "files": files,

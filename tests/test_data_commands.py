@@ -1,0 +1,47 @@
+"""CLI subcommands registered by hermes.data.commands.register (wired in by hermes.cli)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from hermes.data.commands import register
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="hermes")
+    register(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_synthetic_validate_preprocess_round_trip(tmp_path, capsys):
+    p = _parser()
+    args = p.parse_args(["data", "synthetic", str(tmp_path / "s"), "--cases", "2",
+                         "--datasets", "synth_ct", "synth_t2"])
+    assert args.func(args) == 0
+    yaml_p = tmp_path / "s" / "collection.yaml"
+    args = p.parse_args(["data", "validate", str(yaml_p), "--no-progress"])
+    assert args.func(args) == 0
+    args = p.parse_args(["preprocess", str(yaml_p), "--cache-dir", str(tmp_path / "c"),
+                         "--spacing", "8", "--workers", "1", "--no-progress", "--order", "1"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "cached 4 cases" in out and "kidney" in out
+    # broken collection: exit code 1 and every problem on stderr
+    (tmp_path / "s" / "synth_t2" / "labelsTr" / "synth_t2_000.nrrd").unlink()
+    args = p.parse_args(["data", "validate", str(yaml_p), "--no-progress"])
+    assert args.func(args) == 1
+    assert "synth_t2_000" in capsys.readouterr().err
+
+
+def test_bad_synthetic_name_and_missing_subcommand(tmp_path, capsys):
+    p = _parser()
+    args = p.parse_args(["data", "synthetic", str(tmp_path), "--datasets", "synth_xray"])
+    assert args.func(args) == 2
+    assert "synth_xray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(["data"])
+    args = p.parse_args(["data", "starter", str(tmp_path / "st"), "--sources", "nope"])
+    assert args.func(args) == 1
+    assert "unknown source" in capsys.readouterr().err
