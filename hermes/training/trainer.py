@@ -299,9 +299,7 @@ class Trainer:
             self._check_sync()
             model_path = self.out / "model.hermes"
             if main:
-                hm.save(self.ema.model, model_path,
-                        metadata={"trained_steps": self.step, "train_config": asdict(cfg),
-                                  "collection": self.collection.name, "weights": "ema"})
+                hm.save(self.ema.model, model_path, metadata=self.export_metadata())
             return model_path
         finally:
             if bar is not None:
@@ -310,6 +308,19 @@ class Trainer:
                 log_file.close()
                 if tb is not None:
                     tb.close()
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What an exported model records about its training: steps, config, collection, and
+        the preprocessing (spacing, orientation, normalisation) inference must repeat."""
+        return {
+            "trained_steps": self.step,
+            "train_config": asdict(self.cfg),
+            "collection": self.collection.name,
+            "preprocess": self.collection.params,
+            "datasets": {name: {"modality": d.modality, "tasks": list(d.tasks)}
+                         for name, d in self.collection.datasets.items()},
+            "weights": "ema",
+        }
 
     def _check_sync(self) -> None:
         """Under DDP, verify every rank ends with the same weights."""
