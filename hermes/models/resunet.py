@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hermes.ops.conv3d import Conv3dSame
+
 NORM_EPS = 1e-4
 
 
@@ -20,7 +22,7 @@ class PreActConv(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.norm = nn.InstanceNorm3d(in_channels, eps=NORM_EPS)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv = Conv3dSame(in_channels, out_channels, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.relu(self.norm(x)))
@@ -52,7 +54,7 @@ class Stem(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv = Conv3dSame(in_channels, out_channels, 3)
         self.block = ResidualBlock(out_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:

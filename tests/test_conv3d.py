@@ -1,0 +1,39 @@
+"""The fast-weight-gradient 3-D convolution equals PyTorch's convolution, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hermes.ops.conv3d import Conv3dSame, conv3d_same
+
+
+def test_gradcheck_float64():
+    x = torch.randn(2, 3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(conv3d_same, (x, w))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_matches_torch_conv_float32(k):
+    x = torch.randn(2, 8, 12, 9, 10, requires_grad=True)
+    w = torch.randn(5, 8, k, k, k, requires_grad=True)
+    y = conv3d_same(x, w)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    ref = F.conv3d(x, w, padding=k // 2)
+    rgx, rgw = torch.autograd.grad(ref, (x, w), g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-3)
+
+
+def test_module_keeps_conv3d_parameters():
+    m = Conv3dSame(4, 6)
+    assert list(m.state_dict()) == ["weight"] and m.weight.shape == (6, 4, 3, 3, 3)
+    x = torch.randn(1, 4, 6, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.conv3d(x, m.weight, padding=1))
+    with pytest.raises(ValueError, match="odd"):
+        Conv3dSame(2, 2, 2)
