@@ -70,6 +70,23 @@ def test_add_native_matches_reference(mode):
     torch.testing.assert_close(wsum, wsum2, rtol=1e-6, atol=1e-6)
 
 
+def test_add_reads_strided_patches_in_place():
+    acc, wsum, patches, starts, tables = _random_case(roi=(5, 5, 4))
+    acc2, wsum2 = acc.clone(), wsum.clone()
+    # a transposed view (y and z swapped), as streaming along the second axis produces, and a
+    # view with a non-unit x stride
+    view = patches.transpose(2, 3)
+    assert not view.is_contiguous()
+    agg.add_patches(acc, wsum, view, starts, tables)
+    agg.add_patches(acc2, wsum2, view.contiguous(), starts, tables, use_native=False)
+    torch.testing.assert_close(acc, acc2, rtol=1e-6, atol=1e-6)
+    wide = torch.randn(6, 3, 5, 5, 8)[..., ::2]
+    agg.add_patches(acc, wsum, wide, starts, tables)
+    agg.add_patches(acc2, wsum2, wide.contiguous(), starts, tables, use_native=False)
+    torch.testing.assert_close(acc, acc2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wsum, wsum2, rtol=1e-6, atol=1e-6)
+
+
 def test_add_hand_computed_constant():
     # Two 1 x 1 x 3 windows overlapping on one column: sums and weights by hand.
     acc = torch.zeros(2, 1, 1, 5)

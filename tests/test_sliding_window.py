@@ -352,3 +352,57 @@ def test_cuda_equals_monai_and_cpu(streaming):
         assert mismatch < 1e-4  # fused multiply-adds on the GPU may flip voxels at the threshold
     again = sliding_window_inference(x.cuda(), (12, 12, 12), 3, conv, streaming=streaming, **kw)
     assert torch.equal(ours, again)  # deterministic
+
+
+@pytest.mark.parametrize("axis", [1, 2, "auto"])
+@pytest.mark.parametrize("output", ["logits", "labels"])
+def test_streaming_along_other_axes(axis, output):
+    x = _inputs((2, 1, 13, 30, 22))
+    conv = ConvPredictor(1, 3)
+    kw = dict(overlap=0.5, mode="gaussian", padding_mode="replicate")
+    roi = (16, 10, 8)  # depth padded 13 -> 16
+    ref = sliding_window_inference(x, roi, 3, conv, **kw)
+    ours = sliding_window_inference(x, roi, 3, conv, streaming=True, stream_axis=axis,
+                                    output=output, **kw)  # fmt: skip
+    if output == "logits":
+        _close(ours, ref)
+    else:
+        expected = _reference_outputs(ref, 0.5)[1]
+        assert ours.shape == expected.shape
+        # another summation order: a voxel within rounding of a tie or the threshold may flip
+        assert (ours.long() != expected).float().mean().item() < 1e-3
+
+
+def test_best_stream_axis():
+    from hermes.inference import best_stream_axis
+
+    assert best_stream_axis((96, 512, 512), (96, 96, 96)) == 1
+    assert best_stream_axis((300, 200, 200), (96, 96, 96)) == 0
+    assert best_stream_axis((100, 100, 400), (96, 96, 96)) == 2
+    with pytest.raises(ValueError, match="stream_axis"):
+        sliding_window_inference(_inputs((1, 1, 8, 8, 8)), 4, 1, ConvPredictor(1, 1),
+                                 streaming=True, stream_axis=3)  # fmt: skip
+
+
+def test_aggregator_streaming_along_last_axis_2d():
+    x = _inputs((1, 2, 21, 34))
+    conv = ConvPredictor(2, 3, ndim=2)
+    ref = sliding_window_inference(x, (8, 12), 1, conv, overlap=0.5, mode="gaussian")
+    from hermes.inference import window_starts
+
+    starts = sorted(window_starts((21, 34), (8, 12), (0.5, 0.5)), key=lambda s: s[1])
+    aggr = PatchAggregator((21, 34), 3, (8, 12), streaming=True, stream_axis=1)
+    for y, w in starts:
+        aggr.add_batch(conv(x[:, :, y : y + 8, w : w + 12]), [[y, w]])
+    _close(aggr.finalize(), ref[0])
+
+
+def test_reused_buffers_work_across_inference_mode():
+    x = _inputs((1, 1, 9, 16, 16))  # depth padded to the window: planes outside the crop
+    conv = ConvPredictor(1, 2)
+    kw = dict(overlap=0.5, output="labels", streaming=True)
+    clear_workspace()
+    with torch.inference_mode():
+        inside = sliding_window_inference(x, 12, 2, conv, **kw)
+    outside = sliding_window_inference(x, 12, 2, conv, **kw)
+    assert torch.equal(inside, outside)

@@ -1,7 +1,9 @@
 // Bindings of the sliding-window aggregation kernels. Tensors cross as raw addresses
 // (tensor.data_ptr()) with their sizes; hermes/ops/aggregate.py validates everything first.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 
@@ -17,6 +19,7 @@ namespace {
 
 using aggregate::AccGeometry;
 using aggregate::FinalizeArgs;
+using aggregate::PatchStrides;
 using aggregate::WindowWeights;
 
 template <typename T>
@@ -26,6 +29,13 @@ T* ptr(std::uintptr_t address) {
 
 AccGeometry make_geom(int64_t channels, int64_t ring, int64_t height, int64_t width) {
   return AccGeometry{channels, ring, height, width};
+}
+
+PatchStrides make_strides(const std::array<int64_t, 5>& s) {
+  for (int64_t v : s) {
+    if (v < 0) throw std::invalid_argument("aggregate add: negative patch strides");
+  }
+  return PatchStrides{s[0], s[1], s[2], s[3], s[4]};
 }
 
 WindowWeights make_weights(std::uintptr_t wz, std::uintptr_t wy, std::uintptr_t wx,
@@ -53,17 +63,20 @@ void register_aggregation(py::module_& m) {
   m.def(
       "aggregate_add_cpu",
       [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
-         int64_t width, std::uintptr_t patches, std::uintptr_t starts, int64_t count,
-         std::uintptr_t wz, std::uintptr_t wy, std::uintptr_t wx, int64_t roi_d, int64_t roi_h,
-         int64_t roi_w, float clamp_min, bool add_weight) {
+         int64_t width, std::uintptr_t patches, std::array<int64_t, 5> strides,
+         std::uintptr_t starts, int64_t count, std::uintptr_t wz, std::uintptr_t wy,
+         std::uintptr_t wx, int64_t roi_d, int64_t roi_h, int64_t roi_w, float clamp_min,
+         bool add_weight) {
         py::gil_scoped_release release;
         aggregate::add_patches_cpu(ptr<float>(acc), ptr<float>(wsum),
                                    make_geom(channels, ring, height, width),
-                                   ptr<const float>(patches), ptr<const int64_t>(starts), count,
+                                   ptr<const float>(patches), make_strides(strides),
+                                   ptr<const int64_t>(starts), count,
                                    make_weights(wz, wy, wx, roi_d, roi_h, roi_w, clamp_min),
                                    add_weight);
       },
-      "Weighted scatter-add of count x C x roi patches into a C x ring x H x W accumulator.");
+      "Weighted scatter-add of count x C x roi patches (element strides: batch, c, z, y, x) "
+      "into a C x ring x H x W accumulator.");
   m.def(
       "aggregate_finalize_cpu",
       [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
@@ -88,12 +101,14 @@ void register_aggregation(py::module_& m) {
   m.def(
       "aggregate_add_cuda",
       [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
-         int64_t width, std::uintptr_t patches, std::uintptr_t starts, int64_t count,
-         std::uintptr_t wz, std::uintptr_t wy, std::uintptr_t wx, int64_t roi_d, int64_t roi_h,
-         int64_t roi_w, float clamp_min, bool add_weight, std::uintptr_t stream) {
+         int64_t width, std::uintptr_t patches, std::array<int64_t, 5> strides,
+         std::uintptr_t starts, int64_t count, std::uintptr_t wz, std::uintptr_t wy,
+         std::uintptr_t wx, int64_t roi_d, int64_t roi_h, int64_t roi_w, float clamp_min,
+         bool add_weight, std::uintptr_t stream) {
         aggregate::add_patches_cuda(ptr<float>(acc), ptr<float>(wsum),
                                     make_geom(channels, ring, height, width),
-                                    ptr<const float>(patches), ptr<const int64_t>(starts), count,
+                                    ptr<const float>(patches), make_strides(strides),
+                                    ptr<const int64_t>(starts), count,
                                     make_weights(wz, wy, wx, roi_d, roi_h, roi_w, clamp_min),
                                     add_weight, stream);
       },

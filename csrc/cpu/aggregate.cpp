@@ -10,6 +10,14 @@
 #include <omp.h>
 #endif
 
+// Hot loops are compiled twice (AVX2 and baseline x86-64) and picked at load time. AVX2 without
+// FMA: the results are bit-identical to the baseline build (no contraction is possible).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HERMES_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define HERMES_MULTIVERSION
+#endif
+
 namespace hermes {
 namespace aggregate {
 
@@ -41,56 +49,72 @@ inline float logistic(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 }  // namespace
 
-void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
-                     const int64_t* starts, int64_t count, const WindowWeights& weights,
-                     bool add_weight) {
+namespace {
+
+// Adds plane z of one patch: weights of the plane into `wplane` (rh x rw scratch), then
+// wsum and every channel.
+HERMES_MULTIVERSION
+void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* patch,
+               const PatchStrides& st, const WindowWeights& weights, int64_t z, int64_t gz,
+               int64_t sy, int64_t sx, bool add_weight, float* wplane) {
   const int64_t C = geom.channels, L = geom.ring, H = geom.height, W = geom.width;
-  const int64_t rd = weights.roi_d, rh = weights.roi_h, rw = weights.roi_w;
+  const int64_t rh = weights.roi_h, rw = weights.roi_w;
   const int64_t plane = H * W;
-  const int64_t patch_plane = rh * rw;
-  const int64_t patch_volume = rd * patch_plane;
   const float clamp_min = weights.clamp_min;
+  const float fz = weights.wz[z];
+  for (int64_t y = 0; y < rh; ++y) {
+    const float fzy = fz * weights.wy[y];
+    float* __restrict__ wrow = wplane + y * rw;
+    const float* __restrict__ wx = weights.wx;
+    for (int64_t x = 0; x < rw; ++x) wrow[x] = std::max(fzy * wx[x], clamp_min);
+  }
+  if (add_weight) {
+    for (int64_t y = 0; y < rh; ++y) {
+      float* __restrict__ dst = wsum + gz * plane + (sy + y) * W + sx;
+      const float* __restrict__ wrow = wplane + y * rw;
+      for (int64_t x = 0; x < rw; ++x) dst[x] += wrow[x];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* src_plane = patch + c * st.c + z * st.z;
+    float* dst_plane = acc + (c * L + gz) * plane + sy * W + sx;
+    for (int64_t y = 0; y < rh; ++y) {
+      float* __restrict__ dst = dst_plane + y * W;
+      const float* __restrict__ src = src_plane + y * st.y;
+      const float* __restrict__ wrow = wplane + y * rw;
+      if (st.x == 1) {
+        for (int64_t x = 0; x < rw; ++x) dst[x] += src[x] * wrow[x];
+      } else {
+        const int64_t sxs = st.x;
+        for (int64_t x = 0; x < rw; ++x) dst[x] += src[x * sxs] * wrow[x];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
+                     const PatchStrides& strides, const int64_t* starts, int64_t count,
+                     const WindowWeights& weights, bool add_weight) {
+  const int64_t L = geom.ring;
+  const int64_t rd = weights.roi_d;
+  const int64_t patch_plane = weights.roi_h * weights.roi_w;
   // One patch after another (fixed order per voxel); the planes of a patch are independent.
   for (int64_t b = 0; b < count; ++b) {
     const int64_t sz = starts[3 * b], sy = starts[3 * b + 1], sx = starts[3 * b + 2];
-    const float* patch = patches + b * C * patch_volume;
+    const float* patch = patches + b * strides.batch;
 #ifdef HERMES_WITH_OPENMP
 #pragma omp parallel
 #endif
     {
       std::vector<float> wplane(static_cast<size_t>(patch_plane));
 #ifdef HERMES_WITH_OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
 #endif
       for (int64_t z = 0; z < rd; ++z) {
-        const int64_t gz = (sz + z) % L;
-        const float fz = weights.wz[z];
-        float* wp = wplane.data();
-        for (int64_t y = 0; y < rh; ++y) {
-          const float fzy = fz * weights.wy[y];
-          float* wrow = wp + y * rw;
-#pragma omp simd
-          for (int64_t x = 0; x < rw; ++x) wrow[x] = std::max(fzy * weights.wx[x], clamp_min);
-        }
-        if (add_weight) {
-          for (int64_t y = 0; y < rh; ++y) {
-            float* __restrict__ dst = wsum + gz * plane + (sy + y) * W + sx;
-            const float* __restrict__ wrow = wp + y * rw;
-#pragma omp simd
-            for (int64_t x = 0; x < rw; ++x) dst[x] += wrow[x];
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const float* src_plane = patch + (c * rd + z) * patch_plane;
-          float* dst_plane = acc + (c * L + gz) * plane + sy * W + sx;
-          for (int64_t y = 0; y < rh; ++y) {
-            float* __restrict__ dst = dst_plane + y * W;
-            const float* __restrict__ src = src_plane + y * rw;
-            const float* __restrict__ wrow = wp + y * rw;
-#pragma omp simd
-            for (int64_t x = 0; x < rw; ++x) dst[x] += src[x] * wrow[x];
-          }
-        }
+        add_plane(acc, wsum, geom, patch, strides, weights, z, (sz + z) % L, sy, sx, add_weight,
+                  wplane.data());
       }
     }
   }
@@ -99,8 +123,9 @@ void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const flo
 namespace {
 
 // Finalizes one row (global plane z, row y) of the crop into the output.
+HERMES_MULTIVERSION
 void finalize_row(const FinalizeArgs& a, int64_t z, int64_t y, float* scratch_value,
-                  int32_t* scratch_index) {
+                  float* scratch_index) {
   const int64_t C = a.geom.channels, L = a.geom.ring, H = a.geom.height, W = a.geom.width;
   const int64_t plane = H * W;
   const int64_t gz = z % L;
@@ -121,7 +146,6 @@ void finalize_row(const FinalizeArgs& a, int64_t z, int64_t y, float* scratch_va
         if (a.sigmoid) {
           for (int64_t x = 0; x < n; ++x) dst[x] = logistic(src[x] / wrow[x]);
         } else {
-#pragma omp simd
           for (int64_t x = 0; x < n; ++x) dst[x] = src[x] / wrow[x];
         }
       }
@@ -144,42 +168,39 @@ void finalize_row(const FinalizeArgs& a, int64_t z, int64_t y, float* scratch_va
       for (int64_t c = 0; c < C; ++c) {
         const float* __restrict__ src = acc_row(c);
         uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + c * out_volume + out_row;
-#pragma omp simd
         for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<uint8_t>(src[x] / wrow[x] >= t);
       }
       break;
     }
-    default: {  // labels
+    default: {  // labels; the running argmax is kept as a float so that the loop vectorizes
       float* __restrict__ best = scratch_value;
-      int32_t* __restrict__ arg = scratch_index;
+      float* __restrict__ arg = scratch_index;
       {
         const float* __restrict__ src = acc_row(0);
-#pragma omp simd
         for (int64_t x = 0; x < n; ++x) {
           best[x] = src[x] / wrow[x];
-          arg[x] = 0;
+          arg[x] = 0.0f;
         }
       }
       for (int64_t c = 1; c < C; ++c) {
         const float* __restrict__ src = acc_row(c);
-        const int32_t ci = static_cast<int32_t>(c);
-#pragma omp simd
+        const float cf = static_cast<float>(c);
         for (int64_t x = 0; x < n; ++x) {
           const float v = src[x] / wrow[x];
           const bool better = v > best[x];  // strict: ties keep the lowest channel
           best[x] = better ? v : best[x];
-          arg[x] = better ? ci : arg[x];
+          arg[x] = better ? cf : arg[x];
         }
       }
       const float t = a.threshold;
       if (a.kind == kOutLabelU8) {
         uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + out_row;
         for (int64_t x = 0; x < n; ++x)
-          dst[x] = static_cast<uint8_t>(best[x] >= t ? arg[x] + 1 : 0);
+          dst[x] = static_cast<uint8_t>(best[x] >= t ? static_cast<int32_t>(arg[x]) + 1 : 0);
       } else {
         uint16_t* __restrict__ dst = static_cast<uint16_t*>(a.out) + out_row;
         for (int64_t x = 0; x < n; ++x)
-          dst[x] = static_cast<uint16_t>(best[x] >= t ? arg[x] + 1 : 0);
+          dst[x] = static_cast<uint16_t>(best[x] >= t ? static_cast<int32_t>(arg[x]) + 1 : 0);
       }
       break;
     }
@@ -198,9 +219,9 @@ void finalize_cpu(const FinalizeArgs& a) {
 #endif
   {
     std::vector<float> best(static_cast<size_t>(n) + 1);
-    std::vector<int32_t> arg(static_cast<size_t>(n) + 1);
+    std::vector<float> arg(static_cast<size_t>(n) + 1);
 #ifdef HERMES_WITH_OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)
 #endif
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t z = a.z0 + r / H, y = r % H;

@@ -31,7 +31,10 @@ def acquire(numel: int, device: torch.device, reuse: bool = True) -> torch.Tenso
             if fitting:
                 best = min(fitting, key=lambda i: bucket[i].numel())
                 return bucket.pop(best)[:numel]
-    return torch.zeros(numel, dtype=torch.float32, device=device)
+    # a normal tensor even under torch.inference_mode(), so that a later call outside that mode
+    # may still update the cached buffer in place
+    with torch.inference_mode(False):
+        return torch.zeros(numel, dtype=torch.float32, device=device)
 
 
 def release(buffer: torch.Tensor, reuse: bool = True) -> None:

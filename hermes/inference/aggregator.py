@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from hermes.inference import _workspace
 from hermes.ops import aggregate as ops
 
-__all__ = ["OUTPUT_KINDS", "PatchAggregator"]
+__all__ = ["OUTPUT_KINDS", "PatchAggregator", "best_stream_axis"]
 
 #: User-facing output kinds of :class:`PatchAggregator` and ``sliding_window_inference``.
 OUTPUT_KINDS = ("logits", "probs", "masks", "labels")
@@ -24,6 +25,18 @@ def _spatial_tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[in
     if len(out) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
         raise ValueError(f"{name} must be an int or {ndim} ints, got {value!r}")
     return out
+
+
+def best_stream_axis(spatial_shape: Sequence[int], roi_size: Sequence[int]) -> int:
+    """The spatial axis whose streaming needs the fewest accumulator voxels (ties: the first).
+
+    Streaming along axis ``a`` keeps ``roi[a] * prod(shape[i] for i != a)`` voxels per channel.
+    """
+    shape, roi = tuple(spatial_shape), tuple(roi_size)
+    sizes = [
+        roi[a] * math.prod(s for i, s in enumerate(shape) if i != a) for a in range(len(shape))
+    ]
+    return int(min(range(len(shape)), key=lambda a: (sizes[a], a)))
 
 
 class PatchAggregator:
@@ -48,9 +61,14 @@ class PatchAggregator:
         threshold: probability threshold of masks and labels, in (0, 1); applied exactly, as
             ``logit >= log(t / (1 - t))``.
         output_dtype: float32 or float16 for logits/probs.
-        streaming: keep only a window-deep slab of accumulators; patches must then be added
-            with non-decreasing first corner coordinate ``z``, and planes that no later patch can
-            reach are finalised (and their memory reused) as soon as ``z`` advances.
+        streaming: keep only a window-deep slab of accumulators along ``stream_axis``: patches
+            must then be added with non-decreasing corner coordinate along that axis, and the
+            planes that no later patch can reach are finalised (and their memory reused) as soon
+            as that coordinate advances.
+        stream_axis: spatial axis of the streaming (0 = first). Accumulators then take
+            ``(C + 1) x roi[a] x (the other two sizes)`` floats: the longest axis relative to the
+            window saves the most. Axes other than 0 cost one transposing copy of every patch
+            (and of the output at the end); use ``best_stream_axis`` to pick one.
         device: where accumulators and the output live.
         crop: ``(lo, hi)`` per spatial axis: only that region is written to the output
             (sliding-window inference uses it to drop padding). Default: everything.
@@ -73,6 +91,7 @@ class PatchAggregator:
         threshold: float = 0.5,
         output_dtype: torch.dtype | None = None,
         streaming: bool = False,
+        stream_axis: int = 0,
         device: torch.device | str = "cpu",
         crop: Sequence[tuple[int, int]] | None = None,
         out: torch.Tensor | None = None,
@@ -100,6 +119,15 @@ class PatchAggregator:
         self.output = output
         self.streaming = bool(streaming)
         self.reuse_buffers = bool(reuse_buffers)
+        if not isinstance(stream_axis, int) or not 0 <= stream_axis < self.spatial_ndim:
+            raise ValueError(
+                f"stream_axis must be a spatial axis in [0, {self.spatial_ndim}), "
+                f"got {stream_axis!r}"
+            )
+        # Kernel coordinates: the streamed axis first (identity unless streaming along 1 or 2).
+        first = stream_axis + 3 - self.spatial_ndim if self.streaming else 0
+        self._perm = (first, *(i for i in range(3) if i != first))
+        self._inv = tuple(self._perm.index(i) for i in range(3))
         self._shape3 = shape if len(shape) == 3 else (1, *shape)
         self._roi3 = roi if len(roi) == 3 else (1, *roi)
         if crop is None:
@@ -112,10 +140,20 @@ class PatchAggregator:
                 raise ValueError(f"crop must be one (lo, hi) per axis inside {shape}, got {crop}")
             crop3 = crop if len(crop) == 3 else ((0, 1), *crop)
         self._crop3: tuple[tuple[int, int], ...] = tuple(crop3)
-        sig = sigma_scale
-        if self.spatial_ndim == 2 and not isinstance(sigma_scale, (int, float)):
-            sig = (1.0, *tuple(sigma_scale))
-        self._tables = ops.window_tables(self._roi3, mode, sig, device=self.device)
+        if isinstance(sigma_scale, (int, float)):
+            sig3 = (float(sigma_scale),) * 3
+        else:
+            sig3 = tuple(float(v) for v in sigma_scale)
+            if len(sig3) != self.spatial_ndim:
+                raise ValueError(f"sigma_scale must be one value or one per axis, got {sig3}")
+            sig3 = sig3 if len(sig3) == 3 else (1.0, *sig3)
+        perm = self._perm
+        self._kshape = tuple(self._shape3[i] for i in perm)
+        self._kroi = tuple(self._roi3[i] for i in perm)
+        self._kcrop = tuple(self._crop3[i] for i in perm)
+        self._tables = ops.window_tables(
+            self._kroi, mode, tuple(sig3[i] for i in perm), device=self.device
+        )
 
         # output kind -> kernel kind
         self._sigmoid = output == "probs"
@@ -141,13 +179,14 @@ class PatchAggregator:
         crop_shape = tuple(hi - lo for lo, hi in self._crop3)
         self.output_shape: tuple[int, ...] = (out_channels, *crop_shape)
 
-        D, H, W = self._shape3
+        D, H, W = self._kshape
         self._in_place = (
             self._kind == ops.OUTPUT_FLOAT32 and not self._sigmoid and not self.streaming
         )
-        ring = self._roi3[0] if self.streaming else D
+        ring = self._kroi[0] if self.streaming else D
         self._ring = ring
         self._buffer: torch.Tensor | None = None
+        self._user_out: torch.Tensor | None = None
         if self._in_place:
             if out is not None:
                 self._check_tensor(out, (channels, D, H, W), torch.float32, "out")
@@ -164,13 +203,15 @@ class PatchAggregator:
             self._buffer = _workspace.acquire(n, self.device, self.reuse_buffers)
             self._acc = self._buffer[: channels * ring * H * W].view(channels, ring, H, W)
             self._wsum = self._buffer[channels * ring * H * W :].view(ring, H, W)
+            kernel_shape = (self.output_shape[0], *(hi - lo for lo, hi in self._kcrop))
             if out is not None:
                 self._check_tensor(out, self.output_shape_3d, self.output_dtype, "out")
-                self._out = out.view(self.output_shape_3d)
-            else:
-                self._out = torch.empty(
-                    self.output_shape_3d, dtype=self.output_dtype, device=self.device
-                )
+                if self._perm == (0, 1, 2):
+                    self._out = out.view(self.output_shape_3d)
+                else:
+                    self._user_out = out.view(self.output_shape_3d)
+            if out is None or self._user_out is not None:
+                self._out = torch.empty(kernel_shape, dtype=self.output_dtype, device=self.device)
         self._done = 0  # planes [0, _done) are final (streaming)
         self._z = 0  # current (largest) patch corner z (streaming)
         self._finalized = False
@@ -185,7 +226,7 @@ class PatchAggregator:
     @property
     def accumulator_bytes(self) -> int:
         """Bytes of accumulator memory (accumulator plus weight sum) this aggregator uses."""
-        D, H, W = self._shape3
+        D, H, W = self._kshape
         acc = self.channels * (D if self._in_place else self._ring) * H * W
         return 4 * (acc + self._ring * H * W)
 
@@ -251,6 +292,9 @@ class PatchAggregator:
             raise ValueError(
                 f"patch locations must keep the window inside the volume {self._shape3[3 - nd:]}"
             )
+        if self._perm != (0, 1, 2):
+            loc = loc[:, list(self._perm)]
+            patches = patches.permute(0, 1, *(2 + i for i in self._perm))
         loc = loc.contiguous()
         if not self.streaming:
             ops.add_patches(self._acc, self._wsum, patches, loc, self._tables)
@@ -263,8 +307,8 @@ class PatchAggregator:
             z = zs[begin]
             if z < self._z:
                 raise ValueError(
-                    f"streaming aggregation needs non-decreasing patch z corners (got {z} after "
-                    f"{self._z}); use streaming=False for arbitrary order"
+                    "streaming aggregation needs non-decreasing patch corners along the stream "
+                    f"axis (got {z} after {self._z}); use streaming=False for arbitrary order"
                 )
             if z > self._z:
                 self._flush(z)
@@ -274,7 +318,7 @@ class PatchAggregator:
 
     def _flush(self, until: int) -> None:
         """Finalises planes [_done, until) into the output and resets their accumulators."""
-        (cz0, cz1), (cy0, cy1), (cx0, cx1) = self._crop3
+        (cz0, cz1), (cy0, cy1), (cx0, cx1) = self._kcrop
         ring = self._ring
         z = self._done
         while z < until:
@@ -300,7 +344,7 @@ class PatchAggregator:
         if self._finalized:
             raise RuntimeError("finalize() was already called")
         self._finalized = True
-        D = self._shape3[0]
+        D = self._kshape[0]
         if self._in_place:
             self._acc.div_(self._wsum)
             result = self._acc[(slice(None), *(slice(lo, hi) for lo, hi in self._crop3))]
@@ -308,6 +352,12 @@ class PatchAggregator:
         else:
             self._flush(D)
             result = self._out
+            if self._perm != (0, 1, 2):
+                back = result.permute(0, *(1 + i for i in self._inv))
+                if self._user_out is not None:
+                    result = self._user_out.copy_(back)
+                else:
+                    result = back.contiguous()
         assert self._buffer is not None
         _workspace.release(self._buffer, self.reuse_buffers)
         self._buffer = None

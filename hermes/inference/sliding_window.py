@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from hermes.inference.aggregator import OUTPUT_KINDS, PatchAggregator
+from hermes.inference.aggregator import OUTPUT_KINDS, PatchAggregator, best_stream_axis
 
 __all__ = ["sliding_window_inference", "window_starts", "extract_logits"]
 
@@ -61,9 +62,9 @@ def extract_logits(output: Any) -> torch.Tensor:
     Hermes model's output) or a mapping with key ``"seg_logits"``.
     """
     if isinstance(output, torch.Tensor):
-        return output
+        return output.as_tensor() if hasattr(output, "as_tensor") else output  # MetaTensor
     if hasattr(output, "seg_logits"):
-        return output.seg_logits
+        return extract_logits(output.seg_logits)
     if isinstance(output, Mapping):
         if "seg_logits" in output:
             return output["seg_logits"]
@@ -133,6 +134,7 @@ def sliding_window_inference(
     threshold: float = 0.5,
     output_dtype: torch.dtype | None = None,
     streaming: bool = False,
+    stream_axis: int | str = 0,
     tta: bool | Sequence[int] = False,
     reuse_buffers: bool = True,
     **kwargs: Any,
@@ -174,6 +176,11 @@ def sliding_window_inference(
             slab as soon as no later window touches it; accumulators then take
             ``(C + 1) x roi_d x H x W`` floats instead of ``C x D x H x W``. Results are
             identical to ``streaming=False``.
+        stream_axis: spatial axis to stream along (with ``streaming``): 0 (default; MONAI's
+            window order, bit-identical results), another axis, or ``"auto"`` (the axis that
+            needs the least accumulator memory, e.g. an in-plane axis of a 512 x 512 CT).
+            Along another axis than 0 windows are visited with that axis slowest, which changes
+            the summation order (results equal to float rounding) and the predictor batches.
         tta: mirroring test-time augmentation: True mirrors all spatial axes, a sequence of
             spatial axis indices (0 = first spatial axis) mirrors those; logits of all
             ``2^k`` mirrorings are averaged per window.
@@ -221,6 +228,14 @@ def sliding_window_inference(
     sigmas = _per_axis(sigma_scale, nd, "sigma_scale")
     if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in sigmas):
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
+    if stream_axis != "auto" and (
+        isinstance(stream_axis, bool)
+        or not isinstance(stream_axis, int)
+        or not 0 <= stream_axis < nd
+    ):
+        raise ValueError(
+            f"stream_axis must be 'auto' or a spatial axis in [0, {nd}), got {stream_axis!r}"
+        )
     if tta is True:
         tta_axes: tuple[int, ...] = tuple(range(nd))
     elif tta is False or tta is None:
@@ -235,9 +250,9 @@ def sliding_window_inference(
     raw_roi = _per_axis(roi_size, nd, "roi_size")
     roi: list[int] = []
     for r, s in zip(raw_roi, image_size_, strict=True):
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
+        if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Integral)):
             raise ValueError(f"roi_size must contain ints, got {roi_size!r}")
-        roi.append(s if r is None or r <= 0 else r)
+        roi.append(s if r is None or r <= 0 else int(r))
     device = torch.device(device) if device is not None else inputs.device
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
 
@@ -265,6 +280,11 @@ def sliding_window_inference(
 
     # ---- windows ------------------------------------------------------------------------
     starts = window_starts(image_size, roi, [float(o) for o in overlaps])
+    axis = 0
+    if streaming:
+        axis = best_stream_axis(image_size, roi) if stream_axis == "auto" else int(stream_axis)
+        if axis != 0:  # visit windows with the streamed axis slowest (stable: MONAI order within)
+            starts = sorted(starts, key=lambda s: s[axis])
     num_win = len(starts)
     total = num_win * N
     run = _mirror_predictor(predictor, [a + 2 for a in tta_axes]) if tta_axes else predictor
@@ -322,10 +342,10 @@ def sliding_window_inference(
             agg = aggregators.get(n)
             if agg is None:
                 agg = PatchAggregator(
-                    image_size, channels, tuple(roi), mode=mode_s,
-                    sigma_scale=sigmas if nd == 3 else tuple(sigmas), output=output,
-                    threshold=threshold, output_dtype=output_dtype, streaming=streaming,
-                    device=device, crop=crop, out=results[n], reuse_buffers=reuse_buffers,
+                    image_size, channels, tuple(roi), mode=mode_s, sigma_scale=tuple(sigmas),
+                    output=output, threshold=threshold, output_dtype=output_dtype,
+                    streaming=streaming, stream_axis=axis, device=device, crop=crop,
+                    out=results[n], reuse_buffers=reuse_buffers,
                 )  # fmt: skip
                 aggregators[n] = agg
             locs = torch.tensor([starts[i % num_win] for i in idx[j:k]], dtype=torch.int64)
@@ -334,6 +354,8 @@ def sliding_window_inference(
                 agg.finalize()
                 del aggregators[n]
             j = k
+        # drop this batch before the next predictor call: only one batch of predictions alive
+        del raw, logits, windows
     assert results is not None
     if output == "logits" and (output_dtype in (None, torch.float32)) and not streaming:
         # the accumulators were the results (full padded size): crop like MONAI (a view)

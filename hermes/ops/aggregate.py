@@ -206,6 +206,15 @@ def _stream(device: torch.device) -> int:
     return int(torch.cuda.current_stream(device).cuda_stream)
 
 
+def _call(fn, device: torch.device, *args) -> None:
+    """Calls a native kernel; CUDA kernels on ``device``'s current stream, with it current."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            fn(*args, _stream(device))
+    else:
+        fn(*args)
+
+
 def _starts_tensor(starts: torch.Tensor | Sequence[Sequence[int]], count: int) -> torch.Tensor:
     s = torch.as_tensor(starts, dtype=torch.int64, device="cpu")
     if s.shape != (count, 3):
@@ -234,8 +243,9 @@ def add_patches(
     Args:
         acc: float32 ``C x R x H x W`` accumulator (contiguous), updated in place.
         wsum: float32 ``R x H x W`` weight sum, updated in place when ``add_weight``.
-        patches: ``B x C x roi_d x roi_h x roi_w`` predictions (converted to contiguous float32
-            on ``acc``'s device when needed).
+        patches: ``B x C x roi_d x roi_h x roi_w`` predictions, any strides (converted to
+            float32 on ``acc``'s device when needed; a unit stride along the last axis is the
+            fast path).
         starts: ``B x 3`` global corners ``(z, y, x)`` of the patches, in voxels; the patch must
             fit in ``H`` and ``W`` and span at most ``R`` planes.
         tables: window weights (see ``window_tables``) of size ``roi``.
@@ -263,20 +273,21 @@ def add_patches(
         raise ValueError(f"a patch extends past the accumulator's H x W = {H} x {W}")
     if tables.tables.device != acc.device:
         tables = tables.to(acc.device)
-    p = patches.to(device=acc.device, dtype=torch.float32).contiguous()
+    # any strided float32 layout is read in place (e.g. a transposed view for streaming along
+    # another axis); other dtypes/devices are converted first
+    p = patches.detach().to(device=acc.device, dtype=torch.float32)
     fn = _native(acc.device, "aggregate_add") if use_native else None
     if fn is None:
         add_patches_reference(acc, wsum, p, s, tables, add_weight=add_weight)
         return
     wz, wy, wx = tables.split()
     args = [
-        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, p.data_ptr(), s.data_ptr(), B,
+        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, p.data_ptr(), list(p.stride()),
+        s.data_ptr(), B,
         wz.data_ptr(), wy.data_ptr(), wx.data_ptr(), rd, rh, rw, float(tables.clamp_min),
         bool(add_weight),
     ]  # fmt: skip
-    if acc.device.type == "cuda":
-        args.append(_stream(acc.device))
-    fn(*args)
+    _call(fn, acc.device, *args)
 
 
 def add_patches_reference(
@@ -379,9 +390,7 @@ def finalize(
         acc.data_ptr(), wsum.data_ptr(), C, R, H, W, z0, z1, y0, y1, x0, x1, int(out_z0),
         out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold), bool(zero_after),
     ]  # fmt: skip
-    if acc.device.type == "cuda":
-        args.append(_stream(acc.device))
-    fn(*args)
+    _call(fn, acc.device, *args)
 
 
 def finalize_reference(
@@ -428,8 +437,5 @@ def zero_(buffer: torch.Tensor) -> torch.Tensor:
     fn = _native(buffer.device, "aggregate_zero")
     if fn is None or buffer.numel() == 0:
         return buffer.zero_()
-    if buffer.device.type == "cuda":
-        fn(buffer.data_ptr(), buffer.numel(), _stream(buffer.device))
-    else:
-        fn(buffer.data_ptr(), buffer.numel())
+    _call(fn, buffer.device, buffer.data_ptr(), buffer.numel())
     return buffer

@@ -32,6 +32,16 @@ struct WindowWeights {
   float clamp_min;
 };
 
+// Element strides of the patches (count x C x roi_d x roi_h x roi_w); any non-negative layout, a
+// unit x stride is the fast path (a transposed view then needs no copy).
+struct PatchStrides {
+  int64_t batch;
+  int64_t c;
+  int64_t z;
+  int64_t y;
+  int64_t x;
+};
+
 // What finalize() writes for every voxel (c, z, y, x) of the crop, with v = acc / wsum:
 enum OutputKind : int {
   kOutFloat32 = 0,  // float32 v, or sigmoid(v) when `sigmoid`
@@ -57,13 +67,13 @@ struct FinalizeArgs {
   bool zero_after;    // reset acc and wsum of planes [z0, z1) (whole planes) after reading
 };
 
-// Adds `count` patches (count x C x roi_d x roi_h x roi_w, contiguous) weighted by `weights` into
-// `acc`, patch b at global corner starts[3*b .. 3*b+2] (z, y, x), in order b = 0, 1, ... so that
-// every voxel sums its contributions in a fixed order (deterministic). When `add_weight`, the
-// weight is also added to `wsum`.
+// Adds `count` patches (count x C x roi_d x roi_h x roi_w, element layout `strides`) weighted by
+// `weights` into `acc`, patch b at global corner starts[3*b .. 3*b+2] (z, y, x), in order
+// b = 0, 1, ... so that every voxel sums its contributions in a fixed order (deterministic).
+// When `add_weight`, the weight is also added to `wsum`.
 void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
-                     const int64_t* starts, int64_t count, const WindowWeights& weights,
-                     bool add_weight);
+                     const PatchStrides& strides, const int64_t* starts, int64_t count,
+                     const WindowWeights& weights, bool add_weight);
 
 void finalize_cpu(const FinalizeArgs& args);
 
@@ -76,8 +86,8 @@ void zero_cpu(float* data, int64_t count);
 // (a cudaStream_t passed as an integer); patches are added one launch after another on that
 // stream, so results are deterministic. Errors raise std::runtime_error.
 void add_patches_cuda(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
-                      const int64_t* starts, int64_t count, const WindowWeights& weights,
-                      bool add_weight, std::uintptr_t stream);
+                      const PatchStrides& strides, const int64_t* starts, int64_t count,
+                      const WindowWeights& weights, bool add_weight, std::uintptr_t stream);
 void finalize_cuda(const FinalizeArgs& args, std::uintptr_t stream);
 void zero_cuda(float* data, int64_t count, std::uintptr_t stream);
 #endif
