@@ -6,4 +6,13 @@ that segments any structure it has learned when told the image's modality (or de
 
 from hermes._version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "segment"]
+
+
+def __getattr__(name: str):
+    # lazy: ``import hermes`` stays light (no torch import until segment is used)
+    if name == "segment":
+        from hermes.inference.segment import segment
+
+        return segment
+    raise AttributeError(f"module 'hermes' has no attribute {name!r}")

@@ -55,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.set_defaults(handler=_cmd_tasks)
 
     from hermes.data.commands import register as register_data
+    from hermes.inference.commands import register as register_inference
     from hermes.training.commands import register as register_training
+    from hermes.training.finetune_commands import register as register_finetune
 
     register_data(sub)
     register_training(sub)
+    register_finetune(sub)
+    register_inference(sub)
     return parser
 
 

@@ -1,0 +1,143 @@
+"""Reading a DICOM series folder as a volume with a RAS affine (needs ``pydicom``).
+
+DICOM places every slice in the patient coordinate system LPS (+x Left, +y Posterior,
++z Superior) with ``ImagePositionPatient`` (the centre of the first transmitted pixel, mm),
+``ImageOrientationPatient`` (direction cosines of a row and of a column) and ``PixelSpacing``
+(spacing between rows, then between columns, mm). :func:`load_dicom_series` sorts the slices
+along the normal of the slice plane, stacks them as ``(column, row, slice)`` (so the array's
+first axis runs along a row, as in NIfTI), applies ``RescaleSlope``/``RescaleIntercept`` and
+returns the voxel -> RAS+ mm affine (LPS negated in x and y), the convention of
+:mod:`hermes.data.io`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from hermes.data.io import ImageReadError
+
+__all__ = ["DicomError", "is_dicom_file", "load_dicom_series"]
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class DicomError(ImageReadError):
+    """A DICOM series cannot be read as one 3-D volume; the message names the folder."""
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` starts like a DICOM Part-10 file (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise DicomError("reading DICOM needs pydicom: pip install pydicom") from exc
+    return pydicom
+
+
+def load_dicom_series(
+    folder: str | os.PathLike, series_uid: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read one DICOM series from ``folder`` (files directly inside it).
+
+    Args:
+        folder: a folder holding the slices of one series (other files are ignored).
+        series_uid: which ``SeriesInstanceUID`` to read when the folder holds several.
+
+    Returns:
+        ``(array (X, Y, Z) float32, affine 4x4 float64)``: X along a row (columns), Y along a
+        column (rows), Z across slices in increasing position along the slice normal;
+        ``affine`` maps voxel indices to RAS+ mm. Values have the rescale slope/intercept
+        applied (e.g. Hounsfield units for CT).
+
+    Raises:
+        DicomError: no readable slice, several series without ``series_uid``, mixed
+            orientations or sizes, a single slice (2-D), or non-uniform slice spacing.
+    """
+    pydicom = _pydicom()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DicomError(f"{folder}: not a folder (expected a DICOM series folder)")
+    series: dict[str, list] = defaultdict(list)
+    for p in sorted(folder.iterdir()):
+        if not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(str(p), force=not p.name.startswith("."))
+        except Exception:  # not a DICOM file: skip it
+            continue
+        if not all(hasattr(ds, k) for k in ("ImagePositionPatient", "ImageOrientationPatient",
+                                             "PixelSpacing")) or "PixelData" not in ds:
+            continue
+        series[str(getattr(ds, "SeriesInstanceUID", ""))].append(ds)
+    if not series:
+        raise DicomError(f"{folder}: no DICOM image slice with position and orientation found")
+    if series_uid is not None:
+        if series_uid not in series:
+            raise DicomError(f"{folder}: no series {series_uid!r}; found {sorted(series)}")
+        slices = series[series_uid]
+    elif len(series) > 1:
+        desc = ", ".join(f"{uid} ({len(s)} slices)" for uid, s in series.items())
+        raise DicomError(f"{folder}: holds {len(series)} series ({desc}); pass series_uid=")
+    else:
+        slices = next(iter(series.values()))
+    if len(slices) < 2:
+        raise DicomError(f"{folder}: the series has a single slice; a 3-D volume is needed")
+
+    iop = np.asarray([float(v) for v in slices[0].ImageOrientationPatient], np.float64)
+    for ds in slices[1:]:
+        other = np.asarray([float(v) for v in ds.ImageOrientationPatient], np.float64)
+        if not np.allclose(other, iop, atol=1e-4):
+            raise DicomError(f"{folder}: slices have different ImageOrientationPatient")
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in slices])
+    order = np.argsort(positions @ normal, kind="stable")
+    slices = [slices[i] for i in order]
+    positions = positions[order]
+    dist = positions @ normal
+    gaps = np.diff(dist)
+    if np.any(np.abs(gaps) < 1e-6):
+        raise DicomError(f"{folder}: two slices share one position (duplicate or multi-frame "
+                         "series; split it first)")
+    mean_gap = float(gaps.mean())
+    if np.max(np.abs(gaps - mean_gap)) > max(0.01 * abs(mean_gap), 1e-3):
+        raise DicomError(
+            f"{folder}: non-uniform slice spacing ({gaps.min():.4g} to {gaps.max():.4g} mm; "
+            "missing slices?); resample the series first"
+        )
+    rows, cols = int(slices[0].Rows), int(slices[0].Columns)
+    dr, dc = (float(v) for v in slices[0].PixelSpacing)  # between rows, between columns
+    vol = np.empty((cols, rows, len(slices)), np.float32)
+    for k, ds in enumerate(slices):
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise DicomError(f"{folder}: slices have different sizes")
+        try:
+            pix = ds.pixel_array
+        except Exception as exc:
+            raise DicomError(f"{folder}: cannot decode pixel data ({type(exc).__name__}: "
+                             f"{exc})") from exc
+        if pix.ndim != 2:
+            raise DicomError(f"{folder}: expected single-frame greyscale slices, got pixel "
+                             f"array of shape {pix.shape}")
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        vol[:, :, k] = pix.T.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc
+    lps[:3, 1] = col_dir * dr
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(slices) - 1)
+    lps[:3, 3] = positions[0]
+    return vol, _LPS_TO_RAS @ lps

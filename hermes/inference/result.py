@@ -1,0 +1,194 @@
+"""The result of :func:`hermes.segment`: label map, per-task masks, statistics, and saving."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from hermes.models.checkpoint import atomic_write_bytes
+
+__all__ = ["SegmentationResult", "nifti_bytes", "safe_filename"]
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True) -> bytes:
+    """A NIfTI-1 file (gzip-compressed for ``.nii.gz``) holding ``array`` with ``affine``
+    as both qform and sform (code 1, scanner)."""
+    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    data = img.to_bytes()
+    return gzip.compress(data, compresslevel=4, mtime=0) if compress else data
+
+
+def safe_filename(name: str) -> str:
+    """A file-name-safe version of a task name (``'bcv/liver' -> 'bcv_liver'``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "structure"
+
+
+class SegmentationResult:
+    """Segmentation of one image, on the image's ORIGINAL voxel grid (shape and affine).
+
+    Attributes:
+        labels: ``(X, Y, Z)`` uint8/uint16 label map: 0 background, ``i + 1`` task
+            ``task_names[i]`` (where several masks overlap, the most probable task).
+        masks: ``(T, X, Y, Z)`` bool, one (possibly overlapping) mask per task.
+        probabilities: ``(T, X, Y, Z)`` float16 sigmoid probabilities, or None.
+        image: ``(X, Y, Z)`` float32 input intensities (first channel), or None.
+        task_names: the tasks, in label order.
+        affine: 4x4 voxel -> RAS mm of the original image.
+        modality: the modality used; ``detection`` holds ``{"modality", "confidence",
+            "scores"}`` when it was detected automatically, else None.
+        settings, timings: how it was computed, seconds per step.
+    """
+
+    def __init__(
+        self, label_map: np.ndarray, masks: np.ndarray, task_names: list[str],
+        affine: np.ndarray, image: np.ndarray | None = None,
+        probabilities: np.ndarray | None = None, modality: str = "",
+        detection: dict | None = None, source: str = "", model_source: str | None = None,
+        settings: dict | None = None, timings: dict | None = None,
+    ):
+        self.labels = label_map
+        self.masks = masks
+        self.task_names = list(task_names)
+        self.affine = np.asarray(affine, np.float64)
+        self.probabilities = probabilities
+        self.modality = modality
+        self.detection = detection
+        self.source = source
+        self.model_source = model_source
+        self.settings = dict(settings or {})
+        self.timings = dict(timings or {})
+        self.image = image  # (X, Y, Z) input intensities (channel 0), for statistics/preview
+        self._stats = self._statistics(image)
+
+    # ---------------------------------------------------------------------------- access
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.labels.shape)  # type: ignore[return-value]
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """``{label value: task name}`` (0 = background is not listed)."""
+        return {i + 1: n for i, n in enumerate(self.task_names)}
+
+    @property
+    def label_image(self) -> nib.Nifti1Image:
+        """The label map as a nibabel image with the original affine."""
+        img = nib.Nifti1Image(self.labels, self.affine)
+        img.set_qform(self.affine, code=1)
+        img.set_sform(self.affine, code=1)
+        return img
+
+    def mask(self, task: str) -> np.ndarray:
+        """``(X, Y, Z)`` bool mask of ``task``."""
+        if task not in self.task_names:
+            raise KeyError(f"task {task!r} was not segmented; segmented: {self.task_names}")
+        return self.masks[self.task_names.index(task)]
+
+    def mask_image(self, task: str) -> nib.Nifti1Image:
+        """The mask of ``task`` as a uint8 nibabel image with the original affine."""
+        img = nib.Nifti1Image(self.mask(task).astype(np.uint8), self.affine)
+        img.set_qform(self.affine, code=1)
+        img.set_sform(self.affine, code=1)
+        return img
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def _statistics(self, image: np.ndarray | None) -> list[dict[str, Any]]:
+        out = []
+        for i, name in enumerate(self.task_names):
+            m = self.masks[i]
+            n = int(np.count_nonzero(m))
+            mean = float(image[m].mean(dtype=np.float64)) if image is not None and n else None
+            out.append({"label": i + 1, "task": name, "voxels": n,
+                        "volume_ml": n * self.voxel_volume_ml, "mean_intensity": mean})
+        return out
+
+    @property
+    def statistics(self) -> list[dict[str, Any]]:
+        """Per task: ``label``, ``task``, ``voxels``, ``volume_ml`` (of the mask, mL) and
+        ``mean_intensity`` (mean of the input image inside the mask; None when empty)."""
+        return [dict(s) for s in self._stats]
+
+    @property
+    def volumes_ml(self) -> dict[str, float]:
+        return {s["task"]: s["volume_ml"] for s in self._stats}
+
+    def __repr__(self) -> str:
+        mod = self.modality + (f" (detected, {self.detection['confidence']:.2f})"
+                               if self.detection else "")
+        return (f"SegmentationResult(shape={self.shape}, modality={mod}, "
+                f"tasks={self.task_names})")
+
+    # ---------------------------------------------------------------------------- saving
+    def save(
+        self, directory: str | os.PathLike, per_structure: bool = False,
+        probabilities: bool = False, preview: bool = True, prefix: str = "",
+    ) -> dict[str, Path]:
+        """Write the outputs into ``directory`` (created; each file written atomically).
+
+        Files: ``{prefix}labels.nii.gz`` (multi-label map, original geometry),
+        ``{prefix}labels.json`` (label value -> name, modality, settings),
+        ``{prefix}statistics.json`` / ``.csv`` (volumes in mL, mean intensities),
+        ``{prefix}preview.png`` (three orthogonal slices with overlays, when ``preview``),
+        ``{prefix}structures/<task>.nii.gz`` (when ``per_structure``) and
+        ``{prefix}probabilities/<task>.nii.gz`` (float16->float32, when ``probabilities`` and
+        they were computed).
+
+        Returns:
+            ``{kind: path}`` of the files written (per-structure files as ``mask:<task>``).
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written: dict[str, Path] = {}
+
+        def put(key: str, name: str, data: bytes) -> None:
+            p = out / name
+            atomic_write_bytes(p, [data])
+            written[key] = p
+
+        put("labels", f"{prefix}labels.nii.gz", nifti_bytes(self.labels, self.affine))
+        names = {
+            "labels": {"0": "background", **{str(k): v for k, v in self.label_names.items()}},
+            "modality": self.modality,
+            "modality_detection": self.detection,
+            "source": self.source,
+            "model": self.model_source,
+            "settings": self.settings,
+        }
+        put("names", f"{prefix}labels.json", json.dumps(names, indent=1).encode())
+        stats = {"voxel_volume_ml": self.voxel_volume_ml, "structures": self.statistics}
+        put("statistics_json", f"{prefix}statistics.json", json.dumps(stats, indent=1).encode())
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=["label", "task", "voxels", "volume_ml",
+                                            "mean_intensity"], lineterminator="\n")
+        w.writeheader()
+        for s in self.statistics:
+            w.writerow({**s, "mean_intensity": "" if s["mean_intensity"] is None
+                        else s["mean_intensity"]})
+        put("statistics_csv", f"{prefix}statistics.csv", buf.getvalue().encode())
+        if per_structure:
+            for i, name in enumerate(self.task_names):
+                put(f"mask:{name}", f"{prefix}structures/{safe_filename(name)}.nii.gz",
+                    nifti_bytes(self.masks[i].astype(np.uint8), self.affine))
+        if probabilities and self.probabilities is not None:
+            for i, name in enumerate(self.task_names):
+                put(f"prob:{name}", f"{prefix}probabilities/{safe_filename(name)}.nii.gz",
+                    nifti_bytes(self.probabilities[i].astype(np.float32), self.affine))
+        if preview:
+            from hermes.inference.preview import preview_png
+
+            put("preview", f"{prefix}preview.png", preview_png(self))
+        return written

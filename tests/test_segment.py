@@ -1,0 +1,370 @@
+"""hermes.segment(): geometry round trips against a world-space ground truth, tasks, modality,
+post-processing, errors, and a real (tiny) model end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from segment_helpers import (  # noqa: E402
+    MODALITIES,
+    TASKS,
+    dice,
+    grid,
+    oracle_model,
+    phantom,
+    rotation,
+)
+
+import hermes  # noqa: E402
+import hermes.models as hm  # noqa: E402
+from hermes.data.io import ImageReadError, load_image, save_image  # noqa: E402
+from hermes.inference.segment import (  # noqa: E402
+    ModalityDetectionError,
+    SegmentationInputError,
+    resolve_tasks,
+)
+
+torch.set_num_threads(1)
+BLOBS = ["left_blob", "right_blob"]
+
+# (name, linear part of the affine (columns = world step per voxel axis), shape)
+EXACT_GRIDS = {
+    "ras": (np.diag([1.5, 1.5, 1.5]), (60, 52, 46)),
+    "flipped": (np.diag([-1.5, 1.5, -1.5]), (60, 52, 46)),  # L, A, I
+    "permuted": (np.array([[0, 0, 1.5], [-1.5, 0, 0], [0, -1.5, 0]]), (46, 60, 52)),  # P, I, R
+    "oblique": (rotation(2, 20) @ rotation(0, -12) @ np.diag([1.5, -1.5, 1.5]), (62, 56, 50)),
+}
+
+
+def _run(img, aff, **kw):
+    kw.setdefault("model", oracle_model())
+    kw.setdefault("modality", "T1")
+    kw.setdefault("tasks", BLOBS)
+    kw.setdefault("device", "cpu")
+    return hermes.segment(img, affine=aff, **kw)
+
+
+@pytest.mark.parametrize("name", list(EXACT_GRIDS))
+def test_exact_round_trip_at_model_spacing(name):
+    """At the model's spacing no interpolation happens: reorientation/crop/back-mapping must
+    return exactly the ground truth, in the original axis order, for any orientation."""
+    linear, shape = EXACT_GRIDS[name]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    res = _run(img, aff)
+    assert res.labels.shape == shape and res.masks.shape == (2, *shape)
+    np.testing.assert_array_equal(res.affine, aff)
+    for t, task in enumerate(BLOBS):
+        np.testing.assert_array_equal(res.masks[t], gt[task], err_msg=f"{name}: {task}")
+    expected = np.zeros(shape, np.uint8)
+    expected[gt["left_blob"]] = 1
+    expected[gt["right_blob"]] = 2
+    np.testing.assert_array_equal(res.labels, expected)
+    # the label image carries the original geometry
+    np.testing.assert_allclose(res.label_image.affine, aff)
+
+
+@pytest.mark.parametrize("case", ["anisotropic", "oblique_fine", "permuted_thick"])
+def test_resampled_round_trip(case):
+    """Grids finer/coarser than the model's: masks on the original grid match the ground truth
+    moved by the same geometry (Dice), and volumes match the ellipsoids' analytic volumes."""
+    if case == "anisotropic":
+        linear, shape = np.diag([0.9, -0.9, 3.0]), (100, 84, 26)
+    elif case == "oblique_fine":
+        linear, shape = rotation(1, 25) @ np.diag([1.1, 1.2, 1.0]), (84, 72, 80)
+    else:
+        linear, shape = np.array([[0, 0, -1.0], [2.5, 0, 0], [0, 1.0, 0]]), (36, 80, 92)
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    res = _run(img, aff, probabilities=True)
+    assert res.labels.shape == shape
+    for t, task in enumerate(BLOBS):
+        d = dice(res.masks[t], gt[task])
+        assert d > 0.9, f"{case} {task}: Dice {d:.3f}"
+    # the wrong orientation would put the blobs elsewhere: sanity of the test itself
+    assert dice(res.masks[0], gt["left_blob"][::-1]) < 0.3
+    vols = res.volumes_ml
+    analytic = {"left_blob": 4 / 3 * np.pi * 9 * 7 * 11 / 1000,
+                "right_blob": 4 / 3 * np.pi * 8 * 10 * 6 / 1000}
+    for task in BLOBS:
+        assert vols[task] == pytest.approx(analytic[task], rel=0.12)
+    assert res.probabilities.dtype == np.float16
+    assert res.probabilities.shape == (2, *shape)
+    # label map = 1 + argmax over tasks whose mask holds the voxel
+    p = np.where(res.masks, res.probabilities.astype(np.float32), -1)
+    expected = np.where(res.masks.any(0), p.argmax(0) + 1, 0)
+    np.testing.assert_array_equal(res.labels, expected)
+
+
+def test_window_enlarged_for_axes_barely_longer_than_the_roi():
+    """Axes up to 12.5% longer than the 32-voxel window get one window of their length; the
+    (voxel-wise) result is the same as with the plain window layout."""
+    img = np.random.default_rng(0).uniform(1, 200, (34, 60, 36)).astype(np.float32)
+    aff = np.diag([1.5, 1.5, 1.5, 1.0])
+    adaptive = _run(img, aff, tasks=["left_blob"])
+    plain = _run(img, aff, tasks=["left_blob"], roi_tolerance=0.0)
+    assert adaptive.settings["roi_size"] == [34, 32, 36]
+    assert adaptive.settings["train_roi_size"] == [32, 32, 32]
+    assert adaptive.settings["windows"] == 1 * 3 * 1 and plain.settings["windows"] == 2 * 3 * 2
+    np.testing.assert_array_equal(adaptive.masks[0], img > 100)
+    np.testing.assert_array_equal(plain.masks[0], img > 100)
+
+
+def test_inputs_nifti_nibabel_spacing_and_torch(tmp_path):
+    linear, shape = EXACT_GRIDS["flipped"]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    path = save_image(tmp_path / "img.nii.gz", img, aff)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    a = _run(str(path), None)
+    b = _run(nib.load(str(path)), None)
+    c = _run(torch.from_numpy(img.copy()), aff)
+    for r in (a, b, c):
+        np.testing.assert_array_equal(r.labels, a.labels)
+        np.testing.assert_allclose(r.affine, aff)
+    np.testing.assert_array_equal(a.masks[0], gt["left_blob"])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # input untouched
+    # spacing only: axis-aligned RAS grid
+    s = _run(img, None, spacing=(1.5, 1.5, 1.5))
+    np.testing.assert_allclose(s.affine, np.diag([1.5, 1.5, 1.5, 1.0]))
+    np.testing.assert_array_equal(s.labels, a.labels)
+
+
+def test_nrrd_lps_input_matches_nifti(tmp_path):
+    linear, shape = EXACT_GRIDS["permuted"]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    nrrd_path = save_image(tmp_path / "img.nrrd", img, aff)  # written in LPS space
+    assert "left-posterior-superior" in nrrd_path.read_bytes()[:2000].decode("latin1")
+    res = _run(str(nrrd_path), None)
+    np.testing.assert_allclose(res.affine, aff, atol=1e-9)
+    for t, task in enumerate(BLOBS):
+        np.testing.assert_array_equal(res.masks[t], gt[task])
+
+
+def test_tasks_of_modality_and_groups():
+    vocab = oracle_model().vocab
+    assert resolve_tasks(vocab, None, "T1") == ["left_blob", "right_blob"]
+    assert resolve_tasks(vocab, None, "CT") == ["liver"]
+    assert resolve_tasks(vocab, "right_blob, left_blob", "T1") == ["right_blob", "left_blob"]
+    assert resolve_tasks(vocab, ["blobs", "liver"], "CT") == [*BLOBS, "liver"]
+    with pytest.raises(hm.UnknownNameError, match="left_blb.*left_blob"):
+        resolve_tasks(vocab, ["left_blb"], "T1")
+    # groups without modality: every usable task
+    plain = hm.build("tiny", tasks=TASKS, modalities=MODALITIES).vocab
+    assert resolve_tasks(plain, None, "T1") == TASKS
+    # official vocabulary: CHAOS ("T1 (in/out phase) or T2") is a T1 and a T2 group
+    off = hm.official_vocabulary()
+    t2 = resolve_tasks(off, None, "T2")
+    assert t2 == off.group("chaos")
+    assert set(off.group("brain_structure")) < set(resolve_tasks(off, None, "T1"))
+
+
+def test_only_requested_tasks_are_computed():
+    linear, shape = EXACT_GRIDS["ras"]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    seen = []
+    net = oracle_model()
+    forward = net.forward
+
+    def spy(x, tasks=None, modality=None, **kw):
+        seen.append((tuple(tasks), modality))
+        return forward(x, tasks=tasks, modality=modality, **kw)
+
+    net.forward = spy
+    res = _run(img, aff, model=net, tasks="right_blob")
+    assert res.task_names == ["right_blob"] and res.masks.shape[0] == 1
+    assert set(seen) == {(("right_blob",), "T1")}
+    np.testing.assert_array_equal(res.labels, gt["right_blob"].astype(np.uint8))
+
+
+def test_modality_auto_detection_and_low_confidence():
+    linear, shape = EXACT_GRIDS["ras"]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    res = _run(img, aff, modality="auto", tasks=None)  # oracle head says T1 with p ~ 0.9
+    assert res.modality == "T1" and res.detection["modality"] == "T1"
+    assert 0.85 < res.detection["confidence"] < 0.95
+    assert res.task_names == BLOBS  # the tasks of the detected modality
+    with pytest.raises(ModalityDetectionError, match=r"confidence 0\.\d+ for T1 .*modality="):
+        _run(img, aff, modality="auto", modality_threshold=0.95)
+    ct = _run(img, aff, modality="auto", tasks=None, model=oracle_model(answer="CT"))
+    assert ct.modality == "CT" and ct.task_names == ["liver"] and not ct.labels.any()
+
+
+def test_postprocessing_largest_component_and_min_volume():
+    linear, shape = EXACT_GRIDS["ras"]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape, small_blob=True)
+    raw = _run(img, aff)
+    np.testing.assert_array_equal(raw.masks[1], gt["right_blob"] | gt["small"])
+    big = _run(img, aff, postprocess={"right_blob": "largest"})
+    np.testing.assert_array_equal(big.masks[1], gt["right_blob"])
+    np.testing.assert_array_equal(big.masks[0], gt["left_blob"])  # other task untouched
+    small_ml = gt["small"].sum() * 1.5 ** 3 / 1000
+    rm = _run(img, aff, postprocess={"min_volume_ml": small_ml * 1.5})
+    np.testing.assert_array_equal(rm.masks[1], gt["right_blob"])
+    keep = _run(img, aff, postprocess={"min_volume_ml": small_ml * 0.5})
+    np.testing.assert_array_equal(keep.masks[1], raw.masks[1])
+    assert not rm.labels[gt["small"]].any()
+    with pytest.raises(ValueError, match="unknown keys"):
+        _run(img, aff, postprocess={"largest": True, "biggest": 1})
+
+
+def test_bad_inputs_are_named(tmp_path):
+    linear, shape = EXACT_GRIDS["ras"]
+    aff = grid(linear, shape)
+    img, _ = phantom(aff, shape)
+    with pytest.raises(hm.UnknownNameError, match="unknown task 'kidney'"):
+        _run(img, aff, tasks=["kidney"])
+    with pytest.raises(hm.UnknownNameError, match="unknown modality 'XR'"):
+        _run(img, aff, modality="XR")
+    with pytest.raises(SegmentationInputError, match="2-D"):
+        _run(img[:, :, 10], np.eye(4))
+    with pytest.raises(SegmentationInputError, match="2-D"):
+        _run(img[:, :, 10:11], aff)
+    bad = img.copy()
+    bad[3, 4, 5] = np.nan
+    with pytest.raises(SegmentationInputError, match="1 non-finite"):
+        _run(bad, aff)
+    with pytest.raises(SegmentationInputError, match="empty"):
+        _run(np.zeros(shape, np.float32), aff)
+    with pytest.raises(SegmentationInputError, match="affine= .* or spacing="):
+        _run(img, None)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(ImageReadError, match="corrupt.nii.gz"):
+        _run(str(corrupt), None)
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    with pytest.raises(ImageReadError, match="not a recognised image"):
+        _run(str(other), None)
+    with pytest.raises(ValueError, match="threshold"):
+        _run(img, aff, threshold=1.5)
+
+
+def test_save_outputs(tmp_path):
+    linear, shape = EXACT_GRIDS["oblique"]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    res = _run(img, aff, probabilities=True)
+    written = res.save(tmp_path / "out", per_structure=True, probabilities=True)
+    lab, lab_aff = load_image(written["labels"])
+    np.testing.assert_array_equal(lab, res.labels)
+    np.testing.assert_allclose(lab_aff, aff, atol=1e-5)
+    names = json.loads(written["names"].read_text())
+    assert names["labels"] == {"0": "background", "1": "left_blob", "2": "right_blob"}
+    assert names["modality"] == "T1"
+    mask, _ = load_image(written["mask:right_blob"])
+    np.testing.assert_array_equal(mask.astype(bool), gt["right_blob"])
+    prob, _ = load_image(written["prob:left_blob"])
+    np.testing.assert_allclose(prob, res.probabilities[0].astype(np.float32))
+    stats = json.loads(written["statistics_json"].read_text())["structures"]
+    vox_ml = abs(np.linalg.det(aff[:3, :3])) / 1000
+    for s, task in zip(stats, BLOBS, strict=True):
+        assert s["voxels"] == int(gt[task].sum())
+        assert s["volume_ml"] == pytest.approx(gt[task].sum() * vox_ml)
+        assert s["mean_intensity"] == pytest.approx(float(img[gt[task]].mean()))
+    rows = written["statistics_csv"].read_text().splitlines()
+    assert rows[0] == "label,task,voxels,volume_ml,mean_intensity"
+    assert rows[1].startswith("1,left_blob,") and len(rows) == 3
+    png = written["preview"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+
+    pix = mpimg.imread(written["preview"])
+    assert pix.shape[0] > 300 and pix.shape[1] > 900
+    # label 2 (right_blob, on the darkest intensity) is overlaid in its legend colour
+    from hermes.inference.preview import label_colors
+
+    dark = 0.55 * label_colors(2)[1]
+    assert (np.abs(pix[..., :3] - dark) < 0.03).all(-1).sum() > 50
+    # nothing but our files, no temporary leftovers
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert left == ["labels.json", "labels.nii.gz", "preview.png", "probabilities",
+                    "statistics.csv", "statistics.json", "structures"]
+
+
+def test_real_tiny_model_from_checkpoint(tmp_path):
+    """A real network (random weights) saved and loaded by path: shapes, dtypes, geometry and
+    the label/mask/probability consistency; auto modality with a random head is refused."""
+    net = hm.build("tiny", tasks=TASKS, modalities=MODALITIES,
+                   groups={"blobs": {"tasks": BLOBS, "modality": "T1"}})
+    ckpt = tmp_path / "tiny.hermes"
+    hm.save(net, ckpt, metadata={"preprocess": {"spacing": [3.0, 3.0, 3.0]},
+                                 "train_config": {"crop_size": [32, 32, 32]}})
+    linear, shape = np.diag([-2.0, 2.0, 2.5]), (40, 36, 30)
+    aff = grid(linear, shape)
+    img, _ = phantom(aff, shape)
+    times: dict = {}
+    res = hermes.segment(img, tasks=None, modality="t1w", model=str(ckpt), device="cpu",
+                         affine=aff, probabilities=True, threshold=0.5, timings=times)
+    assert res.modality == "T1" and res.task_names == BLOBS
+    assert res.settings["model_spacing"] == [3.0, 3.0, 3.0]
+    assert res.settings["roi_size"] == [32, 32, 32]
+    assert res.labels.dtype == np.uint8 and res.labels.shape == shape
+    p = res.probabilities.astype(np.float32)
+    clear = np.abs(p - 0.5) > 1e-3  # float16 storage rounds probabilities next to 0.5
+    np.testing.assert_array_equal(res.masks[clear], p[clear] >= 0.5)
+    assert set(times) >= {"load", "preprocess", "inference", "writeback", "total"}
+    with pytest.raises(ModalityDetectionError, match="pass modality="):
+        hermes.segment(img, model=str(ckpt), device="cpu", affine=aff, modality="auto",
+                       modality_threshold=0.99)
+    with pytest.raises(FileNotFoundError, match="missing.hermes"):
+        hermes.segment(img, model=str(tmp_path / "missing.hermes"), affine=aff, modality="T1")
+
+
+def test_default_model_missing_is_clear(monkeypatch, tmp_path):
+    import hermes.models.default as dm
+
+    monkeypatch.setattr(dm, "default_model_path", lambda: tmp_path / "default.hermes")
+    with pytest.raises(dm.DefaultModelMissingError, match="embedded default model is missing"):
+        dm.default_model()
+    net = hm.build("tiny", tasks=TASKS, modalities=MODALITIES)
+    hm.save(net, tmp_path / "default.hermes", metadata={"preprocess": {"spacing": [2, 2, 2]}})
+    loaded = dm.default_model()
+    assert loaded.vocab.tasks == TASKS
+    assert loaded.hermes_metadata["preprocess"]["spacing"] == [2, 2, 2]
+
+
+def _official_shaped(sd: dict) -> dict:
+    """The fixture's official weights grown to the released Hermes-R table sizes (72 task rows
+    + null, 6 modalities) by repeating rows, so the official vocabulary applies."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("task_prior"):
+            rows = v[:-1].repeat(72 // (v.shape[0] - 1) + 1, 1)[:72]
+            v = torch.cat([rows, v[-1:]])
+        elif k.endswith("modality_prior"):
+            v = torch.cat([v, v[:2]])
+        elif k.startswith("mod_out.classifier.fc2"):
+            v = torch.cat([v, v[:2]])
+        out[k] = v
+    return out
+
+
+def test_official_checkpoint_path(tmp_path, official_fixture):
+    """``model="official.pth"`` loads official weights with the 71-task vocabulary and segments
+    a dataset group by name."""
+    path = tmp_path / "hermes_r.pth"
+    torch.save({"model_state_dict": _official_shaped(official_fixture["official_state_dict"])},
+               path)
+    linear, shape = np.diag([-2.0, -2.0, 2.5]), (40, 36, 30)
+    aff = grid(linear, shape)
+    img, _ = phantom(aff, shape)
+    res = hermes.segment(img * 10 - 1000, tasks="kits", modality="CT", model=str(path),
+                         device="cpu", affine=aff, roi_size=32, model_spacing=3.0)
+    off = hm.official_vocabulary()
+    assert res.task_names == off.group("kits") == ["kits/kidney", "kits/kidney_tumor"]
+    assert res.labels.shape == shape and res.masks.shape == (2, *shape)
+    assert res.model_source == str(path)

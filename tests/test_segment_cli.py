@@ -1,0 +1,122 @@
+"""The ``hermes segment`` and ``hermes demo`` commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from segment_helpers import grid, phantom  # noqa: E402
+
+import hermes.models as hm  # noqa: E402
+from hermes.cli import main  # noqa: E402
+from hermes.data.io import load_image, save_image  # noqa: E402
+from hermes.inference.commands import example_path  # noqa: E402
+
+torch.set_num_threads(1)
+T1_TASKS = ["gm", "wm", "csf"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    net = hm.build("tiny", tasks=[*T1_TASKS, "liver"], modalities=["CT", "T1"],
+                   groups={"brain": {"tasks": T1_TASKS, "modality": "T1"},
+                           "abdomen": {"tasks": ["liver"], "modality": "CT"}})
+    path = tmp_path_factory.mktemp("model") / "tiny.hermes"
+    hm.save(net, path, metadata={"preprocess": {"spacing": [6.0, 6.0, 6.0]},
+                                 "train_config": {"crop_size": [32, 32, 32]}})
+    return path
+
+
+def test_bundled_example_is_a_real_t1():
+    img, aff = load_image(example_path())
+    assert img.shape == (77, 95, 80) and img.dtype == np.uint8
+    np.testing.assert_allclose(np.diag(aff)[:3], [2.0, 2.0, 2.0])
+    assert 0.2 < (img > 0).mean() < 0.8  # a brain, not an empty or synthetic block
+    assert example_path().stat().st_size < 2_000_000
+
+
+def test_segment_command(tmp_path, ckpt, capsys):
+    aff = grid(np.diag([-2.0, 2.0, 3.0]), (48, 44, 30))
+    img, _ = phantom(aff, (48, 44, 30))
+    src = save_image(tmp_path / "in" / "head.nii.gz", img + 100, aff)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    rc = main(["segment", "-i", str(src), "-o", str(out), "--model", str(ckpt), "--modality",
+               "T1", "--tasks", "gm,csf", "--device", "cpu", "--fast", "--per-structure"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "modality: T1" in printed and str(out / "labels.nii.gz") in printed
+    assert "gm" in printed and "csf" in printed and "wm" not in printed
+    names = json.loads((out / "labels.json").read_text())
+    assert names["labels"] == {"0": "background", "1": "gm", "2": "csf"}
+    assert names["settings"]["fast"] and names["settings"]["overlap"] == 0.25
+    lab, lab_aff = load_image(out / "labels.nii.gz")
+    assert lab.shape == (48, 44, 30)
+    np.testing.assert_allclose(lab_aff, aff, atol=1e-5)
+    assert sorted(p.name for p in (out / "structures").iterdir()) == ["csf.nii.gz", "gm.nii.gz"]
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    # a second run refuses to overwrite, then overwrites with --force
+    rc = main(["segment", "-i", str(src), "-o", str(out), "--model", str(ckpt), "--modality",
+               "T1", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--force" in err and len(err.strip().splitlines()) == 1
+    rc = main(["segment", "-i", str(src), "-o", str(out), "--model", str(ckpt), "--modality",
+               "T1", "--device", "cpu", "--fast", "-q", "--force", "--no-preview"])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out == ""
+    assert json.loads((out / "labels.json").read_text())["labels"]["3"] == "csf"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "liverr", "--modality", "T1"], "unknown task 'liverr'"),
+    (["--modality", "XR"], "unknown modality 'XR'"),
+])
+def test_segment_command_errors(tmp_path, ckpt, capsys, argv, message):
+    aff = grid(np.diag([2.0, 2.0, 2.0]), (40, 40, 40))
+    img, _ = phantom(aff, (40, 40, 40))
+    src = save_image(tmp_path / "img.nii.gz", img, aff)
+    rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "o"), "--model", str(ckpt),
+               "--device", "cpu", *argv])
+    err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the reason
+    assert rc == 1 and message in err[-1] and err[-1].startswith("hermes segment: error: ")
+    assert sum(line.startswith("hermes segment: error") for line in err) == 1
+    assert not (tmp_path / "o" / "labels.nii.gz").exists()
+
+
+def test_demo_command(tmp_path, ckpt, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "-o", str(out), "--model", str(ckpt), "--device", "cpu", "--fast"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for name in ("labels.nii.gz", "statistics.csv", "preview.png"):
+        assert str(out / name) in printed and (out / name).is_file()
+    names = json.loads((out / "labels.json").read_text())
+    assert names["modality"] == "T1" and list(names["labels"].values())[1:] == T1_TASKS
+    lab, aff = load_image(out / "labels.nii.gz")
+    img, img_aff = load_image(example_path())
+    assert lab.shape == img.shape
+    np.testing.assert_allclose(aff, img_aff, atol=1e-5)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("user file")
+    rc = main(["demo", "-o", str(tmp_path / "mine"), "--model", str(ckpt), "--device", "cpu"])
+    assert rc == 1 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "user file"
+
+
+def test_entry_point_exit_code_and_one_line_reason(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hermes.cli", "segment", "-i", str(tmp_path / "nope.nii.gz"),
+         "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"hermes segment: error: input {tmp_path / 'nope.nii.gz'} "
+                                   "does not exist")
+    assert not (tmp_path / "out").exists()
