@@ -89,14 +89,21 @@ class PatchDataset(Dataset):
     def __init__(
         self, collection: PreprocessedCollection, crop_size: Sequence[int], seed: int = 0,
         fg_prob: float = 1 / 3, augment: bool = True, split: str = "train",
+        datasets: Sequence[str] | None = None,
     ) -> None:
         self.crop = [int(c) for c in crop_size]
         self.seed = int(seed)
         self.fg_prob = float(fg_prob)
         self.augment = augment
         by_dataset: dict[str, list[CachedCase]] = {}
+        if datasets is not None:
+            unknown = sorted(set(datasets) - set(collection.datasets))
+            if unknown:
+                raise ValueError(f"unknown datasets {unknown}; the collection has "
+                                 f"{', '.join(collection.datasets)}")
         for case in collection.split(split):
-            by_dataset.setdefault(case.dataset, []).append(case)
+            if datasets is None or case.dataset in datasets:
+                by_dataset.setdefault(case.dataset, []).append(case)
         if not by_dataset:
             raise ValueError(f"the {split!r} split of {collection.cache_dir} holds no case")
         self.datasets = list(by_dataset)

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from hermes.training.optim import make_optimizer, warmup_cosine
 from hermes.training.sampling import PatchDataset, StepSampler, collate_partial
 
 STATE_FILE = "last.ckpt"
+#: ``(trainer, batch, out, x) -> (loss, logs)``: an extra loss term (see :class:`Trainer`).
+ExtraLoss = Callable[["Trainer", dict, Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
 
 
@@ -36,8 +39,9 @@ LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_
 class TrainConfig:
     """Everything a run depends on (stored in its checkpoints).
 
-    ``steps`` optimiser steps of ``batch_size`` crops per process; ``lr`` None picks 3e-4 for
-    AdamW and 2e-3 for LAMB; ``warmup_steps`` None is 5 % of ``steps``; ``amp`` "auto" uses
+    ``steps`` optimiser steps of ``batch_size`` crops per process; ``datasets`` restricts
+    sampling to some of the collection's datasets (the vocabulary stays the collection's);
+    ``lr`` None picks 3e-4 for AdamW and 2e-3 for LAMB; ``warmup_steps`` None is 5 % of ``steps``; ``amp`` "auto" uses
     bfloat16 autocast on CUDA and float32 on CPU.
     """
 
@@ -57,6 +61,7 @@ class TrainConfig:
     amp: str = "auto"
     fg_prob: float = 1 / 3
     augment: bool = True
+    datasets: list[str] | None = None
     modality_loss_weight: float = 0.01
     seed: int = 0
     workers: int = 2
@@ -111,8 +116,26 @@ class Trainer:
     """One training run; ``run()`` trains to ``cfg.steps`` (resuming if asked) and returns the
     path of the exported EMA model."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, resume: bool = False, *, model: hm.HermesResUNet | None = None,
+        collection: Any = None,
+        param_groups: Callable[[torch.nn.Module], list[dict]] | None = None,
+        extra_loss: ExtraLoss | None = None,
+    ) -> None:
+        """Args (all keyword hooks are optional; without them a fresh model is trained on
+        ``cfg.cache_dir``):
+            model: train this (e.g. pretrained, extended) model instead of building one; its
+                vocabulary must index the collection's tasks and modalities as the batches do.
+            collection: sample from this object (duck-typed like :class:`PreprocessedCollection`:
+                ``split``, ``sampling_weights``, ``cache_dir``, ``cases``, ``name``) instead of
+                ``PreprocessedCollection(cfg.cache_dir)``.
+            param_groups: ``model -> optimizer parameter groups`` (called after the EMA copy is
+                made; may freeze parameters or register gradient hooks).
+            extra_loss: ``(trainer, batch, out, x) -> (loss, {name: float})`` added to the loss
+                of every step (e.g. distillation); its values are logged under ``extra``.
+        """
         self.cfg = cfg
+        self.extra_loss = extra_loss
         self.world, self.rank, local = _dist_info()
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
@@ -121,18 +144,20 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.out = Path(cfg.out_dir)
-        self.collection = PreprocessedCollection(cfg.cache_dir)
+        self.collection = (collection if collection is not None
+                           else PreprocessedCollection(cfg.cache_dir))
         torch.manual_seed(cfg.seed)
-        model = hm.build(
-            cfg.preset, tasks=self.collection.tasks, modalities=self.collection.modalities,
-            in_channels=int(self.collection.cases[0].image.shape[0]),
-            groups=self.collection.groups, **cfg.model_overrides,
-        )
+        if model is None:
+            model = hm.build(
+                cfg.preset, tasks=self.collection.tasks, modalities=self.collection.modalities,
+                in_channels=int(self.collection.cases[0].image.shape[0]),
+                groups=self.collection.groups, **cfg.model_overrides,
+            )
         self.model = model.to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
         lr = cfg.lr if cfg.lr is not None else (2e-3 if cfg.optimizer == "lamb" else 3e-4)
-        self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), lr,
-                                        cfg.weight_decay)
+        params = param_groups(self.model) if param_groups is not None else self.model.parameters()
+        self.optimizer = make_optimizer(cfg.optimizer, params, lr, cfg.weight_decay)
         warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
         self.scheduler = warmup_cosine(self.optimizer, warm, cfg.steps)
         amp = cfg.amp
@@ -202,7 +227,8 @@ class Trainer:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
         f = open(path, "w", newline="")
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        fields = LOG_FIELDS + (["extra"] if self.extra_loss is not None else [])
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         f.flush()
@@ -220,7 +246,8 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def _loader(self) -> DataLoader:
         ds = PatchDataset(self.collection, self.cfg.crop_size, seed=self.cfg.seed,
-                          fg_prob=self.cfg.fg_prob, augment=self.cfg.augment)
+                          fg_prob=self.cfg.fg_prob, augment=self.cfg.augment,
+                          datasets=self.cfg.datasets)
         sampler = StepSampler(self.step, self.cfg.steps, self.cfg.batch_size, self.world,
                               self.rank)
         null = self.model.config.null_tokens
@@ -246,19 +273,25 @@ class Trainer:
         bce, dice = partial_label_loss(out.seg_logits[:, :t], targets, annotated)
         mod = modality_loss(out.modality_logits, mod_idx)
         loss = bce + dice + self.cfg.modality_loss_weight * mod
+        extra_logs: dict[str, float] = {}
+        if self.extra_loss is not None:
+            extra, extra_logs = self.extra_loss(self, batch, out, x)
+            loss = loss + extra
+            extra_logs = {"extra": float(extra.detach()), **extra_logs}
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.ema.update(self.model)
         return {"loss": loss.item(), "bce": bce.item(), "dice": dice.item(),
-                "modality": mod.item()}
+                "modality": mod.item(), **extra_logs}
 
     def run(self) -> Path:
         cfg = self.cfg

@@ -1,0 +1,384 @@
+"""Fine-tuning a trained Hermes model on new datasets: transfer and incremental learning.
+
+``finetune(model, cache, out_dir, mode=...)`` (``hermes finetune MODEL collection.yaml``):
+
+1. the collection's task names (and used modalities) the model does not know are added with
+   :func:`hermes.models.extend.extend_vocabulary` (new prior rows at every fusion level,
+   initialised from the most similar old prior or at random), with the collection's datasets as
+   vocabulary groups;
+2. the model is trained by the ordinary :class:`~hermes.training.trainer.Trainer` on the
+   collection's training split, in one of three modes:
+
+   * ``full``: every parameter trains (transfer by initialisation);
+   * ``priors``: backbone and fusion blocks frozen; only the NEW prior rows (task and modality)
+     and the two heads train;
+   * ``incremental``: everything trains except the OLD prior rows (and the null row), and old
+     tasks are protected by distillation from the old model (default weight 1) and/or rehearsal
+     on the old collection's cached cases (``rehearsal=`` its cache, ``rehearsal_fraction`` of
+     the samples).
+
+   Frozen prior rows are rows of one ``Parameter``: a gradient hook zeroes their gradient, the
+   prior tables get no weight decay, and after training the exported (EMA) model gets the
+   frozen values copied back exactly, so they are bit-identical to the old model's;
+3. the EMA model is written to ``out_dir/model.hermes``: a normal self-describing checkpoint
+   (vocabulary with old and new tasks and groups) whose metadata records the fine-tuning.
+
+Distillation (learning without forgetting): for each sample of a batch an old dataset group is
+chosen (one whose modality is the sample's, else any old group; rotating with the step), and
+the old model and the model being trained are both run on the batch with those old tasks and the
+group's modality; the loss is the mean over voxels and (sample, task) pairs of
+``KL(Bernoulli(sigmoid(old)) || Bernoulli(sigmoid(new)))`` (BCE against the old probabilities,
+minus the old entropy, so it is 0 when the outputs agree). It costs one more forward/backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import hermes.models as hm
+from hermes.data.cache import CachedCase, PreprocessedCollection
+from hermes.models.extend import ExtensionPlan, extend_vocabulary, plan_extension
+from hermes.models.vocabulary import UnknownNameError, Vocabulary
+from hermes.training.trainer import TrainConfig, Trainer
+
+__all__ = [
+    "MODES",
+    "AlignedCollection",
+    "FinetuneResult",
+    "distillation_loss",
+    "finetune",
+    "new_names",
+]
+
+MODES = ("full", "priors", "incremental")
+
+
+class AlignedCollection:
+    """Cases of one or more preprocessed caches, indexed by a model's vocabulary.
+
+    Every case's :class:`~hermes.data.cache.DatasetInfo` is rewritten so ``task_indices`` and
+    ``modality_index`` are rows of ``vocab`` (so batches index the model directly). Duck-types
+    :class:`PreprocessedCollection` for :class:`Trainer`/``PatchDataset``.
+
+    Args:
+        sources: ``(collection, share)``: a dataset of a collection is sampled with probability
+            ``share x`` its own sampling weight; a dataset name already taken by an earlier
+            source is skipped.
+        vocab: the model's vocabulary (must contain every task and modality used).
+    """
+
+    def __init__(self, sources: Sequence[tuple[PreprocessedCollection, float]],
+                 vocab: Vocabulary) -> None:
+        if not sources:
+            raise ValueError("no collection given")
+        self.sources = [pc for pc, _ in sources]
+        self.name = "+".join(pc.name for pc in self.sources)
+        self.cache_dir = self.sources[0].cache_dir
+        self.tasks = list(vocab.tasks)
+        self.modalities = list(vocab.modalities)
+        self.params = self.sources[0].params
+        self.datasets: dict[str, Any] = {}
+        self.cases: list[CachedCase] = []
+        self.splits: dict[str, dict[str, list[str]]] = {}
+        self.sampling_weights: dict[str, float] = {}
+        self._by_key: dict[str, CachedCase] = {}
+        for pc, share in sources:
+            for ds, info in pc.datasets.items():
+                if ds in self.datasets:
+                    continue
+                self.datasets[ds] = dataclasses.replace(
+                    info, task_indices=tuple(vocab.task_index(t) for t in info.tasks),
+                    modality_index=vocab.modality_index(info.modality),
+                    weight=info.weight * share)
+                self.sampling_weights[ds] = pc.sampling_weights[ds] * share
+                self.splits[ds] = pc.splits.get(ds, {})
+                for case in pc.cases:
+                    if case.dataset == ds:
+                        c = CachedCase(case.cache_dir, case.meta, self.datasets[ds])
+                        self.cases.append(c)
+                        self._by_key[c.key] = c
+        total = sum(self.sampling_weights.values())
+        self.sampling_weights = {k: v / total for k, v in self.sampling_weights.items()}
+
+    @property
+    def groups(self) -> dict[str, dict]:
+        return {d.name: {"tasks": list(d.tasks), "modality": d.modality}
+                for d in self.datasets.values()}
+
+    def split(self, name: str, dataset: str | None = None) -> list[CachedCase]:
+        """Cases of split ``name``, optionally of one dataset."""
+        return [self._by_key[f"{ds}/{cid}"] for ds, s in self.splits.items()
+                if dataset in (None, ds) for cid in s.get(name, [])
+                if f"{ds}/{cid}" in self._by_key]
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+
+def _open(collection: str | os.PathLike | PreprocessedCollection) -> PreprocessedCollection:
+    if isinstance(collection, PreprocessedCollection):
+        return collection
+    from hermes.training.commands import open_cache
+
+    return open_cache(str(collection), None, None, False)
+
+
+def new_names(vocab: Vocabulary, pc: PreprocessedCollection) -> tuple[list[str], list[str]]:
+    """(task names, modality names) of ``pc``'s datasets that ``vocab`` does not know.
+
+    Only modalities some dataset uses count (caches list all canonical modalities)."""
+    tasks: list[str] = []
+    for info in pc.datasets.values():
+        tasks += [t for t in info.tasks if t not in vocab.tasks and t not in tasks]
+    mods: list[str] = []
+    for info in pc.datasets.values():
+        try:
+            vocab.modality_index(info.modality)
+        except UnknownNameError:
+            if info.modality not in mods:
+                mods.append(info.modality)
+    return tasks, mods
+
+
+def _row_mask(n_rows: int, frozen: Sequence[int], like: Tensor) -> Tensor:
+    """(n_rows, 1[, 1]) mask: 0 on frozen rows, 1 elsewhere, broadcastable to ``like``."""
+    mask = torch.ones(n_rows, *([1] * (like.dim() - 1)), dtype=like.dtype, device=like.device)
+    mask[list(frozen)] = 0
+    return mask
+
+
+def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: str
+                  ) -> tuple[dict[str, list[int]], set[str]]:
+    """What a mode freezes.
+
+    Returns:
+        (rows, params): ``rows[name]`` lists the frozen rows of prior table ``name`` (the old
+        task rows plus the null row, the old modality rows); ``params`` names whole parameters
+        that do not train.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rows: dict[str, list[int]] = {}
+    params: set[str] = set()
+    if mode == "full":
+        return rows, params
+    for name, p in model.named_parameters():
+        if name.endswith(".task_priors"):
+            rows[name] = list(range(old_tasks)) + [p.shape[0] - 1]  # old rows, null row
+        elif name.endswith(".modality_priors"):
+            rows[name] = list(range(old_mods))
+        elif mode == "priors" and not name.startswith(("task_head.", "modality_head.")):
+            params.add(name)
+    rows = {k: v for k, v in rows.items() if v}
+    return rows, params
+
+
+def make_param_groups(rows: dict[str, list[int]], params: set[str], weight_decay: float):
+    """The ``param_groups`` hook: freezes ``params``, masks the gradient of frozen ``rows`` and
+    puts the tables with frozen rows in a group without weight decay (decay would move them)."""
+
+    def groups(model: nn.Module) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if name in params:
+                p.requires_grad_(False)
+                continue
+            if name in rows:
+                mask = _row_mask(p.shape[0], rows[name], p)
+                p.register_hook(lambda g, m=mask: g * m)
+            (no_decay if name in rows else decay).append(p)
+        out = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            out.append({"params": no_decay, "weight_decay": 0.0})
+        return [g for g in out if g["params"]]
+
+    return groups
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, valid: Tensor) -> Tensor:
+    """Mean Bernoulli KL(teacher || student) over voxels and valid (sample, task) pairs.
+
+    Args:
+        student_logits, teacher_logits: B x T x D x H x W.
+        valid: B x T bool.
+    """
+    s = student_logits.float().flatten(2)
+    t = teacher_logits.float().flatten(2)
+    p = torch.sigmoid(t)
+    kl = (F.binary_cross_entropy_with_logits(s, p, reduction="none")
+          - F.binary_cross_entropy_with_logits(t, p, reduction="none")).mean(dim=2)
+    w = valid.to(kl.dtype)
+    n = w.sum()
+    return (kl * w).sum() / n if n > 0 else s.sum() * 0.0
+
+
+class Distiller:
+    """The ``extra_loss`` hook: distillation from ``teacher`` on its old dataset groups."""
+
+    def __init__(self, teacher: hm.HermesResUNet, weight: float, null_tokens: int) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weight = float(weight)
+        self.null = null_tokens
+        vocab = teacher.vocab
+        groups = [(g, [vocab.task_index(t) for t in spec["tasks"] if t not in vocab.reserved],
+                   spec.get("modality")) for g, spec in vocab.groups.items()]
+        groups = [g for g in groups if g[1]]
+        if not groups:  # no dataset groups: all tasks at once, the sample's modality
+            groups = [("all", [vocab.task_index(t) for t in vocab.usable_tasks()], None)]
+        self.groups = groups
+        self.n_old_mods = len(vocab.modalities)
+
+    def choose(self, modality_idx: Tensor, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sample an old group -> (task_idx B x (T+null), valid B x T, modality_idx B)."""
+        vocab = self.teacher.vocab
+        picks = []
+        for i, m in enumerate(modality_idx.tolist()):
+            mod_name = vocab.modalities[m] if 0 <= m < self.n_old_mods else None
+            same = [g for g in self.groups if g[2] is not None and mod_name is not None
+                    and vocab.modality_index(g[2]) == m]
+            cands = same or self.groups
+            g = cands[(step + i) % len(cands)]
+            if g[2] is not None:
+                gm = vocab.modality_index(g[2])
+            else:
+                gm = m if mod_name is not None else 0
+            picks.append((g[1], gm))
+        width = max(len(p[0]) for p in picks)
+        b = len(picks)
+        task_idx = torch.full((b, width + self.null), -1, dtype=torch.long)
+        valid = torch.zeros(b, width, dtype=torch.bool)
+        for i, (rows, _) in enumerate(picks):
+            task_idx[i, : len(rows)] = torch.tensor(rows)
+            valid[i, : len(rows)] = True
+        return task_idx, valid, torch.tensor([p[1] for p in picks], dtype=torch.long)
+
+    def __call__(self, trainer: Trainer, batch: dict, out: Any, x: Tensor):
+        dev = x.device
+        task_idx, valid, mod_idx = self.choose(batch["modality_idx"], trainer.step)
+        task_idx, valid, mod_idx = task_idx.to(dev), valid.to(dev), mod_idx.to(dev)
+        self.teacher.to(dev)
+        with torch.no_grad():
+            t_logits = self.teacher(x, task_idx=task_idx, modality_idx=mod_idx).seg_logits
+        s_logits = trainer.model(x, task_idx=task_idx, modality_idx=mod_idx).seg_logits
+        n = valid.shape[1]
+        kl = distillation_loss(s_logits[:, :n], t_logits[:, :n], valid)
+        return self.weight * kl, {"distill": float(kl.detach())}
+
+
+@dataclass
+class FinetuneResult:
+    """``path``: the exported model; ``model``: it, loaded; ``new_tasks``/``new_modalities``;
+    ``plan``: the initialisation source of every new row (None = random)."""
+
+    path: Path
+    model: hm.HermesResUNet
+    new_tasks: list[str]
+    new_modalities: list[str]
+    plan: ExtensionPlan
+    mode: str
+
+
+def finetune(
+    model: hm.HermesResUNet | str | os.PathLike,
+    collection: str | os.PathLike | PreprocessedCollection,
+    out_dir: str | os.PathLike,
+    mode: str = "full",
+    *,
+    init: str = "similar",
+    rehearsal: str | os.PathLike | PreprocessedCollection | None = None,
+    rehearsal_fraction: float = 0.5,
+    distill: float | None = None,
+    resume: bool = False,
+    **train_options: Any,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on ``collection`` (see the module docstring).
+
+    Args:
+        model: a model or checkpoint path (not modified).
+        collection: the new data: a preprocessed cache folder, collection YAML or
+            :class:`PreprocessedCollection` (preprocess it with the old model's settings).
+        out_dir: run folder (``model.hermes``, ``log.csv``, ``last.ckpt``).
+        mode: ``full``, ``priors`` or ``incremental``.
+        init: new rows from the most ``"similar"`` old prior or ``"random"``.
+        rehearsal: an old cache whose training cases are mixed in (``rehearsal_fraction`` of the
+            samples); any mode.
+        distill: distillation weight (default 1.0 in ``incremental`` mode, else 0 = off).
+        resume: continue an interrupted run in ``out_dir``.
+        train_options: :class:`TrainConfig` fields (``steps``, ``crop_size``, ``batch_size``,
+            ``lr``, ``seed``, ``workers``, ...).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0.0 <= rehearsal_fraction < 1.0:
+        raise ValueError("rehearsal_fraction must lie in [0, 1)")
+    base = hm.load(model) if isinstance(model, (str, os.PathLike)) else model
+    base = getattr(base, "module", base)
+    base_src = str(model) if isinstance(model, (str, os.PathLike)) else None
+    pc = _open(collection)
+    new_tasks, new_mods = new_names(base.vocab, pc)
+    seed = int(train_options.get("seed", 0))
+    gen = torch.Generator().manual_seed(seed)
+    plan = plan_extension(base.vocab, new_tasks, new_mods, init)
+    extended = extend_vocabulary(base, new_tasks, new_mods, init=init, groups=pc.groups,
+                                 generator=gen)
+    sources: list[tuple[PreprocessedCollection, float]] = [(pc, 1.0 - (
+        rehearsal_fraction if rehearsal is not None else 0.0))]
+    if rehearsal is not None:
+        sources.append((_open(rehearsal), rehearsal_fraction))
+    aligned = AlignedCollection(sources, extended.vocab)
+
+    options = dict(train_options)
+    options.setdefault("preset", base.config.preset or "custom")
+    cfg = TrainConfig(cache_dir=str(pc.cache_dir), out_dir=str(out_dir), **options)
+    t_old, m_old = len(base.vocab.tasks), len(base.vocab.modalities)
+    rows, frozen = frozen_layout(extended, t_old, m_old, mode)
+    weight = (1.0 if mode == "incremental" else 0.0) if distill is None else float(distill)
+    extra = None
+    if weight > 0:
+        teacher = copy.deepcopy(base).float()
+        extra = Distiller(teacher, weight, base.config.null_tokens)
+    trainer = Trainer(cfg, resume=resume, model=extended, collection=aligned,
+                      param_groups=make_param_groups(rows, frozen, cfg.weight_decay),
+                      extra_loss=extra)
+    path = trainer.run()
+    if trainer.rank != 0:
+        return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode)
+    # export: the EMA model with frozen values restored exactly (EMA arithmetic rounds)
+    exported = trainer.ema.model.cpu()
+    old_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+    with torch.no_grad():
+        params = dict(exported.named_parameters())
+        for name in frozen:
+            params[name].copy_(old_state[name])
+        for name, r in rows.items():
+            idx = torch.tensor(r)
+            if name.endswith(".task_priors"):  # the null row moved to the end: map old rows
+                src_idx = torch.tensor([i if i < t_old else t_old for i in r])
+            else:
+                src_idx = idx
+            params[name][idx] = old_state[name][src_idx].to(params[name].dtype)
+    header_meta = hm.read_header(path)["metadata"]
+    pre = dict(getattr(pc, "params", {}) or {})  # how hermes.segment() must preprocess
+    header_meta.setdefault("preprocess", {k: pre[k] for k in (
+        "spacing", "image_order", "crop_nonzero", "normalization") if k in pre})
+    header_meta["finetune"] = {
+        "mode": mode, "base_model": base_src, "new_tasks": new_tasks,
+        "new_modalities": new_mods, "init": init,
+        "init_sources": {"tasks": plan["tasks"], "modalities": plan["modalities"]},
+        "rehearsal": (str(getattr(rehearsal, "cache_dir", rehearsal))
+                      if rehearsal is not None else None),
+        "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
+        "distill_weight": weight, "old_tasks": t_old, "old_modalities": m_old,
+    }
+    hm.save(exported, path, metadata=header_meta)
+    return FinetuneResult(path, exported.eval(), new_tasks, new_mods, plan, mode)

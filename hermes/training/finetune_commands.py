@@ -1,0 +1,92 @@
+"""``hermes finetune`` and ``hermes priors``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from hermes.training.commands import open_cache
+    from hermes.training.finetune import finetune
+
+    pc = open_cache(args.collection, args.cache_dir, args.workers, not args.quiet)
+    rehearsal = None
+    if args.rehearsal:
+        rehearsal = open_cache(args.rehearsal, None, args.workers, not args.quiet)
+    out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode}-{pc.name}")
+    crop = tuple(args.crop) if len(args.crop) == 3 else (args.crop[0],) * 3
+    res = finetune(
+        args.model, pc, out, mode=args.mode, init=args.init, rehearsal=rehearsal,
+        rehearsal_fraction=args.rehearsal_fraction, distill=args.distill, resume=args.resume,
+        crop_size=crop, batch_size=args.batch_size, steps=args.steps, optimizer=args.optimizer,
+        lr=args.lr, seed=args.seed, workers=args.workers if args.workers is not None else 2,
+        checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
+        ema_decay=args.ema, augment=not args.no_augment,
+    )
+    if not args.quiet:
+        for name, src in res.plan["tasks"].items():
+            print(f"new task {name}: prior initialised from {src or 'random'}")
+        for name, src in res.plan["modalities"].items():
+            print(f"new modality {name}: prior initialised from {src or 'random'}")
+        print(f"model written to {res.path}")
+    return 0
+
+
+def _priors(args: argparse.Namespace) -> int:
+    import hermes.models as hm
+    from hermes.analysis.priors import analyse_priors
+
+    model = hm.load(args.model)
+    summary = analyse_priors(model, args.out, k=args.top, png=not args.no_png,
+                             modality_reduce=args.modality_reduce, center=args.center,
+                             png_levels=not args.no_level_png)
+    print((Path(args.out) / "nearest_neighbours.txt").read_text(), end="")
+    print(f"{len(summary['files'])} files written to {args.out}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("finetune", help="add a collection's new tasks to a trained model and "
+                                        "fine-tune (transfer / incremental learning)")
+    f.add_argument("model", help="a trained Hermes checkpoint (.hermes)")
+    f.add_argument("collection", help="collection YAML (preprocessed first) or a cache folder")
+    f.add_argument("--mode", default="full", choices=["full", "priors", "incremental"],
+                   help="full: all weights train; priors: only new priors and heads; "
+                        "incremental: old priors frozen, old tasks distilled/rehearsed")
+    f.add_argument("--init", default="similar", choices=["similar", "random"],
+                   help="new prior rows from the most similar old prior, or random")
+    f.add_argument("--rehearsal", help="old collection (YAML or cache) to rehearse on")
+    f.add_argument("--rehearsal-fraction", type=float, default=0.5,
+                   help="fraction of samples drawn from --rehearsal")
+    f.add_argument("--distill", type=float, default=None,
+                   help="distillation weight (default 1 in incremental mode, else 0)")
+    f.add_argument("--out", help="run folder (default runs/<model>-<mode>-<collection>)")
+    f.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
+    f.add_argument("--steps", type=int, default=500)
+    f.add_argument("--batch-size", type=int, default=2)
+    f.add_argument("--crop", type=int, nargs="+", default=[96], help="crop size (1 or 3 ints)")
+    f.add_argument("--optimizer", default="adamw", choices=["adamw", "lamb"])
+    f.add_argument("--lr", type=float, default=None)
+    f.add_argument("--ema", type=float, default=0.99, help="EMA decay")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--workers", type=int, default=None)
+    f.add_argument("--checkpoint-every", type=int, default=100)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--no-augment", action="store_true")
+    f.add_argument("--resume", action="store_true", help="continue the run in --out")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(handler=_finetune)
+
+    p = sub.add_parser("priors", help="similarity of a model's learned task and modality priors")
+    p.add_argument("model", help="a Hermes checkpoint (.hermes)")
+    p.add_argument("--out", required=True, help="output folder (CSV, PNG, text summary)")
+    p.add_argument("--top", type=int, default=3, help="neighbours listed per task")
+    p.add_argument("--modality-reduce", default="flatten", choices=["flatten", "mean"],
+                   help="compare modality tokens position by position, or their mean")
+    p.add_argument("--center", default="none", choices=["none", "groups"],
+                   help="groups: subtract each dataset group's mean task prior first")
+    p.add_argument("--no-png", action="store_true", help="CSV and text only")
+    p.add_argument("--no-level-png", action="store_true",
+                   help="heatmaps of the concatenated similarity only")
+    p.set_defaults(handler=_priors)

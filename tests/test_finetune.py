@@ -1,0 +1,203 @@
+"""Fine-tuning modes: freezing is exact, new tasks are learned, distillation, CLI."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import yaml
+
+import hermes.data as hd
+import hermes.models as hm
+from hermes.data.synthetic import generate_collection
+from hermes.models.extend import extend_vocabulary
+from hermes.training.finetune import (
+    AlignedCollection,
+    Distiller,
+    distillation_loss,
+    finetune,
+    frozen_layout,
+    make_param_groups,
+    new_names,
+)
+
+TRAIN = dict(crop_size=(32, 24, 24), batch_size=2, steps=2, workers=0, checkpoint_every=10**6,
+             progress=False, tensorboard=False, augment=False, lr=1e-3)
+
+
+def _cache(root, datasets, name):
+    y = generate_collection(root / f"src_{name}", seed=5, cases_per_dataset=2, datasets=datasets,
+                            size=(24, 30))
+    cfg = yaml.safe_load(y.read_text())
+    cfg.pop("shared_tasks")  # dataset-prefixed task names
+    cfg["name"] = name
+    y.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return hd.preprocess(hd.load_collection(y), root / f"cache_{name}", workers=1,
+                         progress=False, image_order=1, spacing=6.0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    old = _cache(root, ("synth_ct", "synth_t1"), "old")
+    new = _cache(root, ("synth_t2",), "new")
+    torch.manual_seed(0)
+    base = hm.build("tiny", tasks=old.tasks, modalities=old.modalities, groups=old.groups)
+    hm.save(base, root / "base.hermes")
+    return root, old, new, hm.load(root / "base.hermes")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.detach().cpu(), b.detach().cpu())
+
+
+def test_new_names_and_aligned_collection(setup):
+    _, old, new, base = setup
+    tasks, mods = new_names(base.vocab, new)
+    assert tasks == ["synth_t2/kidney", "synth_t2/bladder"] and mods == []
+    ext = extend_vocabulary(base, tasks, mods, groups=new.groups)
+    aligned = AlignedCollection([(new, 0.5), (old, 0.5)], ext.vocab)
+    assert set(aligned.datasets) == {"synth_t2", "synth_ct", "synth_t1"}
+    t2 = aligned.datasets["synth_t2"]
+    assert [ext.vocab.tasks[i] for i in t2.task_indices] == list(t2.tasks)
+    assert ext.vocab.modalities[t2.modality_index] == "T2"
+    assert aligned.sampling_weights["synth_t2"] == pytest.approx(0.5)
+    assert sum(aligned.sampling_weights.values()) == pytest.approx(1.0)
+    assert {c.dataset for c in aligned.split("train")} == {"synth_t2", "synth_ct", "synth_t1"}
+
+
+def test_row_freezing_is_exact_under_adamw():
+    torch.manual_seed(0)
+    m = hm.build("tiny", tasks=["a", "b"], modalities=["CT", "T1"])
+    ext = extend_vocabulary(m, ["c"], ["US"])
+    rows, params = frozen_layout(ext, 2, 2, "incremental")
+    assert rows["fusion.0.task_priors"] == [0, 1, 3] and rows["fusion.0.modality_priors"] == [0, 1]
+    assert not params
+    before = {k: v.clone() for k, v in ext.state_dict().items()}
+    opt = torch.optim.AdamW(make_param_groups(rows, params, weight_decay=0.1)(ext), lr=1e-2)
+    x = torch.randn(1, 1, 32, 16, 16)
+    for _ in range(2):
+        out = ext(x, tasks=["a", "c"], modality="US")
+        loss = out.seg_logits.square().mean() + out.modality_logits.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = ext.state_dict()
+    for k, r in rows.items():
+        assert _same(after[k][r], before[k][r]), k  # frozen rows: bit-identical
+    assert not _same(after["fusion.0.task_priors"][2], before["fusion.0.task_priors"][2])
+    assert not _same(after["fusion.2.modality_priors"][2], before["fusion.2.modality_priors"][2])
+    assert not _same(after["stem.conv.weight"], before["stem.conv.weight"])  # backbone trains
+    # priors mode freezes everything but prior tables and heads
+    _, pparams = frozen_layout(ext, 2, 2, "priors")
+    assert pparams and all(not k.startswith(("task_head", "modality_head")) and
+                           "priors" not in k for k in pparams)
+    assert frozen_layout(ext, 2, 2, "full") == ({}, set())
+
+
+def test_distillation_loss_hand_computed():
+    t = torch.tensor([0.0, 2.0, -1.0]).view(1, 3, 1, 1, 1)
+    s = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1, 1)
+    valid = torch.tensor([[True, True, False]])
+
+    def kl(ts, ss):
+        p, q = 1 / (1 + math.exp(-ts)), 1 / (1 + math.exp(-ss))
+        return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+    exp = (kl(0.0, 1.0) + kl(2.0, 2.0)) / 2
+    assert distillation_loss(s, t, valid).item() == pytest.approx(exp, rel=1e-5)
+    assert distillation_loss(t, t, valid.new_ones(1, 3)).abs().item() < 1e-6
+
+
+def test_distiller_picks_groups_of_the_same_modality():
+    m = hm.build("tiny", tasks=["a/x", "a/y", "b/z"], modalities=["CT", "T1", "T2"],
+                 groups={"a": {"tasks": ["a/x", "a/y"], "modality": "CT"},
+                         "b": {"tasks": ["b/z"], "modality": "T1"}})
+    d = Distiller(m, 1.0, null_tokens=1)
+    # CT sample -> group a; T1 sample -> group b; T2 (no old group): groups rotate with
+    # step + sample position, (0 + 2) % 2 -> group a, with its own modality CT
+    task_idx, valid, mod = d.choose(torch.tensor([0, 1, 2]), step=0)
+    assert task_idx.tolist() == [[0, 1, -1], [2, -1, -1], [0, 1, -1]]
+    assert valid.tolist() == [[True, True], [True, False], [True, True]]
+    assert mod.tolist() == [0, 1, 0]
+    task_idx, _, mod = d.choose(torch.tensor([2]), step=1)
+    assert task_idx.tolist() == [[2, -1]] and mod.tolist() == [1]
+
+
+def test_priors_mode_trains_only_new_rows_and_heads(setup, tmp_path):
+    _, _, new, base = setup
+    res = finetune(base, new, tmp_path / "p", mode="priors", **TRAIN)
+    assert res.new_tasks == ["synth_t2/kidney", "synth_t2/bladder"]
+    m = hm.load(res.path)
+    assert m.vocab.tasks == base.vocab.tasks + res.new_tasks
+    assert m.vocab.group("synth_t2") == res.new_tasks and "synth_ct" in m.vocab.groups
+    sb, sm = base.state_dict(), m.state_dict()
+    t_old = len(base.vocab.tasks)
+    for k, v in sb.items():
+        if k.endswith("task_priors"):
+            assert _same(sm[k][:t_old], v[:t_old]) and _same(sm[k][-1], v[-1])
+            assert not _same(sm[k][t_old:-1], sm[k][t_old - 2:t_old])  # new rows moved
+        elif k.endswith("modality_priors"):
+            assert _same(sm[k], v)
+        elif not k.startswith(("task_head", "modality_head")):
+            assert _same(sm[k], v), k  # backbone and fusion blocks frozen
+    assert not _same(sm["task_head.fc1.weight"], sb["task_head.fc1.weight"])
+    meta = hm.read_header(res.path)["metadata"]
+    assert meta["finetune"]["mode"] == "priors"
+    assert meta["finetune"]["init_sources"]["tasks"] == {"synth_t2/kidney": "synth_ct/kidney",
+                                                         "synth_t2/bladder": None}
+    assert meta["preprocess"]["spacing"] == [6.0, 6.0, 6.0]
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():  # old and new tasks in one request
+        out = m(x, tasks=["synth_ct/liver", "synth_t2/bladder"], modality="T2")
+    assert out.seg_logits.shape == (1, 2, 32, 32, 32)
+    # hermes.segment() on the checkpoint: old and new tasks by name, and the new dataset's
+    # tasks by default for its modality (from the vocabulary groups the checkpoint carries)
+    import numpy as np
+
+    import hermes
+
+    img = np.random.default_rng(0).normal(size=(40, 36, 40)).astype(np.float32)
+    seg = hermes.segment(img, tasks=["synth_ct/liver", "synth_t2/bladder"], modality="T2",
+                         model=str(res.path), spacing=(6.0, 6.0, 6.0), device="cpu")
+    assert seg.task_names == ["synth_ct/liver", "synth_t2/bladder"]
+    assert seg.masks.shape == (2, 40, 36, 40)
+    seg = hermes.segment(img, modality="T2", model=str(res.path), spacing=(6.0, 6.0, 6.0),
+                         device="cpu")
+    assert seg.task_names == res.new_tasks
+
+
+def test_incremental_with_distillation_and_rehearsal(setup, tmp_path):
+    _, old, new, base = setup
+    res = finetune(base, new, tmp_path / "i", mode="incremental", rehearsal=old,
+                   rehearsal_fraction=0.5, **TRAIN)
+    m = hm.load(res.path)
+    sb, sm = base.state_dict(), m.state_dict()
+    t_old = len(base.vocab.tasks)
+    assert _same(sm["fusion.1.task_priors"][:t_old], sb["fusion.1.task_priors"][:t_old])
+    assert _same(sm["fusion.1.task_priors"][-1], sb["fusion.1.task_priors"][-1])
+    key = "up.0.blocks.0.conv1.conv.weight"
+    assert not _same(sm[key], sb[key])  # the rest trains
+    with open(tmp_path / "i" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(r["extra"]) >= -1e-6 for r in rows)
+    meta = hm.read_header(res.path)["metadata"]["finetune"]
+    assert meta["distill_weight"] == 1.0 and meta["rehearsal_fraction"] == 0.5
+
+
+def test_cli_finetune_full(setup, tmp_path, capsys):
+    from hermes.cli import main
+
+    root, _, new, base = setup
+    rc = main(["finetune", str(root / "base.hermes"), str(new.cache_dir), "--mode", "full",
+               "--init", "random", "--steps", "1", "--crop", "32", "24", "24", "--workers", "0",
+               "--no-augment", "--out", str(tmp_path / "f"), "--device", "cpu"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "new task synth_t2/kidney: prior initialised from random" in out
+    m = hm.load(tmp_path / "f" / "model.hermes")
+    t_old = len(base.vocab.tasks)
+    # full mode: old prior rows train too
+    assert not _same(m.fusion[0].task_priors[:t_old], base.fusion[0].task_priors[:t_old])
