@@ -82,7 +82,17 @@ class PriorAttentionBlock(nn.Module):
         )
 
     def forward(self, features: Tensor, priors: Tensor) -> tuple[Tensor, Tensor]:
-        """features B x L x C, priors B x N x C -> both updated."""
+        """features B x L x C, priors B x N x C -> both updated.
+
+        Runs the fused op (:mod:`hermes.ops.prior_attention_fused`) unless the implementation is
+        ``"reference"``: per block through an ``impl`` attribute (set model-wide with
+        :func:`hermes.ops.prior_attention_fused.set_prior_impl`), else the environment variable
+        ``HERMES_PRIOR_IMPL`` (``fused`` by default).
+        """
+        from hermes.ops.prior_attention_fused import prior_attention_block_fused, resolve_impl
+
+        if resolve_impl(getattr(self, "impl", None)) == "fused":
+            return prior_attention_block_fused(features, priors, self.params())
         return prior_attention_block_reference(features, priors, self.params())
 
 
@@ -98,8 +108,12 @@ class PriorFeatureInteraction(nn.Module):
         self.blocks = nn.ModuleList(PriorAttentionBlock(dim, head_dim) for _ in range(depth))
 
     def forward(self, features: Tensor, priors: Tensor) -> tuple[Tensor, Tensor]:
+        from hermes.ops.prior_attention_fused import resolve_impl
+
         b, c, d, h, w = features.shape
         tokens = features.reshape(b, c, d * h * w).transpose(1, 2)  # B x L x C view
+        if any(resolve_impl(getattr(blk, "impl", None)) == "fused" for blk in self.blocks):
+            tokens = tokens.contiguous()  # one copy here instead of one per fused op
         for block in self.blocks:
             tokens, priors = block(tokens, priors)
         features = tokens.transpose(1, 2).reshape(b, c, d, h, w).contiguous()

@@ -6,24 +6,25 @@ float32/float16/bfloat16 when compiled). :func:`kernels_for` picks the set for a
 
 Conventions (all in place unless stated):
 
-* ``ln_fwd(x, w, b, eps) -> (y, mean, rstd)``: LayerNorm of rows x C; mean/rstd are float32
-  (float64 for float64 input) of length rows.
+* ``ln_fwd(x, w, b, eps, out=None) -> (y, mean, rstd)``: LayerNorm of rows x C (into ``out``
+  when given); mean/rstd are float32 (float64 for float64 input) of length rows.
 * ``ln_bwd(dy, x, mean, rstd, w, dx, dw, db, accumulate)``: ``dx (+)= dLN/dx`` (``+=`` when
   ``accumulate``, e.g. onto a residual gradient), ``dw += sum(dy * xhat)``, ``db += sum(dy)``.
 * ``head_softmax(s, heads)``: rows x (heads*n): softmax over each contiguous group of n.
 * ``head_softmax_bwd(s, dp, heads)``: s holds raw scores -> replaced by probabilities p;
   dp -> ``p * (dp - sum_group(p * dp))``.
 * ``online_update(s, m, l) -> alpha``: rows x Lc raw scores (one row per prior query) ->
-  ``exp(s - m_new)``; running max ``m`` and sum ``l`` updated; returns ``alpha = exp(m_old - m_new)``
-  (the factor to rescale the previous accumulator by).
+  ``exp(s - m_new)``; running max ``m`` and sum ``l`` updated; returns
+  ``alpha = exp(m_old - m_new)`` (the factor to rescale the previous accumulator by).
 * ``gather_bwd(s, dp, lse, dsum)``: s raw scores -> ``p = exp(s - lse)``;
   dp -> ``p * (dp - dsum)``.
+* ``bias_gelu(u, b)``, ``bias_gelu_fwd_bwd(u, b, dg)``: exact GELU of ``u + b`` in place;
+  the backward form also does ``dg -> dg * GELU'(u + b)``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hermes.ops._extension import extension, extension_loaded
@@ -39,8 +40,12 @@ class TorchKernels:
     name = "torch"
 
     @staticmethod
-    def ln_fwd(x: Tensor, w: Tensor, b: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def ln_fwd(x: Tensor, w: Tensor, b: Tensor, eps: float,
+               out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), w, b, eps)
+        if out is not None:
+            out.copy_(y)
+            y = out
         return y, mean.reshape(-1).to(_stat_dtype(x)), rstd.reshape(-1).to(_stat_dtype(x))
 
     @staticmethod
@@ -94,14 +99,17 @@ class TorchKernels:
         dp.copy_(ds)
 
     @staticmethod
-    def gelu(u: Tensor) -> Tensor:
-        return F.gelu(u)
+    def bias_gelu(u: Tensor, bias: Tensor) -> None:
+        """u <- GELU(u + bias) (exact, erf form), in place."""
+        u.add_(bias)
+        torch._C._nn.gelu(u, out=u)
 
     @staticmethod
-    def gelu_fwd_bwd(u: Tensor, dg: Tensor) -> None:
-        """u (pre-activation) -> GELU(u); dg -> dg * GELU'(u), in place."""
-        dg.copy_(torch.ops.aten.gelu_backward(dg, u))
-        u.copy_(F.gelu(u))
+    def bias_gelu_fwd_bwd(u: Tensor, bias: Tensor, dg: Tensor) -> None:
+        """u <- GELU(u + bias); dg <- dg * GELU'(u + bias), in place."""
+        u.add_(bias)
+        torch.ops.aten.gelu_backward.grad_input(dg, u, grad_input=dg)
+        torch._C._nn.gelu(u, out=u)
 
 
 class NativeKernels(TorchKernels):
@@ -120,9 +128,9 @@ class NativeKernels(TorchKernels):
     def _code(t: Tensor) -> int:
         return _DTYPE_CODES[t.dtype]
 
-    def ln_fwd(self, x: Tensor, w: Tensor, b: Tensor, eps: float):
+    def ln_fwd(self, x: Tensor, w: Tensor, b: Tensor, eps: float, out: Tensor | None = None):
         rows, c = x.shape
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if out is None else out
         sd = _stat_dtype(x)
         mean = torch.empty(rows, dtype=sd, device=x.device)
         rstd = torch.empty(rows, dtype=sd, device=x.device)
@@ -159,6 +167,16 @@ class NativeKernels(TorchKernels):
         self._c.pa_gather_bwd(self._code(s), s.data_ptr(), dp.data_ptr(), lse.data_ptr(),
                               dsum.data_ptr(), rows, cols, self._cuda, self._stream())
 
+    def bias_gelu(self, u, bias):
+        rows, cols = u.shape
+        self._c.pa_bias_gelu(self._code(u), u.data_ptr(), bias.data_ptr(), 0, rows, cols,
+                             self._cuda, self._stream())
+
+    def bias_gelu_fwd_bwd(self, u, bias, dg):
+        rows, cols = u.shape
+        self._c.pa_bias_gelu(self._code(u), u.data_ptr(), bias.data_ptr(), dg.data_ptr(), rows,
+                             cols, self._cuda, self._stream())
+
 
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _NATIVE: dict[str, NativeKernels] = {}
@@ -169,7 +187,7 @@ def native_available(device: torch.device, dtype: torch.dtype) -> bool:
     if not extension_loaded():
         return False
     c = extension()
-    if not hasattr(c, "pa_ln_fwd"):
+    if not hasattr(c, "pa_bias_gelu"):
         return False
     if device.type == "cpu":
         return dtype in (torch.float32, torch.float64)

@@ -1,0 +1,322 @@
+"""Benchmark of one Hermes attention block: official formulation vs SDPA vs fused (ours).
+
+Side by side in one run, at the three prior-fusion levels of a 128^3 crop (level 2: C=128,
+L=32^3; level 3: C=256, L=16^3; level 4: C=320, L=8^3) with N = 26 and N = 82 prior tokens:
+
+* ``official``: the published module structure: q / kv Linear layers, head split, einsum scores,
+  softmax, einsum with the values, output Linear; MLP Linear -> GELU -> Linear.
+* ``sdpa``: the same projections with ``torch.nn.functional.scaled_dot_product_attention``.
+* ``fused``: :func:`hermes.ops.prior_attention_fused.prior_attention_block_fused`.
+
+Two scopes: ``xattn`` (the two cross-attention sublayers only: priors <- features, then
+features <- priors) and ``block`` (all four sublayers). Modes: forward (no grad) and forward +
+backward (gradients of inputs and weights). Times are medians over interleaved repeats. Peak
+memory above the inputs and weights: the process's peak RSS (CPU; reset before each run, glibc's
+mmap threshold lowered so that freed buffers leave the RSS) or ``torch.cuda.max_memory_allocated``.
+
+Usage::
+
+    python benchmarks/bench_prior_interaction.py            # full table, CPU (and CUDA if any)
+    python benchmarks/bench_prior_interaction.py --quick    # CI smoke: tiny shapes, 1 repeat
+
+Writes ``benchmarks/results/prior_interaction_<device>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hermes.ops.prior_attention import CrossAttentionParams, MLPParams, PriorBlockParams
+from hermes.ops.prior_attention_fused import (
+    feature_cross_attention_fused,
+    prior_attention_block_fused,
+    prior_cross_attention_fused,
+)
+
+LEVELS = {2: (128, 32**3), 3: (256, 16**3), 4: (320, 8**3)}
+QUICK_LEVELS = {2: (64, 6 * 7 * 5), 3: (96, 4**3)}
+IMPLS = ("official", "sdpa", "fused")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------
+# the two baselines, written from the published module structure
+# ------------------------------------------------------------------------------------------------
+
+
+def _official_attn(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParams, sdpa: bool) -> Tensor:
+    c = x_q.shape[-1]
+    q = F.linear(F.layer_norm(x_q, (c,), p.norm_q_weight, p.norm_q_bias, p.eps), p.w_q)
+    k, v = F.linear(F.layer_norm(x_kv, (c,), p.norm_kv_weight, p.norm_kv_bias, p.eps),
+                    p.w_kv).chunk(2, dim=-1)
+    b, lq, inner = q.shape
+    d = inner // p.heads
+    q, k, v = (t.reshape(b, -1, p.heads, d).permute(0, 2, 1, 3) for t in (q, k, v))
+    if sdpa:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        attn = torch.einsum("bhid,bhjd->bhij", q, k) * d**-0.5
+        out = torch.einsum("bhij,bhjd->bhid", attn.softmax(dim=-1), v)
+    out = out.permute(0, 2, 1, 3).reshape(b, lq, inner)
+    return x_q + F.linear(out, p.w_out, p.b_out)
+
+
+def _official_mlp(x: Tensor, p: MLPParams) -> Tensor:
+    h = F.layer_norm(x, (x.shape[-1],), p.norm_weight, p.norm_bias, p.eps)
+    return x + F.linear(F.gelu(F.linear(h, p.w1, p.b1)), p.w2, p.b2)
+
+
+def run_impl(impl: str, scope: str, f: Tensor, pr: Tensor, p: PriorBlockParams):
+    """One scope (``xattn`` or ``block``) of one implementation -> (features, priors)."""
+    if impl == "fused":
+        if scope == "block":
+            return prior_attention_block_fused(f, pr, p)
+        pr = prior_cross_attention_fused(f, pr, p.prior_attn)
+        return feature_cross_attention_fused(f, pr, p.feat_attn), pr
+    sdpa = impl == "sdpa"
+    pr = _official_attn(pr, f, p.prior_attn, sdpa)
+    if scope == "block":
+        pr = _official_mlp(pr, p.prior_mlp)
+    f = _official_attn(f, pr, p.feat_attn, sdpa)
+    if scope == "block":
+        f = _official_mlp(f, p.feat_mlp)
+    return f, pr
+
+
+# ------------------------------------------------------------------------------------------------
+# set-up and measurement
+# ------------------------------------------------------------------------------------------------
+
+
+def make_inputs(c: int, length: int, n: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """Features 1 x L x C, priors 1 x N x C and block weights (all requiring grad)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    heads, inner, hidden = c // 32, (c // 32) * 32, 4 * c
+
+    def attn():
+        return CrossAttentionParams(1 + r(c, scale=0.1), r(c, scale=0.1), 1 + r(c, scale=0.1),
+                                    r(c, scale=0.1), r(inner, c, scale=c**-0.5),
+                                    r(2 * inner, c, scale=c**-0.5), r(c, inner, scale=inner**-0.5),
+                                    r(c, scale=0.1), heads)
+
+    def mlp():
+        return MLPParams(1 + r(c, scale=0.1), r(c, scale=0.1), r(hidden, c, scale=c**-0.5),
+                         r(hidden, scale=0.1), r(c, hidden, scale=hidden**-0.5), r(c, scale=0.1))
+
+    p = PriorBlockParams(attn(), mlp(), attn(), mlp())
+    for sub in (p.prior_attn, p.prior_mlp, p.feat_attn, p.feat_mlp):
+        for name, v in vars(sub).items():
+            if isinstance(v, Tensor):  # make the weights leaves again
+                setattr(sub, name, v.detach().requires_grad_())
+    return r(1, length, c), r(1, n, c), p
+
+
+def _leaves(f: Tensor, pr: Tensor, p: PriorBlockParams) -> list[Tensor]:
+    out = [f, pr]
+    for sub in (p.prior_attn, p.prior_mlp, p.feat_attn, p.feat_mlp):
+        out += [v for v in vars(sub).values() if isinstance(v, Tensor)]
+    return out
+
+
+def step(impl: str, scope: str, mode: str, f: Tensor, pr: Tensor, p: PriorBlockParams,
+         grads: tuple[Tensor, Tensor]) -> None:
+    """One forward (``fwd``, no grad) or forward + backward (``fwdbwd``)."""
+    if mode == "fwd":
+        with torch.no_grad():
+            run_impl(impl, scope, f, pr, p)
+        return
+    fo, po = run_impl(impl, scope, f, pr, p)
+    torch.autograd.backward([fo, po], list(grads))
+    for t in _leaves(f, pr, p):
+        t.grad = None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_all(configs, device: str, dtype: torch.dtype, repeats: int,
+             clock: str = "wall") -> dict:
+    """Median seconds per (level, n, scope, mode, impl), impls interleaved within each repeat.
+
+    ``clock="cpu"`` measures process CPU time instead of wall time: with one thread this is the
+    work done, robust against other jobs on a shared host (with several threads it would count
+    OpenMP spin-waiting).
+    """
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    out = {}
+    for level, c, length, n in configs:
+        f, pr, p = make_inputs(c, length, n, device, dtype)
+        grads = (torch.randn_like(f), torch.randn_like(pr))
+        for scope in ("xattn", "block"):
+            for mode in ("fwd", "fwdbwd"):
+                samples = {impl: [] for impl in IMPLS}
+                for impl in IMPLS:  # warm-up
+                    step(impl, scope, mode, f, pr, p, grads)
+                for _ in range(repeats):
+                    for impl in IMPLS:
+                        _sync(device)
+                        t0 = timer()
+                        step(impl, scope, mode, f, pr, p, grads)
+                        _sync(device)
+                        samples[impl].append(timer() - t0)
+                print(f"level {level} N={n} {scope} {mode}: " + ", ".join(
+                    f"{i} {statistics.median(samples[i]) * 1e3:.1f} ms" for i in IMPLS),
+                    file=sys.stderr, flush=True)
+                for impl in IMPLS:
+                    out[(level, n, scope, mode, impl)] = statistics.median(samples[impl])
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_all(configs, device: str, dtype: torch.dtype) -> dict:
+    """Peak extra bytes above inputs and weights per (level, n, scope, mode, impl).
+
+    CUDA: ``max_memory_allocated``. CPU: the kernel's peak RSS (reset before each run through
+    /proc/self/clear_refs); the script re-executes itself with glibc's mmap threshold lowered so
+    that freed tensors leave the RSS at once (torch's CPU allocator does not cache).
+    """
+    out = {}
+    if not device.startswith("cuda") and not _reset_peak_rss():
+        return out
+    for level, c, length, n in configs:
+        f, pr, p = make_inputs(c, length, n, device, dtype)
+        grads = (torch.randn_like(f), torch.randn_like(pr))
+        for scope in ("xattn", "block"):
+            for mode in ("fwd", "fwdbwd"):
+                for impl in IMPLS:
+                    step(impl, scope, mode, f, pr, p, grads)  # warm-up (workspaces, caches)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        step(impl, scope, mode, f, pr, p, grads)
+                        torch.cuda.synchronize()
+                        peak = torch.cuda.max_memory_allocated() - base
+                    else:
+                        _reset_peak_rss()
+                        base = _rss_bytes()
+                        step(impl, scope, mode, f, pr, p, grads)
+                        peak = _peak_rss_bytes() - base
+                    out[(level, n, scope, mode, impl)] = max(peak, 0)
+    return out
+
+
+def render(times: dict, mems: dict, configs, device_name: str) -> str:
+    mib = 1 << 20
+    lines = [f"Device: {device_name}", "",
+             "| level | C | L | N | scope | mode | official ms | sdpa ms | fused ms | "
+             "speed-up vs official | vs sdpa | peak MiB official | sdpa | fused | fused/official |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for level, c, length, n in configs:
+        for scope in ("xattn", "block"):
+            for mode in ("fwd", "fwdbwd"):
+                key = (level, n, scope, mode)
+                t = {i: times[(*key, i)] * 1e3 for i in IMPLS}
+                m = {i: mems.get((*key, i), float("nan")) / mib for i in IMPLS}
+                lines.append(
+                    f"| {level} | {c} | {length} | {n} | {scope} | {mode} | {t['official']:.1f} | "
+                    f"{t['sdpa']:.1f} | {t['fused']:.1f} | {t['official'] / t['fused']:.2f}x | "
+                    f"{t['sdpa'] / t['fused']:.2f}x | {m['official']:.0f} | {m['sdpa']:.0f} | "
+                    f"{m['fused']:.0f} | {m['fused'] / max(m['official'], 1e-9):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (CI smoke)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--levels", default="2,3,4")
+    ap.add_argument("--priors", default="26,82")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall time, or process CPU time (meaningful with --threads 1 on a "
+                    "shared host)")
+    ap.add_argument("--out", default=None, help="output stem (default results/prior_interaction_"
+                    "<device>)")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device == "cpu" and not args.no_memory and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+    dtype = getattr(torch, args.dtype)
+    levels = QUICK_LEVELS if args.quick else LEVELS
+    wanted = [int(v) for v in args.levels.split(",")]
+    priors = [5] if args.quick else [int(v) for v in args.priors.split(",")]
+    configs = [(lv, *levels[lv], n) for lv in levels if lv in wanted or args.quick
+               for n in priors]
+    repeats = 1 if args.quick else args.repeats
+    if args.clock == "cpu" and device != "cpu":
+        raise SystemExit("--clock cpu is for CPU runs")
+    times = time_all(configs, device, dtype, repeats, args.clock)
+    mems = {} if args.no_memory else memory_all(configs, device, dtype)
+    if device.startswith("cuda"):
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = f"CPU {platform.processor() or platform.machine()}, " \
+                      f"{torch.get_num_threads()} threads"
+    device_name += f", {args.clock} clock"
+    table = render(times, mems, configs, device_name)
+    print(table)
+    stem = Path(args.out) if args.out else RESULTS / (
+        f"prior_interaction_{device.split(':')[0]}" + ("_quick" if args.quick else ""))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    records = [
+        {"level": lv, "n": n, "scope": s, "mode": m, "impl": i, "seconds": v,
+         "peak_bytes": mems.get((lv, n, s, m, i))}
+        for (lv, n, s, m, i), v in times.items()
+    ]
+    meta = {"device": device_name, "dtype": args.dtype, "repeats": repeats, "clock": args.clock,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "configs": [{"level": lv, "C": c, "L": length, "N": n} for lv, c, length, n in configs]}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": records}, indent=1))
+    stem.with_suffix(".md").write_text(table + "\n")
+    print(f"wrote {stem.with_suffix('.json')} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

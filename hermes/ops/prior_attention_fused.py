@@ -1,0 +1,688 @@
+"""Fused prior-feature interaction: one Hermes attention block without per-voxel Q/K/V.
+
+Same mathematics as :func:`hermes.ops.prior_attention.prior_attention_block_reference`, organised
+so that nothing of size L x C (besides the features themselves), L x 4C or L x N x heads is kept
+for backward. Notation: L voxels, N priors, C width, H heads of width d, I = H * d,
+``s = d ** -0.5``; x = LayerNorm of one voxel's features.
+
+**priors <- features** (:func:`prior_gather`). With q_hj the query of prior j in head h, the
+score of voxel l is ``q_hj . (W_k,h x_l) * s = x_l . a_hj`` with ``a_hj = s * W_k,h^T q_hj``:
+the projections fold into an (H*N) x C matrix ``A``. The voxels are streamed in chunks: scores
+``A x^T`` (H*N x chunk), online softmax over L (running max/sum, rescaled accumulator), and the
+weighted sum ``Z = sum_l p_l x_l`` (H*N x C). Only afterwards the value and output projections are
+applied to Z (``W_v,h Z_hj``, then ``W_out``): small tensors, plain autograd. Backward recomputes
+the chunk scores from the saved log-sum-exp (flash-style) and uses ``D = rowsum(dZ * Z)``.
+
+**features <- priors** (:func:`feature_scatter`). Scores ``x_l . a_hj`` with
+``a_hj = s * W_q,h^T k_hj`` and the output ``sum_hj p_lhj (W_out,h v_hj)`` fold into two (H*N) x C
+matrices ``A`` and ``V``: per chunk LN -> GEMM (chunk x H*N) -> softmax over N per head ->
+GEMM -> residual (the output bias is folded into ``V`` as ``bias / H`` per row, exact because
+each head's probabilities sum to one). Backward recomputes LN and the probabilities.
+
+**feature MLP** (:func:`feature_mlp`). LN -> fc1 -> GELU -> fc2 -> + bias + residual per chunk;
+the chunk x 4C hidden activations are recomputed in backward instead of stored.
+
+The prior-side MLP works on N tokens only and uses plain PyTorch.
+
+Cost per voxel and sublayer: the folded GEMMs cost ``2 * H * N * C`` multiply-adds against
+``C * I + N * I`` for the projected (official) form, so folding pays while ``H * N < C + N``
+(every level at N = 26; not at N = 82, where the official GEMM count is lower; levels 3 and 4
+at N = 82 take the projected form with SDPA, see :func:`use_fold`). Memory: the
+saved tensors are the block inputs plus B x (H*N) x C folds, Z and its log-sum-exp; scratch is
+one chunk (``default_chunk``) per buffer. First-order gradients only (no double backward).
+
+The three streaming parts are ``torch.library`` custom ops (``hermes::prior_gather_fwd`` /
+``_bwd``, ``hermes::feature_scatter_fwd`` / ``_bwd``, ``hermes::feature_mlp_fwd`` / ``_bwd``) with
+fake (meta) implementations and autograd; their element-wise parts run in ``hermes._C`` (CPU
+float32/float64, CUDA) and fall back to PyTorch elsewhere. GEMMs are torch (BLAS / cuBLAS).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hermes.ops._prior_kernels import TorchKernels, kernels_for
+from hermes.ops.prior_attention import (
+    CrossAttentionParams,
+    MLPParams,
+    PriorBlockParams,
+    mlp_sublayer,
+)
+
+__all__ = [
+    "prior_attention_block_fused",
+    "prior_cross_attention_fused",
+    "feature_cross_attention_fused",
+    "feature_mlp_fused",
+    "prior_gather",
+    "feature_scatter",
+    "feature_mlp",
+    "fold_prior_queries",
+    "fold_feature_keys_values",
+    "set_native_kernels",
+    "set_prior_impl",
+    "resolve_impl",
+    "default_chunk",
+    "use_fold",
+]
+
+IMPLS = ("fused", "reference")
+
+_USE_NATIVE = os.environ.get("HERMES_PRIOR_NATIVE", "1") not in ("0", "false", "no")
+
+
+def set_native_kernels(enabled: bool) -> None:
+    """Use the ``hermes._C`` element-wise kernels when available (default) or PyTorch only."""
+    global _USE_NATIVE
+    _USE_NATIVE = bool(enabled)
+
+
+def resolve_impl(impl: str | None = None) -> str:
+    """The implementation to run: ``impl`` if given, else ``$HERMES_PRIOR_IMPL``, else fused."""
+    choice = impl if impl is not None else os.environ.get("HERMES_PRIOR_IMPL", "fused")
+    choice = choice.strip().lower()
+    if choice not in IMPLS:
+        raise ValueError(f"prior attention implementation must be one of {IMPLS}, got {impl!r}"
+                         if impl is not None else
+                         f"HERMES_PRIOR_IMPL must be one of {IMPLS}, got {choice!r}")
+    return choice
+
+
+def set_prior_impl(module: torch.nn.Module, impl: str | None) -> torch.nn.Module:
+    """Set the implementation of every attention block in ``module`` (None: back to the default).
+
+    Args:
+        module: a model or any module containing ``PriorAttentionBlock`` s.
+        impl: ``"fused"``, ``"reference"`` or None (follow ``HERMES_PRIOR_IMPL``).
+    Returns:
+        ``module``.
+    """
+    from hermes.models.prior_fusion import PriorAttentionBlock
+
+    if impl is not None:
+        resolve_impl(impl)
+    for m in module.modules():
+        if isinstance(m, PriorAttentionBlock):
+            m.impl = impl
+    return module
+
+
+def _kern(t: Tensor):
+    return kernels_for(t, _USE_NATIVE)
+
+
+def default_chunk(width: int, device: torch.device) -> int:
+    """Voxels per streaming chunk: ``width`` x chunk is about 2^21 values on CPU (few chunks, so
+    few fork/join points; 8 MiB of float32 scratch per buffer) and 2^24 on GPUs."""
+    budget = (1 << 21) if device.type == "cpu" else (1 << 24)
+    return max(256, min(1 << 16, budget // max(width, 1)))
+
+
+def _chunk_arg(chunk: int | None, width: int, device: torch.device) -> int:
+    if chunk is None:
+        return default_chunk(width, device)
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be a positive number of voxels, got {chunk}")
+    return int(chunk)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class _Workspace:
+    """Scratch buffers reused across the chunks of one op call (fresh allocations of large
+    tensors cost page faults on every chunk on CPU)."""
+
+    def __init__(self, like: Tensor) -> None:
+        self._like = like
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype or self._like.dtype, device=self._like.device)
+            self._bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with acc possibly wider (float32 accumulators of half inputs)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(torch.mm(a, b).to(acc.dtype))
+
+
+def _chunks(length: int, chunk: int):
+    for start in range(0, length, chunk):
+        yield start, min(start + chunk, length)
+
+
+# ---------------------------------------------------------------------------------------------
+# priors <- features: Z = softmax_L(A LN(F)^T) LN(F)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hermes::prior_gather_fwd", mutates_args=())
+def prior_gather_fwd(
+    features: Tensor, fold: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """features B x L x C, fold B x M x C -> (Z B x M x C, lse B x M float32/64)."""
+    k = _kern(features)
+    b, length, c = features.shape
+    m_rows = fold.shape[1]
+    sd = torch.float64 if features.dtype == torch.float64 else torch.float32
+    z = torch.empty(b, m_rows, c, dtype=features.dtype, device=features.device)
+    lse = torch.empty(b, m_rows, dtype=sd, device=features.device)
+    acc_t = _acc_dtype(features)
+    ws = _Workspace(features)
+    for i in range(b):
+        fb, ab = features[i], fold[i]
+        run_max = torch.full((m_rows,), -math.inf, dtype=sd, device=features.device)
+        run_sum = torch.zeros(m_rows, dtype=sd, device=features.device)
+        acc = torch.zeros(m_rows, c, dtype=acc_t, device=features.device)
+        for s0, s1 in _chunks(length, chunk):
+            x, _, _ = k.ln_fwd(fb[s0:s1], norm_weight, norm_bias, eps,
+                               out=ws.get("x", s1 - s0, c))
+            s = torch.mm(ab, x.t(), out=ws.get("s", m_rows, s1 - s0))
+            alpha = k.online_update(s, run_max, run_sum)
+            if s0 > 0:
+                acc.mul_(alpha.to(acc_t)[:, None])
+            _addmm_acc(acc, s, x)
+        z[i] = (acc / run_sum.to(acc_t)[:, None]).to(z.dtype)
+        lse[i] = run_max + torch.log(run_sum)
+    return z, lse
+
+
+@prior_gather_fwd.register_fake
+def _(features, fold, norm_weight, norm_bias, eps, chunk):
+    sd = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return (fold.new_empty(fold.shape[0], fold.shape[1], features.shape[2]),
+            fold.new_empty(fold.shape[0], fold.shape[1], dtype=sd))
+
+
+@torch.library.custom_op("hermes::prior_gather_bwd", mutates_args=())
+def prior_gather_bwd(
+    grad_z: Tensor, features: Tensor, fold: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+    z: Tensor, lse: Tensor, eps: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (features, fold, norm_weight, norm_bias) of :func:`prior_gather_fwd`."""
+    k = _kern(features)
+    b, length, c = features.shape
+    m_rows = fold.shape[1]
+    acc_t = _acc_dtype(features)
+    grad_z = grad_z.contiguous()
+    d_feat = torch.empty_like(features)
+    d_fold = torch.zeros(b, m_rows, c, dtype=acc_t, device=features.device)
+    d_w = torch.zeros(c, dtype=acc_t, device=features.device)
+    d_b = torch.zeros(c, dtype=acc_t, device=features.device)
+    dsum = (grad_z.to(lse.dtype) * z.to(lse.dtype)).sum(-1)  # B x M
+    ws = _Workspace(features)
+    for i in range(b):
+        lhs = torch.cat([fold[i], grad_z[i]], 0)  # 2M x C: scores and dP in one GEMM
+        rhs = torch.cat([grad_z[i], fold[i]], 0)  # dx = P^T dZ + dS^T A in one GEMM
+        for s0, s1 in _chunks(length, chunk):
+            xin = features[i, s0:s1]
+            x, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps,
+                                     out=ws.get("x", s1 - s0, c))
+            sp = torch.mm(lhs, x.t(), out=ws.get("sp", 2 * m_rows, s1 - s0))
+            s, dp = sp[:m_rows], sp[m_rows:]
+            k.gather_bwd(s, dp, lse[i], dsum[i])  # s <- P, dp <- dS: sp = [P; dS]
+            _addmm_acc(d_fold[i], dp, x)
+            dx = torch.mm(sp.t(), rhs, out=ws.get("dx", s1 - s0, c))
+            k.ln_bwd(dx, xin, mean, rstd, norm_weight, d_feat[i, s0:s1], d_w, d_b, False)
+    return d_feat, d_fold.to(fold.dtype), d_w.to(norm_weight.dtype), d_b.to(norm_bias.dtype)
+
+
+@prior_gather_bwd.register_fake
+def _(grad_z, features, fold, norm_weight, norm_bias, z, lse, eps, chunk):
+    return (torch.empty_like(features), torch.empty_like(fold), torch.empty_like(norm_weight),
+            torch.empty_like(norm_bias))
+
+
+def _pg_setup(ctx, inputs, output):
+    features, fold, norm_weight, norm_bias, eps, chunk = inputs
+    z, lse = output
+    ctx.save_for_backward(features, fold, norm_weight, norm_bias, z, lse)
+    ctx.eps, ctx.chunk = eps, chunk
+    ctx.mark_non_differentiable(lse)
+
+
+def _pg_backward(ctx, grad_z, grad_lse):
+    features, fold, norm_weight, norm_bias, z, lse = ctx.saved_tensors
+    if grad_z is None:
+        return None, None, None, None, None, None
+    gf, ga, gw, gb = prior_gather_bwd(grad_z, features, fold, norm_weight, norm_bias, z, lse,
+                                      ctx.eps, ctx.chunk)
+    return gf, ga, gw, gb, None, None
+
+
+prior_gather_fwd.register_autograd(_pg_backward, setup_context=_pg_setup)
+
+
+def prior_gather(features: Tensor, fold: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                 eps: float, chunk: int | None = None) -> Tensor:
+    """``softmax_over_L(fold @ LN(features)^T) @ LN(features)`` without an M x L score tensor.
+
+    Args:
+        features: B x L x C voxel tokens.
+        fold: B x M x C folded prior queries (one row per head and prior).
+        norm_weight, norm_bias: C, LayerNorm of the features.
+    Returns:
+        B x M x C.
+    """
+    _check_stream_args(features, fold, norm_weight, norm_bias)
+    chunk = _chunk_arg(chunk, max(2 * fold.shape[1], features.shape[2]), features.device)
+    return prior_gather_fwd(features.contiguous(), fold.contiguous(), norm_weight.contiguous(),
+                            norm_bias.contiguous(), float(eps), int(chunk))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# features <- priors: F + softmax_N,per head(LN(F) A^T) V + bias
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hermes::feature_scatter_fwd", mutates_args=())
+def feature_scatter_fwd(
+    features: Tensor, fold_k: Tensor, fold_v: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+    out_bias: Tensor, heads: int, eps: float, chunk: int,
+) -> Tensor:
+    """features B x L x C, fold_k/fold_v B x (H*N) x C -> B x L x C."""
+    k = _kern(features)
+    b, length, c = features.shape
+    out = torch.empty_like(features)
+    ws = _Workspace(features)
+    # softmax rows sum to one per head, so the output bias folds into the value rows: bias / H
+    fold_vb = fold_v + out_bias / heads
+    for i in range(b):
+        for s0, s1 in _chunks(length, chunk):
+            x, _, _ = k.ln_fwd(features[i, s0:s1], norm_weight, norm_bias, eps,
+                               out=ws.get("x", s1 - s0, c))
+            s = torch.mm(x, fold_k[i].t(), out=ws.get("s", s1 - s0, fold_k.shape[1]))
+            k.head_softmax(s, heads)
+            torch.addmm(features[i, s0:s1], s, fold_vb[i], out=out[i, s0:s1])
+    return out
+
+
+@feature_scatter_fwd.register_fake
+def _(features, fold_k, fold_v, norm_weight, norm_bias, out_bias, heads, eps, chunk):
+    return torch.empty_like(features)
+
+
+@torch.library.custom_op("hermes::feature_scatter_bwd", mutates_args=())
+def feature_scatter_bwd(
+    grad_out: Tensor, features: Tensor, fold_k: Tensor, fold_v: Tensor, norm_weight: Tensor,
+    norm_bias: Tensor, heads: int, eps: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (features, fold_k, fold_v, norm_weight, norm_bias, out_bias)."""
+    k = _kern(features)
+    b, length, c = features.shape
+    acc_t = _acc_dtype(features)
+    grad_out = grad_out.contiguous()
+    d_feat = grad_out.clone()  # residual
+    d_k = torch.zeros(fold_k.shape, dtype=acc_t, device=features.device)
+    d_v = torch.zeros(fold_v.shape, dtype=acc_t, device=features.device)
+    d_w = torch.zeros(c, dtype=acc_t, device=features.device)
+    d_b = torch.zeros(c, dtype=acc_t, device=features.device)
+    d_bias = grad_out.to(acc_t).sum((0, 1))
+    ws = _Workspace(features)
+    m_rows = fold_k.shape[1]
+    for i in range(b):
+        for s0, s1 in _chunks(length, chunk):
+            xin, g = features[i, s0:s1], grad_out[i, s0:s1]
+            x, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps,
+                                     out=ws.get("x", s1 - s0, c))
+            s = torch.mm(x, fold_k[i].t(), out=ws.get("s", s1 - s0, m_rows))
+            dp = torch.mm(g, fold_v[i].t(), out=ws.get("dp", s1 - s0, m_rows))
+            k.head_softmax_bwd(s, dp, heads)  # s <- P, dp <- dS
+            _addmm_acc(d_v[i], s.t(), g)
+            _addmm_acc(d_k[i], dp.t(), x)
+            dx = torch.mm(dp, fold_k[i], out=ws.get("dx", s1 - s0, c))
+            k.ln_bwd(dx, xin, mean, rstd, norm_weight, d_feat[i, s0:s1], d_w, d_b, True)
+    return (d_feat, d_k.to(fold_k.dtype), d_v.to(fold_v.dtype), d_w.to(norm_weight.dtype),
+            d_b.to(norm_bias.dtype), d_bias.to(norm_bias.dtype))
+
+
+@feature_scatter_bwd.register_fake
+def _(grad_out, features, fold_k, fold_v, norm_weight, norm_bias, heads, eps, chunk):
+    return (torch.empty_like(features), torch.empty_like(fold_k), torch.empty_like(fold_v),
+            torch.empty_like(norm_weight), torch.empty_like(norm_bias),
+            torch.empty_like(norm_bias))
+
+
+def _fs_setup(ctx, inputs, output):
+    features, fold_k, fold_v, norm_weight, norm_bias, out_bias, heads, eps, chunk = inputs
+    ctx.save_for_backward(features, fold_k, fold_v, norm_weight, norm_bias)
+    ctx.heads, ctx.eps, ctx.chunk = heads, eps, chunk
+
+
+def _fs_backward(ctx, grad_out):
+    features, fold_k, fold_v, norm_weight, norm_bias = ctx.saved_tensors
+    grads = feature_scatter_bwd(grad_out, features, fold_k, fold_v, norm_weight, norm_bias,
+                                ctx.heads, ctx.eps, ctx.chunk)
+    return (*grads, None, None, None)
+
+
+feature_scatter_fwd.register_autograd(_fs_backward, setup_context=_fs_setup)
+
+
+def feature_scatter(features: Tensor, fold_k: Tensor, fold_v: Tensor, norm_weight: Tensor,
+                    norm_bias: Tensor, out_bias: Tensor, heads: int, eps: float,
+                    chunk: int | None = None) -> Tensor:
+    """``F + softmax(LN(F) fold_k^T, per head over N) @ fold_v + out_bias``.
+
+    Args:
+        features: B x L x C.
+        fold_k, fold_v: B x (heads * N) x C, rows ordered head-major (row = h * N + j).
+        norm_weight, norm_bias, out_bias: C.
+    Returns:
+        B x L x C.
+    """
+    _check_stream_args(features, fold_k, norm_weight, norm_bias)
+    if fold_v.shape != fold_k.shape:
+        raise ValueError(f"fold_v shape {tuple(fold_v.shape)} != fold_k {tuple(fold_k.shape)}")
+    if fold_k.shape[1] % heads:
+        raise ValueError(f"fold rows {fold_k.shape[1]} not divisible by heads={heads}")
+    if out_bias.shape != (features.shape[2],):
+        raise ValueError(f"out_bias must have shape ({features.shape[2]},)")
+    chunk = _chunk_arg(chunk, max(fold_k.shape[1], features.shape[2]), features.device)
+    return feature_scatter_fwd(features.contiguous(), fold_k.contiguous(), fold_v.contiguous(),
+                               norm_weight.contiguous(), norm_bias.contiguous(),
+                               out_bias.contiguous(), int(heads), float(eps), int(chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# feature MLP: F + fc2(GELU(fc1(LN(F)))) with the hidden layer recomputed in backward
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hermes::feature_mlp_fwd", mutates_args=())
+def feature_mlp_fwd(
+    features: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+    b2: Tensor, eps: float, chunk: int,
+) -> Tensor:
+    """features B x L x C, w1 Hd x C, w2 C x Hd -> B x L x C."""
+    k = _kern(features)
+    b, length, c = features.shape
+    hidden = w1.shape[0]
+    out = torch.empty_like(features)
+    w1t, w2t = w1.t(), w2.t()
+    ws = _Workspace(features)
+    for i in range(b):
+        for s0, s1 in _chunks(length, chunk):
+            h, _, _ = k.ln_fwd(features[i, s0:s1], norm_weight, norm_bias, eps,
+                               out=ws.get("h", s1 - s0, c))
+            u = torch.mm(h, w1t, out=ws.get("u", s1 - s0, hidden))
+            k.bias_gelu(u, b1)
+            o = out[i, s0:s1]
+            torch.addmm(features[i, s0:s1], u, w2t, out=o)
+            o.add_(b2)
+    return out
+
+
+@feature_mlp_fwd.register_fake
+def _(features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk):
+    return torch.empty_like(features)
+
+
+@torch.library.custom_op("hermes::feature_mlp_bwd", mutates_args=())
+def feature_mlp_bwd(
+    grad_out: Tensor, features: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor,
+    b1: Tensor, w2: Tensor, eps: float, chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (features, norm_weight, norm_bias, w1, b1, w2, b2)."""
+    k = _kern(features)
+    b, length, c = features.shape
+    acc_t = _acc_dtype(features)
+    grad_out = grad_out.contiguous()
+    d_feat = grad_out.clone()  # residual
+    dev = features.device
+    d_w1 = torch.zeros(w1.shape, dtype=acc_t, device=dev)
+    d_b1 = torch.zeros(b1.shape, dtype=acc_t, device=dev)
+    d_w2 = torch.zeros(w2.shape, dtype=acc_t, device=dev)
+    d_nw = torch.zeros(c, dtype=acc_t, device=dev)
+    d_nb = torch.zeros(c, dtype=acc_t, device=dev)
+    d_b2 = grad_out.to(acc_t).sum((0, 1))
+    w1t = w1.t()
+    hidden = w1.shape[0]
+    ws = _Workspace(features)
+    for i in range(b):
+        for s0, s1 in _chunks(length, chunk):
+            xin, g = features[i, s0:s1], grad_out[i, s0:s1]
+            h, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps,
+                                     out=ws.get("h", s1 - s0, c))
+            u = torch.mm(h, w1t, out=ws.get("u", s1 - s0, hidden))
+            dgu = torch.mm(g, w2, out=ws.get("dg", s1 - s0, hidden))
+            k.bias_gelu_fwd_bwd(u, b1, dgu)  # u <- GELU(u + b1), dgu <- dU (recomputed)
+            _addmm_acc(d_w2, g.t(), u)
+            _addmm_acc(d_w1, dgu.t(), h)
+            d_b1 += dgu.sum(0, dtype=acc_t)
+            dh = torch.mm(dgu, w1, out=ws.get("dh", s1 - s0, c))
+            k.ln_bwd(dh, xin, mean, rstd, norm_weight, d_feat[i, s0:s1], d_nw, d_nb, True)
+    return (d_feat, d_nw.to(norm_weight.dtype), d_nb.to(norm_bias.dtype), d_w1.to(w1.dtype),
+            d_b1.to(b1.dtype), d_w2.to(w2.dtype), d_b2.to(b1.dtype))
+
+
+@feature_mlp_bwd.register_fake
+def _(grad_out, features, norm_weight, norm_bias, w1, b1, w2, eps, chunk):
+    return (torch.empty_like(features), torch.empty_like(norm_weight),
+            torch.empty_like(norm_bias), torch.empty_like(w1), torch.empty_like(b1),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+def _fm_setup(ctx, inputs, output):
+    features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk = inputs
+    ctx.save_for_backward(features, norm_weight, norm_bias, w1, b1, w2)
+    ctx.eps, ctx.chunk = eps, chunk
+
+
+def _fm_backward(ctx, grad_out):
+    grads = feature_mlp_bwd(grad_out, *ctx.saved_tensors, ctx.eps, ctx.chunk)
+    return (*grads, None, None)
+
+
+feature_mlp_fwd.register_autograd(_fm_backward, setup_context=_fm_setup)
+
+
+def feature_mlp(features: Tensor, p: MLPParams, chunk: int | None = None) -> Tensor:
+    """``F + fc2(GELU(fc1(LN(F))))`` for features B x L x C (hidden recomputed in backward)."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be B x L x C, got shape {tuple(features.shape)}")
+    c = features.shape[2]
+    hidden = p.w1.shape[0]
+    if p.w1.shape != (hidden, c) or p.w2.shape != (c, hidden):
+        raise ValueError(f"MLP weights {tuple(p.w1.shape)}/{tuple(p.w2.shape)} do not match "
+                         f"width {c}")
+    chunk = _chunk_arg(chunk, hidden, features.device)
+    dt = features.dtype  # weights follow the features (e.g. float16 features under autocast)
+    ws = [t.to(dt).contiguous() for t in (p.norm_weight, p.norm_bias, p.w1, p.b1, p.w2, p.b2)]
+    return feature_mlp_fwd(features.contiguous(), *ws, float(p.eps), int(chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# folding of the projections (small tensors, plain autograd)
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_heads(p: CrossAttentionParams, c: int) -> tuple[int, int]:
+    inner = p.w_q.shape[0]
+    if p.heads < 1 or inner % p.heads:
+        raise ValueError(f"inner width {inner} is not divisible by heads={p.heads}")
+    if p.w_q.shape != (inner, c) or p.w_kv.shape != (2 * inner, c) or p.w_out.shape != (c, inner):
+        raise ValueError(
+            f"cross-attention weights w_q {tuple(p.w_q.shape)}, w_kv {tuple(p.w_kv.shape)}, "
+            f"w_out {tuple(p.w_out.shape)} do not match width {c} / inner {inner}")
+    return p.heads, inner // p.heads
+
+
+def fold_prior_queries(priors: Tensor, p: CrossAttentionParams) -> Tensor:
+    """B x N x C priors -> B x (H*N) x C rows ``a_hj = d^-1/2 W_k,h^T W_q,h LN(p_j)``."""
+    b, n, c = priors.shape
+    heads, d = _split_heads(p, c)
+    pq = F.layer_norm(priors, (c,), p.norm_q_weight, p.norm_q_bias, p.eps)
+    q = F.linear(pq, p.w_q).view(b, n, heads, d)
+    wk = p.w_kv[: heads * d].view(heads, d, c)
+    return (torch.einsum("bjhe,hec->bhjc", q, wk) * d**-0.5).reshape(b, heads * n, c)
+
+
+def _unfold_prior_values(z: Tensor, priors: Tensor, p: CrossAttentionParams) -> Tensor:
+    """Z B x (H*N) x C -> priors + W_out [W_v,h Z_hj]_h + b_out."""
+    b, n, c = priors.shape
+    heads, d = _split_heads(p, c)
+    wv = p.w_kv[heads * d:].view(heads, d, c)
+    o = torch.einsum("bhjc,hec->bjhe", z.view(b, heads, n, c), wv).reshape(b, n, heads * d)
+    return priors + F.linear(o, p.w_out, p.b_out)
+
+
+def fold_feature_keys_values(priors: Tensor, p: CrossAttentionParams) -> tuple[Tensor, Tensor]:
+    """B x N x C priors -> (A, V), each B x (H*N) x C, for the features <- priors attention.
+
+    ``A_hj = d^-1/2 W_q,h^T k_hj`` and ``V_hj = W_out,h v_hj`` with ``[k, v] = W_kv LN(p)``.
+    """
+    b, n, c = priors.shape
+    heads, d = _split_heads(p, c)
+    pk = F.layer_norm(priors, (c,), p.norm_kv_weight, p.norm_kv_bias, p.eps)
+    kv = F.linear(pk, p.w_kv)
+    k, v = kv[..., : heads * d].view(b, n, heads, d), kv[..., heads * d:].view(b, n, heads, d)
+    a = torch.einsum("bjhe,hec->bhjc", k, p.w_q.view(heads, d, c)) * d**-0.5
+    vf = torch.einsum("bjhe,che->bhjc", v, p.w_out.view(c, heads, d))
+    return a.reshape(b, heads * n, c), vf.reshape(b, heads * n, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# sublayers and the block
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_stream_args(features: Tensor, fold: Tensor, w: Tensor, b: Tensor) -> None:
+    if features.dim() != 3:
+        raise ValueError(f"features must be B x L x C, got shape {tuple(features.shape)}")
+    if fold.dim() != 3 or fold.shape[0] != features.shape[0] or fold.shape[2] != features.shape[2]:
+        raise ValueError(f"fold must be B x M x C = {features.shape[0]} x M x {features.shape[2]}"
+                         f", got {tuple(fold.shape)}")
+    if features.shape[1] < 1 or fold.shape[1] < 1:
+        raise ValueError("features and fold need at least one token each")
+    if w.shape != (features.shape[2],) or b.shape != (features.shape[2],):
+        raise ValueError(f"LayerNorm weight/bias must have shape ({features.shape[2]},)")
+    for name, t in (("fold", fold), ("norm_weight", w), ("norm_bias", b)):
+        if t.dtype != features.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} != features dtype {features.dtype}")
+        if t.device != features.device:
+            raise ValueError(f"{name} is on {t.device}, features on {features.device}")
+    if not features.dtype.is_floating_point:
+        raise TypeError(f"features must be floating point, got {features.dtype}")
+
+
+def check_block_inputs(features: Tensor, priors: Tensor) -> None:
+    """Validate the B x L x C / B x N x C pair (same batch, width, dtype and device)."""
+    if features.dim() != 3 or priors.dim() != 3:
+        raise ValueError(f"features must be B x L x C and priors B x N x C, got "
+                         f"{tuple(features.shape)} and {tuple(priors.shape)}")
+    if features.shape[0] != priors.shape[0] or features.shape[2] != priors.shape[2]:
+        raise ValueError(f"features {tuple(features.shape)} and priors {tuple(priors.shape)} "
+                         "disagree on batch or width")
+    if features.dtype != priors.dtype:
+        raise TypeError(f"features dtype {features.dtype} != priors dtype {priors.dtype}")
+    if features.device != priors.device:
+        raise ValueError(f"features on {features.device}, priors on {priors.device}")
+    if features.shape[1] < 1 or priors.shape[1] < 1:
+        raise ValueError("features and priors need at least one token each")
+
+
+FOLDS = ("auto", "always", "never")
+
+
+def use_fold(heads: int, n: int, c: int, fold: str = "auto") -> bool:
+    """Whether the folded formulation is used for ``heads`` heads, ``n`` priors, width ``c``.
+
+    The folded form costs ``2 H N C`` multiply-adds per voxel and GEMM pair against ``C I + N I``
+    for the projected form (I ~ C), but it streams (no L x C projections kept for backward, no
+    separate attention core). ``auto`` folds while ``H N <= 1.6 (C + N)`` (measured break-even on
+    CPU, Hermes shapes: every level at N = 26, level 2 at N = 82); ``always`` / ``never`` force
+    it. Without folding the sublayer runs the projected form: q/k/v projections and PyTorch's
+    ``scaled_dot_product_attention``.
+    """
+    if fold not in FOLDS:
+        raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
+    if fold != "auto":
+        return fold == "always"
+    return heads * n <= 1.6 * (c + n)
+
+
+def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParams) -> Tensor:
+    """``x_q + CrossAttn(LN(x_q), LN(x_kv))`` through projections and SDPA (no folding)."""
+    c = x_q.shape[-1]
+    heads, d = _split_heads(p, c)
+    q = F.linear(F.layer_norm(x_q, (c,), p.norm_q_weight, p.norm_q_bias, p.eps), p.w_q)
+    kv = F.linear(F.layer_norm(x_kv, (c,), p.norm_kv_weight, p.norm_kv_bias, p.eps), p.w_kv)
+    b, lq, lk = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
+    q = q.view(b, lq, heads, d).transpose(1, 2)
+    k, v = kv.view(b, lk, 2, heads, d).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, lq, heads * d)
+    return x_q + F.linear(out, p.w_out, p.b_out)
+
+
+def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
+                                chunk: int | None = None, fold: str = "auto") -> Tensor:
+    """``priors + CrossAttn(LN(priors), LN(features))`` -> B x N x C (fused; see
+    :func:`use_fold` for ``fold``)."""
+    check_block_inputs(features, priors)
+    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
+        return _projected_cross_attention(priors, features, p)
+    dt = features.dtype  # folds and norms follow the features (autocast runs F.linear in half)
+    a = fold_prior_queries(priors, p).to(dt)
+    z = prior_gather(features, a, p.norm_kv_weight.to(dt), p.norm_kv_bias.to(dt), p.eps, chunk)
+    return _unfold_prior_values(z, priors, p)
+
+
+def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
+                                  chunk: int | None = None, fold: str = "auto") -> Tensor:
+    """``features + CrossAttn(LN(features), LN(priors))`` -> B x L x C (fused; see
+    :func:`use_fold` for ``fold``)."""
+    check_block_inputs(features, priors)
+    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
+        return _projected_cross_attention(features, priors, p)
+    dt = features.dtype
+    a, v = fold_feature_keys_values(priors, p)
+    return feature_scatter(features, a.to(dt), v.to(dt), p.norm_q_weight.to(dt),
+                           p.norm_q_bias.to(dt), p.b_out.to(dt), p.heads, p.eps, chunk)
+
+
+def feature_mlp_fused(features: Tensor, p: MLPParams, chunk: int | None = None) -> Tensor:
+    """``features + MLP(LN(features))`` -> B x L x C (fused, hidden recomputed in backward)."""
+    return feature_mlp(features, p, chunk)
+
+
+def prior_attention_block_fused(features: Tensor, priors: Tensor, p: PriorBlockParams,
+                                chunk: int | None = None,
+                                fold: str | None = None) -> tuple[Tensor, Tensor]:
+    """One Hermes attention block, fused; same contract as the reference.
+
+    Args:
+        features: B x L x C voxel tokens (any strides).
+        priors: B x N x C prior tokens.
+        p: the block's weights.
+        chunk: voxels per streaming chunk (default: :func:`default_chunk`).
+        fold: formulation of the cross-attention sublayers (:func:`use_fold`); default
+            ``$HERMES_PRIOR_FOLD`` or ``auto``.
+    Returns:
+        (features, priors) updated, B x L x C and B x N x C.
+    """
+    check_block_inputs(features, priors)
+    fold = fold if fold is not None else os.environ.get("HERMES_PRIOR_FOLD", "auto")
+    priors = prior_cross_attention_fused(features, priors, p.prior_attn, chunk, fold)
+    priors = mlp_sublayer(priors, p.prior_mlp)
+    features = feature_cross_attention_fused(features, priors, p.feat_attn, chunk, fold)
+    features = feature_mlp_fused(features, p.feat_mlp, chunk)
+    return features, priors
+
+
+_ = TorchKernels  # re-exported for tests that force the PyTorch element-wise path

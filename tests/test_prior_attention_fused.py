@@ -1,0 +1,508 @@
+"""Fused prior-feature interaction against the reference: values, gradients, odd shapes, ops."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import hermes.ops.prior_attention_fused as paf
+from hermes.models.prior_fusion import PriorAttentionBlock, PriorFeatureInteraction
+from hermes.ops._prior_kernels import NativeKernels, TorchKernels, native_available
+from hermes.ops.prior_attention import (
+    cross_attention_sublayer,
+    mlp_sublayer,
+    prior_attention_block_reference,
+)
+
+HAS_NATIVE = native_available(torch.device("cpu"), torch.float32)
+BACKENDS = [pytest.param(True, id="native"), pytest.param(False, id="torch")]
+
+
+@contextlib.contextmanager
+def backend(native: bool):
+    if native and not HAS_NATIVE:
+        pytest.skip("hermes._C without prior-attention kernels")
+    old = paf._USE_NATIVE
+    paf.set_native_kernels(native)
+    try:
+        yield
+    finally:
+        paf.set_native_kernels(old)
+
+
+@pytest.fixture
+def one_thread():
+    """gradcheck runs thousands of tiny ops: one thread avoids fork/join costs (busy CI hosts)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_block(c: int, dtype=torch.float64, head_dim: int = 32, seed: int = 0):
+    """A block with non-trivial LayerNorm affines and biases (init would leave them 1 / 0)."""
+    torch.manual_seed(seed)
+    blk = PriorAttentionBlock(c, head_dim=head_dim).to(dtype)
+    with torch.no_grad():
+        for name, prm in blk.named_parameters():
+            if name.endswith("bias"):
+                prm.normal_(0, 0.2)
+            elif "norm" in name:
+                prm.normal_(1, 0.2)
+    return blk
+
+
+def _leaves(blk):
+    return [p for _, p in blk.named_parameters()]
+
+
+def _grads(fn, feats, priors, blk, gf, gp):
+    out_f, out_p = fn(feats, priors, blk.params())
+    params = _leaves(blk)
+    grads = torch.autograd.grad([out_f, out_p], [feats, priors, *params], [gf, gp])
+    return out_f, out_p, grads
+
+
+# ------------------------------------------------------------------------------------------------
+# element-wise kernels: native against the PyTorch versions
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="hermes._C without prior-attention kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_kernels_match_torch(dtype):
+    nk, tk = NativeKernels(torch.device("cpu")), TorchKernels
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    rows, c = 333, 77
+    x = torch.randn(rows, c, dtype=dtype) * 3 + 1
+    w, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    y1, m1, r1 = nk.ln_fwd(x, w, b, 1e-5)
+    y2, m2, r2 = tk.ln_fwd(x, w, b, 1e-5)
+    for a_, b_ in ((y1, y2), (m1, m2), (r1, r2)):
+        torch.testing.assert_close(a_, b_, **tol)
+    dy = torch.randn_like(x)
+    for acc in (False, True):
+        outs = []
+        for k in (nk, tk):
+            dx = torch.ones_like(x)
+            dw, db = torch.full((c,), 0.5, dtype=m1.dtype), torch.zeros(c, dtype=m1.dtype)
+            k.ln_bwd(dy, x, m1, r1, w, dx, dw, db, acc)
+            outs.append((dx, dw, db))
+        for a_, b_ in zip(*outs, strict=True):
+            torch.testing.assert_close(a_, b_, **tol)
+    heads, n = 3, 7
+    s = torch.randn(rows, heads * n, dtype=dtype) * 4
+    s1, s2 = s.clone(), s.clone()
+    nk.head_softmax(s1, heads)
+    tk.head_softmax(s2, heads)
+    torch.testing.assert_close(s1, s2, **tol)
+    g = torch.randn_like(s)
+    s1, s2, g1, g2 = s.clone(), s.clone(), g.clone(), g.clone()
+    nk.head_softmax_bwd(s1, g1, heads)
+    tk.head_softmax_bwd(s2, g2, heads)
+    torch.testing.assert_close(s1, s2, **tol)
+    torch.testing.assert_close(g1, g2, **tol)
+    # online softmax over three uneven chunks: running max/sum and rescaled accumulator
+    m_rows, length = 9, 301
+    sc = torch.randn(m_rows, length, dtype=dtype) * 5
+    for k in (nk, tk):
+        mx = torch.full((m_rows,), -float("inf"), dtype=m1.dtype)
+        sm = torch.zeros(m_rows, dtype=m1.dtype)
+        acc = torch.zeros(m_rows, dtype=dtype)
+        for c0, c1 in ((0, 100), (100, 101), (101, length)):
+            part = sc[:, c0:c1].clone()
+            alpha = k.online_update(part, mx, sm)
+            acc = acc * alpha + part.sum(-1)
+        torch.testing.assert_close(mx, sc.amax(-1).to(mx.dtype), **tol)
+        torch.testing.assert_close(sm, torch.exp(sc - sc.amax(-1, keepdim=True)).sum(-1)
+                                   .to(sm.dtype), **tol)
+        torch.testing.assert_close(acc, sm.to(dtype), **tol)
+    lse = torch.logsumexp(sc, -1).to(m1.dtype)
+    dsum = torch.randn(m_rows, dtype=m1.dtype)
+    gd = torch.randn_like(sc)
+    outs = []
+    for k in (nk, tk):
+        s_, g_ = sc.clone(), gd.clone()
+        k.gather_bwd(s_, g_, lse, dsum)
+        outs.append((s_, g_))
+    for a_, b_ in zip(*outs, strict=True):
+        torch.testing.assert_close(a_, b_, **tol)
+    # bias + GELU, forward and backward, over the whole range incl. large |z|
+    u = torch.randn(rows, 40, dtype=dtype) * 4
+    u[0, :4] = torch.tensor([-30.0, -9.0, 9.0, 30.0], dtype=dtype)
+    bias = torch.randn(40, dtype=dtype)
+    gd = torch.randn_like(u)
+    outs = []
+    for k in (nk, tk):
+        u1, g1, u2 = u.clone(), gd.clone(), u.clone()
+        k.bias_gelu_fwd_bwd(u1, bias, g1)
+        k.bias_gelu(u2, bias)
+        outs.append((u1, g1, u2))
+    for a_, b_ in zip(*outs, strict=True):
+        torch.testing.assert_close(a_, b_, **tol)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="hermes._C without prior-attention kernels")
+def test_native_exp_accuracy_and_extremes():
+    """The polynomial float exp: ~1e-7 relative on [-87, 0], exp(-huge) clamps to ~exp(-87)."""
+    nk = NativeKernels(torch.device("cpu"))
+    v = torch.linspace(-87, 0, 4001)
+    s = torch.stack([torch.zeros_like(v), v], 1)  # rows of (0, v): the max is 0
+    nk.head_softmax(s, 1)
+    expect = torch.softmax(torch.stack([torch.zeros_like(v), v], 1).double(), -1)
+    torch.testing.assert_close(s.double(), expect, rtol=1e-6, atol=1e-30)
+    big = torch.tensor([[0.0, -1e30, 3.0]])
+    nk.head_softmax(big, 1)
+    assert torch.isfinite(big).all() and 0 <= big[0, 1] < 1e-37
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 gradcheck of the three streaming ops (several chunks: online softmax across chunks)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+def test_gradcheck_prior_gather(native, one_thread):
+    with backend(native):
+        b, length, m, c = 2, 11, 5, 6
+        f = torch.randn(b, length, c, dtype=torch.float64, requires_grad=True)
+        a = torch.randn(b, m, c, dtype=torch.float64, requires_grad=True)
+        w = (1 + 0.3 * torch.randn(c, dtype=torch.float64)).requires_grad_()
+        bb = (0.3 * torch.randn(c, dtype=torch.float64)).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda *t: paf.prior_gather(*t, eps=1e-5, chunk=4), (f, a, w, bb),
+            fast_mode=not native)
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+def test_gradcheck_feature_scatter(native, one_thread):
+    with backend(native):
+        b, length, heads, n, c = 2, 9, 2, 3, 6
+        f = torch.randn(b, length, c, dtype=torch.float64, requires_grad=True)
+        a = torch.randn(b, heads * n, c, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(b, heads * n, c, dtype=torch.float64, requires_grad=True)
+        w = (1 + 0.3 * torch.randn(c, dtype=torch.float64)).requires_grad_()
+        bb = (0.3 * torch.randn(c, dtype=torch.float64)).requires_grad_()
+        ob = torch.randn(c, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda *t: paf.feature_scatter(*t, heads=heads, eps=1e-5, chunk=4),
+            (f, a, v, w, bb, ob), fast_mode=not native)
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+def test_gradcheck_feature_mlp(native, one_thread):
+    with backend(native):
+        b, length, c, hidden = 2, 7, 5, 9
+        f = torch.randn(b, length, c, dtype=torch.float64, requires_grad=True)
+        weights = [1 + 0.3 * torch.randn(c), 0.3 * torch.randn(c), torch.randn(hidden, c),
+                   torch.randn(hidden), torch.randn(c, hidden), torch.randn(c)]
+        weights = [t.double().requires_grad_() for t in weights]
+
+        def fn(feats, *ws):
+            return paf.feature_mlp(feats, paf.MLPParams(*ws, eps=1e-4), chunk=3)
+
+        assert torch.autograd.gradcheck(fn, (f, *weights), fast_mode=not native)
+
+
+def test_gradcheck_whole_block_small(one_thread):
+    blk = make_block(32, head_dim=16)  # 2 heads
+    f = torch.randn(1, 6, 32, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(1, 3, 32, dtype=torch.float64, requires_grad=True)
+    params = _leaves(blk)
+
+    def fn(feats, priors, *_):
+        return paf.prior_attention_block_fused(feats, priors, blk.params(), chunk=4)
+
+    assert torch.autograd.gradcheck(fn, (f, p, *params[4:6]), fast_mode=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole block against the reference
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+@pytest.mark.parametrize(
+    "b,length,n,c,head_dim,chunk",
+    [
+        (2, 37, 5, 64, 32, 10),  # L not a multiple of the chunk
+        (1, 23, 1, 64, 32, 8),  # a single prior
+        (2, 19, 4, 48, 32, 7),  # C not a multiple of the head width: inner 32 < C = 48
+        (1, 1, 3, 32, 32, None),  # a single voxel
+        (3, 50, 6, 40, 8, 16),  # 5 heads of width 8
+    ],
+)
+def test_block_matches_reference_float64(native, b, length, n, c, head_dim, chunk, one_thread):
+    with backend(native):
+        blk = make_block(c, head_dim=head_dim)
+        f = torch.randn(b, length, c, dtype=torch.float64, requires_grad=True)
+        p = torch.randn(b, n, c, dtype=torch.float64, requires_grad=True)
+        gf, gp = torch.randn_like(f), torch.randn_like(p)
+        ref = _grads(prior_attention_block_reference, f, p, blk, gf, gp)
+        out = _grads(lambda *a: paf.prior_attention_block_fused(*a, chunk=chunk), f, p, blk, gf,
+                     gp)
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-10, atol=1e-10)
+        names = ["features", "priors"] + [nm for nm, _ in blk.named_parameters()]
+        for name, g_out, g_ref in zip(names, out[2], ref[2], strict=True):
+            torch.testing.assert_close(g_out, g_ref, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+def test_sublayers_match_reference(native, one_thread):
+    with backend(native):
+        blk = make_block(64)
+        prm = blk.params()
+        f = torch.randn(2, 29, 64, dtype=torch.float64)
+        p = torch.randn(2, 4, 64, dtype=torch.float64)
+        torch.testing.assert_close(paf.prior_cross_attention_fused(f, p, prm.prior_attn, 8),
+                                   cross_attention_sublayer(p, f, prm.prior_attn))
+        torch.testing.assert_close(paf.feature_cross_attention_fused(f, p, prm.feat_attn, 8),
+                                   cross_attention_sublayer(f, p, prm.feat_attn))
+        torch.testing.assert_close(paf.feature_mlp_fused(f, prm.feat_mlp, 8),
+                                   mlp_sublayer(f, prm.feat_mlp))
+
+
+@pytest.mark.parametrize("fold", ["always", "never", "auto"])
+def test_fold_choice_matches_reference(fold, one_thread):
+    """Both formulations of the cross-attention sublayers (and the auto choice) are exact."""
+    blk = make_block(64, head_dim=16)  # 4 heads: auto folds for N = 3, not for N = 60
+    for n in (3, 60):
+        f = torch.randn(2, 21, 64, dtype=torch.float64, requires_grad=True)
+        p = torch.randn(2, n, 64, dtype=torch.float64, requires_grad=True)
+        gf, gp = torch.randn_like(f), torch.randn_like(p)
+        ref = _grads(prior_attention_block_reference, f, p, blk, gf, gp)
+        out = _grads(lambda *a: paf.prior_attention_block_fused(*a, chunk=8, fold=fold), f, p,
+                     blk, gf, gp)
+        for g_out, g_ref in zip([out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]],
+                                strict=True):
+            torch.testing.assert_close(g_out, g_ref, rtol=1e-9, atol=1e-9)
+    assert paf.use_fold(4, 3, 64) and not paf.use_fold(4, 60, 64)
+    assert paf.use_fold(4, 82, 128) and not paf.use_fold(8, 82, 256)
+    with pytest.raises(ValueError, match="fold must be"):
+        paf.use_fold(4, 3, 64, "sometimes")
+
+
+def test_block_float32_realistic_shape():
+    """Level-3-like shape (C = 256, 8 heads), N = 26, default chunking, float32."""
+    blk = make_block(256, dtype=torch.float32)
+    f = torch.randn(1, 1500, 256, requires_grad=True)
+    p = torch.randn(1, 26, 256, requires_grad=True)
+    gf, gp = torch.randn_like(f), torch.randn_like(p)
+    ref = _grads(prior_attention_block_reference, f, p, blk, gf, gp)
+    out = _grads(paf.prior_attention_block_fused, f, p, blk, gf, gp)
+    for a_, r_ in ((out[0], ref[0]), (out[1], ref[1])):
+        torch.testing.assert_close(a_, r_, rtol=1e-4, atol=1e-4)
+    names = ["features", "priors"] + [nm for nm, _ in blk.named_parameters()]
+    for name, g_out, g_ref in zip(names, out[2], ref[2], strict=True):
+        scale = g_ref.abs().max().clamp_min(1e-6)
+        err = ((g_out - g_ref).abs().max() / scale).item()
+        assert err < 2e-4, f"{name}: relative error {err:.2e}"
+
+
+def test_multi_chunk_float32_level2_like():
+    """Many chunks of the online softmax at C = 128 (level 2 width)."""
+    blk = make_block(128, dtype=torch.float32)
+    f = torch.randn(1, 3000, 128) * 2
+    p = torch.randn(1, 26, 128)
+    with torch.no_grad():
+        ref = prior_attention_block_reference(f, p, blk.params())
+        out = paf.prior_attention_block_fused(f, p, blk.params(), chunk=256)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_inputs():
+    blk = make_block(64)
+    base = torch.randn(2, 64, 31, dtype=torch.float64)
+    f = base.transpose(1, 2).requires_grad_(False)  # B x L x C view with channel stride L
+    pbase = torch.randn(2, 9, 64, dtype=torch.float64)
+    p = pbase[:, ::2]  # strided priors
+    assert not f.is_contiguous() and not p.is_contiguous()
+    with torch.no_grad():
+        ref = prior_attention_block_reference(f, p, blk.params())
+        out = paf.prior_attention_block_fused(f, p, blk.params(), chunk=8)
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1])
+
+
+def test_mixed_null_padded_batch():
+    """Samples with different task counts padded with the null token: each sample equals its
+    own batch of one (padded the same way), and the batch equals the reference."""
+    blk = make_block(64)
+    c = 64
+    task_table = torch.randn(6, c, dtype=torch.float64)  # last row = null token
+    mods = torch.randn(2, 3, c, dtype=torch.float64)
+    idx = torch.tensor([[0, 1, -1, -1], [2, 3, 4, -1], [-1, -1, -1, -1]])
+    mod_idx = torch.tensor([0, 1, 1])
+    priors = torch.cat([task_table[idx.remainder(6)], mods[mod_idx]], 1)  # B x 7 x C
+    feats = torch.randn(3, 27, c, dtype=torch.float64)
+    with torch.no_grad():
+        ref = prior_attention_block_reference(feats, priors, blk.params())
+        out = paf.prior_attention_block_fused(feats, priors, blk.params(), chunk=10)
+        torch.testing.assert_close(out[0], ref[0])
+        torch.testing.assert_close(out[1], ref[1])
+        for i in range(3):
+            one = paf.prior_attention_block_fused(feats[i:i + 1], priors[i:i + 1], blk.params())
+            torch.testing.assert_close(one[0], out[0][i:i + 1])
+            torch.testing.assert_close(one[1], out[1][i:i + 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# model switch, custom-op machinery, validation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_model_uses_fused_by_default_and_switches(monkeypatch):
+    torch.manual_seed(0)
+    inter = PriorFeatureInteraction(64, depth=2).double()
+    x = torch.randn(2, 64, 3, 4, 5, dtype=torch.float64)
+    p = torch.randn(2, 5, 64, dtype=torch.float64)
+    calls = []
+    real = paf.prior_attention_block_fused
+    monkeypatch.setattr(paf, "prior_attention_block_fused",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv("HERMES_PRIOR_IMPL", raising=False)
+    with torch.no_grad():
+        fused = inter(x, p)
+        assert len(calls) == 2
+        paf.set_prior_impl(inter, "reference")
+        ref = inter(x, p)
+        assert len(calls) == 2
+        paf.set_prior_impl(inter, None)
+        monkeypatch.setenv("HERMES_PRIOR_IMPL", "reference")
+        ref_env = inter(x, p)
+        assert len(calls) == 2
+        monkeypatch.setenv("HERMES_PRIOR_IMPL", "bogus")
+        with pytest.raises(ValueError, match="HERMES_PRIOR_IMPL"):
+            inter(x, p)
+    torch.testing.assert_close(fused[0], ref[0])
+    torch.testing.assert_close(fused[1], ref[1])
+    torch.testing.assert_close(ref_env[0], ref[0])
+    with pytest.raises(ValueError, match="implementation"):
+        paf.set_prior_impl(inter, "fast")
+
+
+def test_custom_ops_opcheck():
+    """Schema, fake (meta) kernels and autograd registration of the torch.library ops."""
+    d = torch.float64
+    f = torch.randn(2, 7, 4, dtype=d, requires_grad=True)
+    a = torch.randn(2, 6, 4, dtype=d, requires_grad=True)
+    v = torch.randn(2, 6, 4, dtype=d, requires_grad=True)
+    w, b = torch.ones(4, dtype=d, requires_grad=True), torch.zeros(4, dtype=d, requires_grad=True)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.hermes.prior_gather_fwd, (f, a, w, b, 1e-5, 3),
+                          test_utils=tests)
+    torch.library.opcheck(torch.ops.hermes.feature_scatter_fwd, (f, a, v, w, b, b, 2, 1e-5, 3),
+                          test_utils=tests)
+    w1, b1 = torch.randn(8, 4, dtype=d, requires_grad=True), torch.randn(8, dtype=d)
+    w2, b2 = torch.randn(4, 8, dtype=d, requires_grad=True), torch.randn(4, dtype=d)
+    torch.library.opcheck(torch.ops.hermes.feature_mlp_fwd, (f, w, b, w1, b1, w2, b2, 1e-4, 3),
+                          test_utils=tests)
+
+
+def test_meta_device_shapes():
+    blk = make_block(64, dtype=torch.float32).to("meta")
+    f = torch.empty(2, 100, 64, device="meta")
+    p = torch.empty(2, 7, 64, device="meta")
+    out_f, out_p = paf.prior_attention_block_fused(f, p, blk.params())
+    assert out_f.shape == f.shape and out_p.shape == p.shape and out_f.device.type == "meta"
+
+
+def test_bad_inputs_raise_clear_errors():
+    blk = make_block(64, dtype=torch.float32)
+    prm = blk.params()
+    f, p = torch.randn(1, 10, 64), torch.randn(1, 3, 64)
+    with pytest.raises(ValueError, match="B x L x C"):
+        paf.prior_attention_block_fused(f[0], p, prm)
+    with pytest.raises(ValueError, match="disagree"):
+        paf.prior_attention_block_fused(f, torch.randn(1, 3, 32), prm)
+    with pytest.raises(ValueError, match="disagree"):
+        paf.prior_attention_block_fused(f, torch.randn(2, 3, 64), prm)
+    with pytest.raises(TypeError, match="dtype"):
+        paf.prior_attention_block_fused(f, p.double(), prm)
+    with pytest.raises(ValueError, match="at least one"):
+        paf.prior_attention_block_fused(f[:, :0], p, prm)
+    wrong = make_block(32, dtype=torch.float32).params()
+    with pytest.raises(ValueError, match="do not match width"):
+        paf.prior_attention_block_fused(torch.randn(1, 10, 32), torch.randn(1, 3, 32),
+                                        prm)
+    with pytest.raises(ValueError, match="do not match width"):
+        paf.prior_attention_block_fused(f, p, wrong)
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        paf.prior_attention_block_fused(f, p, prm, chunk=-4)
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        paf.feature_scatter(f, torch.randn(1, 7, 64), torch.randn(1, 7, 64), prm.feat_attn
+                            .norm_q_weight, prm.feat_attn.norm_q_bias, prm.feat_attn.b_out, 2,
+                            1e-5)
+
+
+def test_cpu_autocast_bfloat16_rule(one_thread):
+    """Under autocast (F.linear in bf16) the fused block runs and obeys the precision rule
+    |fused - fp32 ref| <= 2 |PyTorch bf16 - fp32 ref| + eps."""
+    blk = make_block(64, dtype=torch.float32)
+    f, p = torch.randn(1, 300, 64), torch.randn(1, 7, 64)
+    with torch.no_grad():
+        ref = prior_attention_block_reference(f, p, blk.params())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            same = prior_attention_block_reference(f.bfloat16(), p.bfloat16(), blk.params())
+            ours = paf.prior_attention_block_fused(f.bfloat16(), p.bfloat16(), blk.params())
+    for r_, s_, o_ in zip(ref, same, ours, strict=True):
+        assert o_.dtype == torch.bfloat16
+        err_ours = (o_.float() - r_).abs().max()
+        err_torch = (s_.float() - r_).abs().max()
+        assert err_ours <= 2 * err_torch + 1e-2 * r_.abs().max()
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped without a device)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_reference_float32():
+    assert native_available(torch.device("cuda"), torch.float32), "built without CUDA kernels"
+    blk = make_block(128, dtype=torch.float32)
+    f = torch.randn(2, 3000, 128, requires_grad=True)
+    p = torch.randn(2, 26, 128, requires_grad=True)
+    gf, gp = torch.randn_like(f), torch.randn_like(p)
+    ref = _grads(prior_attention_block_reference, f, p, blk, gf, gp)
+    blk_c = blk.cuda()
+    fc, pc = f.detach().cuda().requires_grad_(), p.detach().cuda().requires_grad_()
+    out = _grads(lambda *a: paf.prior_attention_block_fused(*a, chunk=1000), fc, pc, blk_c,
+                 gf.cuda(), gp.cuda())
+    torch.testing.assert_close(out[0].cpu(), ref[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out[1].cpu(), ref[1], rtol=2e-3, atol=2e-3)
+    for g_out, g_ref in zip(out[2], ref[2], strict=True):
+        scale = g_ref.abs().max().clamp_min(1e-6)
+        assert ((g_out.cpu() - g_ref).abs().max() / scale) < 5e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_rule(dtype):
+    """|kernel - fp32 ref| <= 2 |PyTorch same dtype - fp32 ref| + eps (outputs and grads)."""
+    blk = make_block(128, dtype=torch.float32).cuda()
+    f = torch.randn(1, 4096, 128, device="cuda")
+    p = torch.randn(1, 26, 128, device="cuda")
+    gf, gp = torch.randn_like(f), torch.randn_like(p)
+
+    def run(fn, module, dt):
+        module = module.to(dt)
+        ff, pp = f.to(dt).requires_grad_(), p.to(dt).requires_grad_()
+        return _grads(fn, ff, pp, module, gf.to(dt), gp.to(dt))
+
+    ref = run(prior_attention_block_reference, make_block(128, torch.float32).cuda(),
+              torch.float32)
+    same = run(prior_attention_block_reference, make_block(128, torch.float32).cuda(), dtype)
+    ours = run(paf.prior_attention_block_fused, make_block(128, torch.float32).cuda(), dtype)
+    eps = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    flat = lambda o: [o[0], o[1], *o[2]]  # noqa: E731
+    for r_, s_, o_ in zip(flat(ref), flat(same), flat(ours), strict=True):
+        scale = r_.abs().max().float()
+        err_ours = (o_.float() - r_.float()).abs().max()
+        err_torch = (s_.float() - r_.float()).abs().max()
+        assert err_ours <= 2 * err_torch + eps * scale
+    del blk
