@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -90,7 +89,7 @@ def test_warmup_then_cosine():
         sched.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[9] == pytest.approx(0.5)  # half-way through the cosine
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
 
 
 def test_ema_update():
@@ -176,7 +175,7 @@ def test_resume_after_kill_continues_the_same_run(cache, tmp_path):
                    check=True, cwd=tmp_path)
     a, b = _log(ref), _log(killed)
     assert [r["step"] for r in b] == [str(i) for i in range(1, 7)]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert ra["loss"] == rb["loss"], f"step {ra['step']}: {ra['loss']} != {rb['loss']}"
     wa = hm.load(ref / "model.hermes").state_dict()
     wb = hm.load(killed / "model.hermes").state_dict()

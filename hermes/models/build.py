@@ -34,5 +34,6 @@ def build(
         config = preset
     else:
         config = preset_config(preset, in_channels=in_channels, **overrides)
-    vocab = Vocabulary(list(tasks), list(modalities), {k: dict(v) for k, v in (groups or {}).items()})
+    group_specs = {k: dict(v) for k, v in (groups or {}).items()}
+    vocab = Vocabulary(list(tasks), list(modalities), group_specs)
     return HermesResUNet(config, vocab)

@@ -122,7 +122,11 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> HermesResUNet:
-    """Rebuild the model stored at ``path``; raises :class:`CheckpointError` saying what is wrong."""
+    """Rebuild the model stored at ``path``.
+
+    Raises:
+        CheckpointError: saying what is wrong with the file.
+    """
     path = Path(path)
     header, payload = _read(path, with_payload=True)
     try:

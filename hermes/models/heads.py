@@ -27,7 +27,10 @@ class HierarchicalPriorClassifier(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, features: Tensor, task_tokens: list[Tensor]) -> Tensor:
-        """features B x W x D x H x W', task_tokens: per level B x T x C_l -> logits B x T x D x H x W'."""
+        """features B x width x D x H x W, task_tokens per level B x T x C_l.
+
+        Returns logits B x T x D x H x W.
+        """
         t = self.norm(torch.cat(task_tokens, dim=2))
         t = self.fc2(F.gelu(self.fc1(t)))
         t = self.fc4(F.gelu(self.fc3(t)))  # B x T x width

@@ -89,9 +89,8 @@ class HermesResUNet(nn.Module):
             UpStage(w[2], w[1], nb[0]),
             UpStage(w[1], w[0], 2),
         ])
-        self.fusion = nn.ModuleList(
-            fusion(dim, depth) for dim, depth in zip(config.fusion_widths, config.fusion_depths)
-        )
+        levels = zip(config.fusion_widths, config.fusion_depths, strict=True)
+        self.fusion = nn.ModuleList(fusion(dim, depth) for dim, depth in levels)
         token_dim = sum(config.fusion_widths)
         self.task_head = HierarchicalPriorClassifier(token_dim, w[0])
         self.modality_head = ModalityClassifier(token_dim, n_mods)

@@ -121,7 +121,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[HermesConfig, int, 
         task_rows = int(state["prior_init_fuse_2.task_prior"].shape[0])
         mod_shape = state["prior_init_fuse_2.modality_prior"].shape
     except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"not an official Hermes-ResUNet state_dict ({exc!r} missing)") from exc
+        raise CheckpointError(
+            f"not an official Hermes-ResUNet state_dict ({exc!r} missing)"
+        ) from exc
     if any(w % base for w in widths):
         raise CheckpointError(f"stage widths {widths} are not multiples of the stem width {base}")
     config = HermesConfig(
@@ -167,7 +169,8 @@ def from_official(
     else:
         vocab = Vocabulary(
             list(tasks) if tasks is not None else [f"task_{i}" for i in range(n_tasks)],
-            list(modalities) if modalities is not None else [f"modality_{j}" for j in range(n_mods)],
+            list(modalities) if modalities is not None
+            else [f"modality_{j}" for j in range(n_mods)],
         )
     if len(vocab.tasks) != n_tasks or len(vocab.modalities) != n_mods:
         raise CheckpointError(

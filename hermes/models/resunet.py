@@ -29,7 +29,8 @@ class PreActConv(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Two pre-activation convolutions plus a shortcut (identity, or a PreActConv on width change)."""
+    """Two pre-activation convolutions plus a shortcut (identity, or a PreActConv when the
+    width changes)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Front ends of the native kernels: validation, custom ops, autograd and pure-PyTorch references."""
+"""Kernel front ends: validation, custom ops, autograd and pure-PyTorch references."""
 
 from hermes.ops._extension import capabilities, extension, extension_loaded
 

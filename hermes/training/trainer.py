@@ -41,8 +41,8 @@ class TrainConfig:
 
     ``steps`` optimiser steps of ``batch_size`` crops per process; ``datasets`` restricts
     sampling to some of the collection's datasets (the vocabulary stays the collection's);
-    ``lr`` None picks 3e-4 for AdamW and 2e-3 for LAMB; ``warmup_steps`` None is 5 % of ``steps``; ``amp`` "auto" uses
-    bfloat16 autocast on CUDA and float32 on CPU.
+    ``lr`` None picks 3e-4 for AdamW and 2e-3 for LAMB; ``warmup_steps`` None is 5 % of
+    ``steps``; ``amp`` "auto" uses bfloat16 autocast on CUDA and float32 on CPU.
     """
 
     cache_dir: str
