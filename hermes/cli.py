@@ -17,14 +17,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
     import hermes.models as hm
+    from hermes.models.default import default_model_path
 
-    if args.model is None or args.model == "official":
+    model = args.model
+    if model is None and default_model_path().is_file():
+        model = str(default_model_path())
+    if model is None or model == "official":
         vocab = hm.official_vocabulary()
         source = "official Hermes-R index tables"
     else:
-        header = hm.read_header(args.model)
+        header = hm.read_header(model)
         vocab = hm.Vocabulary.from_dict(header["vocab"])
-        source = args.model
+        source = model
     print(f"{source}: {len(vocab.usable_tasks())} tasks, modalities {', '.join(vocab.modalities)}")
     grouped = set()
     groups = sorted(vocab.groups.items(), key=lambda g: vocab.task_index(g[1]["tasks"][0]))
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(handler=_cmd_info)
     tasks = sub.add_parser("tasks", help="list a model's tasks and modalities")
-    tasks.add_argument("model", nargs="?", help="checkpoint path, or 'official' (default)")
+    tasks.add_argument("model", nargs="?",
+                       help="checkpoint path, or 'official' (default: the embedded model)")
     tasks.set_defaults(handler=_cmd_tasks)
 
     from hermes.data.commands import register as register_data

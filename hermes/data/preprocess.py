@@ -34,6 +34,7 @@ from hermes.data.geometry import CANONICAL_AXCODES, crop, nonzero_bbox, reorient
 from hermes.data.io import axcodes, load_image, spacing_from_affine
 from hermes.data.normalize import NormalizationSpec, normalization_for, normalize
 from hermes.data.splits import load_or_create_splits
+from hermes.files import atomic_write, atomic_write_json, sha256_file
 
 __all__ = ["PreprocessError", "PreprocessParams", "preprocess", "preprocess_case",
            "prepare_arrays", "prepare_image", "verify_case", "resolve_cache_dir"]
@@ -94,26 +95,8 @@ class PreprocessParams:
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> str:
     """Write ``array`` to ``path`` atomically; returns the sha256 of the file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-    digest = _sha256(tmp)
-    os.replace(tmp, path)
-    return digest
-
-
-def _atomic_write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+    return sha256_file(path)
 
 
 def _source_fingerprint(case: Case) -> list[dict]:
@@ -151,7 +134,7 @@ def verify_case(cache_dir: Path, case: Case, params_hash: str, full: bool = Fals
             arr = np.load(p, mmap_mode="r")
             if list(arr.shape) != rec["shape"] or str(arr.dtype) != rec["dtype"]:
                 return None
-            if full and _sha256(p) != rec["sha256"]:
+            if full and sha256_file(p) != rec["sha256"]:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -324,7 +307,7 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
         "files": files,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    _atomic_write_json(meta_p, meta)
+    atomic_write_json(meta_p, meta)
     return meta
 
 
@@ -423,7 +406,7 @@ def preprocess(
             raise PreprocessError(
                 f"cache {cache} was made with different parameters ({', '.join(diff)}); "
                 "use another cache folder or overwrite=True (--overwrite)")
-    _atomic_write_json(header_p, header)
+    atomic_write_json(header_p, header)
     splits = load_or_create_splits(collection, cache / "splits.json")
 
     jobs = [(c, ds.modality, params, cache, verify_full)
@@ -463,6 +446,6 @@ def preprocess(
     info["params"] = header
     info["source"] = str(collection.path) if collection.path else None
     info["stats"] = {**status, "seconds": round(time.perf_counter() - t0, 2)}
-    _atomic_write_json(cache / "collection.json", info)
+    atomic_write_json(cache / "collection.json", info)
     del splits
     return PreprocessedCollection(cache)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hermes.data.collection import Collection, DatasetSpec
+from hermes.files import atomic_write_json
 
 __all__ = ["SplitError", "split_dataset", "make_splits", "load_or_create_splits"]
 
@@ -58,13 +59,6 @@ def make_splits(collection: Collection, seed: int | None = None,
     }
 
 
-def _atomic_write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def load_or_create_splits(collection: Collection, path: str | os.PathLike,
                           seed: int | None = None, val_fraction: float | None = None) -> dict:
     """Read the splits at ``path``, creating (and writing) them if absent.
@@ -78,7 +72,7 @@ def load_or_create_splits(collection: Collection, path: str | os.PathLike,
     path = Path(path)
     if not path.is_file():
         splits = make_splits(collection, seed, val_fraction)
-        _atomic_write_json(path, splits)
+        atomic_write_json(path, splits)
         return splits
     try:
         splits = json.loads(path.read_text())
@@ -104,5 +98,5 @@ def load_or_create_splits(collection: Collection, path: str | os.PathLike,
                          + "; ".join(errors) + ". Delete that dataset's entry (or the file) "
                          "to split it again.")
     if changed:
-        _atomic_write_json(path, splits)
+        atomic_write_json(path, splits)
     return splits

@@ -32,7 +32,6 @@ their names, their ``dataset.json`` (``"simulated": true``) and the provenance f
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -52,6 +51,7 @@ import yaml
 from scipy import ndimage
 
 from hermes.data.io import load_image, save_image, spacing_from_affine
+from hermes.files import sha256_file
 
 __all__ = [
     "StarterError",
@@ -266,14 +266,6 @@ def _run(cmd: Sequence[str], cwd: Path, what: str) -> None:
                            + " | ".join(tail))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def pip_download(requirement: str, dest: Path, sdist: bool = False) -> Path:
     """``pip download --no-deps REQUIREMENT`` into ``dest``; returns the archive."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -395,7 +387,7 @@ def _src_pyradiomics(dl: Path, work: Path) -> list[_Dataset]:
                   ".nrrd",
         "command": "pip download --no-deps --no-binary :all: --no-build-isolation "
                    "pyradiomics==3.0.1",
-        "archive": archive.name, "sha256": _sha256(archive),
+        "archive": archive.name, "sha256": sha256_file(archive),
         "licence": "BSD-3-Clause (pyradiomics); the package does not document the origin of "
                    "its test images",
         "labels": "lung_lesion: the mask shipped with the image; body, lungs, bone derived by "
@@ -423,7 +415,7 @@ def _src_invesalius(dl: Path, work: Path) -> list[_Dataset]:
         "source": "Debian package invesalius-examples, "
                   "usr/share/doc/invesalius-examples/examples/Cranium.inv3 ('ProMED CT 0051')",
         "command": "apt-get download invesalius-examples",
-        "archive": deb.name, "sha256": _sha256(deb),
+        "archive": deb.name, "sha256": sha256_file(deb),
         "licence": "GPL-2 (Debian copyright file of invesalius-examples)",
         "labels": f"head: largest connected component of the InVesalius mask thresholded at "
                   f"{head['threshold_range']} HU; bone: the mask thresholded at "
@@ -454,7 +446,7 @@ def _src_nilearn(dl: Path, work: Path, simulated: bool) -> list[_Dataset]:
                   ".nii.gz: ICBM 2009a nonlinear symmetric template (McConnell Brain Imaging "
                   "Centre, MNI)",
         "command": "pip download --no-deps nilearn",
-        "archive": archive.name, "sha256": _sha256(archive),
+        "archive": archive.name, "sha256": sha256_file(archive),
         "licence": "nilearn: BSD-3-Clause; ICBM 2009a template: copyright McConnell Brain "
                    "Imaging Centre (MNI, McGill University), free use with attribution "
                    "(keep the copyright notice)",
@@ -498,7 +490,7 @@ def _src_nimare(dl: Path, work: Path) -> list[_Dataset]:
                   "tpl-MNI152NLin6Asym_res-01_{T1w,desc-brain_mask}.nii.gz (MNI152 6th "
                   "generation nonlinear asymmetric template, as distributed by TemplateFlow)",
         "command": "pip download --no-deps nimare==0.22.1",
-        "archive": archive.name, "sha256": _sha256(archive),
+        "archive": archive.name, "sha256": sha256_file(archive),
         "licence": "nimare: MIT; the template keeps its upstream (FSL/TemplateFlow) terms: "
                    "check them before commercial use",
         "labels": "brain: the brain mask shipped with the template",

@@ -14,7 +14,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from hermes.models.checkpoint import atomic_write_bytes
+from hermes.files import atomic_write_bytes
 
 __all__ = ["SegmentationResult", "nifti_bytes", "safe_filename"]
 

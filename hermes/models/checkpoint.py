@@ -19,13 +19,13 @@ import io
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hermes._version import __version__
+from hermes.files import atomic_write_bytes
 from hermes.models.config import HermesConfig
 from hermes.models.hermes_resunet import HermesResUNet
 from hermes.models.vocabulary import Vocabulary
@@ -36,25 +36,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used, with the reason."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, chunks) -> None:
-    """Write ``chunks`` (iterable of bytes) to ``path`` via a temporary file and ``os.replace``,
-    so readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(model: HermesResUNet, path: str | os.PathLike, metadata: dict[str, Any] | None = None):

@@ -20,9 +20,9 @@ import torch
 
 from hermes.data.cache import CachedCase, PreprocessedCollection
 from hermes.data.io import load_image
+from hermes.files import atomic_write_bytes
 from hermes.inference.geometry import resample_to_grid
 from hermes.inference.sliding_window import sliding_window_inference
-from hermes.models.checkpoint import atomic_write_bytes
 from hermes.models.hermes_resunet import HermesResUNet
 
 METRIC_FIELDS = ["dataset", "case", "task", "dice", "nsd", "hd95", "gt_voxels", "pred_voxels"]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 import hermes.models as hm
 from hermes.data.cache import PreprocessedCollection
-from hermes.models.checkpoint import atomic_write_bytes
+from hermes.files import atomic_write_bytes
 from hermes.training.ema import EMA
 from hermes.training.losses import modality_loss, partial_label_loss
 from hermes.training.optim import make_optimizer, warmup_cosine
