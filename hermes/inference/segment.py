@@ -5,8 +5,9 @@ reorient to RAS, crop to the non-zero region, normalise and resample exactly as 
 (:func:`hermes.data.preprocess.prepare_arrays`) -> sliding-window inference (per-task sigmoid
 probabilities on the model grid) -> probabilities resampled LINEARLY back to the original grid
 (inverse of the same geometry; outside the cropped region = background) -> per-task masks
-(``prob >= threshold``), optional post-processing, label map
-(``1 + argmax`` over the tasks whose mask holds the voxel, else 0), volumes and intensities.
+(``prob >= threshold``), optional post-processing, label map (``1 + t`` for the smallest
+structure ``t`` whose mask holds the voxel, so nested structures stay visible; else 0),
+volumes and intensities.
 """
 
 from __future__ import annotations
@@ -554,7 +555,6 @@ def segment(
     shape = back.orig_shape
     masks = np.zeros((len(task_names), *shape), bool)
     prob_out = np.zeros((len(task_names), *shape), np.float16) if probabilities else None
-    best = np.zeros(shape, np.float32)
     labels = np.zeros(shape, np.uint8 if len(task_names) < 255 else np.uint16)
     iterator: Any = range(len(task_names))
     if progress:
@@ -570,9 +570,10 @@ def segment(
         masks[t] = m
         if prob_out is not None:
             prob_out[t] = p
-        better = m & (p > best)
-        best[better] = p[better]
-        labels[better] = t + 1
+    # label map: where masks overlap the smaller structure wins (grey matter drawn over brain),
+    # so nested structures stay visible; painted from the largest volume to the smallest
+    for t in sorted(range(len(task_names)), key=lambda i: (-int(masks[i].sum()), i)):
+        labels[masks[t]] = t + 1
     del probs
     times["writeback"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
