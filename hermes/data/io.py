@@ -179,6 +179,16 @@ def _save_nrrd(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _readable_suffix(path: Path) -> str:
+    """The image suffix of an existing file; :class:`ImageReadError` naming the file otherwise."""
+    suffix = image_suffix(path)
+    if suffix is None:
+        raise ImageReadError(f"{path}: not a recognised image type (expected {IMAGE_SUFFIXES})")
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    return suffix
+
+
 def load_image(
     path: str | os.PathLike, dtype: np.dtype | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -197,11 +207,7 @@ def load_image(
         ImageReadError: the file is missing, of an unknown type, or corrupt; names the file.
     """
     path = Path(path)
-    suffix = image_suffix(path)
-    if suffix is None:
-        raise ImageReadError(f"{path}: not a recognised image type (expected {IMAGE_SUFFIXES})")
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+    suffix = _readable_suffix(path)
     try:
         if suffix in (".nrrd", ".nhdr"):
             data, affine = _load_nrrd(path, header_only=False)
@@ -234,11 +240,7 @@ def load_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
     ``shape`` lists the three spatial axes first, then any channel axis, as :func:`load_image`.
     """
     path = Path(path)
-    suffix = image_suffix(path)
-    if suffix is None:
-        raise ImageReadError(f"{path}: not a recognised image type (expected {IMAGE_SUFFIXES})")
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+    suffix = _readable_suffix(path)
     try:
         if suffix in (".nrrd", ".nhdr"):
             shape, affine = _load_nrrd(path, header_only=True)
