@@ -5,7 +5,7 @@ steps is spent either on ONE model trained on all datasets jointly, or split eve
 model per dataset (each sees only its own dataset). Per-task Dice on each dataset's validation
 cases, at the original image geometry, side by side. Prints a table, writes JSON.
 
-    python benchmarks/joint_vs_separate.py [--steps 600] [--quick]
+    python benchmarks/joint_vs_separate.py [--steps 1600] [--quick]
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ from hermes.training.evaluate import evaluate
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=600, help="total optimiser steps per arm")
+    ap.add_argument("--steps", type=int, default=1600, help="total optimiser steps per arm")
     ap.add_argument("--crop", type=int, default=48)
-    ap.add_argument("--cases", type=int, default=4, help="cases per dataset")
+    ap.add_argument("--spacing", type=float, default=4.0,
+                    help="preprocessing spacing in mm (the synthetic images have 4-6 mm voxels)")
+    ap.add_argument("--cases", type=int, default=10, help="cases per dataset")
     ap.add_argument("--work", default="benchmarks/results/joint_vs_separate")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (CI)")
     args = ap.parse_args()
@@ -38,8 +40,8 @@ def main() -> None:
     work = Path(args.work)
     yaml_path = generate_collection(work / "src", seed=7, cases_per_dataset=args.cases,
                                     size=(40, 56))
-    pc = hd.preprocess(hd.load_collection(yaml_path), work / "cache", spacing=2.0, workers=2,
-                       progress=False, image_order=1)
+    pc = hd.preprocess(hd.load_collection(yaml_path), work / "cache", spacing=args.spacing,
+                       workers=2, progress=False, image_order=1)
     datasets = list(pc.datasets)
     common = dict(cache_dir=str(pc.cache_dir), crop_size=(args.crop,) * 3, batch_size=2,
                   workers=1, checkpoint_every=10**9, progress=False, tensorboard=False, seed=0)
@@ -56,33 +58,48 @@ def main() -> None:
         timings[f"separate_{ds}"] = time.perf_counter() - t0
 
     roi = (args.crop,) * 3
-    joint_rows = evaluate(hm.load(joint_path), pc, split="val", roi=roi, progress=False).summary()
-    sep_rows = []
+    joint_eval = evaluate(hm.load(joint_path), pc, split="val", roi=roi, progress=False)
+    joint_rows = joint_eval.summary()
+    sep = {}
     for ds, path in separate_paths.items():
-        model = hm.load(path)
-        sub = [r for r in evaluate(model, pc, split="val", roi=roi, progress=False).summary()
-               if r["dataset"] == ds]
-        sep_rows.extend(sub)
-    sep = {(r["dataset"], r["task"]): r for r in sep_rows}
+        res = evaluate(hm.load(path), pc, split="val", roi=roi, progress=False, datasets=[ds])
+        sep.update({(r["dataset"], r["task"]): r for r in res.summary()})
+    # structure size (mean ground-truth voxels at the original geometry): small = hard
+    size: dict[tuple[str, str], list[int]] = {}
+    for r in joint_eval.rows:
+        size.setdefault((r["dataset"], r["task"]), []).append(r["gt_voxels"])
     table = []
     for r in joint_rows:
-        s = sep.get((r["dataset"], r["task"]))
+        key = (r["dataset"], r["task"])
+        s = sep[key]
         table.append({"dataset": r["dataset"], "task": r["task"], "cases": r["cases"],
-                      "dice_joint": r["dice"], "dice_separate": s["dice"] if s else None})
+                      "gt_voxels": float(sum(size[key]) / len(size[key])),
+                      "dice_joint": r["dice"], "dice_separate": s["dice"],
+                      "nsd_joint": r["nsd"], "nsd_separate": s["nsd"]})
     print(f"\nsame budget: {args.steps} steps joint vs {per_steps} steps x {len(datasets)} "
-          f"per-dataset models (batch 2, crop {args.crop}^3, tiny preset, CPU)")
-    print(f"{'dataset':<12} {'task':<22} {'n':>2} {'joint':>7} {'separate':>9} {'diff':>7}")
-    for t in table:
-        sd = t["dice_separate"]
-        diff = "" if sd is None else f"{t['dice_joint'] - sd:+.3f}"
-        print(f"{t['dataset']:<12} {t['task']:<22} {t['cases']:>2} {t['dice_joint']:7.3f} "
-              f"{sd if sd is None else round(sd, 3):>9} {diff:>7}")
-    mj = sum(t["dice_joint"] for t in table) / len(table)
-    ms = [t["dice_separate"] for t in table if t["dice_separate"] is not None]
-    print(f"mean Dice: joint {mj:.3f}, separate {sum(ms) / len(ms):.3f}")
+          f"per-dataset models (batch 2, crop {args.crop}^3 at {args.spacing} mm, tiny preset); "
+          f"validation cases of each dataset")
+    print(f"{'dataset':<10} {'task':<22} {'n':>2} {'voxels':>7} {'joint':>6} {'separate':>8} "
+          f"{'diff':>6} {'NSD j':>6} {'NSD s':>6}")
+    for t in sorted(table, key=lambda t: (t["dataset"], -t["gt_voxels"])):
+        print(f"{t['dataset']:<10} {t['task']:<22} {t['cases']:>2} {t['gt_voxels']:7.0f} "
+              f"{t['dice_joint']:6.3f} {t['dice_separate']:8.3f} "
+              f"{t['dice_joint'] - t['dice_separate']:+6.3f} {t['nsd_joint']:6.3f} "
+              f"{t['nsd_separate']:6.3f}")
+    n = len(table)
+    mj = sum(t["dice_joint"] for t in table) / n
+    ms = sum(t["dice_separate"] for t in table) / n
+    wins = sum(t["dice_joint"] > t["dice_separate"] for t in table)
+    print(f"mean Dice: joint {mj:.3f}, separate {ms:.3f}; joint better on {wins}/{n} tasks")
+    by_size = sorted(table, key=lambda t: t["gt_voxels"])
+    half = n // 2
+    for label, part in (("smaller half", by_size[:half]), ("larger half", by_size[half:])):
+        gain = sum(t["dice_joint"] - t["dice_separate"] for t in part) / max(1, len(part))
+        print(f"  {label} of structures: mean Dice gain of joint {gain:+.3f}")
     out = {"machine": platform.processor() or platform.machine(), "threads":
            torch.get_num_threads(), "steps": args.steps, "per_dataset_steps": per_steps,
-           "crop": args.crop, "rows": table, "seconds": timings}
+           "crop": args.crop, "spacing_mm": args.spacing, "cases_per_dataset": args.cases,
+           "rows": table, "seconds": timings}
     (work / "joint_vs_separate.json").write_text(json.dumps(out, indent=1))
     print(f"JSON: {work / 'joint_vs_separate.json'}")
 

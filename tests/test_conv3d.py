@@ -37,3 +37,23 @@ def test_module_keeps_conv3d_parameters():
         torch.testing.assert_close(m(x), F.conv3d(x, m.weight, padding=1))
     with pytest.raises(ValueError, match="odd"):
         Conv3dSame(2, 2, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 20, 18, 16), (1, 3, 7, 9, 5), (2, 8, 12, 10, 9)])
+def test_inference_path_matches_torch(shape, monkeypatch):
+    """Inference (oneDNN forward, also for batch-1 small maps) equals PyTorch's convolution; the
+    switch restores PyTorch's own path exactly."""
+    x = torch.randn(shape)
+    w = torch.randn(12, shape[1], 3, 3, 3)
+    ref = F.conv3d(x, w, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(conv3d_same(x, w), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(conv3d_same(x[:, :, :, :, 1:], w), F.conv3d(
+            x[:, :, :, :, 1:], w, padding=1), rtol=1e-4, atol=1e-4)  # non-contiguous
+        monkeypatch.setenv("HERMES_ONEDNN_CONV", "0")
+        assert torch.equal(conv3d_same(x, w), ref)
+    # input gradient with a frozen weight goes through PyTorch's autograd
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(conv3d_same(xg, w).sum(), xg)
+    (rg,) = torch.autograd.grad(F.conv3d(xg, w, padding=1).sum(), xg)
+    torch.testing.assert_close(g, rg)

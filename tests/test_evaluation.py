@@ -79,3 +79,16 @@ def test_empty_prediction_scores_zero(cache):
     res = evaluate(None, cache, split="val", progress=False,
                    predict=lambda c: np.zeros((len(c.info.tasks), *c.shape), bool))
     assert all(r["dice"] == (1.0 if r["gt_voxels"] == 0 else 0.0) for r in res.rows)
+
+
+def test_datasets_filter_evaluates_only_those_datasets(cache):
+    def empty(c):
+        return np.zeros((len(c.info.tasks), *c.shape), bool)
+
+    res = evaluate(None, cache, split="val", progress=False, predict=empty,
+                   datasets=["synth_t1"])
+    expected = {c.case_id for c in cache.split("val") if c.dataset == "synth_t1"}
+    assert expected and {r["case"] for r in res.rows} == expected
+    with pytest.raises(ValueError, match="unknown dataset.*synth_xx"):
+        evaluate(None, cache, split="val", progress=False, predict=empty,
+                 datasets=["synth_xx"])

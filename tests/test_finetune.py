@@ -201,3 +201,35 @@ def test_cli_finetune_full(setup, tmp_path, capsys):
     t_old = len(base.vocab.tasks)
     # full mode: old prior rows train too
     assert not _same(m.fusion[0].task_priors[:t_old], base.fusion[0].task_priors[:t_old])
+
+
+def test_modality_mode_trains_only_the_modality_head(setup, tmp_path):
+    _, old, new, base = setup
+    res = finetune(base, old, tmp_path / "m", mode="modality", **TRAIN)
+    sb, sm = base.state_dict(), hm.load(res.path).state_dict()
+    changed = {k for k, v in sb.items() if not _same(sm[k], v)}
+    assert changed and all(k.startswith("modality_head.") for k in changed)
+    cfg = hm.read_header(res.path)["metadata"]["train_config"]
+    assert cfg["modality_shuffle"] == 1.0 and cfg["modality_loss_weight"] == 1.0
+    with pytest.raises(ValueError, match="new names"):
+        finetune(base, new, tmp_path / "m2", mode="modality", **TRAIN)
+
+
+def test_modality_shuffle_replaces_priors_not_targets(setup, tmp_path):
+    from hermes.training.trainer import TrainConfig, Trainer
+
+    _, old, _, _ = setup
+    cfg = TrainConfig(cache_dir=str(old.cache_dir), out_dir=str(tmp_path / "s"),
+                      modality_shuffle=0.5, **TRAIN)
+    tr = Trainer(cfg)
+    mod = torch.tensor([0, 1, -1, 0] * 64)
+    first = tr._shuffled_modalities(mod)
+    assert torch.equal(first, tr._shuffled_modalities(mod))  # a function of seed and step
+    assert torch.equal(first[mod < 0], mod[mod < 0])  # unknown modalities stay unknown
+    swapped = (first != mod).float().mean().item()
+    m = len(tr.model.vocab.modalities)  # a random pick keeps the true one with p = 1/m
+    assert abs(swapped - 0.75 * 0.5 * (m - 1) / m) < 0.1
+    tr.step += 1
+    assert not torch.equal(first, tr._shuffled_modalities(mod))
+    with pytest.raises(ValueError, match="modality_shuffle"):
+        TrainConfig(cache_dir=str(old.cache_dir), out_dir="x", modality_shuffle=1.5)

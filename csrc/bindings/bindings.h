@@ -8,6 +8,7 @@ namespace bindings {
 void register_info(pybind11::module_& m);
 void register_prior_attention(pybind11::module_& m);
 void register_aggregation(pybind11::module_& m);
+void register_instance_norm(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace hermes

@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
   hermes::bindings::register_info(m);
   hermes::bindings::register_prior_attention(m);
   hermes::bindings::register_aggregation(m);
+  hermes::bindings::register_instance_norm(m);
 }

@@ -22,6 +22,11 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
     raise FileNotFoundError(f"{source} is neither a collection YAML nor a preprocessed cache")
 
 
+def _names(text: str | None) -> list[str] | None:
+    """``"a,b"`` -> ``["a", "b"]``; None stays None."""
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _train(args: argparse.Namespace) -> int:
     from hermes.training.trainer import TrainConfig, train
 
@@ -33,7 +38,8 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
         amp=args.amp, seed=args.seed, workers=args.workers if args.workers is not None else 2,
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
-        ema_decay=args.ema, augment=not args.no_augment,
+        ema_decay=args.ema, augment=not args.no_augment, datasets=_names(args.datasets),
+        modality_shuffle=args.modality_shuffle,
     )
     path = train(cfg, resume=args.resume)
     if not args.quiet:
@@ -53,7 +59,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         roi = list(crop) if crop else [96]
     roi = tuple(roi) if len(roi) == 3 else (roi[0],) * 3
     res = evaluate(model, pc, split=args.split, roi=roi, overlap=args.overlap,
-                   tolerance_mm=args.tolerance, device=args.device, progress=not args.quiet)
+                   tolerance_mm=args.tolerance, device=args.device, progress=not args.quiet,
+                   datasets=_names(args.datasets))
     out = Path(args.out or f"metrics_{args.split}.csv")
     res.write_csv(out)
     print(res.table())
@@ -79,6 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--device", default="auto")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--datasets", help="train on these datasets only (comma-separated)")
+    t.add_argument("--modality-shuffle", type=float, default=0.0, metavar="F",
+                   help="fraction of crops given a random modality prior, so that the modality "
+                        "head learns to detect the modality from the image (default 0)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(handler=_train)
@@ -92,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--overlap", type=float, default=0.5)
     e.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--datasets", help="evaluate these datasets only (comma-separated)")
     e.add_argument("--out", help="per-case CSV (default metrics_<split>.csv)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(handler=_evaluate)

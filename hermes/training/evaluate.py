@@ -117,6 +117,7 @@ def evaluate(
     roi: tuple[int, int, int] | None = None, overlap: float = 0.5, threshold: float = 0.5,
     tolerance_mm: float = 2.0, device: str | torch.device = "cpu", progress: bool = True,
     predict: Callable[[CachedCase], np.ndarray] | None = None,
+    datasets: list[str] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` on ``split`` of a preprocessed collection at the original geometry.
 
@@ -125,12 +126,20 @@ def evaluate(
         tolerance_mm: NSD tolerance.
         predict: replaces the model's sliding-window prediction: ``case -> (T, X, Y, Z)`` bool
             masks on the cached grid (e.g. to score another method with the same protocol).
+        datasets: only the cases of these datasets (default: all).
     """
     pc = collection if isinstance(collection, PreprocessedCollection) else \
         PreprocessedCollection(collection)
     cases = pc.split(split)
+    if datasets is not None:
+        unknown = sorted(set(datasets) - set(pc.datasets))
+        if unknown:
+            raise ValueError(f"unknown dataset(s) {unknown}; the collection has "
+                             f"{list(pc.datasets)}")
+        cases = [c for c in cases if c.dataset in datasets]
     if not cases:
-        raise ValueError(f"split {split!r} of {pc.cache_dir} holds no case")
+        raise ValueError(f"split {split!r} of {pc.cache_dir} holds no case"
+                         + (f" of datasets {datasets}" if datasets is not None else ""))
     roi = tuple(roi or (96, 96, 96))  # type: ignore[assignment]
     if predict is None:
         model = model.to(device).eval()

@@ -15,7 +15,11 @@
    * ``incremental``: everything trains except the OLD prior rows (and the null row), and old
      tasks are protected by distillation from the old model (default weight 1) and/or rehearsal
      on the old collection's cached cases (``rehearsal=`` its cache, ``rehearsal_fraction`` of
-     the samples).
+     the samples);
+   * ``modality``: only the modality head trains, on crops given random modality priors
+     (``modality_shuffle`` 1, modality loss weight 1), so that ``modality="auto"`` detects the
+     modality from the image; segmentation is left bit-identical. The collection must not
+     bring new names.
 
    Frozen prior rows are rows of one ``Parameter``: a gradient hook zeroes their gradient, the
    prior tables get no weight decay, and after training the exported (EMA) model gets the
@@ -60,7 +64,7 @@ __all__ = [
     "new_names",
 ]
 
-MODES = ("full", "priors", "incremental")
+MODES = ("full", "priors", "incremental", "modality")
 
 
 class AlignedCollection:
@@ -172,6 +176,8 @@ def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: 
     params: set[str] = set()
     if mode == "full":
         return rows, params
+    if mode == "modality":
+        return rows, {n for n, _ in model.named_parameters() if not n.startswith("modality_head.")}
     for name, p in model.named_parameters():
         if name.endswith(".task_priors"):
             rows[name] = list(range(old_tasks)) + [p.shape[0] - 1]  # old rows, null row
@@ -308,7 +314,7 @@ def finetune(
         collection: the new data: a preprocessed cache folder, collection YAML or
             :class:`PreprocessedCollection` (preprocess it with the old model's settings).
         out_dir: run folder (``model.hermes``, ``log.csv``, ``last.ckpt``).
-        mode: ``full``, ``priors`` or ``incremental``.
+        mode: ``full``, ``priors``, ``incremental`` or ``modality``.
         init: new rows from the most ``"similar"`` old prior or ``"random"``.
         rehearsal: an old cache whose training cases are mixed in (``rehearsal_fraction`` of the
             samples); any mode.
@@ -326,6 +332,14 @@ def finetune(
     base_src = str(model) if isinstance(model, (str, os.PathLike)) else None
     pc = _open(collection)
     new_tasks, new_mods = new_names(base.vocab, pc)
+    options = dict(train_options)
+    if mode == "modality":
+        if new_tasks or new_mods:
+            raise ValueError(
+                f"mode 'modality' trains only the modality head; the collection brings new "
+                f"names {new_tasks + new_mods} (add them with another mode first)")
+        options.setdefault("modality_shuffle", 1.0)
+        options.setdefault("modality_loss_weight", 1.0)
     seed = int(train_options.get("seed", 0))
     gen = torch.Generator().manual_seed(seed)
     plan = plan_extension(base.vocab, new_tasks, new_mods, init)
@@ -337,7 +351,6 @@ def finetune(
         sources.append((_open(rehearsal), rehearsal_fraction))
     aligned = AlignedCollection(sources, extended.vocab)
 
-    options = dict(train_options)
     options.setdefault("preset", base.config.preset or "custom")
     cfg = TrainConfig(cache_dir=str(pc.cache_dir), out_dir=str(out_dir), **options)
     t_old, m_old = len(base.vocab.tasks), len(base.vocab.modalities)

@@ -51,9 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "fine-tune (transfer / incremental learning)")
     f.add_argument("model", help="a trained Hermes checkpoint (.hermes)")
     f.add_argument("collection", help="collection YAML (preprocessed first) or a cache folder")
-    f.add_argument("--mode", default="full", choices=["full", "priors", "incremental"],
+    f.add_argument("--mode", default="full", choices=["full", "priors", "incremental", "modality"],
                    help="full: all weights train; priors: only new priors and heads; "
-                        "incremental: old priors frozen, old tasks distilled/rehearsed")
+                        "incremental: old priors frozen, old tasks distilled/rehearsed; "
+                        "modality: only the modality head, trained to detect the modality")
     f.add_argument("--init", default="similar", choices=["similar", "random"],
                    help="new prior rows from the most similar old prior, or random")
     f.add_argument("--rehearsal", help="old collection (YAML or cache) to rehearse on")

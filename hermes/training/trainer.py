@@ -43,6 +43,10 @@ class TrainConfig:
     sampling to some of the collection's datasets (the vocabulary stays the collection's);
     ``lr`` None picks 3e-4 for AdamW and 2e-3 for LAMB; ``warmup_steps`` None is 5 % of
     ``steps``; ``amp`` "auto" uses bfloat16 autocast on CUDA and float32 on CPU.
+    ``modality_shuffle``: the fraction of crops whose modality PRIOR is replaced by a uniformly
+    random modality while the modality head is still trained on the true one, so that the head
+    reads the image rather than echoing its prior (what ``modality="auto"`` needs); 0 = as the
+    paper.
     """
 
     cache_dir: str
@@ -63,6 +67,7 @@ class TrainConfig:
     augment: bool = True
     datasets: list[str] | None = None
     modality_loss_weight: float = 0.01
+    modality_shuffle: float = 0.0
     seed: int = 0
     workers: int = 2
     checkpoint_every: int = 100
@@ -78,6 +83,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be positive")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError("amp must be auto, bf16, fp16 or off")
+        if not 0.0 <= self.modality_shuffle <= 1.0:
+            raise ValueError(f"modality_shuffle must lie in [0, 1], got {self.modality_shuffle}")
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -257,6 +264,19 @@ class Trainer:
             persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None,
         )
 
+    def _shuffled_modalities(self, mod_idx: torch.Tensor) -> torch.Tensor:
+        """The modality prior fed to the model: ``mod_idx`` with a ``modality_shuffle`` fraction
+        of known entries replaced by random modalities (a function of seed, step and rank)."""
+        frac = self.cfg.modality_shuffle
+        if frac <= 0:
+            return mod_idx
+        g = torch.Generator().manual_seed(
+            (self.cfg.seed * 1_000_003 + self.step) * 1_009 + self.rank)
+        b = mod_idx.shape[0]
+        swap = (torch.rand(b, generator=g) < frac).to(mod_idx.device) & (mod_idx >= 0)
+        rand = torch.randint(0, len(self.model.vocab.modalities), (b,), generator=g)
+        return torch.where(swap, rand.to(mod_idx.device), mod_idx)
+
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimiser step on ``batch`` (from :func:`collate_partial`); returns the losses."""
         dev = self.device
@@ -264,11 +284,12 @@ class Trainer:
         targets = batch["targets"].to(dev, non_blocking=True)
         annotated = batch["annotated"].to(dev)
         mod_idx = batch["modality_idx"].to(dev)
+        prior_idx = self._shuffled_modalities(mod_idx)
         net = self.ddp if self.ddp is not None else self.model
         self.model.train()
         with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            out = net(x, task_idx=batch["task_idx"].to(dev), modality_idx=mod_idx)
+            out = net(x, task_idx=batch["task_idx"].to(dev), modality_idx=prior_idx)
         t = targets.shape[1]
         bce, dice = partial_label_loss(out.seg_logits[:, :t], targets, annotated)
         mod = modality_loss(out.modality_logits, mod_idx)
