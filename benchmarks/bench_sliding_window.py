@@ -14,6 +14,10 @@ at the issue's 48 GB/s). Label rows compare with MONAI + the lean labelling; "pe
 usual labelling, "vs lean" the lean one. The CT-sized volume (``--ct-shape``, 72 channels) is
 run once per method and without MONAI's float-probability labelling, which would not fit.
 
+The trivial predictor writes into one reused buffer per batch size, as a fast predictor with its
+own memory pool would; ``--fresh-outputs`` makes it return fresh memory on every call, whose page
+faults (~1.3 GB/s here) then dominate the predictor time and blur the stitching figures.
+
 CPU peak memory: the high-water mark of the resident set (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``; a 1 ms RSS sampler when that is not permitted) minus the resident set
 before the run, plus Hermes' cached accumulator buffers held before the run (they are part of
@@ -347,7 +351,6 @@ def main() -> None:
         bandwidth_gb_s=bandwidth / 1e9, torch=torch.__version__,
         openmp_threads=caps.get("openmp_threads"), roi=list(roi), overlap=0.5,
         predictor_output="fresh" if args.fresh_outputs else "reused",
-        hugepages=os.environ.get("HERMES_HUGEPAGES", "1") != "0",
     )  # fmt: skip
     print(json.dumps(header))
     cols = ("shape", "C", "mode", "bs", "method", "total ms", "pred ms", "stitch ms",

@@ -223,33 +223,6 @@ def test_buffers_are_reused_and_clean_after_errors():
     assert torch.equal(fresh, ref)
 
 
-@pytest.mark.parametrize("hugepages", ["0", "1"])
-def test_huge_page_backed_outputs_match_monai(monkeypatch, hugepages):
-    """Fresh outputs and accumulators mapped for huge pages (every size here) are zero-filled
-    and stay valid after the call, like torch's own."""
-    from hermes.inference import _workspace
-
-    monkeypatch.setattr(_workspace, "HUGEPAGE_MIN_BYTES", 0)
-    monkeypatch.setenv("HERMES_HUGEPAGES", hugepages)
-    _workspace._hugepages_allowed.cache_clear()
-    clear_workspace()
-    try:
-        x = _inputs((2, 1, 17, 12, 20))
-        conv = ConvPredictor(1, 3)
-        ref = monai_swi(x, (8, 8, 8), 3, conv, overlap=0.5, mode="gaussian")
-        ours = sliding_window_inference(x, (8, 8, 8), 3, conv, overlap=0.5, mode="gaussian")
-        probs = sliding_window_inference(x, (8, 8, 8), 3, conv, overlap=0.5, output="probs",
-                                         output_dtype=torch.float32, streaming=True,
-                                         mode="gaussian")
-        zeros = _workspace.fresh((5, 7), torch.float32, "cpu", zero=True)
-    finally:
-        _workspace._hugepages_allowed.cache_clear()
-        clear_workspace()
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(probs, torch.sigmoid(ref), rtol=1e-5, atol=1e-6)
-    assert torch.equal(zeros, torch.zeros(5, 7))
-
-
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [

@@ -192,8 +192,9 @@ class PatchAggregator:
                 self._check_tensor(out, (channels, D, H, W), torch.float32, "out")
                 self._acc = out.view(channels, D, H, W)
             else:
-                self._acc = _workspace.fresh((channels, D, H, W), torch.float32, self.device,
-                                             zero=True)
+                self._acc = torch.zeros(
+                    (channels, D, H, W), dtype=torch.float32, device=self.device
+                )
             self._buffer = _workspace.acquire(ring * H * W, self.device, self.reuse_buffers)
             self._wsum = self._buffer.view(ring, H, W)
             self._out = self._acc
@@ -210,7 +211,7 @@ class PatchAggregator:
                 else:
                     self._user_out = out.view(self.output_shape_3d)
             if out is None or self._user_out is not None:
-                self._out = _workspace.fresh(kernel_shape, self.output_dtype, self.device)
+                self._out = torch.empty(kernel_shape, dtype=self.output_dtype, device=self.device)
         self._done = 0  # planes [0, _done) are final (streaming)
         self._z = 0  # current (largest) patch corner z (streaming)
         self._finalized = False

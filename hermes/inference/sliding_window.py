@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hermes.inference._workspace import fresh
 from hermes.inference.aggregator import OUTPUT_KINDS, PatchAggregator, best_stream_axis
 
 __all__ = ["sliding_window_inference", "window_starts", "extract_logits"]
@@ -377,16 +376,16 @@ def _allocate_results(
     """The batch output tensor, which the per-image aggregators fill in."""
     cropped = [hi - lo for lo, hi in crop]
     if output == "logits" and output_dtype in (None, torch.float32) and not streaming:
-        return fresh((N, channels, *image_size), torch.float32, device, zero=True)
+        return torch.zeros((N, channels, *image_size), dtype=torch.float32, device=device)
     if output in ("logits", "probs"):
         default = torch.float32 if output == "logits" else torch.float16
         dtype = default if output_dtype is None else output_dtype
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"output_dtype must be float32 or float16, got {dtype}")
-        return fresh((N, channels, *cropped), dtype, device)
+        return torch.empty((N, channels, *cropped), dtype=dtype, device=device)
     if output_dtype is not None:
         raise ValueError(f"output_dtype applies to logits/probs, not {output!r}")
     if output == "masks":
-        return fresh((N, channels, *cropped), torch.bool, device)
+        return torch.empty((N, channels, *cropped), dtype=torch.bool, device=device)
     dtype = torch.uint8 if channels < 256 else torch.uint16
-    return fresh((N, 1, *cropped), dtype, device)
+    return torch.empty((N, 1, *cropped), dtype=dtype, device=device)
