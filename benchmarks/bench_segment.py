@@ -3,9 +3,10 @@
 Two inputs: a 1 mm head T1 (the nilearn MNI152 ICBM 2009a template at 1 mm when nilearn is
 installed, else the bundled 2 mm example upsampled to 1 mm) and a chest-CT-sized volume
 (512 x 512 x ``--ct-slices`` at 0.75 x 0.75 x 5 mm, a synthetic HU phantom: body, lungs, heart,
-spine). Modes: standard (overlap 0.5, cubic resampling, two windows per forward: the default),
-``--fast`` (overlap 0.25, linear resampling), and standard with one window per forward
-(``sw_batch_size=1``, the official loop's batching, for comparison).
+spine). Modes: standard (overlap 0.5, cubic resampling, one window per forward: the default),
+``--fast`` (overlap 0.25, linear resampling), standard with two windows per forward, and
+standard with PyTorch's own batch-1 convolution path and unfused instance norm + ReLU
+(``HERMES_ONEDNN_CONV=0 HERMES_FUSED_NORM=0``: the backbone as it was before).
 
 Steps (seconds): ``load`` (model + image read), ``preprocess`` (reorient, crop, normalise,
 resample), ``inference`` (sliding window), ``writeback`` (probabilities back to the original
@@ -186,15 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     makers = {"head_t1": lambda p: make_head_t1(p), "chest_ct": lambda p: make_chest_ct(p, slices)}
     desc = {n: makers[n](p) for n, (p, _) in inputs.items() if n in args.inputs.split(",")}
-    modes = [("standard", False, 2), ("fast", True, 2), ("standard, sw_batch 1", False, 1)]
+    # the last mode: PyTorch's own convolution choice (slow_conv3d for batch-1 small maps) and
+    # unfused instance norm + ReLU, i.e. the backbone before hermes.ops.conv3d/norm took over
+    pytorch_paths = {"HERMES_ONEDNN_CONV": "0", "HERMES_FUSED_NORM": "0"}
+    modes = [("standard", False, 1, {}), ("fast", True, 1, {}),
+             ("standard, sw_batch 2", False, 2, {}),
+             ("standard, PyTorch conv/norm paths", False, 1, pytorch_paths)]
     rows = []
     for name, (path, modality) in inputs.items():
         if name not in args.inputs.split(","):
             continue
-        for mode, fast, swb in modes:
+        for mode, fast, swb, extra_env in modes:
             cfg = {"image": str(path), "modality": modality, "model": model, "fast": fast,
                    "sw_batch_size": swb, "threads": args.threads}
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **extra_env)
             proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)],
                                   capture_output=True, text=True, env=env)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

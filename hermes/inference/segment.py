@@ -426,7 +426,7 @@ def segment(
     overlap: float | None = None,
     tta: bool | None = None,
     roi_size: int | Sequence[int] | None = None,
-    sw_batch_size: int = 2,
+    sw_batch_size: int = 1,
     roi_tolerance: float = 0.125,
     model_spacing: float | Sequence[float] | None = None,
     modality_threshold: float = 0.6,
@@ -462,10 +462,8 @@ def segment(
         roi_tolerance: along an axis of the model grid longer than the window by at most this
             fraction (e.g. 97-108 voxels for a 96 window), one window of the axis' length is
             used instead of two overlapping ones (the network accepts any size; 0 disables).
-        sw_batch_size: windows per forward pass. The default 2 matters on CPU: PyTorch runs
-            batch-1 3-D convolutions through a slow fallback (``slow_conv3d``) while batches of
-            2 use oneDNN (7-19% less CPU time per window for the tiny model at 96^3 on a
-            shared 2-core machine, for about 0.35 GiB more peak memory).
+        sw_batch_size: windows per forward pass (batch-1 convolutions run through oneDNN on
+            the CPU too, see :mod:`hermes.ops.conv3d`, so 1 is as fast and needs least memory).
         model_spacing: override the model grid spacing (mm); default from the checkpoint
             metadata ``preprocess.spacing``, else 1.5 mm.
         modality_threshold: minimum confidence of automatic modality detection.
