@@ -36,3 +36,14 @@ def test_demo_runs_with_the_embedded_model(tmp_path, capsys):
     names = json.loads((out / "labels.json").read_text())
     assert names and (out / "preview.png").stat().st_size > 1000
     assert np.asarray(labels.dataobj).max() > 0  # something was segmented
+
+
+def test_embedded_modality_head_reads_the_image():
+    """The shipped head was trained with shuffled modality priors: on the bundled T1 example,
+    the hypotheses agree on T1 above the default threshold (0.6)."""
+    import hermes
+
+    res = hermes.segment(str(example_path()), modality="auto", device="cpu", fast=True,
+                         tasks=["brain"])
+    assert res.modality == "T1" and res.detection["confidence"] >= 0.6, res.detection
+    assert "modality_head" in default_model().hermes_metadata
