@@ -95,6 +95,12 @@ def test_row_freezing_is_exact_under_adamw():
     assert pparams and all(not k.startswith(("task_head", "modality_head")) and
                            "priors" not in k for k in pparams)
     assert frozen_layout(ext, 2, 2, "full") == ({}, set())
+    # incremental with frozen shared weights: only prior tables train; they get the scaled rate
+    rows_s, sparams = frozen_layout(ext, 2, 2, "incremental", freeze_shared=True)
+    assert rows_s == rows and sparams == {k for k, _ in ext.named_parameters()
+                                           if not k.endswith("priors")}
+    groups = make_param_groups(rows_s, sparams, 0.1, prior_lr_scale=20.0)(ext)
+    assert [g.get("lr_scale", 1.0) for g in groups] == [20.0]
 
 
 def test_distillation_loss_hand_computed():
@@ -201,6 +207,29 @@ def test_cli_finetune_full(setup, tmp_path, capsys):
     t_old = len(base.vocab.tasks)
     # full mode: old prior rows train too
     assert not _same(m.fusion[0].task_priors[:t_old], base.fusion[0].task_priors[:t_old])
+
+
+def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup, tmp_path):
+    _, old, new, base = setup
+    res = finetune(base, new, tmp_path / "fs", mode="incremental", freeze_shared=True,
+                   prior_lr_scale=20.0, **TRAIN)
+    m = hm.load(res.path)
+    sb, sm = base.state_dict(), m.state_dict()
+    t_old = len(base.vocab.tasks)
+    for k, v in sb.items():
+        if k.endswith("task_priors"):
+            assert _same(sm[k][:t_old], v[:t_old]) and _same(sm[k][-1], v[-1])
+            assert not _same(sm[k][t_old:-1], torch.zeros_like(sm[k][t_old:-1]))
+        else:
+            assert _same(sm[k], v), k
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():  # old tasks on their own: the old model's outputs, bit for bit
+        a = base(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
+        b = m(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
+    assert torch.equal(a, b)
+    assert hm.read_header(res.path)["metadata"]["finetune"]["freeze_shared"] is True
+    with pytest.raises(ValueError, match="freeze_shared"):
+        finetune(base, new, tmp_path / "x", mode="full", freeze_shared=True, **TRAIN)
 
 
 def test_modality_mode_trains_only_the_modality_head(setup, tmp_path):

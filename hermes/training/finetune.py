@@ -15,15 +15,19 @@
    * ``incremental``: everything trains except the OLD prior rows (and the null row), and old
      tasks are protected by distillation from the old model (default weight 1) and/or rehearsal
      on the old collection's cached cases (``rehearsal=`` its cache, ``rehearsal_fraction`` of
-     the samples);
+     the samples); with ``freeze_shared`` only the new prior rows train (backbone, fusion
+     blocks and heads frozen too), so that old tasks requested without new ones give exactly
+     the old outputs;
    * ``modality``: only the modality head trains, on crops given random modality priors
      (``modality_shuffle`` 1, modality loss weight 1), so that ``modality="auto"`` detects the
      modality from the image; segmentation is left bit-identical. The collection must not
      bring new names.
 
    Frozen prior rows are rows of one ``Parameter``: a gradient hook zeroes their gradient, the
-   prior tables get no weight decay, and after training the exported (EMA) model gets the
-   frozen values copied back exactly, so they are bit-identical to the old model's;
+   prior tables get no weight decay (and ``prior_lr_scale`` times the learning rate: prior rows
+   are small vectors that move little at a backbone's rate), and after training the exported
+   (EMA) model gets the frozen values copied back exactly, so they are bit-identical to the old
+   model's;
 3. the EMA model is written to ``out_dir/model.hermes``: a normal self-describing checkpoint
    (vocabulary with old and new tasks and groups) whose metadata records the fine-tuning.
 
@@ -161,9 +165,10 @@ def _row_mask(n_rows: int, frozen: Sequence[int], like: Tensor) -> Tensor:
     return mask
 
 
-def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: str
-                  ) -> tuple[dict[str, list[int]], set[str]]:
-    """What a mode freezes.
+def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: str,
+                  freeze_shared: bool = False) -> tuple[dict[str, list[int]], set[str]]:
+    """What a mode freezes (``freeze_shared``: in ``incremental`` mode, every parameter but the
+    prior tables too).
 
     Returns:
         (rows, params): ``rows[name]`` lists the frozen rows of prior table ``name`` (the old
@@ -185,16 +190,24 @@ def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: 
             rows[name] = list(range(old_mods))
         elif mode == "priors" and not name.startswith(("task_head.", "modality_head.")):
             params.add(name)
+        elif mode == "incremental" and freeze_shared:
+            params.add(name)
     rows = {k: v for k, v in rows.items() if v}
     return rows, params
 
 
-def make_param_groups(rows: dict[str, list[int]], params: set[str], weight_decay: float):
-    """The ``param_groups`` hook: freezes ``params``, masks the gradient of frozen ``rows`` and
-    puts the tables with frozen rows in a group without weight decay (decay would move them)."""
+def _is_prior_table(name: str) -> bool:
+    return name.endswith((".task_priors", ".modality_priors"))
+
+
+def make_param_groups(rows: dict[str, list[int]], params: set[str], weight_decay: float,
+                      prior_lr_scale: float = 1.0):
+    """The ``param_groups`` hook: freezes ``params``, masks the gradient of frozen ``rows``,
+    puts the tables with frozen rows in a group without weight decay (decay would move them)
+    and gives the prior tables ``prior_lr_scale`` times the learning rate."""
 
     def groups(model: nn.Module) -> list[dict]:
-        decay, no_decay = [], []
+        decay, tables_decay, tables_fixed = [], [], []
         for name, p in model.named_parameters():
             if name in params:
                 p.requires_grad_(False)
@@ -202,10 +215,15 @@ def make_param_groups(rows: dict[str, list[int]], params: set[str], weight_decay
             if name in rows:
                 mask = _row_mask(p.shape[0], rows[name], p)
                 p.register_hook(lambda g, m=mask: g * m)
-            (no_decay if name in rows else decay).append(p)
-        out = [{"params": decay, "weight_decay": weight_decay}]
-        if no_decay:
-            out.append({"params": no_decay, "weight_decay": 0.0})
+                tables_fixed.append(p)
+            elif _is_prior_table(name):
+                tables_decay.append(p)
+            else:
+                decay.append(p)
+        out = [{"params": decay, "weight_decay": weight_decay},
+               {"params": tables_decay, "weight_decay": weight_decay,
+                "lr_scale": prior_lr_scale},
+               {"params": tables_fixed, "weight_decay": 0.0, "lr_scale": prior_lr_scale}]
         return [g for g in out if g["params"]]
 
     return groups
@@ -304,6 +322,8 @@ def finetune(
     rehearsal: str | os.PathLike | PreprocessedCollection | None = None,
     rehearsal_fraction: float = 0.5,
     distill: float | None = None,
+    freeze_shared: bool = False,
+    prior_lr_scale: float = 1.0,
     resume: bool = False,
     **train_options: Any,
 ) -> FinetuneResult:
@@ -319,12 +339,19 @@ def finetune(
         rehearsal: an old cache whose training cases are mixed in (``rehearsal_fraction`` of the
             samples); any mode.
         distill: distillation weight (default 1.0 in ``incremental`` mode, else 0 = off).
+        freeze_shared: ``incremental`` only: train nothing but the new prior rows (exact
+            retention of old tasks requested on their own).
+        prior_lr_scale: learning-rate multiplier of the prior tables.
         resume: continue an interrupted run in ``out_dir``.
         train_options: :class:`TrainConfig` fields (``steps``, ``crop_size``, ``batch_size``,
             ``lr``, ``seed``, ``workers``, ...).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if freeze_shared and mode != "incremental":
+        raise ValueError("freeze_shared applies to mode 'incremental'")
+    if not prior_lr_scale > 0:
+        raise ValueError(f"prior_lr_scale must be positive, got {prior_lr_scale}")
     if not 0.0 <= rehearsal_fraction < 1.0:
         raise ValueError("rehearsal_fraction must lie in [0, 1)")
     base = hm.load(model) if isinstance(model, (str, os.PathLike)) else model
@@ -354,14 +381,16 @@ def finetune(
     options.setdefault("preset", base.config.preset or "custom")
     cfg = TrainConfig(cache_dir=str(pc.cache_dir), out_dir=str(out_dir), **options)
     t_old, m_old = len(base.vocab.tasks), len(base.vocab.modalities)
-    rows, frozen = frozen_layout(extended, t_old, m_old, mode)
-    weight = (1.0 if mode == "incremental" else 0.0) if distill is None else float(distill)
+    rows, frozen = frozen_layout(extended, t_old, m_old, mode, freeze_shared)
+    weight = (1.0 if mode == "incremental" and not freeze_shared else 0.0) \
+        if distill is None else float(distill)
     extra = None
     if weight > 0:
         teacher = copy.deepcopy(base).float()
         extra = Distiller(teacher, weight, base.config.null_tokens)
     trainer = Trainer(cfg, resume=resume, model=extended, collection=aligned,
-                      param_groups=make_param_groups(rows, frozen, cfg.weight_decay),
+                      param_groups=make_param_groups(rows, frozen, cfg.weight_decay,
+                                                     prior_lr_scale),
                       extra_loss=extra)
     path = trainer.run()
     if trainer.rank != 0:
@@ -392,6 +421,7 @@ def finetune(
                       if rehearsal is not None else None),
         "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
         "distill_weight": weight, "old_tasks": t_old, "old_modalities": m_old,
+        "freeze_shared": freeze_shared, "prior_lr_scale": prior_lr_scale,
     }
     hm.save(exported, path, metadata=header_meta)
     return FinetuneResult(path, exported.eval(), new_tasks, new_mods, plan, mode)

@@ -136,7 +136,8 @@ class Trainer:
             collection: sample from this object (duck-typed like :class:`PreprocessedCollection`:
                 ``split``, ``sampling_weights``, ``cache_dir``, ``cases``, ``name``) instead of
                 ``PreprocessedCollection(cfg.cache_dir)``.
-            param_groups: ``model -> optimizer parameter groups`` (called after the EMA copy is
+            param_groups: ``model -> optimizer parameter groups`` (a group's ``lr_scale``
+                multiplies the learning rate; called after the EMA copy is
                 made; may freeze parameters or register gradient hooks).
             extra_loss: ``(trainer, batch, out, x) -> (loss, {name: float})`` added to the loss
                 of every step (e.g. distillation); its values are logged under ``extra``.
@@ -165,6 +166,8 @@ class Trainer:
         lr = cfg.lr if cfg.lr is not None else (2e-3 if cfg.optimizer == "lamb" else 3e-4)
         params = param_groups(self.model) if param_groups is not None else self.model.parameters()
         self.optimizer = make_optimizer(cfg.optimizer, params, lr, cfg.weight_decay)
+        for group in self.optimizer.param_groups:  # a group may scale the base rate
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
         self.scheduler = warmup_cosine(self.optimizer, warm, cfg.steps)
         amp = cfg.amp
