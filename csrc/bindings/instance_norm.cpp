@@ -20,7 +20,7 @@ void register_instance_norm(pybind11::module_& m) {
       pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("planes"), pybind11::arg("size"),
       pybind11::arg("eps"), pybind11::arg("relu"),
       "Instance norm (no affine, biased variance) then optional ReLU over `planes` contiguous "
-      "float32 rows of `size` voxels; x may equal y.");
+      "float32 rows of `size` voxels into y (not overlapping x).");
 }
 
 }  // namespace bindings

@@ -1,5 +1,6 @@
 // CPU (OpenMP) kernels of the sliding-window patch aggregation; see hermes/aggregate.h.
 #include "hermes/aggregate.h"
+#include "hermes/macros.h"
 
 #include <algorithm>
 #include <cmath>
@@ -10,13 +11,6 @@
 #include <omp.h>
 #endif
 
-// Hot loops are compiled twice (AVX2 and baseline x86-64) and picked at load time. AVX2 without
-// FMA: the results are bit-identical to the baseline build (no contraction is possible).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HERMES_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define HERMES_MULTIVERSION
-#endif
 
 namespace hermes {
 namespace aggregate {

@@ -1,15 +1,10 @@
 // CPU (OpenMP) fused instance normalisation + ReLU; see hermes/instance_norm.h.
 #include "hermes/instance_norm.h"
+#include "hermes/macros.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HERMES_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define HERMES_MULTIVERSION
-#endif
 
 namespace hermes {
 namespace norm {
@@ -41,11 +36,17 @@ void chunk_apply(const float* __restrict__ x, float* __restrict__ y, int64_t n, 
   }
 }
 
-// In-place variant (x == y): the same loops without the no-alias promise.
-void chunk_apply_inplace(float* y, int64_t n, float mean, float rstd, bool relu) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = (y[i] - mean) * rstd;
-    y[i] = relu ? std::max(v, 0.0f) : v;
+// Calls fn(chunk index, plane, offset of the chunk in the plane, chunk length) for every chunk,
+// in parallel.
+template <typename Fn>
+void for_chunks(int64_t planes, int64_t size, Fn&& fn) {
+  const int64_t chunks = (size + kChunk - 1) / kChunk;
+#ifdef HERMES_WITH_OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+  for (int64_t t = 0; t < planes * chunks; ++t) {
+    const int64_t begin = (t % chunks) * kChunk;
+    fn(t, t / chunks, begin, std::min(kChunk, size - begin));
   }
 }
 
@@ -55,16 +56,11 @@ void instance_norm_act_cpu(const float* x, float* y, int64_t planes, int64_t siz
                            bool relu) {
   if (planes <= 0 || size <= 0) return;
   const int64_t chunks = (size + kChunk - 1) / kChunk;
-  const int64_t tasks = planes * chunks;
-  std::vector<double> sums(static_cast<size_t>(tasks)), sumsqs(static_cast<size_t>(tasks));
-#ifdef HERMES_WITH_OPENMP
-#pragma omp parallel for schedule(static)
-#endif
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t p = t / chunks, c = t % chunks;
-    const int64_t begin = c * kChunk, n = std::min(kChunk, size - begin);
+  std::vector<double> sums(static_cast<size_t>(planes * chunks));
+  std::vector<double> sumsqs(sums.size());
+  for_chunks(planes, size, [&](int64_t t, int64_t p, int64_t begin, int64_t n) {
     chunk_sums(x + p * size + begin, n, &sums[t], &sumsqs[t]);
-  }
+  });
   std::vector<float> mean(static_cast<size_t>(planes)), rstd(static_cast<size_t>(planes));
   for (int64_t p = 0; p < planes; ++p) {
     double s = 0.0, q = 0.0;
@@ -77,19 +73,9 @@ void instance_norm_act_cpu(const float* x, float* y, int64_t planes, int64_t siz
     mean[p] = static_cast<float>(m);
     rstd[p] = static_cast<float>(1.0 / std::sqrt(var + static_cast<double>(eps)));
   }
-#ifdef HERMES_WITH_OPENMP
-#pragma omp parallel for schedule(static)
-#endif
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t p = t / chunks, c = t % chunks;
-    const int64_t begin = c * kChunk, n = std::min(kChunk, size - begin);
-    const int64_t off = p * size + begin;
-    if (x == y) {
-      chunk_apply_inplace(y + off, n, mean[p], rstd[p], relu);
-    } else {
-      chunk_apply(x + off, y + off, n, mean[p], rstd[p], relu);
-    }
-  }
+  for_chunks(planes, size, [&](int64_t, int64_t p, int64_t begin, int64_t n) {
+    chunk_apply(x + p * size + begin, y + p * size + begin, n, mean[p], rstd[p], relu);
+  });
 }
 
 }  // namespace norm
