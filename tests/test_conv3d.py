@@ -52,7 +52,7 @@ def test_inference_path_matches_torch(shape, monkeypatch):
             x[:, :, :, :, 1:], w, padding=1), rtol=1e-4, atol=1e-4)  # non-contiguous
         monkeypatch.setenv("HERMES_ONEDNN_CONV", "0")
         assert torch.equal(conv3d_same(x, w), ref)
-    # input gradient with a frozen weight goes through PyTorch's autograd
+    # input gradient with a frozen weight (fine-tuning with a frozen backbone)
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(conv3d_same(xg, w).sum(), xg)
     (rg,) = torch.autograd.grad(F.conv3d(xg, w, padding=1).sum(), xg)

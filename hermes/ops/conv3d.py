@@ -68,10 +68,10 @@ def conv3d_same(x: Tensor, weight: Tensor) -> Tensor:
     """Stride-1, 'same'-padded, bias-free 3-D convolution of B x Cin x D x H x W by
     Cout x Cin x k x k x k (odd k); fast weight gradient on CPU."""
     padding = tuple(k // 2 for k in weight.shape[2:])
-    if x.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad:
-        return _Conv3dSame.apply(x, weight, padding)
-    if not torch.is_grad_enabled() or not x.requires_grad:
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _forward(x, weight, padding)
+    if x.device.type == "cpu":
+        return _Conv3dSame.apply(x, weight, padding)
     return F.conv3d(x, weight, padding=padding)
 
 
