@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from proc_memory import reset_peak_rss, rss_bytes, status_bytes
 from torch import Tensor
 
 from hermes.ops.prior_attention import CrossAttentionParams, MLPParams, PriorBlockParams
@@ -184,27 +185,11 @@ def time_all(configs, device: str, dtype: torch.dtype, repeats: int,
     return out
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    peak = status_bytes("VmHWM")
+    if peak is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak
 
 
 def memory_all(configs, device: str, dtype: torch.dtype) -> dict:
@@ -215,7 +200,7 @@ def memory_all(configs, device: str, dtype: torch.dtype) -> dict:
     that freed tensors leave the RSS at once (torch's CPU allocator does not cache).
     """
     out = {}
-    if not device.startswith("cuda") and not _reset_peak_rss():
+    if not device.startswith("cuda") and not reset_peak_rss():
         return out
     for level, c, length, n in configs:
         f, pr, p = make_inputs(c, length, n, device, dtype)
@@ -232,8 +217,8 @@ def memory_all(configs, device: str, dtype: torch.dtype) -> dict:
                         torch.cuda.synchronize()
                         peak = torch.cuda.max_memory_allocated() - base
                     else:
-                        _reset_peak_rss()
-                        base = _rss_bytes()
+                        reset_peak_rss()
+                        base = rss_bytes()
                         step(impl, scope, mode, f, pr, p, grads)
                         peak = _peak_rss_bytes() - base
                     out[(level, n, scope, mode, impl)] = max(peak, 0)

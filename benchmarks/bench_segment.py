@@ -36,25 +36,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import reset_peak_rss, status_bytes
 
 HERE = Path(__file__).resolve().parent
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -122,8 +106,8 @@ def run_one(cfg: dict) -> dict:
         net(torch.zeros(1, 1, 32, 32, 32), tasks=[net.vocab.usable_tasks()[0]],
             modality=net.vocab.modalities[0])
     first = time.perf_counter() - t0
-    rss0 = _status("VmRSS")
-    exact = _reset_hwm()
+    rss0 = status_bytes("VmRSS") or 0
+    exact = reset_peak_rss()
     timings: dict = {}
     res = hermes.segment(cfg["image"], modality=cfg["modality"], model=net, device="cpu",
                          fast=cfg["fast"], sw_batch_size=cfg["sw_batch_size"], timings=timings)
@@ -133,7 +117,7 @@ def run_one(cfg: dict) -> dict:
     timings["save"] = time.perf_counter() - t0
     timings["load"] += t_model
     timings["total"] += t_model + timings["save"]
-    peak = _status("VmHWM")
+    peak = status_bytes("VmHWM") or 0
     return {"timings": timings, "first_forward_s": first, "peak_rss_bytes": peak,
             "peak_above_start_bytes": peak - rss0 if exact else None,
             "windows": res.settings["windows"], "model_grid": res.settings["model_grid_shape"],

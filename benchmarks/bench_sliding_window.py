@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from proc_memory import reset_peak_rss, rss_bytes, status_bytes
 
 from hermes.inference import (
     best_stream_axis,
@@ -51,34 +52,11 @@ from hermes.inference import (
 from hermes.inference._workspace import cached_bytes
 from hermes.ops import capabilities
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 #: The issue's measured bandwidth of the reference 2-core machine (bytes/s), for a second floor.
 NOMINAL_BANDWIDTH = 48e9
 
 
 # ---- memory ------------------------------------------------------------------------------------
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def _hwm() -> int | None:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakMemory:
     """Peak memory above the start of a ``with`` block (bytes), CPU or CUDA."""
 
@@ -93,8 +71,8 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             return self
-        self.base = _rss()
-        self._use_hwm = _reset_hwm()
+        self.base = rss_bytes()
+        self._use_hwm = reset_peak_rss()
         self._stop = threading.Event()
         self._max = self.base
         if not self._use_hwm:
@@ -104,7 +82,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._max = max(self._max, _rss())
+            self._max = max(self._max, rss_bytes())
             time.sleep(0.001)
 
     def __exit__(self, *exc: Any) -> None:
@@ -113,11 +91,11 @@ class PeakMemory:
             self.peak = torch.cuda.max_memory_allocated() - self.base
             return
         if self._use_hwm:
-            self.peak = (_hwm() or self._max) - self.base
+            self.peak = (status_bytes("VmHWM") or self._max) - self.base
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self._max, _rss()) - self.base
+            self.peak = max(self._max, rss_bytes()) - self.base
 
 
 # ---- helpers -----------------------------------------------------------------------------------
