@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,18 +63,24 @@ def structure_name(task: str) -> str:
     return task.rsplit("/", 1)[-1].strip().casefold()
 
 
+def _closest(key: str, existing: Sequence[str], name_of: Callable[[str], str]) -> str | None:
+    """The first entry of ``existing`` whose ``name_of`` is the most :mod:`difflib`-similar to
+    ``key``, if that similarity reaches ``NAME_CUTOFF``; else None."""
+    best, best_ratio = None, 0.0
+    for e in existing:
+        r = difflib.SequenceMatcher(None, key, name_of(e)).ratio()
+        if r > best_ratio:
+            best, best_ratio = e, r
+    return best if best_ratio >= NAME_CUTOFF else None
+
+
 def similar_task(name: str, existing: Sequence[str]) -> str | None:
     """The old task a new task ``name`` is initialised from (None: random); see module doc."""
     struct = structure_name(name)
     for t in existing:
         if t != name and structure_name(t) == struct:
             return t
-    best, best_ratio = None, 0.0
-    for t in existing:
-        r = difflib.SequenceMatcher(None, struct, structure_name(t)).ratio()
-        if r > best_ratio:
-            best, best_ratio = t, r
-    return best if best_ratio >= NAME_CUTOFF else None
+    return _closest(struct, existing, structure_name)
 
 
 def _family(name: str) -> str:
@@ -88,12 +94,8 @@ def similar_modality(name: str, existing: Sequence[str]) -> str | list[str] | No
     for m in existing:
         if _family(m) == fam:
             return m
-    best, best_ratio = None, 0.0
-    for m in existing:
-        r = difflib.SequenceMatcher(None, fam, _family(m)).ratio()
-        if r > best_ratio:
-            best, best_ratio = m, r
-    if best_ratio >= NAME_CUTOFF:
+    best = _closest(fam, existing, _family)
+    if best is not None:
         return best
     if any(h in name.casefold() for h in _MR_HINTS):
         mr = [m for m in existing if _family(m).upper() in _MR_LIKE]
