@@ -8,9 +8,10 @@
    (``--finetune-steps`` each) versus a fresh model trained on the new dataset alone with the
    same budget (steps, batch, crop, learning rate).
 4. Incremental: every old task's validation Dice before and after ``incremental`` fine-tuning
-   (distillation; distillation + rehearsal; and ``freeze_shared``, where only the new prior rows
-   train, at ``--prior-lr-scale`` times the rate, as in the ``priors`` run), against the
-   >= 98 % retention goal; the old tasks after ``full`` fine-tuning are listed as the
+   (distillation; distillation + rehearsal; ``freeze_shared``, where only the new prior rows
+   train, at ``--prior-lr-scale`` times the rate, as in the ``priors`` run; ``new_decoder``,
+   where the new tasks get their own trainable decoder branch), against the >= 98 % retention
+   goal; the old tasks after ``full`` fine-tuning are listed as the
    forgetting reference.
 
 Writes a Markdown table and JSON under ``benchmarks/results/`` and prints the table.
@@ -83,6 +84,9 @@ def main() -> None:
                     help="distillation weight of the incremental runs (finetune's default: 1)")
     ap.add_argument("--prior-lr-scale", type=float, default=20.0,
                     help="prior-table lr multiplier of the priors and incremental-frozen runs")
+    ap.add_argument("--arms", default="priors,full,incremental,incremental+rehearsal,"
+                    "incremental-frozen,incremental-new-decoder,fresh",
+                    help="comma-separated fine-tuning runs to make")
     ap.add_argument("--ema", type=float, default=0.9, help="EMA decay (short runs: small)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -122,29 +126,36 @@ def main() -> None:
         ft = {k: v for k, v in common.items()}
         ft["steps"] = args.finetune_steps
         ft["lr"] = args.finetune_lr if args.finetune_lr is not None else args.lr
+        scale = args.prior_lr_scale
+        arms = {  # name -> (run folder, finetune() options); "fresh" trains a new model
+            "priors": {"mode": "priors", "prior_lr_scale": scale},
+            "full": {"mode": "full"},
+            "incremental": {"mode": "incremental", "distill": args.distill},
+            "incremental+rehearsal": {"mode": "incremental", "rehearsal": old,
+                                      "rehearsal_fraction": 0.5, "distill": args.distill},
+            "incremental-frozen": {"mode": "incremental", "freeze_shared": True,
+                                   "prior_lr_scale": scale},
+            "incremental-new-decoder": {"mode": "incremental", "new_decoder": True,
+                                        "prior_lr_scale": scale},
+        }
+        chosen = args.arms.split(",")
+        unknown = sorted(set(chosen) - set(arms) - {"fresh"})
+        if unknown:
+            raise SystemExit(f"unknown arms {unknown}; choose from {list(arms) + ['fresh']}")
         models = {}
-        for mode in ("priors", "full"):
-            scale = args.prior_lr_scale if mode == "priors" else 1.0
-            models[mode] = run(f"finetune_{mode}", lambda m=mode, sc=scale: finetune(
-                base, new, work / f"ft_{m}", mode=m, prior_lr_scale=sc, **ft).model)
-        models["incremental"] = run("finetune_incremental", lambda: finetune(
-            base, new, work / "ft_inc", mode="incremental", distill=args.distill, **ft).model)
-        models["incremental+rehearsal"] = run("finetune_incremental_rehearsal", lambda: finetune(
-            base, new, work / "ft_inc_reh", mode="incremental", rehearsal=old,
-            rehearsal_fraction=0.5, distill=args.distill, **ft).model)
-        models["incremental-frozen"] = run("finetune_incremental_frozen", lambda: finetune(
-            base, new, work / "ft_inc_frozen", mode="incremental", freeze_shared=True,
-            prior_lr_scale=args.prior_lr_scale, **ft).model)
-        fresh_path = run("fresh", lambda: Trainer(TrainConfig(
-            cache_dir=str(new.cache_dir), out_dir=str(work / "fresh"), preset="tiny",
-            steps=args.finetune_steps, **common)).run())
-        models["fresh"] = hm.load(fresh_path)
+        for i, name in enumerate(a for a in arms if a in chosen):
+            models[name] = run(f"finetune_{name}", lambda n=name, i=i: finetune(
+                base, new, work / f"ft_{i}", **arms[n], **ft).model)
+        if "fresh" in chosen:
+            fresh_path = run("fresh", lambda: Trainer(TrainConfig(
+                cache_dir=str(new.cache_dir), out_dir=str(work / "fresh"), preset="tiny",
+                steps=args.finetune_steps, **common)).run())
+            models["fresh"] = hm.load(fresh_path)
 
         new_dice = {k: run(f"eval_new_{k}", lambda m=m: dice_table(m, new, crop))
                     for k, m in models.items()}
         old_after = {k: run(f"eval_old_{k}", lambda m=models[k]: dice_table(m, old, crop))
-                     for k in ("incremental", "incremental+rehearsal", "incremental-frozen",
-                               "full")}
+                     for k in models if k.startswith("incremental") or k == "full"}
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

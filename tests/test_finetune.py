@@ -95,12 +95,15 @@ def test_row_freezing_is_exact_under_adamw():
     assert pparams and all(not k.startswith(("task_head", "modality_head")) and
                            "priors" not in k for k in pparams)
     assert frozen_layout(ext, 2, 2, "full") == ({}, set())
-    # incremental with frozen shared weights: only prior tables train; they get the scaled rate
+    # incremental with frozen shared weights: only prior tables (at the scaled rate) and the
+    # new modality's output row train
     rows_s, sparams = frozen_layout(ext, 2, 2, "incremental", freeze_shared=True)
-    assert rows_s == rows and sparams == {k for k, _ in ext.named_parameters()
-                                           if not k.endswith("priors")}
+    head = {"modality_head.fc2.weight": [0, 1], "modality_head.fc2.bias": [0, 1]}
+    assert rows_s == {**rows, **head}
+    assert sparams == {k for k, _ in ext.named_parameters()
+                       if not k.endswith("priors") and k not in head}
     groups = make_param_groups(rows_s, sparams, 0.1, prior_lr_scale=20.0)(ext)
-    assert [g.get("lr_scale", 1.0) for g in groups] == [20.0]
+    assert [(len(g["params"]), g.get("lr_scale", 1.0)) for g in groups] == [(10, 20.0), (2, 1.0)]
 
 
 def test_distillation_loss_hand_computed():
@@ -230,6 +233,37 @@ def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup,
     assert hm.read_header(res.path)["metadata"]["finetune"]["freeze_shared"] is True
     with pytest.raises(ValueError, match="freeze_shared"):
         finetune(base, new, tmp_path / "x", mode="full", freeze_shared=True, **TRAIN)
+
+
+def test_incremental_new_decoder_trains_a_branch_and_keeps_old_outputs(setup, tmp_path):
+    _, old, new, base = setup
+    res = finetune(base, new, tmp_path / "nd", mode="incremental", new_decoder=True, **TRAIN)
+    m = hm.load(res.path)
+    t_old = len(base.vocab.tasks)
+    assert m.config.decoder_branches == (t_old,)
+    sb, sm = base.state_dict(), m.state_dict()
+    for k, v in sb.items():  # every old weight and old prior row is the old model's
+        if k.endswith("task_priors"):
+            assert _same(sm[k][:t_old], v[:t_old]) and _same(sm[k][-1], v[-1]), k
+        else:
+            assert _same(sm[k], v), k
+    # what trained: the branch and the new rows of the encoder's fusion tables, nothing else
+    assert not _same(sm["branches.0.up.3.blocks.0.conv1.conv.weight"],
+                     sb["up.3.blocks.0.conv1.conv.weight"])
+    assert not _same(sm["fusion.0.task_priors"][t_old:-1],
+                     extend_vocabulary(base, res.new_tasks).fusion[0].task_priors[t_old:-1])
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():  # old tasks on their own: the old model's outputs, bit for bit
+        a = base(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
+        b = m(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
+        assert torch.equal(a, b)
+        assert m(x, tasks=["synth_t2/kidney"], modality="T2").seg_logits.shape[1] == 1
+    assert hm.read_header(res.path)["metadata"]["finetune"]["new_decoder"] is True
+    with pytest.raises(ValueError, match="not both"):
+        finetune(base, new, tmp_path / "x", mode="incremental", new_decoder=True,
+                 freeze_shared=True, **TRAIN)
+    with pytest.raises(ValueError, match="new_decoder"):
+        finetune(base, new, tmp_path / "x", mode="priors", new_decoder=True, **TRAIN)
 
 
 def test_modality_mode_trains_only_the_modality_head(setup, tmp_path):

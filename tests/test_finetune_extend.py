@@ -125,3 +125,70 @@ def test_reserved_tasks_kept_and_errors():
         extend_vocabulary(m, ["c/x", "c/x"])
     with pytest.raises(ValueError, match="init"):
         extend_vocabulary(m, ["c/x"], init="nearest")
+
+
+def _as_main(branched: hm.HermesResUNet, k: int) -> hm.HermesResUNet:
+    """A branch-free model whose decoder is branch ``k`` of ``branched`` (the oracle)."""
+    config = hm.HermesConfig.from_dict({**branched.config.to_dict(), "decoder_branches": []})
+    plain = hm.HermesResUNet(config, branched.vocab).eval()
+    state = {}
+    for key, value in branched.state_dict().items():
+        if key.startswith("branches."):
+            continue
+        state[key] = value
+    for key, value in branched.state_dict().items():
+        prefix = f"branches.{k}."
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            rest = rest.replace("fusion.0.", "fusion.3.", 1).replace("fusion.1.", "fusion.4.", 1) \
+                if rest.startswith("fusion.") else rest
+            state[rest] = value
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
+def test_decoder_branch_routes_new_tasks_and_keeps_old_outputs(tmp_path):
+    from hermes.models.extend import add_decoder_branch
+
+    old = _model(torch.float32)  # checkpoints load as float32
+    ext = extend_vocabulary(old, ["c/liver", "c/heart"], ["US"],
+                            generator=torch.Generator().manual_seed(0))
+    br = add_decoder_branch(ext, len(OLD_TASKS)).eval()
+    assert br.config.decoder_branches == (len(OLD_TASKS),)
+    x = torch.randn(2, 1, 32, 16, 16)
+    with torch.no_grad():
+        # a copy of the main decoder gives the same outputs as the unbranched model
+        req = [["a/liver", "c/heart"], ["c/liver", "b/spleen"]]
+        assert torch.equal(br(x, tasks=req, modality=["CT", "US"]).seg_logits,
+                           ext(x, tasks=req, modality=["CT", "US"]).seg_logits)
+        for p in br.branches[0].parameters():  # make the branch different
+            p.add_(0.05 * torch.randn_like(p))
+        out = br(x, tasks=req, modality=["CT", "US"])
+        oracle_main = ext(x, tasks=req, modality=["CT", "US"])
+        oracle_branch = _as_main(br, 0)(x, tasks=req, modality=["CT", "US"])
+        new = torch.tensor([[False, True], [True, False]])
+        assert torch.equal(out.seg_logits[new], oracle_branch.seg_logits[new])
+        assert torch.equal(out.seg_logits[~new], oracle_main.seg_logits[~new])
+        assert not torch.allclose(out.seg_logits[new], oracle_main.seg_logits[new])
+        assert torch.equal(out.modality_logits, oracle_main.modality_logits)
+        # old tasks alone: the old model's logits; new tasks alone: the branch's
+        a = old(x, tasks=["a/liver", "b/bladder"], modality="CT").seg_logits
+        assert torch.equal(br(x, tasks=["a/liver", "b/bladder"], modality="CT").seg_logits, a)
+        only_new = br(x, tasks=["c/heart"], modality="T1")
+        assert torch.equal(only_new.seg_logits,
+                           _as_main(br, 0)(x, tasks=["c/heart"], modality="T1").seg_logits)
+    # self-describing checkpoint; a second branch after the first
+    hm.save(br, tmp_path / "br.hermes")
+    back = hm.load(tmp_path / "br.hermes")
+    with torch.no_grad():
+        assert torch.equal(back(x, tasks=req, modality=["CT", "US"]).seg_logits, out.seg_logits)
+    ext2 = extend_vocabulary(back, ["d/lung"], [])
+    br2 = add_decoder_branch(ext2, len(OLD_TASKS) + 2)
+    assert br2.config.decoder_branches == (4, 6) and len(br2.branches) == 2
+    assert br2.parameter_counts()["backbone"] > old.parameter_counts()["backbone"]
+    with pytest.raises(ValueError, match="decoder branch"):
+        add_decoder_branch(ext2, 4)
+    with pytest.raises(ValueError, match="ascending"):
+        hm.HermesConfig(decoder_branches=(3, 3))
+    # an unbranched config is written without the key (readable by older versions)
+    assert "decoder_branches" not in old.config.to_dict()

@@ -40,6 +40,24 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b) / (a.norm() * b.norm()))
 
 
+def test_tasks_of_a_decoder_branch_use_the_branch_tables():
+    from hermes.models.extend import add_decoder_branch
+
+    m = add_decoder_branch(_model(), 3)  # b/spleen and c/x belong to the branch
+    with torch.no_grad():
+        for f in m.branches[0].fusion:
+            f.task_priors.normal_()
+    res = task_prior_similarity(m)
+    for lvl, (main, branch) in enumerate(zip(m.fusion[3:], m.branches[0].fusion, strict=True)):
+        rows = [main.task_priors[i] for i in range(3)] + [branch.task_priors[i] for i in (3, 4)]
+        for i in range(5):
+            for j in range(5):
+                exp = _cos(rows[i], rows[j])
+                assert res.levels[3 + lvl][i, j] == pytest.approx(exp, abs=1e-12)
+    assert res.levels[0][3, 4] == pytest.approx(
+        _cos(m.fusion[0].task_priors[3], m.fusion[0].task_priors[4]), abs=1e-12)
+
+
 def test_similarities_match_hand_computation():
     m = _model()
     m.vocab.reserved.append("c/x")

@@ -2,7 +2,8 @@
 
 For a model with fusion levels ``l = 1..5``:
 
-* task prior of task ``t`` at level ``l``: row ``t`` of ``fusion[l].task_priors`` (C_l values);
+* task prior of task ``t`` at level ``l``: row ``t`` of ``fusion[l].task_priors`` (C_l values;
+  a task added with its own decoder branch: the branch's tables at the two decoder levels);
   the null row and reserved tasks are skipped;
 * modality prior of modality ``m`` at level ``l``: ``fusion[l].modality_priors[m]`` (K x C_l),
   flattened to K*C_l values (tokens compared position by position) or averaged over its K tokens
@@ -74,6 +75,21 @@ def _fusion_layers(model) -> list:
     return list(model.fusion)
 
 
+def _task_tables(model) -> list[torch.Tensor]:
+    """Per level, the (T + 1) x C task-prior table a task is segmented with: at the decoder
+    levels, the rows of tasks owned by a decoder branch come from that branch's tables."""
+    model = getattr(model, "module", model)
+    tables = [f.task_priors.detach() for f in model.fusion]
+    n = tables[0].shape[0]
+    owner = model.decoder_of(torch.arange(n))
+    owner[-1] = -1  # the null row
+    for k, branch in enumerate(model.branches):
+        for level, f in zip((3, 4), branch.fusion, strict=True):
+            tables[level] = torch.where((owner == k)[:, None], f.task_priors.detach(),
+                                        tables[level])
+    return tables
+
+
 def _group_of(vocab, names: list[str]) -> list[list[int]]:
     """Positions (in ``names``) of each dataset group's tasks; a task counts in its first group."""
     pos = {n: i for i, n in enumerate(names)}
@@ -103,8 +119,7 @@ def task_prior_similarity(model, center: str = "none") -> SimilarityResult:
     names = vocab.usable_tasks()
     rows = [vocab.task_index(n) for n in names]
     with torch.no_grad():
-        per_level = [f.task_priors.detach().double().cpu().numpy()[rows]
-                     for f in _fusion_layers(model)]
+        per_level = [t.double().cpu().numpy()[rows] for t in _task_tables(model)]
     if center == "groups":
         groups = _group_of(vocab, names)
         for v in per_level:

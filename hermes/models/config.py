@@ -14,6 +14,11 @@ class HermesConfig:
     fusion happens after encoder stages 2, 3, 4 and decoder stages 1, 2 with ``fusion_depths``
     attention blocks each. ``null_tokens`` trailing null task tokens are appended when tasks are
     given by name (the official training and evaluation always carried one).
+
+    ``decoder_branches`` (incremental learning, :func:`hermes.models.extend.add_decoder_branch`):
+    ascending first task indices of extra decoders; the tasks from ``decoder_branches[k]`` up to
+    the next entry are segmented by branch ``k`` (its own decoder stages, decoder fusion layers
+    and task head on the shared encoder), all lower ones by the main decoder.
     """
 
     in_channels: int = 1
@@ -24,6 +29,7 @@ class HermesConfig:
     modality_tokens: int = 10
     head_dim: int = 32
     null_tokens: int = 1
+    decoder_branches: tuple[int, ...] = ()
     preset: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -31,6 +37,7 @@ class HermesConfig:
         self.width_multipliers = tuple(int(v) for v in self.width_multipliers)
         self.num_blocks = tuple(int(v) for v in self.num_blocks)
         self.fusion_depths = tuple(int(v) for v in self.fusion_depths)
+        self.decoder_branches = tuple(int(v) for v in self.decoder_branches)
         if len(self.width_multipliers) != 5:
             raise ValueError("width_multipliers needs 5 entries (stem and four down stages)")
         if len(self.num_blocks) != 4 or min(self.num_blocks) < 1:
@@ -39,6 +46,9 @@ class HermesConfig:
             raise ValueError("fusion_depths needs 5 positive entries")
         if self.in_channels < 1 or self.base_width < 1 or self.modality_tokens < 1:
             raise ValueError("in_channels, base_width and modality_tokens must be positive")
+        b = self.decoder_branches
+        if b and (b[0] < 1 or any(x >= y for x, y in zip(b, b[1:], strict=False))):
+            raise ValueError(f"decoder_branches must be ascending task indices >= 1, got {b}")
         if self.null_tokens < 0:
             raise ValueError("null_tokens must be >= 0")
         for level in self.fusion_widths:
@@ -60,8 +70,10 @@ class HermesConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("width_multipliers", "num_blocks", "fusion_depths"):
+        for key in ("width_multipliers", "num_blocks", "fusion_depths", "decoder_branches"):
             d[key] = list(d[key])
+        if not d["decoder_branches"]:  # readable by versions without branches
+            del d["decoder_branches"]
         return d
 
     @classmethod

@@ -46,6 +46,7 @@ from hermes.models.vocabulary import MODALITY_ALIASES, Vocabulary
 
 __all__ = [
     "ExtensionPlan",
+    "add_decoder_branch",
     "extend_vocabulary",
     "plan_extension",
     "similar_modality",
@@ -234,10 +235,57 @@ def extend_vocabulary(
             raise RuntimeError(f"surgery produced {key} {tuple(out[key].shape)}, "
                                f"expected {tuple(tgt.shape)}")
     new_model.load_state_dict(out, strict=True)
-    for name, module in model.named_modules():  # carry per-block attributes (e.g. impl)
-        impl = getattr(module, "impl", None)
-        if impl is not None:
-            new_model.get_submodule(name).impl = impl
+    _carry_impl(model, new_model)
     new_model.train(model.training)
     return new_model
 
+
+def _carry_impl(model: HermesResUNet, new_model: HermesResUNet,
+                renames: Sequence[tuple[str, str]] = ()) -> None:
+    """Copy per-block ``impl`` attributes (fused or reference prior attention) to the modules of
+    the same name in ``new_model``, and to ``new`` + rest for every ``(old, new)`` prefix pair."""
+    for name, module in model.named_modules():
+        impl = getattr(module, "impl", None)
+        if impl is None:
+            continue
+        new_model.get_submodule(name).impl = impl
+        for old, new in renames:
+            if name.startswith(old):
+                new_model.get_submodule(new + name[len(old):]).impl = impl
+
+
+
+@torch.no_grad()
+def add_decoder_branch(model: HermesResUNet, first_task: int) -> HermesResUNet:
+    """A copy of ``model`` in which the tasks from index ``first_task`` on are segmented by a new
+    decoder branch (:class:`~hermes.models.hermes_resunet.DecoderBranch`), initialised as a copy
+    of the main decoder (stages, decoder fusion layers, task head).
+
+    Used by incremental fine-tuning: the old decoders stay frozen while the branch learns the new
+    tasks on the shared encoder. ``first_task`` must follow every existing branch's first task and
+    name a task of the vocabulary.
+    """
+    model = getattr(model, "module", model)
+    branches = model.config.decoder_branches
+    n_tasks = len(model.vocab.tasks)
+    if not (branches[-1] if branches else 0) < first_task < n_tasks:
+        raise ValueError(f"a new decoder branch must start at a task index after "
+                         f"{branches[-1] if branches else 0} and below {n_tasks}, "
+                         f"got {first_task}")
+    config = copy.deepcopy(model.config)
+    config.decoder_branches = (*branches, int(first_task))
+    param = next(model.parameters())
+    new_model = HermesResUNet(config, model.vocab).to(param.device, param.dtype)
+    prefix = f"branches.{len(branches)}."
+    renames = [(main, prefix + sub) for main, sub in (
+        ("up.", "up."), ("fusion.3.", "fusion.0."), ("fusion.4.", "fusion.1."),
+        ("task_head.", "task_head."))]
+    state = dict(model.state_dict())
+    for key, value in model.state_dict().items():
+        for main, branch in renames:
+            if key.startswith(main):
+                state[branch + key[len(main):]] = value.clone()
+    new_model.load_state_dict(state, strict=True)
+    _carry_impl(model, new_model, renames)
+    new_model.train(model.training)
+    return new_model

@@ -58,6 +58,31 @@ class HermesOutput:
         )
 
 
+def _decoder_stages(config: HermesConfig) -> nn.ModuleList:
+    """The four decoder stages: (in, skip) widths and block counts as in the official model."""
+    w, nb = config.widths, config.num_blocks
+    return nn.ModuleList([
+        UpStage(w[4], w[3], nb[2]),
+        UpStage(w[3], w[2], nb[1]),
+        UpStage(w[2], w[1], nb[0]),
+        UpStage(w[1], w[0], 2),
+    ])
+
+
+class DecoderBranch(nn.Module):
+    """An extra decoder for tasks added incrementally: decoder stages (``up``), the two decoder
+    fusion layers (``fusion``) and a task head, fed by the shared encoder."""
+
+    def __init__(self, config: HermesConfig, fusion) -> None:
+        super().__init__()
+        self.up = _decoder_stages(config)
+        self.fusion = nn.ModuleList(
+            fusion(dim, depth) for dim, depth in
+            zip(config.fusion_widths[3:], config.fusion_depths[3:], strict=True))
+        self.task_head = HierarchicalPriorClassifier(sum(config.fusion_widths),
+                                                     config.widths[0])
+
+
 class HermesResUNet(nn.Module):
     """Universal segmentation model addressed by task and modality names.
 
@@ -82,18 +107,14 @@ class HermesResUNet(nn.Module):
 
         self.stem = Stem(config.in_channels, w[0])
         self.down = nn.ModuleList(DownStage(w[i], w[i + 1], nb[i]) for i in range(4))
-        # decoder: (in, skip) widths and block counts as in the official model
-        self.up = nn.ModuleList([
-            UpStage(w[4], w[3], nb[2]),
-            UpStage(w[3], w[2], nb[1]),
-            UpStage(w[2], w[1], nb[0]),
-            UpStage(w[1], w[0], 2),
-        ])
+        self.up = _decoder_stages(config)
         levels = zip(config.fusion_widths, config.fusion_depths, strict=True)
         self.fusion = nn.ModuleList(fusion(dim, depth) for dim, depth in levels)
         token_dim = sum(config.fusion_widths)
         self.task_head = HierarchicalPriorClassifier(token_dim, w[0])
         self.modality_head = ModalityClassifier(token_dim, n_mods)
+        self.branches = nn.ModuleList(
+            DecoderBranch(config, fusion) for _ in config.decoder_branches)
 
     # ------------------------------------------------------------------ name handling
     def encode_tasks(self, tasks: Sequence[str] | Sequence[Sequence[str]], batch: int):
@@ -206,19 +227,49 @@ class HermesResUNet(nn.Module):
         x4, p3 = self.fusion[1](x4, task_idx, modality_idx)
         x5 = self.down[3](x4)
         x5, p4 = self.fusion[2](x5, task_idx, modality_idx)
-        out = self.up[0](x5, x4)
-        out, p5 = self.fusion[3](out, task_idx, modality_idx)
-        out = self.up[1](out, x3)
-        out, p6 = self.fusion[4](out, task_idx, modality_idx)
-        out = self.up[2](out, x2)
-        out = self.up[3](out, x1)
-
-        posteriors = (p2, p3, p4, p5, p6)
-        seg = self.task_head(out, [p[:, :n_out] for p in posteriors])
-        mod = self.modality_head([p[:, n_tok:] for p in posteriors])
+        skips = (x1, x2, x3, x4, x5)
+        # decoders whose tasks are requested (null channels take any computed decoder's output)
+        owner = self.decoder_of(task_idx[:, :n_out])
+        real = task_idx[:, :n_out] >= 0
+        used = [bool(((owner == k) & real).any()) for k in range(len(self.branches))]
+        seg, (p5, p6) = self._decode(self.up, self.fusion[3:], self.task_head, skips,
+                                     (p2, p3, p4), task_idx, modality_idx, n_out,
+                                     segment=bool(((owner == -1) & real).any()) or not any(used))
+        for k, branch in enumerate(self.branches):
+            sel = owner == k
+            if used[k]:
+                seg_k, _ = self._decode(branch.up, branch.fusion, branch.task_head, skips,
+                                        (p2, p3, p4), task_idx, modality_idx, n_out)
+                seg = seg_k if seg is None else torch.where(sel[..., None, None, None],
+                                                            seg_k, seg)
+        mod = self.modality_head([p[:, n_tok:] for p in (p2, p3, p4, p5, p6)])
         if mask is not None:
             mask = mask.to(x.device)
         return HermesOutput(seg, mod, names, mask)
+
+    def decoder_of(self, task_idx: Tensor) -> Tensor:
+        """Which decoder segments each task index: -1 the main one, k branch ``k``."""
+        owner = torch.full_like(task_idx, -1)
+        for k, first in enumerate(self.config.decoder_branches):
+            owner[task_idx >= first] = k
+        return owner
+
+    @staticmethod
+    def _decode(up, fusion, head, skips, enc_posteriors, task_idx, modality_idx, n_out,
+                segment: bool = True) -> tuple[Tensor | None, tuple[Tensor, Tensor]]:
+        """One decoder over the encoder's ``skips`` -> (logits B x n_out x D x H x W, or None
+        without ``segment``; the two decoder-level posterior tokens)."""
+        x1, x2, x3, x4, x5 = skips
+        out = up[0](x5, x4)
+        out, p5 = fusion[0](out, task_idx, modality_idx)
+        out = up[1](out, x3)
+        out, p6 = fusion[1](out, task_idx, modality_idx)
+        if not segment:  # full-resolution stages skipped: only the tokens are needed
+            return None, (p5, p6)
+        out = up[2](out, x2)
+        out = up[3](out, x1)
+        posteriors = (*enc_posteriors, p5, p6)
+        return head(out, [p[:, :n_out] for p in posteriors]), (p5, p6)
 
     # ------------------------------------------------------------------ reporting
     def parameter_counts(self) -> dict[str, int]:
@@ -228,12 +279,14 @@ class HermesResUNet(nn.Module):
         def count(modules) -> int:
             return sum(p.numel() for m in modules for p in m.parameters())
 
-        priors = sum(f.task_priors.numel() + f.modality_priors.numel() for f in self.fusion)
+        fusion = [*self.fusion, *(f for b in self.branches for f in b.fusion)]
+        priors = sum(f.task_priors.numel() + f.modality_priors.numel() for f in fusion)
         counts = {
-            "backbone": count([self.stem, self.down, self.up]),
+            "backbone": count([self.stem, self.down, self.up, *(b.up for b in self.branches)]),
             "priors": priors,
-            "fusion": count([f.interaction for f in self.fusion]),
-            "heads": count([self.task_head, self.modality_head]),
+            "fusion": count([f.interaction for f in fusion]),
+            "heads": count([self.task_head, self.modality_head,
+                            *(b.task_head for b in self.branches)]),
         }
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts

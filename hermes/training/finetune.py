@@ -17,7 +17,10 @@
      on the old collection's cached cases (``rehearsal=`` its cache, ``rehearsal_fraction`` of
      the samples); with ``freeze_shared`` only the new prior rows train (backbone, fusion
      blocks and heads frozen too), so that old tasks requested without new ones give exactly
-     the old outputs;
+     the old outputs; with ``new_decoder`` the same holds, but the new tasks are segmented by
+     a new decoder branch (:func:`~hermes.models.extend.add_decoder_branch`: a trainable copy
+     of the decoder, its fusion layers and task head, on the frozen encoder) that trains with
+     the new rows of the encoder's prior tables;
    * ``modality``: only the modality head trains, on crops given random modality priors
      (``modality_shuffle`` 1, modality loss weight 1), so that ``modality="auto"`` detects the
      modality from the image; segmentation is left bit-identical. The collection must not
@@ -55,7 +58,12 @@ from torch import Tensor, nn
 
 import hermes.models as hm
 from hermes.data.cache import CachedCase, PreprocessedCollection
-from hermes.models.extend import ExtensionPlan, extend_vocabulary, plan_extension
+from hermes.models.extend import (
+    ExtensionPlan,
+    add_decoder_branch,
+    extend_vocabulary,
+    plan_extension,
+)
 from hermes.models.vocabulary import UnknownNameError, Vocabulary
 from hermes.training.trainer import TrainConfig, Trainer
 
@@ -165,15 +173,24 @@ def _row_mask(n_rows: int, frozen: Sequence[int], like: Tensor) -> Tensor:
     return mask
 
 
+ENCODER_FUSION = ("fusion.0.", "fusion.1.", "fusion.2.")
+
+
 def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: str,
-                  freeze_shared: bool = False) -> tuple[dict[str, list[int]], set[str]]:
-    """What a mode freezes (``freeze_shared``: in ``incremental`` mode, every parameter but the
-    prior tables too).
+                  freeze_shared: bool = False, new_branch: str | None = None,
+                  ) -> tuple[dict[str, list[int]], set[str]]:
+    """What a mode freezes.
+
+    In ``incremental`` mode, ``freeze_shared`` also freezes every parameter but the prior tables
+    (and the new modalities' rows of the modality head's output layer); ``new_branch`` (the
+    parameter-name prefix of a new decoder branch) does the same except that the branch trains
+    entirely, and the old decoders' fusion tables are frozen whole (new tasks' rows included:
+    those decoders do not segment them).
 
     Returns:
-        (rows, params): ``rows[name]`` lists the frozen rows of prior table ``name`` (the old
-        task rows plus the null row, the old modality rows); ``params`` names whole parameters
-        that do not train.
+        (rows, params): ``rows[name]`` lists the frozen rows of a table ``name`` (the old task
+        rows plus the null row, the old modality rows); ``params`` names whole parameters that do
+        not train (a table may be in both: frozen whole, its old rows restored exactly on export).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -183,14 +200,21 @@ def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: 
         return rows, params
     if mode == "modality":
         return rows, {n for n, _ in model.named_parameters() if not n.startswith("modality_head.")}
+    shared_frozen = mode == "incremental" and (freeze_shared or new_branch is not None)
     for name, p in model.named_parameters():
+        if new_branch is not None and name.startswith(new_branch):
+            continue
         if name.endswith(".task_priors"):
             rows[name] = list(range(old_tasks)) + [p.shape[0] - 1]  # old rows, null row
         elif name.endswith(".modality_priors"):
             rows[name] = list(range(old_mods))
+        elif shared_frozen and name.startswith("modality_head.fc2."):
+            rows[name] = list(range(old_mods))
         elif mode == "priors" and not name.startswith(("task_head.", "modality_head.")):
             params.add(name)
-        elif mode == "incremental" and freeze_shared:
+        elif shared_frozen:
+            params.add(name)
+        if new_branch is not None and name in rows and not name.startswith(ENCODER_FUSION):
             params.add(name)
     rows = {k: v for k, v in rows.items() if v}
     return rows, params
@@ -203,11 +227,11 @@ def _is_prior_table(name: str) -> bool:
 def make_param_groups(rows: dict[str, list[int]], params: set[str], weight_decay: float,
                       prior_lr_scale: float = 1.0):
     """The ``param_groups`` hook: freezes ``params``, masks the gradient of frozen ``rows``,
-    puts the tables with frozen rows in a group without weight decay (decay would move them)
+    puts the parameters with frozen rows in groups without weight decay (decay would move them)
     and gives the prior tables ``prior_lr_scale`` times the learning rate."""
 
     def groups(model: nn.Module) -> list[dict]:
-        decay, tables_decay, tables_fixed = [], [], []
+        decay, tables_decay, tables_fixed, other_fixed = [], [], [], []
         for name, p in model.named_parameters():
             if name in params:
                 p.requires_grad_(False)
@@ -215,7 +239,7 @@ def make_param_groups(rows: dict[str, list[int]], params: set[str], weight_decay
             if name in rows:
                 mask = _row_mask(p.shape[0], rows[name], p)
                 p.register_hook(lambda g, m=mask: g * m)
-                tables_fixed.append(p)
+                (tables_fixed if _is_prior_table(name) else other_fixed).append(p)
             elif _is_prior_table(name):
                 tables_decay.append(p)
             else:
@@ -223,7 +247,8 @@ def make_param_groups(rows: dict[str, list[int]], params: set[str], weight_decay
         out = [{"params": decay, "weight_decay": weight_decay},
                {"params": tables_decay, "weight_decay": weight_decay,
                 "lr_scale": prior_lr_scale},
-               {"params": tables_fixed, "weight_decay": 0.0, "lr_scale": prior_lr_scale}]
+               {"params": tables_fixed, "weight_decay": 0.0, "lr_scale": prior_lr_scale},
+               {"params": other_fixed, "weight_decay": 0.0}]
         return [g for g in out if g["params"]]
 
     return groups
@@ -323,6 +348,7 @@ def finetune(
     rehearsal_fraction: float = 0.5,
     distill: float | None = None,
     freeze_shared: bool = False,
+    new_decoder: bool = False,
     prior_lr_scale: float = 1.0,
     resume: bool = False,
     **train_options: Any,
@@ -341,6 +367,10 @@ def finetune(
         distill: distillation weight (default 1.0 in ``incremental`` mode, else 0 = off).
         freeze_shared: ``incremental`` only: train nothing but the new prior rows (exact
             retention of old tasks requested on their own).
+        new_decoder: ``incremental`` only: the new tasks get their own decoder branch (a
+            trainable copy of the main decoder on the frozen encoder); everything else is frozen
+            as with ``freeze_shared`` (old tasks requested on their own stay exact), but the new
+            tasks learn with a decoder's capacity instead of prior rows alone.
         prior_lr_scale: learning-rate multiplier of the prior tables.
         resume: continue an interrupted run in ``out_dir``.
         train_options: :class:`TrainConfig` fields (``steps``, ``crop_size``, ``batch_size``,
@@ -348,8 +378,11 @@ def finetune(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if freeze_shared and mode != "incremental":
-        raise ValueError("freeze_shared applies to mode 'incremental'")
+    for flag, on in (("freeze_shared", freeze_shared), ("new_decoder", new_decoder)):
+        if on and mode != "incremental":
+            raise ValueError(f"{flag} applies to mode 'incremental'")
+    if freeze_shared and new_decoder:
+        raise ValueError("give freeze_shared or new_decoder, not both")
     if not prior_lr_scale > 0:
         raise ValueError(f"prior_lr_scale must be positive, got {prior_lr_scale}")
     if not 0.0 <= rehearsal_fraction < 1.0:
@@ -372,6 +405,13 @@ def finetune(
     plan = plan_extension(base.vocab, new_tasks, new_mods, init)
     extended = extend_vocabulary(base, new_tasks, new_mods, init=init, groups=pc.groups,
                                  generator=gen)
+    t_old, m_old = len(base.vocab.tasks), len(base.vocab.modalities)
+    branch = None
+    if new_decoder:
+        if not new_tasks:
+            raise ValueError("new_decoder needs new tasks: the collection brings none")
+        branch = f"branches.{len(base.config.decoder_branches)}."
+        extended = add_decoder_branch(extended, t_old)
     sources: list[tuple[PreprocessedCollection, float]] = [(pc, 1.0 - (
         rehearsal_fraction if rehearsal is not None else 0.0))]
     if rehearsal is not None:
@@ -380,9 +420,9 @@ def finetune(
 
     options.setdefault("preset", base.config.preset or "custom")
     cfg = TrainConfig(cache_dir=str(pc.cache_dir), out_dir=str(out_dir), **options)
-    t_old, m_old = len(base.vocab.tasks), len(base.vocab.modalities)
-    rows, frozen = frozen_layout(extended, t_old, m_old, mode, freeze_shared)
-    weight = (1.0 if mode == "incremental" and not freeze_shared else 0.0) \
+    rows, frozen = frozen_layout(extended, t_old, m_old, mode, freeze_shared, branch)
+    exact = freeze_shared or new_decoder  # old tasks on their own are exact: nothing to distil
+    weight = (1.0 if mode == "incremental" and not exact else 0.0) \
         if distill is None else float(distill)
     extra = None
     if weight > 0:
@@ -400,7 +440,7 @@ def finetune(
     old_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
     with torch.no_grad():
         params = dict(exported.named_parameters())
-        for name in frozen:
+        for name in frozen - rows.keys():
             params[name].copy_(old_state[name])
         for name, r in rows.items():
             idx = torch.tensor(r)
@@ -421,7 +461,8 @@ def finetune(
                       if rehearsal is not None else None),
         "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
         "distill_weight": weight, "old_tasks": t_old, "old_modalities": m_old,
-        "freeze_shared": freeze_shared, "prior_lr_scale": prior_lr_scale,
+        "freeze_shared": freeze_shared, "new_decoder": new_decoder,
+        "prior_lr_scale": prior_lr_scale,
     }
     hm.save(exported, path, metadata=header_meta)
     return FinetuneResult(path, exported.eval(), new_tasks, new_mods, plan, mode)

@@ -19,7 +19,8 @@ def _finetune(args: argparse.Namespace) -> int:
     res = finetune(
         args.model, pc, out, mode=args.mode, init=args.init, rehearsal=rehearsal,
         rehearsal_fraction=args.rehearsal_fraction, distill=args.distill, resume=args.resume,
-        freeze_shared=args.freeze_shared, prior_lr_scale=args.prior_lr_scale,
+        freeze_shared=args.freeze_shared, new_decoder=args.new_decoder,
+        prior_lr_scale=args.prior_lr_scale,
         crop_size=crop, batch_size=args.batch_size, steps=args.steps, optimizer=args.optimizer,
         lr=args.lr, seed=args.seed, workers=args.workers if args.workers is not None else 2,
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
@@ -65,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="distillation weight (default 1 in incremental mode, else 0)")
     f.add_argument("--freeze-shared", action="store_true",
                    help="incremental: train only the new prior rows (old tasks stay exact)")
+    f.add_argument("--new-decoder", action="store_true",
+                   help="incremental: new tasks get their own trainable decoder on the frozen "
+                        "encoder (old tasks stay exact)")
     f.add_argument("--prior-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier of the prior tables")
     f.add_argument("--out", help="run folder (default runs/<model>-<mode>-<collection>)")

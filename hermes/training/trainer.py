@@ -180,7 +180,9 @@ class Trainer:
             self._load_state()
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                # a decoder whose tasks a batch does not request gets no gradient
+                find_unused_parameters=bool(self.model.config.decoder_branches))
             if self.world > 1 else None
         )
 
