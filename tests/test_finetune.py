@@ -200,9 +200,10 @@ def test_cli_finetune_full(setup, tmp_path, capsys):
     from hermes.cli import main
 
     root, _, new, base = setup
-    rc = main(["finetune", str(root / "base.hermes"), str(new.cache_dir), "--mode", "full",
-               "--init", "random", "--steps", "1", "--crop", "32", "24", "24", "--workers", "0",
-               "--no-augment", "--out", str(tmp_path / "f"), "--device", "cpu"])
+    args = ["finetune", str(root / "base.hermes"), str(new.cache_dir), "--init", "random",
+            "--steps", "1", "--crop", "32", "24", "24", "--workers", "0", "--no-augment",
+            "--device", "cpu"]
+    rc = main([*args, "--mode", "full", "--out", str(tmp_path / "f")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "new task synth_t2/kidney: prior initialised from random" in out
@@ -210,6 +211,9 @@ def test_cli_finetune_full(setup, tmp_path, capsys):
     t_old = len(base.vocab.tasks)
     # full mode: old prior rows train too
     assert not _same(m.fusion[0].task_priors[:t_old], base.fusion[0].task_priors[:t_old])
+    assert main([*args, "--mode", "incremental", "--new-decoder", "--quiet",
+                 "--out", str(tmp_path / "nd")]) == 0
+    assert hm.load(tmp_path / "nd" / "model.hermes").config.decoder_branches == (t_old,)
 
 
 def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup, tmp_path):
@@ -257,8 +261,18 @@ def test_incremental_new_decoder_trains_a_branch_and_keeps_old_outputs(setup, tm
         a = base(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
         b = m(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
         assert torch.equal(a, b)
-        assert m(x, tasks=["synth_t2/kidney"], modality="T2").seg_logits.shape[1] == 1
+        mixed = m(x, tasks=["synth_ct/liver", "synth_t2/kidney", "synth_ct/kidney"],
+                  modality="CT").seg_logits
+        assert torch.equal(mixed[:, [0, 2]], a)  # mixed with a new task: still exact
     assert hm.read_header(res.path)["metadata"]["finetune"]["new_decoder"] is True
+    import numpy as np
+
+    import hermes
+
+    img = np.random.default_rng(0).normal(size=(40, 36, 40)).astype(np.float32)
+    seg = hermes.segment(img, tasks=["synth_ct/liver", "synth_t2/bladder"], modality="T2",
+                         model=str(res.path), spacing=(6.0, 6.0, 6.0), device="cpu")
+    assert seg.task_names == ["synth_ct/liver", "synth_t2/bladder"]
     with pytest.raises(ValueError, match="not both"):
         finetune(base, new, tmp_path / "x", mode="incremental", new_decoder=True,
                  freeze_shared=True, **TRAIN)

@@ -156,27 +156,34 @@ def test_decoder_branch_routes_new_tasks_and_keeps_old_outputs(tmp_path):
     br = add_decoder_branch(ext, len(OLD_TASKS)).eval()
     assert br.config.decoder_branches == (len(OLD_TASKS),)
     x = torch.randn(2, 1, 32, 16, 16)
+    mods = ["CT", "US"]
     with torch.no_grad():
         # a copy of the main decoder gives the same outputs as the unbranched model
-        req = [["a/liver", "c/heart"], ["c/liver", "b/spleen"]]
-        assert torch.equal(br(x, tasks=req, modality=["CT", "US"]).seg_logits,
-                           ext(x, tasks=req, modality=["CT", "US"]).seg_logits)
+        new_only = [["c/heart", "c/liver"], ["c/liver"]]
+        assert torch.equal(br(x, tasks=new_only, modality=mods).seg_logits,
+                           ext(x, tasks=new_only, modality=mods).seg_logits)
         for p in br.branches[0].parameters():  # make the branch different
             p.add_(0.05 * torch.randn_like(p))
-        out = br(x, tasks=req, modality=["CT", "US"])
-        oracle_main = ext(x, tasks=req, modality=["CT", "US"])
-        oracle_branch = _as_main(br, 0)(x, tasks=req, modality=["CT", "US"])
-        new = torch.tensor([[False, True], [True, False]])
-        assert torch.equal(out.seg_logits[new], oracle_branch.seg_logits[new])
-        assert torch.equal(out.seg_logits[~new], oracle_main.seg_logits[~new])
-        assert not torch.allclose(out.seg_logits[new], oracle_main.seg_logits[new])
-        assert torch.equal(out.modality_logits, oracle_main.modality_logits)
-        # old tasks alone: the old model's logits; new tasks alone: the branch's
-        a = old(x, tasks=["a/liver", "b/bladder"], modality="CT").seg_logits
-        assert torch.equal(br(x, tasks=["a/liver", "b/bladder"], modality="CT").seg_logits, a)
-        only_new = br(x, tasks=["c/heart"], modality="T1")
-        assert torch.equal(only_new.seg_logits,
-                           _as_main(br, 0)(x, tasks=["c/heart"], modality="T1").seg_logits)
+        branch = _as_main(br, 0)
+        assert not torch.allclose(br(x, tasks=new_only, modality=mods).seg_logits,
+                                  ext(x, tasks=new_only, modality=mods).seg_logits)
+        assert torch.equal(br(x, tasks=new_only, modality=mods).seg_logits,
+                           branch(x, tasks=new_only, modality=mods).seg_logits)
+        # a request mixing decoders: each decoder's tasks as if requested on their own
+        req = [["a/liver", "c/heart"], ["c/liver", "b/spleen"]]
+        out = br(x, tasks=req, modality=mods)
+        old_alone = ext(x, tasks=[["a/liver"], ["b/spleen"]], modality=mods)
+        new_alone = branch(x, tasks=[["c/heart"], ["c/liver"]], modality=mods)
+        assert torch.equal(out.seg_logits[0, 0], old_alone.seg_logits[0, 0])
+        assert torch.equal(out.seg_logits[1, 1], old_alone.seg_logits[1, 0])
+        assert torch.equal(out.seg_logits[0, 1], new_alone.seg_logits[0, 0])
+        assert torch.equal(out.seg_logits[1, 0], new_alone.seg_logits[1, 0])
+        assert torch.equal(out.modality_logits, old_alone.modality_logits)
+        # old tasks alone: the old model's logits (batch of one, as hermes.segment runs)
+        for tasks in (["a/liver", "b/bladder"], ["a/liver", "c/heart", "b/bladder"]):
+            got = br(x[:1], tasks=tasks, modality="CT").seg_logits
+            ref = old(x[:1], tasks=["a/liver", "b/bladder"], modality="CT").seg_logits
+            assert torch.equal(got[:, [0, -1]], ref)
     # self-describing checkpoint; a second branch after the first
     hm.save(br, tmp_path / "br.hermes")
     back = hm.load(tmp_path / "br.hermes")

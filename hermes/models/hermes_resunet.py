@@ -217,8 +217,55 @@ class HermesResUNet(nn.Module):
             n_out = task_idx.shape[1]
         task_idx = task_idx.to(x.device)
         modality_idx = modality_idx.to(x.device)
-        n_tok = task_idx.shape[1]
+        if mask is not None:
+            mask = mask.to(x.device)
+        if self.branches and self._mixes_decoders(task_idx[:, :n_out]).any():
+            seg, mod = self._forward_split(x, task_idx, modality_idx, n_out)
+        else:
+            seg, mod = self._forward_tokens(x, task_idx, modality_idx, n_out)
+        return HermesOutput(seg, mod, names, mask)
 
+    def _mixes_decoders(self, tasks: Tensor) -> Tensor:
+        """B bool: the sample's requested tasks (B x T, -1 = null) belong to several decoders."""
+        owner = self.decoder_of(tasks)
+        real = tasks >= 0
+        big = len(self.branches) + 1
+        lo = owner.masked_fill(~real, big).amin(dim=1)
+        hi = owner.masked_fill(~real, -big).amax(dim=1)
+        return real.any(dim=1) & (lo != hi)
+
+    def _forward_split(self, x: Tensor, task_idx: Tensor, modality_idx: Tensor,
+                       n_out: int) -> tuple[Tensor, Tensor]:
+        """A request mixing decoders: one pass per decoder with only its tasks as tokens
+        (compacted per sample, padded with null tokens as a batch is), so every task's output is
+        what it would be if requested with its own decoder's tasks alone (old tasks of an
+        incrementally extended model: exactly the old model's). Modality logits: the first pass's
+        (main decoder first); null channels: 0."""
+        head, tail = task_idx[:, :n_out], task_idx[:, n_out:]
+        owner = self.decoder_of(head)
+        real = head >= 0
+        seg: Tensor | None = None
+        mod: Tensor | None = None
+        for d in sorted(set(owner[real].tolist())):
+            keep = (owner == d) & real
+            width = int(keep.sum(dim=1).max())
+            sub = torch.full((head.shape[0], width), -1, dtype=head.dtype, device=head.device)
+            rows = [keep[i].nonzero().flatten() for i in range(head.shape[0])]
+            for i, cols in enumerate(rows):
+                sub[i, : len(cols)] = head[i, cols]
+            seg_d, mod_d = self._forward_tokens(x, torch.cat([sub, tail], dim=1), modality_idx,
+                                                width)
+            if seg is None:
+                seg = seg_d.new_zeros(head.shape[0], n_out, *seg_d.shape[2:])
+                mod = mod_d
+            for i, cols in enumerate(rows):
+                seg[i, cols] = seg_d[i, : len(cols)]
+        return seg, mod
+
+    def _forward_tokens(self, x: Tensor, task_idx: Tensor, modality_idx: Tensor,
+                        n_out: int) -> tuple[Tensor, Tensor]:
+        """The network on checked inputs: (seg logits B x n_out x D x H x W, modality logits)."""
+        n_tok = task_idx.shape[1]
         x1 = self.stem(x)
         x2 = self.down[0](x1)
         x3 = self.down[1](x2)
@@ -243,9 +290,7 @@ class HermesResUNet(nn.Module):
                 seg = seg_k if seg is None else torch.where(sel[..., None, None, None],
                                                             seg_k, seg)
         mod = self.modality_head([p[:, n_tok:] for p in (p2, p3, p4, p5, p6)])
-        if mask is not None:
-            mask = mask.to(x.device)
-        return HermesOutput(seg, mod, names, mask)
+        return seg, mod
 
     def decoder_of(self, task_idx: Tensor) -> Tensor:
         """Which decoder segments each task index: -1 the main one, k branch ``k``."""
