@@ -15,15 +15,13 @@
    forgetting reference.
 
 Writes a Markdown table and JSON under ``benchmarks/results/`` and prints the table.
-Runs on CPU: about 1.3 s per training step of the tiny model on one core (distillation doubles
-it), so the defaults take about 10-15 minutes on a 2-core machine. On a machine shared with
-other jobs use one thread (OpenMP spin-waiting on oversubscribed cores was 10x slower here)::
+Runs on CPU: the defaults (800 pretraining steps, 150 per fine-tuning, 9 cases per dataset of
+which 3 validate) took 16 minutes on a 2-core machine (distillation doubles a step's cost). On a
+machine shared with other jobs use one thread (OpenMP spin-waiting on oversubscribed cores was
+10x slower here)::
 
-    OMP_NUM_THREADS=1 python benchmarks/transfer_incremental.py --threads 1
-    # results/transfer_incremental_cpu.*; the first run, with fine-tuning at the pretraining lr
-    # and finetune()'s default distillation weight (more forgetting), is
-    # results/transfer_incremental_cpu_lr2e-3_distill1.*:
-    #   ... --finetune-lr 2e-3 --distill 1 --tag cpu_lr2e-3_distill1
+    python benchmarks/transfer_incremental.py --threads 2 --tag cpu_new_decoder
+    # --arms incremental-new-decoder,fresh  runs a subset of the fine-tunings
 """
 
 from __future__ import annotations
@@ -72,12 +70,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--old", default="synth_ct,synth_t1,synth_t2")
     ap.add_argument("--new", default="synth_pet")
-    ap.add_argument("--cases", type=int, default=4, help="cases per dataset (1/3 validation)")
+    ap.add_argument("--cases", type=int, default=9, help="cases per dataset (1/3 validation)")
     ap.add_argument("--spacing", type=float, default=6.0)
     ap.add_argument("--crop", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--pretrain-steps", type=int, default=200)
-    ap.add_argument("--finetune-steps", type=int, default=50)
+    ap.add_argument("--pretrain-steps", type=int, default=800)
+    ap.add_argument("--finetune-steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=2e-3, help="pretraining and fresh-model lr")
     ap.add_argument("--finetune-lr", type=float, default=5e-4, help="lr of every fine-tuning")
     ap.add_argument("--distill", type=float, default=10.0,
