@@ -95,6 +95,11 @@ def test_row_freezing_is_exact_under_adamw():
     assert pparams and all(not k.startswith(("task_head", "modality_head")) and
                            "priors" not in k for k in pparams)
     assert frozen_layout(ext, 2, 2, "full") == ({}, set())
+    from hermes.models.extend import add_decoder_branch  # a branch's task head is a head
+
+    _, bparams = frozen_layout(add_decoder_branch(ext, 2), 2, 2, "priors")
+    assert "branches.0.task_head.fc1.weight" not in bparams
+    assert "branches.0.up.0.blocks.0.conv1.conv.weight" in bparams
     # incremental with frozen shared weights: only prior tables (at the scaled rate) and the
     # new modality's output row train
     rows_s, sparams = frozen_layout(ext, 2, 2, "incremental", freeze_shared=True)

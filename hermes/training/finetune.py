@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,7 @@ def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: 
             rows[name] = list(range(old_mods))
         elif shared_frozen and name.startswith("modality_head.fc2."):
             rows[name] = list(range(old_mods))
-        elif mode == "priors" and not name.startswith(("task_head.", "modality_head.")):
+        elif mode == "priors" and not _is_head(name):
             params.add(name)
         elif shared_frozen:
             params.add(name)
@@ -218,6 +219,11 @@ def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: 
             params.add(name)
     rows = {k: v for k, v in rows.items() if v}
     return rows, params
+
+
+def _is_head(name: str) -> bool:
+    """A parameter of the task head (the main one or a decoder branch's) or modality head."""
+    return re.match(r"(branches\.\d+\.)?task_head\.|modality_head\.", name) is not None
 
 
 def _is_prior_table(name: str) -> bool:
