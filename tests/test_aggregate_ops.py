@@ -130,12 +130,13 @@ def _out_for(kind, C, shape):
     return torch.zeros((channels, *shape), dtype=agg._OUTPUT_DTYPES[kind])
 
 
+@pytest.mark.parametrize("H,rows", [(9, (1, 8)), (37, (3, 35))])  # 37: blocks of 16 rows
 @pytest.mark.parametrize("kind,sigmoid", KINDS)
-def test_finalize_native_matches_reference(kind, sigmoid):
-    acc, wsum, _, _, _ = _random_case(C=4, R=6, H=9, W=10)
+def test_finalize_native_matches_reference(kind, sigmoid, H, rows):
+    acc, wsum, _, _, _ = _random_case(C=4, R=6, H=H, W=10)
     acc[1, :, 2, 3] = acc[2, :, 2, 3]  # ties: lowest channel wins
-    z0, z1, crop = 7, 11, ((1, 8), (2, 9))  # global planes 7..10 live in ring planes 1..4
-    shape = (5, 7, 7)
+    z0, z1, crop = 7, 11, (rows, (2, 9))  # global planes 7..10 live in ring planes 1..4
+    shape = (5, rows[1] - rows[0], 7)
     out_native, out_ref = _out_for(kind, 4, shape), _out_for(kind, 4, shape)
     thr = agg.logit_threshold(0.6)
     acc2, wsum2 = acc.clone(), wsum.clone()

@@ -116,43 +116,56 @@ void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const flo
 
 namespace {
 
-// Finalizes one row (global plane z, row y) of the crop into the output.
+// Rows per finalisation block: each channel is read as one run of up to kRowBlock rows (longer
+// streams than single rows for the prefetchers), the label scratch stays in the L1/L2 caches.
+constexpr int64_t kRowBlock = 16;
+
+// Finalizes rows [ya, yb) of global plane z (inside the crop) into the output; `best` and `arg`
+// hold (yb - ya) x (x1 - x0) floats.
 HERMES_MULTIVERSION
-void finalize_row(const FinalizeArgs& a, int64_t z, int64_t y, float* scratch_value,
-                  float* scratch_index) {
+void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb,
+                   float* __restrict__ best, float* __restrict__ arg) {
   const int64_t C = a.geom.channels, L = a.geom.ring, H = a.geom.height, W = a.geom.width;
   const int64_t plane = H * W;
   const int64_t gz = z % L;
   const int64_t n = a.x1 - a.x0;
-  const float* __restrict__ wrow = a.wsum + gz * plane + y * W + a.x0;
-  const int64_t oz = z - a.out_z0, oy = y - a.y0;
   const int64_t out_plane = a.out_h * a.out_w;
   const int64_t out_volume = a.out_d * out_plane;
-  const int64_t out_row = oz * out_plane + oy * a.out_w;
-  auto acc_row = [&](int64_t c) -> const float* {
+  auto wrow = [&](int64_t y) -> const float* { return a.wsum + gz * plane + y * W + a.x0; };
+  auto acc_row = [&](int64_t c, int64_t y) -> const float* {
     return a.acc + (c * L + gz) * plane + y * W + a.x0;
+  };
+  auto out_row = [&](int64_t y) -> int64_t {
+    return (z - a.out_z0) * out_plane + (y - a.y0) * a.out_w;
   };
   switch (a.kind) {
     case kOutFloat32: {
       for (int64_t c = 0; c < C; ++c) {
-        const float* __restrict__ src = acc_row(c);
-        float* __restrict__ dst = static_cast<float*>(a.out) + c * out_volume + out_row;
-        if (a.sigmoid) {
-          for (int64_t x = 0; x < n; ++x) dst[x] = logistic(src[x] / wrow[x]);
-        } else {
-          for (int64_t x = 0; x < n; ++x) dst[x] = src[x] / wrow[x];
+        for (int64_t y = ya; y < yb; ++y) {
+          const float* __restrict__ src = acc_row(c, y);
+          const float* __restrict__ w = wrow(y);
+          float* __restrict__ dst = static_cast<float*>(a.out) + c * out_volume + out_row(y);
+          if (a.sigmoid) {
+            for (int64_t x = 0; x < n; ++x) dst[x] = logistic(src[x] / w[x]);
+          } else {
+            for (int64_t x = 0; x < n; ++x) dst[x] = src[x] / w[x];
+          }
         }
       }
       break;
     }
     case kOutFloat16: {
       for (int64_t c = 0; c < C; ++c) {
-        const float* __restrict__ src = acc_row(c);
-        uint16_t* __restrict__ dst = static_cast<uint16_t*>(a.out) + c * out_volume + out_row;
-        for (int64_t x = 0; x < n; ++x) {
-          float v = src[x] / wrow[x];
-          if (a.sigmoid) v = logistic(v);
-          dst[x] = float_to_half_bits(v);
+        for (int64_t y = ya; y < yb; ++y) {
+          const float* __restrict__ src = acc_row(c, y);
+          const float* __restrict__ w = wrow(y);
+          uint16_t* __restrict__ dst =
+              static_cast<uint16_t*>(a.out) + c * out_volume + out_row(y);
+          for (int64_t x = 0; x < n; ++x) {
+            float v = src[x] / w[x];
+            if (a.sigmoid) v = logistic(v);
+            dst[x] = float_to_half_bits(v);
+          }
         }
       }
       break;
@@ -160,41 +173,54 @@ void finalize_row(const FinalizeArgs& a, int64_t z, int64_t y, float* scratch_va
     case kOutMask: {
       const float t = a.threshold;
       for (int64_t c = 0; c < C; ++c) {
-        const float* __restrict__ src = acc_row(c);
-        uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + c * out_volume + out_row;
-        for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<uint8_t>(src[x] / wrow[x] >= t);
+        for (int64_t y = ya; y < yb; ++y) {
+          const float* __restrict__ src = acc_row(c, y);
+          const float* __restrict__ w = wrow(y);
+          uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + c * out_volume + out_row(y);
+          for (int64_t x = 0; x < n; ++x) dst[x] = static_cast<uint8_t>(src[x] / w[x] >= t);
+        }
       }
       break;
     }
     default: {  // labels; the running argmax is kept as a float so that the loop vectorizes
-      float* __restrict__ best = scratch_value;
-      float* __restrict__ arg = scratch_index;
-      {
-        const float* __restrict__ src = acc_row(0);
+      for (int64_t y = ya; y < yb; ++y) {
+        const float* __restrict__ src = acc_row(0, y);
+        const float* __restrict__ w = wrow(y);
+        float* __restrict__ b = best + (y - ya) * n;
+        float* __restrict__ g = arg + (y - ya) * n;
         for (int64_t x = 0; x < n; ++x) {
-          best[x] = src[x] / wrow[x];
-          arg[x] = 0.0f;
+          b[x] = src[x] / w[x];
+          g[x] = 0.0f;
         }
       }
       for (int64_t c = 1; c < C; ++c) {
-        const float* __restrict__ src = acc_row(c);
         const float cf = static_cast<float>(c);
-        for (int64_t x = 0; x < n; ++x) {
-          const float v = src[x] / wrow[x];
-          const bool better = v > best[x];  // strict: ties keep the lowest channel
-          best[x] = better ? v : best[x];
-          arg[x] = better ? cf : arg[x];
+        for (int64_t y = ya; y < yb; ++y) {
+          const float* __restrict__ src = acc_row(c, y);
+          const float* __restrict__ w = wrow(y);
+          float* __restrict__ b = best + (y - ya) * n;
+          float* __restrict__ g = arg + (y - ya) * n;
+          for (int64_t x = 0; x < n; ++x) {
+            const float v = src[x] / w[x];
+            const bool better = v > b[x];  // strict: ties keep the lowest channel
+            b[x] = better ? v : b[x];
+            g[x] = better ? cf : g[x];
+          }
         }
       }
       const float t = a.threshold;
-      if (a.kind == kOutLabelU8) {
-        uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + out_row;
-        for (int64_t x = 0; x < n; ++x)
-          dst[x] = static_cast<uint8_t>(best[x] >= t ? static_cast<int32_t>(arg[x]) + 1 : 0);
-      } else {
-        uint16_t* __restrict__ dst = static_cast<uint16_t*>(a.out) + out_row;
-        for (int64_t x = 0; x < n; ++x)
-          dst[x] = static_cast<uint16_t>(best[x] >= t ? static_cast<int32_t>(arg[x]) + 1 : 0);
+      for (int64_t y = ya; y < yb; ++y) {
+        const float* __restrict__ b = best + (y - ya) * n;
+        const float* __restrict__ g = arg + (y - ya) * n;
+        if (a.kind == kOutLabelU8) {
+          uint8_t* __restrict__ dst = static_cast<uint8_t*>(a.out) + out_row(y);
+          for (int64_t x = 0; x < n; ++x)
+            dst[x] = static_cast<uint8_t>(b[x] >= t ? static_cast<int32_t>(g[x]) + 1 : 0);
+        } else {
+          uint16_t* __restrict__ dst = static_cast<uint16_t*>(a.out) + out_row(y);
+          for (int64_t x = 0; x < n; ++x)
+            dst[x] = static_cast<uint16_t>(b[x] >= t ? static_cast<int32_t>(g[x]) + 1 : 0);
+        }
       }
       break;
     }
@@ -206,25 +232,30 @@ void finalize_row(const FinalizeArgs& a, int64_t z, int64_t y, float* scratch_va
 void finalize_cpu(const FinalizeArgs& a) {
   const int64_t C = a.geom.channels, L = a.geom.ring, H = a.geom.height, W = a.geom.width;
   const int64_t plane = H * W;
-  const int64_t rows = (a.z1 - a.z0) * H;
+  const int64_t blocks_per_plane = (H + kRowBlock - 1) / kRowBlock;
+  const int64_t blocks = (a.z1 - a.z0) * blocks_per_plane;
   const int64_t n = std::max<int64_t>(a.x1 - a.x0, 0);
 #ifdef HERMES_WITH_OPENMP
 #pragma omp parallel
 #endif
   {
-    std::vector<float> best(static_cast<size_t>(n) + 1);
-    std::vector<float> arg(static_cast<size_t>(n) + 1);
+    std::vector<float> best(static_cast<size_t>(kRowBlock * n) + 1);
+    std::vector<float> arg(static_cast<size_t>(kRowBlock * n) + 1);
 #ifdef HERMES_WITH_OPENMP
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t z = a.z0 + r / H, y = r % H;
-      if (y >= a.y0 && y < a.y1 && n > 0) finalize_row(a, z, y, best.data(), arg.data());
+    for (int64_t r = 0; r < blocks; ++r) {
+      const int64_t z = a.z0 + r / blocks_per_plane;
+      const int64_t ya = (r % blocks_per_plane) * kRowBlock;
+      const int64_t yb = std::min(ya + kRowBlock, H);
+      const int64_t ca = std::max(ya, a.y0), cb = std::min(yb, a.y1);  // inside the crop
+      if (ca < cb && n > 0) finalize_rows(a, z, ca, cb, best.data(), arg.data());
       if (a.zero_after) {
         const int64_t gz = z % L;
+        const size_t bytes = sizeof(float) * static_cast<size_t>((yb - ya) * W);
         for (int64_t c = 0; c < C; ++c)
-          std::memset(a.acc + (c * L + gz) * plane + y * W, 0, sizeof(float) * W);
-        std::memset(a.wsum + gz * plane + y * W, 0, sizeof(float) * W);
+          std::memset(a.acc + (c * L + gz) * plane + ya * W, 0, bytes);
+        std::memset(a.wsum + gz * plane + ya * W, 0, bytes);
       }
     }
   }
