@@ -22,13 +22,19 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     model = args.model
     if model is None and default_model_path().is_file():
         model = str(default_model_path())
+    branches: list[int] = []
     if model is None or model == "official":
         vocab = hm.official_vocabulary()
         source = "official Hermes-R index tables"
     else:
         header = hm.read_header(model)
         vocab = hm.Vocabulary.from_dict(header["vocab"])
+        branches = list(header["config"].get("decoder_branches", []))
         source = model
+
+    def where(name: str) -> str:  # tasks added with their own decoder (finetune --new-decoder)
+        k = sum(vocab.task_index(name) >= first for first in branches)
+        return f"  (decoder branch {k - 1})" if k else ""
     print(f"{source}: {len(vocab.usable_tasks())} tasks, modalities {', '.join(vocab.modalities)}")
     grouped = set()
     groups = sorted(vocab.groups.items(), key=lambda g: vocab.task_index(g[1]["tasks"][0]))
@@ -36,13 +42,13 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         modality = spec.get("modality", "")
         print(f"\n[{group}]" + (f" ({modality})" if modality else ""))
         for name in spec["tasks"]:
-            print(f"  {vocab.task_index(name):3d}  {name}")
+            print(f"  {vocab.task_index(name):3d}  {name}{where(name)}")
             grouped.add(name)
     rest = [t for t in vocab.usable_tasks() if t not in grouped]
     if rest:
         print("\n[tasks]")
         for name in rest:
-            print(f"  {vocab.task_index(name):3d}  {name}")
+            print(f"  {vocab.task_index(name):3d}  {name}{where(name)}")
     return 0
 
 

@@ -219,6 +219,11 @@ def test_cli_finetune_full(setup, tmp_path, capsys):
     assert main([*args, "--mode", "incremental", "--new-decoder", "--quiet",
                  "--out", str(tmp_path / "nd")]) == 0
     assert hm.load(tmp_path / "nd" / "model.hermes").config.decoder_branches == (t_old,)
+    capsys.readouterr()
+    assert main(["tasks", str(tmp_path / "nd" / "model.hermes")]) == 0
+    listing = capsys.readouterr().out
+    assert f"{t_old:3d}  synth_t2/kidney  (decoder branch 0)" in listing
+    assert "synth_ct/liver\n" in listing
 
 
 def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup, tmp_path):
