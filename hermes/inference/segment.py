@@ -26,6 +26,7 @@ from scipy import ndimage
 from hermes.data.geometry import CANONICAL_AXCODES, crop
 from hermes.data.io import ImageReadError, image_suffix, load_image
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
+from hermes.inference.geometry import linear_resample_axes
 from hermes.inference.result import SegmentationResult
 
 __all__ = [
@@ -318,9 +319,11 @@ class _BackMapper:
         ``order=1``, the input dtype for ``order=0``)."""
         if self.identity and tuple(arr.shape) == self.crop_shape:
             cropped = arr.astype(np.float32) if order else arr
+        elif order == 1:
+            cropped = linear_resample_axes(arr, self.matrix, self.offset, self.crop_shape)
         else:
-            src = arr.astype(np.float32) if order else arr
-            cropped = np.empty(self.crop_shape, src.dtype if order == 0 else np.float32)
+            src = arr
+            cropped = np.empty(self.crop_shape, src.dtype)
             if src.dtype == bool:
                 src, cropped = src.view(np.uint8), cropped.view(np.uint8)
             ndimage.affine_transform(src, self.matrix, self.offset, output_shape=self.crop_shape,
