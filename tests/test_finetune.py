@@ -100,6 +100,15 @@ def test_row_freezing_is_exact_under_adamw():
     _, bparams = frozen_layout(add_decoder_branch(ext, 2), 2, 2, "priors")
     assert "branches.0.task_head.fc1.weight" not in bparams
     assert "branches.0.up.0.blocks.0.conv1.conv.weight" in bparams
+    # new decoder: the branch trains whole, the encoder tables' new rows and the new modality's
+    # head row train; the main decoder's tables are frozen whole (old rows restored on export)
+    brows, bparams = frozen_layout(add_decoder_branch(ext, 2), 2, 2, "incremental",
+                                   new_branch="branches.0.")
+    assert not any(k.startswith("branches.") for k in [*brows, *bparams])
+    assert brows["modality_head.fc2.weight"] == [0, 1] and "modality_head.fc2.weight" not in bparams
+    assert "fusion.0.task_priors" in brows and "fusion.0.task_priors" not in bparams
+    assert "fusion.3.task_priors" in brows and "fusion.3.task_priors" in bparams
+    assert "up.3.blocks.0.conv1.conv.weight" in bparams
     # incremental with frozen shared weights: only prior tables (at the scaled rate) and the
     # new modality's output row train
     rows_s, sparams = frozen_layout(ext, 2, 2, "incremental", freeze_shared=True)

@@ -275,20 +275,23 @@ class HermesResUNet(nn.Module):
         x5 = self.down[3](x4)
         x5, p4 = self.fusion[2](x5, task_idx, modality_idx)
         skips = (x1, x2, x3, x4, x5)
-        # decoders whose tasks are requested (null channels take any computed decoder's output)
-        owner = self.decoder_of(task_idx[:, :n_out])
-        real = task_idx[:, :n_out] >= 0
-        used = [bool(((owner == k) & real).any()) for k in range(len(self.branches))]
+        # decoders whose tasks are requested (null channels take any computed decoder's output);
+        # without branches nothing is inspected (no device synchronisation)
+        used: list[bool] = []
+        main = True
+        if self.branches:
+            owner = self.decoder_of(task_idx[:, :n_out])
+            real = task_idx[:, :n_out] >= 0
+            used = [bool(((owner == k) & real).any()) for k in range(len(self.branches))]
+            main = bool(((owner == -1) & real).any()) or not any(used)
         seg, (p5, p6) = self._decode(self.up, self.fusion[3:], self.task_head, skips,
-                                     (p2, p3, p4), task_idx, modality_idx, n_out,
-                                     segment=bool(((owner == -1) & real).any()) or not any(used))
+                                     (p2, p3, p4), task_idx, modality_idx, n_out, segment=main)
         for k, branch in enumerate(self.branches):
-            sel = owner == k
             if used[k]:
                 seg_k, _ = self._decode(branch.up, branch.fusion, branch.task_head, skips,
                                         (p2, p3, p4), task_idx, modality_idx, n_out)
-                seg = seg_k if seg is None else torch.where(sel[..., None, None, None],
-                                                            seg_k, seg)
+                seg = seg_k if seg is None else torch.where(
+                    (owner == k)[..., None, None, None], seg_k, seg)
         mod = self.modality_head([p[:, n_tok:] for p in (p2, p3, p4, p5, p6)])
         return seg, mod
 

@@ -215,7 +215,8 @@ def frozen_layout(model: hm.HermesResUNet, old_tasks: int, old_mods: int, mode: 
             params.add(name)
         elif shared_frozen:
             params.add(name)
-        if new_branch is not None and name in rows and not name.startswith(ENCODER_FUSION):
+        if (new_branch is not None and name in rows and _is_prior_table(name)
+                and not name.startswith(ENCODER_FUSION)):
             params.add(name)
     rows = {k: v for k, v in rows.items() if v}
     return rows, params
