@@ -254,7 +254,6 @@ def _carry_impl(model: HermesResUNet, new_model: HermesResUNet,
                 new_model.get_submodule(new + name[len(old):]).impl = impl
 
 
-
 @torch.no_grad()
 def add_decoder_branch(model: HermesResUNet, first_task: int) -> HermesResUNet:
     """A copy of ``model`` in which the tasks from index ``first_task`` on are segmented by a new
