@@ -54,7 +54,8 @@ def linear_resample_axes(
     coordinates outside the array are clamped to its edge: the same result as
     ``scipy.ndimage.affine_transform(array, scale, offset, order=1, mode="nearest")`` up to
     float32 rounding, computed as three 1-D interpolations (separable) with torch's threads,
-    the axes that shrink the volume first.
+    the axes that shrink the volume first. (Not for the preprocessing workers: they are forked
+    processes, in which torch's OpenMP pool may hang after the parent used it.)
 
     Args:
         array: ``(X, Y, Z)`` values (any real dtype; computed in float32).
@@ -70,6 +71,8 @@ def linear_resample_axes(
     order = sorted(range(3), key=lambda a: out_shape[a] / max(array.shape[a], 1))
     for axis in order:
         n, m = t.shape[axis], out_shape[axis]
+        if n == m and float(scale[axis]) == 1.0 and float(offset[axis]) == 0.0:
+            continue  # identity along this axis
         coord = np.clip(float(scale[axis]) * np.arange(m) + float(offset[axis]), 0, n - 1)
         lo = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
         view = [1, 1, 1]
