@@ -128,6 +128,8 @@ def _resample_3d(
     for a in axes:
         m[a], o[a] = step[a], offset[a]
     out_shape = [vol.shape[a] if a not in axes else new_shape[a] for a in range(3)]
+    if order in (1, 3):
+        return separable_resample(vol, m, o, out_shape, order)
     if order == 0 and vol.dtype.kind in "uib":
         out = np.empty(out_shape, dtype=vol.dtype)
     else:
@@ -171,3 +173,68 @@ def resample(
             chans.append(_resample_3d(vol[c], new_shape, step, offset, order))
     out = np.stack(chans)
     return (out if channel_first else out[0]), new_affine
+
+
+#: Edge padding before the cubic prefilter (scipy pads by the same amount for mode "nearest").
+_SPLINE_PAD = 12
+
+
+def _bspline3_weights(t: np.ndarray) -> np.ndarray:
+    """4 x n cubic B-spline weights of the taps at -1, 0, 1, 2 for fractional offsets ``t``."""
+    return np.stack([(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6,
+                     (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6])
+
+
+def separable_resample(
+    array: np.ndarray, scale: Sequence[float], offset: Sequence[float],
+    out_shape: Sequence[int], order: int,
+) -> np.ndarray:
+    """Spline interpolation (order 1 or 3) of a 3-D array under an axis-aligned map.
+
+    Output voxel ``i`` samples ``array`` at ``scale * i + offset`` per axis (voxel units), the
+    array extended by its edge values: the result of
+    ``scipy.ndimage.affine_transform(array, scale, offset, order=order, mode="nearest")``
+    (cubic: with its spline prefilter) to float32 rounding (for sample points less than 10
+    voxels outside the array; farther ones take the edge), computed one axis at a time (the
+    axes that shrink the volume first; axes with the identity map are skipped), which costs 2 or
+    4 taps per axis instead of 8 or 64 per voxel. NumPy/SciPy only, so it is safe in forked
+    worker processes.
+
+    Returns:
+        ``out_shape`` float32.
+    """
+    if order not in (1, 3):
+        raise ValueError(f"order must be 1 or 3, got {order}")
+    out_shape = tuple(int(v) for v in out_shape)
+    vol = np.asarray(array, dtype=np.float32)
+    if vol.ndim != 3 or len(out_shape) != 3:
+        raise ValueError(f"need a 3-D array and 3 output sizes, got {vol.shape} -> {out_shape}")
+    for axis in sorted(range(3), key=lambda a: out_shape[a] / max(vol.shape[a], 1)):
+        n, m = vol.shape[axis], out_shape[axis]
+        s, o = float(scale[axis]), float(offset[axis])
+        if n == m and s == 1.0 and o == 0.0:
+            continue
+        coord = s * np.arange(m) + o
+        shape = [1, 1, 1]
+        shape[axis] = m
+        if order == 1:
+            coord = np.clip(coord, 0, n - 1)
+            lo = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
+            frac = (coord - lo).astype(np.float32).reshape(shape)
+            a = np.take(vol, lo, axis=axis)
+            vol = a + (np.take(vol, np.minimum(lo + 1, n - 1), axis=axis) - a) * frac
+            continue
+        pad = [(0, 0)] * 3
+        pad[axis] = (_SPLINE_PAD, _SPLINE_PAD)
+        coef = ndimage.spline_filter1d(np.pad(vol, pad, mode="edge"), order=3, axis=axis,
+                                       mode="mirror", output=np.float32)
+        coord = coord + _SPLINE_PAD
+        base = np.floor(coord).astype(np.int64)
+        weights = _bspline3_weights(coord - base).astype(np.float32)
+        acc = None
+        for k in range(4):
+            idx = np.clip(base - 1 + k, 0, n + 2 * _SPLINE_PAD - 1)
+            term = np.take(coef, idx, axis=axis) * weights[k].reshape(shape)
+            acc = term if acc is None else acc + term
+        vol = acc
+    return np.ascontiguousarray(vol, dtype=np.float32)

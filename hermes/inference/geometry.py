@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 
@@ -43,45 +42,3 @@ def resample_to_grid(
                                  order=order, mode="constant", cval=cval)
     return out if array.ndim == 4 else out[0]
 
-
-def linear_resample_axes(
-    array: np.ndarray, scale: Sequence[float], offset: Sequence[float],
-    out_shape: Sequence[int],
-) -> np.ndarray:
-    """Linear interpolation of a 3-D array under an axis-aligned map, edges extended.
-
-    Output voxel ``i`` samples ``array`` at ``scale * i + offset`` (per axis, voxel units),
-    coordinates outside the array are clamped to its edge: the same result as
-    ``scipy.ndimage.affine_transform(array, scale, offset, order=1, mode="nearest")`` up to
-    float32 rounding, computed as three 1-D interpolations (separable) with torch's threads,
-    the axes that shrink the volume first. (Not for the preprocessing workers: they are forked
-    processes, in which torch's OpenMP pool may hang after the parent used it.)
-
-    Args:
-        array: ``(X, Y, Z)`` values (any real dtype; computed in float32).
-        scale, offset: 3 values each.
-        out_shape: 3 sizes.
-    Returns:
-        ``out_shape`` float32.
-    """
-    if array.ndim != 3:
-        raise ValueError(f"array must be 3-D, got shape {array.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    out_shape = tuple(int(s) for s in out_shape)
-    order = sorted(range(3), key=lambda a: out_shape[a] / max(array.shape[a], 1))
-    for axis in order:
-        n, m = t.shape[axis], out_shape[axis]
-        if n == m and float(scale[axis]) == 1.0 and float(offset[axis]) == 0.0:
-            continue  # identity along this axis
-        coord = np.clip(float(scale[axis]) * np.arange(m) + float(offset[axis]), 0, n - 1)
-        lo = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
-        view = [1, 1, 1]
-        view[axis] = m
-        if n == 1:
-            t = t.index_select(axis, torch.zeros(m, dtype=torch.int64))
-            continue
-        frac = torch.from_numpy((coord - lo).astype(np.float32)).view(view)
-        idx = torch.from_numpy(lo)
-        a = t.index_select(axis, idx)
-        t = torch.lerp(a, t.index_select(axis, idx + 1), frac)
-    return np.ascontiguousarray(t.numpy())

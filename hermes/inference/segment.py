@@ -23,10 +23,9 @@ import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
-from hermes.data.geometry import CANONICAL_AXCODES, crop
+from hermes.data.geometry import CANONICAL_AXCODES, crop, separable_resample
 from hermes.data.io import ImageReadError, image_suffix, load_image
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
-from hermes.inference.geometry import linear_resample_axes
 from hermes.inference.result import SegmentationResult
 
 __all__ = [
@@ -320,7 +319,7 @@ class _BackMapper:
         if self.identity and tuple(arr.shape) == self.crop_shape:
             cropped = arr.astype(np.float32) if order else arr
         elif order == 1:
-            cropped = linear_resample_axes(arr, self.matrix, self.offset, self.crop_shape)
+            cropped = separable_resample(arr, self.matrix, self.offset, self.crop_shape, 1)
         else:
             src = arr
             cropped = np.empty(self.crop_shape, src.dtype)
