@@ -299,6 +299,24 @@ def test_incremental_new_decoder_trains_a_branch_and_keeps_old_outputs(setup, tm
         finetune(base, new, tmp_path / "x", mode="priors", new_decoder=True, **TRAIN)
 
 
+def test_a_second_increment_adds_a_second_branch_and_keeps_the_first_exact(setup, tmp_path):
+    root, old, new, base = setup
+    first = finetune(base, new, tmp_path / "b1", mode="incremental", new_decoder=True, **TRAIN)
+    newer = _cache(root, ("synth_pet",), "newer")
+    second = finetune(first.path, newer, tmp_path / "b2", mode="incremental", new_decoder=True,
+                      **TRAIN)
+    m1, m2 = hm.load(first.path), hm.load(second.path)
+    t1 = len(m1.vocab.tasks)
+    assert m2.config.decoder_branches == (len(base.vocab.tasks), t1)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():  # tasks of the main decoder and of the first branch: unchanged
+        for tasks, mod in ((["synth_ct/liver"], "CT"), (["synth_t2/kidney"], "T2")):
+            assert torch.equal(m1(x, tasks=tasks, modality=mod).seg_logits,
+                               m2(x, tasks=tasks, modality=mod).seg_logits)
+        assert m2(x, tasks=["synth_pet/lesion", "synth_t2/bladder", "synth_ct/liver"],
+                  modality="PET").seg_logits.shape[1] == 3
+
+
 def test_modality_mode_trains_only_the_modality_head(setup, tmp_path):
     _, old, new, base = setup
     res = finetune(base, old, tmp_path / "m", mode="modality", **TRAIN)
