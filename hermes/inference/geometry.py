@@ -41,4 +41,3 @@ def resample_to_grid(
         ndimage.affine_transform(src, m[:3, :3], m[:3, 3], output_shape=shape, output=out[c],
                                  order=order, mode="constant", cval=cval)
     return out if array.ndim == 4 else out[0]
-
