@@ -11,8 +11,7 @@
    (distillation; distillation + rehearsal; ``freeze_shared``, where only the new prior rows
    train, at ``--prior-lr-scale`` times the rate, as in the ``priors`` run; ``new_decoder``,
    where the new tasks get their own trainable decoder branch), against the >= 98 % retention
-   goal; the old tasks after ``full`` fine-tuning are listed as the
-   forgetting reference.
+   goal; the old tasks after ``full`` fine-tuning are listed as the forgetting reference.
 
 Writes a Markdown table and JSON under ``benchmarks/results/`` and prints the table.
 Runs on CPU: the defaults (800 pretraining steps, 150 per fine-tuning, 9 cases per dataset of
@@ -81,7 +80,7 @@ def main() -> None:
     ap.add_argument("--distill", type=float, default=10.0,
                     help="distillation weight of the incremental runs (finetune's default: 1)")
     ap.add_argument("--prior-lr-scale", type=float, default=20.0,
-                    help="prior-table lr multiplier of the priors and incremental-frozen runs")
+                    help="prior-table lr multiplier of the priors, frozen and new-decoder runs")
     ap.add_argument("--arms", default="priors,full,incremental,incremental+rehearsal,"
                     "incremental-frozen,incremental-new-decoder,fresh",
                     help="comma-separated fine-tuning runs to make")
@@ -125,7 +124,7 @@ def main() -> None:
         ft["steps"] = args.finetune_steps
         ft["lr"] = args.finetune_lr if args.finetune_lr is not None else args.lr
         scale = args.prior_lr_scale
-        arms = {  # name -> (run folder, finetune() options); "fresh" trains a new model
+        arms = {  # name -> finetune() options; "fresh" trains a new model
             "priors": {"mode": "priors", "prior_lr_scale": scale},
             "full": {"mode": "full"},
             "incremental": {"mode": "incremental", "distill": args.distill},
