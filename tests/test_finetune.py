@@ -16,6 +16,7 @@ from hermes.models.extend import extend_vocabulary
 from hermes.training.finetune import (
     AlignedCollection,
     Distiller,
+    count_trainable,
     distillation_loss,
     finetune,
     frozen_layout,
@@ -118,6 +119,12 @@ def test_row_freezing_is_exact_under_adamw():
                        if not k.endswith("priors") and k not in head}
     groups = make_param_groups(rows_s, sparams, 0.1, prior_lr_scale=20.0)(ext)
     assert [(len(g["params"]), g.get("lr_scale", 1.0)) for g in groups] == [(10, 20.0), (2, 1.0)]
+    named = dict(ext.named_parameters())  # trained: the new prior rows and new head row
+    expected = sum(v.numel() - len(rows_s[k]) * v[0].numel()
+                   for k, v in named.items() if k.endswith("priors"))
+    expected += named["modality_head.fc2.weight"].shape[1] + 1
+    assert count_trainable(ext, rows_s, sparams) == expected
+    assert count_trainable(ext, {}, set()) == sum(p.numel() for p in ext.parameters())
 
 
 def test_distillation_loss_hand_computed():
@@ -225,13 +232,16 @@ def test_cli_finetune_full(setup, tmp_path, capsys):
     t_old = len(base.vocab.tasks)
     # full mode: old prior rows train too
     assert not _same(m.fusion[0].task_priors[:t_old], base.fusion[0].task_priors[:t_old])
-    assert main([*args, "--mode", "incremental", "--new-decoder", "--quiet",
+    capsys.readouterr()
+    assert main([*args, "--mode", "incremental", "--new-decoder",
                  "--out", str(tmp_path / "nd")]) == 0
     assert hm.load(tmp_path / "nd" / "model.hermes").config.decoder_branches == (t_old,)
-    capsys.readouterr()
+    listing_ft = capsys.readouterr().out
+    assert "trained " in listing_ft and " parameters (incremental)" in listing_ft
     assert main(["tasks", str(tmp_path / "nd" / "model.hermes")]) == 0
     listing = capsys.readouterr().out
     assert f"{t_old:3d}  synth_t2/kidney  (decoder branch 0)" in listing
+    assert "new tasks segmented by decoder branch 0" in listing_ft
     assert "synth_ct/liver\n" in listing
 
 

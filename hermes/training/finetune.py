@@ -334,7 +334,8 @@ class Distiller:
 @dataclass
 class FinetuneResult:
     """``path``: the exported model; ``model``: it, loaded; ``new_tasks``/``new_modalities``;
-    ``plan``: the initialisation source of every new row (None = random)."""
+    ``plan``: the initialisation source of every new row (None = random); ``trainable``: how
+    many of the model's ``parameters`` the mode trained."""
 
     path: Path
     model: hm.HermesResUNet
@@ -342,6 +343,19 @@ class FinetuneResult:
     new_modalities: list[str]
     plan: ExtensionPlan
     mode: str
+    trainable: int = 0
+    parameters: int = 0
+
+
+def count_trainable(model: nn.Module, rows: dict[str, list[int]], params: set[str]) -> int:
+    """Parameters of ``model`` that train under a :func:`frozen_layout` (frozen rows excluded)."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name in params:
+            continue
+        frozen_rows = len(rows.get(name, ()))
+        total += p.numel() - frozen_rows * (p[0].numel() if p.dim() else 1)
+    return total
 
 
 def finetune(
@@ -428,6 +442,8 @@ def finetune(
     options.setdefault("preset", base.config.preset or "custom")
     cfg = TrainConfig(cache_dir=str(pc.cache_dir), out_dir=str(out_dir), **options)
     rows, frozen = frozen_layout(extended, t_old, m_old, mode, freeze_shared, branch)
+    counts = (count_trainable(extended, rows, frozen),
+              sum(p.numel() for p in extended.parameters()))
     exact = freeze_shared or new_decoder  # old tasks on their own are exact: nothing to distil
     weight = (1.0 if mode == "incremental" and not exact else 0.0) \
         if distill is None else float(distill)
@@ -441,7 +457,7 @@ def finetune(
                       extra_loss=extra)
     path = trainer.run()
     if trainer.rank != 0:
-        return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode)
+        return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode, *counts)
     # export: the EMA model with frozen values restored exactly (EMA arithmetic rounds)
     exported = trainer.ema.model.cpu()
     old_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
@@ -469,7 +485,8 @@ def finetune(
         "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
         "distill_weight": weight, "old_tasks": t_old, "old_modalities": m_old,
         "freeze_shared": freeze_shared, "new_decoder": new_decoder,
+        "trainable_parameters": counts[0],
         "prior_lr_scale": prior_lr_scale,
     }
     hm.save(exported, path, metadata=header_meta)
-    return FinetuneResult(path, exported.eval(), new_tasks, new_mods, plan, mode)
+    return FinetuneResult(path, exported.eval(), new_tasks, new_mods, plan, mode, *counts)

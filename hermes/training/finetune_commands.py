@@ -31,6 +31,9 @@ def _finetune(args: argparse.Namespace) -> int:
             print(f"new task {name}: prior initialised from {src or 'random'}")
         for name, src in res.plan["modalities"].items():
             print(f"new modality {name}: prior initialised from {src or 'random'}")
+        if args.new_decoder:
+            print(f"new tasks segmented by decoder branch {len(res.model.branches) - 1}")
+        print(f"trained {res.trainable:,} of {res.parameters:,} parameters ({args.mode})")
         print(f"model written to {res.path}")
     return 0
 
