@@ -406,3 +406,67 @@ def test_reused_buffers_work_across_inference_mode():
         inside = sliding_window_inference(x, 12, 2, conv, **kw)
     outside = sliding_window_inference(x, 12, 2, conv, **kw)
     assert torch.equal(inside, outside)
+
+
+# ---- fused stitching (window_grid): equal to the plain path bit for bit -----------------------
+def _predictor_channels(c):
+    def predict(x):
+        return torch.cat([x * (k + 1) - k * 0.3 + torch.sin(x * (k + 2)) for k in range(c)], 1)
+
+    return predict
+
+
+@pytest.mark.skipif(not __import__("hermes.ops.aggregate", fromlist=["x"]).fused_add_available(
+    "cpu"), reason="no native fused aggregation kernel")
+@pytest.mark.parametrize("shape,roi,overlap,streaming,axis,sw,output", [
+    ((1, 1, 37, 29, 41), (16, 12, 20), 0.5, True, 0, 1, "labels"),
+    ((1, 1, 37, 29, 41), (16, 12, 20), 0.25, True, "auto", 3, "masks"),
+    ((2, 1, 25, 33, 19), (10, 16, 12), 0.6, True, 1, 2, "probs"),
+    ((1, 1, 25, 33, 19), (10, 16, 12), 0.5, False, "auto", 4, "labels"),
+    ((1, 1, 20, 24, 28), (20, 10, 9), 0.5, True, 2, 1, "logits"),   # one position along z
+    ((1, 1, 33, 30), (12, 16), 0.5, True, 0, 2, "labels"),           # 2-D
+    ((1, 1, 9, 30, 31), (16, 12, 12), 0.5, True, 0, 1, "masks"),     # padded: roi > image
+])
+def test_fused_stitching_equals_the_plain_path(monkeypatch, shape, roi, overlap, streaming, axis,
+                                               sw, output):
+    x = _inputs(shape)
+    kw = dict(overlap=overlap, mode="gaussian", output=output, streaming=streaming,
+              stream_axis=axis, tta=shape[2] == 25)
+    if output == "logits":
+        kw["output_dtype"] = torch.float16
+    import hermes.ops.aggregate as agg_ops
+
+    calls = []
+    real = agg_ops.add_patches_fused
+    monkeypatch.setattr(agg_ops, "add_patches_fused", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    fused = sliding_window_inference(x, roi, sw, _predictor_channels(5), **kw)
+    assert calls  # the fused kernel did the work
+    monkeypatch.setenv("HERMES_FUSED_STITCH", "0")
+    plain = sliding_window_inference(x, roi, sw, _predictor_channels(5), **kw)
+    assert fused.dtype == plain.dtype and torch.equal(fused, plain)
+
+
+@pytest.mark.skipif(not __import__("hermes.ops.aggregate", fromlist=["x"]).fused_add_available(
+    "cpu"), reason="no native fused aggregation kernel")
+def test_window_grid_is_used_and_its_order_enforced():
+    from hermes.inference import window_starts
+
+    shape, roi = (30, 26, 28), (12, 12, 12)
+    grid = window_starts(shape, roi, [0.5] * 3)
+    patches = torch.randn(len(grid), 3, *roi)
+    agg = PatchAggregator(shape, 3, roi, output="labels", streaming=True, window_grid=grid)
+    ref = PatchAggregator(shape, 3, roi, output="labels", streaming=True)
+    assert agg._grid is not None
+    for i, g in enumerate(grid):
+        agg.add_batch(patches[i : i + 1], [g])
+        ref.add_batch(patches[i : i + 1], [g])
+    assert torch.equal(agg.finalize(), ref.finalize())
+    agg = PatchAggregator(shape, 3, roi, output="masks", window_grid=grid)
+    with pytest.raises(ValueError, match="window_grid order"):
+        agg.add_batch(patches[1:2], [grid[1]])
+    agg = PatchAggregator(shape, 3, roi, output="masks", window_grid=grid)
+    agg.add_batch(patches[:2], grid[:2])
+    with pytest.raises(RuntimeError, match="2 of the"):
+        agg.finalize()
+    clear_workspace()
