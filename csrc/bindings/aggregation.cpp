@@ -91,28 +91,6 @@ void register_aggregation(py::module_& m) {
       },
       "Normalise planes [z0, z1) by the weight sum and write the requested output kind.");
   m.def(
-      "aggregate_add_fused_cpu",
-      [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
-         int64_t width, std::uintptr_t patches, std::array<int64_t, 5> strides,
-         std::uintptr_t starts, int64_t count, std::uintptr_t wz, std::uintptr_t wy,
-         std::uintptr_t wx, int64_t roi_d, int64_t roi_h, int64_t roi_w, float clamp_min,
-         std::uintptr_t touch, int64_t z0, int64_t z1, int64_t y0, int64_t y1, int64_t x0,
-         int64_t x1, std::uintptr_t out, int64_t out_d, int64_t out_h, int64_t out_w, int kind,
-         bool sigmoid, float threshold) {
-        FinalizeArgs args =
-            make_finalize(acc, wsum, channels, ring, height, width, z0, z1, y0, y1, x0, x1, z0,
-                          out, out_d, out_h, out_w, kind, sigmoid, threshold, false);
-        py::gil_scoped_release release;
-        aggregate::add_patches_fused_cpu(ptr<float>(acc), ptr<float>(wsum),
-                                         make_geom(channels, ring, height, width),
-                                         ptr<const float>(patches), make_strides(strides),
-                                         ptr<const int64_t>(starts), count,
-                                         make_weights(wz, wy, wx, roi_d, roi_h, roi_w, clamp_min),
-                                         ptr<const int64_t>(touch), args);
-      },
-      "aggregate_add_cpu for windows in grid order with first-touch stores and the "
-      "finalisation of last-touched voxels (crop [z0,z1) x [y0,y1) x [x0,x1)) fused in.");
-  m.def(
       "aggregate_zero_cpu",
       [](std::uintptr_t data, int64_t count) {
         py::gil_scoped_release release;

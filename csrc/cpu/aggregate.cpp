@@ -120,25 +120,23 @@ namespace {
 // streams than single rows for the prefetchers), the label scratch stays in the L1/L2 caches.
 constexpr int64_t kRowBlock = 16;
 
-// Finalizes columns [xa, xb) of rows [ya, yb) of global plane z (inside the crop) into the
-// output, reading `acc`/`wsum` with geometry `g`; `best` and `arg` hold (yb - ya) x (xb - xa)
-// floats.
+// Finalizes rows [ya, yb) of global plane z (inside the crop) into the output; `best` and `arg`
+// hold (yb - ya) x (x1 - x0) floats.
 HERMES_MULTIVERSION
-void finalize_rows(const FinalizeArgs& a, const float* acc, const float* wsum,
-                   const AccGeometry& g, int64_t z, int64_t ya, int64_t yb, int64_t xa,
-                   int64_t xb, float* __restrict__ best, float* __restrict__ arg) {
-  const int64_t C = g.channels, L = g.ring, H = g.height, W = g.width;
+void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb,
+                   float* __restrict__ best, float* __restrict__ arg) {
+  const int64_t C = a.geom.channels, L = a.geom.ring, H = a.geom.height, W = a.geom.width;
   const int64_t plane = H * W;
   const int64_t gz = z % L;
-  const int64_t n = xb - xa;
+  const int64_t n = a.x1 - a.x0;
   const int64_t out_plane = a.out_h * a.out_w;
   const int64_t out_volume = a.out_d * out_plane;
-  auto wrow = [&](int64_t y) -> const float* { return wsum + gz * plane + y * W + xa; };
+  auto wrow = [&](int64_t y) -> const float* { return a.wsum + gz * plane + y * W + a.x0; };
   auto acc_row = [&](int64_t c, int64_t y) -> const float* {
-    return acc + (c * L + gz) * plane + y * W + xa;
+    return a.acc + (c * L + gz) * plane + y * W + a.x0;
   };
   auto out_row = [&](int64_t y) -> int64_t {
-    return (z - a.out_z0) * out_plane + (y - a.y0) * a.out_w + (xa - a.x0);
+    return (z - a.out_z0) * out_plane + (y - a.y0) * a.out_w;
   };
   switch (a.kind) {
     case kOutFloat32: {
@@ -251,128 +249,13 @@ void finalize_cpu(const FinalizeArgs& a) {
       const int64_t ya = (r % blocks_per_plane) * kRowBlock;
       const int64_t yb = std::min(ya + kRowBlock, H);
       const int64_t ca = std::max(ya, a.y0), cb = std::min(yb, a.y1);  // inside the crop
-      if (ca < cb && n > 0) {
-        finalize_rows(a, a.acc, a.wsum, a.geom, z, ca, cb, a.x0, a.x1, best.data(), arg.data());
-      }
+      if (ca < cb && n > 0) finalize_rows(a, z, ca, cb, best.data(), arg.data());
       if (a.zero_after) {
         const int64_t gz = z % L;
         const size_t bytes = sizeof(float) * static_cast<size_t>((yb - ya) * W);
         for (int64_t c = 0; c < C; ++c)
           std::memset(a.acc + (c * L + gz) * plane + ya * W, 0, bytes);
         std::memset(a.wsum + gz * plane + ya * W, 0, bytes);
-      }
-    }
-  }
-}
-
-namespace {
-
-// dst[x] (+)= src[x * sxs] * w[x] for x in [0, n): stored (not added) for x in [s0, s1).
-HERMES_MULTIVERSION
-void accumulate_row(float* __restrict__ dst, const float* __restrict__ src, int64_t sxs,
-                    const float* __restrict__ w, int64_t n, int64_t s0, int64_t s1) {
-  s0 = std::min(std::max<int64_t>(s0, 0), n);
-  s1 = std::min(std::max(s1, s0), n);
-  if (sxs == 1) {
-    for (int64_t x = 0; x < s0; ++x) dst[x] += src[x] * w[x];
-    for (int64_t x = s0; x < s1; ++x) dst[x] = src[x] * w[x];
-    for (int64_t x = s1; x < n; ++x) dst[x] += src[x] * w[x];
-  } else {
-    for (int64_t x = 0; x < s0; ++x) dst[x] += src[x * sxs] * w[x];
-    for (int64_t x = s0; x < s1; ++x) dst[x] = src[x * sxs] * w[x];
-    for (int64_t x = s1; x < n; ++x) dst[x] += src[x * sxs] * w[x];
-  }
-}
-
-// The weight row: wsum[x] (+)= w[x], stored for x in [s0, s1).
-HERMES_MULTIVERSION
-void accumulate_weight_row(float* __restrict__ dst, const float* __restrict__ w, int64_t n,
-                           int64_t s0, int64_t s1) {
-  s0 = std::min(std::max<int64_t>(s0, 0), n);
-  s1 = std::min(std::max(s1, s0), n);
-  for (int64_t x = 0; x < s0; ++x) dst[x] += w[x];
-  for (int64_t x = s0; x < s1; ++x) dst[x] = w[x];
-  for (int64_t x = s1; x < n; ++x) dst[x] += w[x];
-}
-
-// One plane z of window b for add_patches_fused_cpu; scratch: roi_h * roi_w weights, then
-// 2 * kRowBlock * roi_w floats for the finalisation.
-void add_plane_fused(float* acc, float* wsum, const AccGeometry& geom, const float* patch,
-                     const PatchStrides& st, const WindowWeights& weights, int64_t z,
-                     int64_t sz, int64_t sy, int64_t sx, const int64_t* box,
-                     const FinalizeArgs& out, float* scratch) {
-  const int64_t C = geom.channels, L = geom.ring, H = geom.height, W = geom.width;
-  const int64_t rh = weights.roi_h, rw = weights.roi_w;
-  const int64_t plane = H * W;
-  const int64_t gz = sz + z, slot = gz % L;
-  const int64_t* first = box;
-  const int64_t* last = box + 6;
-  const bool first_z = first[0] <= z && z < first[1];
-  const bool last_z = last[0] <= z && z < last[1] && out.z0 <= gz && gz < out.z1;
-  float* wplane = scratch;
-  float* best = scratch + rh * rw;
-  float* arg = best + kRowBlock * rw;
-  const float fz = weights.wz[z];
-  for (int64_t y = 0; y < rh; ++y) {
-    const float fzy = fz * weights.wy[y];
-    for (int64_t x = 0; x < rw; ++x)
-      wplane[y * rw + x] = std::max(fzy * weights.wx[x], weights.clamp_min);
-  }
-  // last-touch columns inside the crop, global
-  const int64_t xa = std::max(sx + last[4], out.x0), xb = std::min(sx + last[5], out.x1);
-  for (int64_t ya = 0; ya < rh; ya += kRowBlock) {
-    const int64_t yb = std::min(ya + kRowBlock, rh);
-    auto stored = [&](int64_t y, int64_t* s0, int64_t* s1) {
-      const bool on = first_z && first[2] <= y && y < first[3];
-      *s0 = on ? first[4] : 0;
-      *s1 = on ? first[5] : 0;
-    };
-    for (int64_t y = ya; y < yb; ++y) {
-      int64_t s0, s1;
-      stored(y, &s0, &s1);
-      accumulate_weight_row(wsum + slot * plane + (sy + y) * W + sx, wplane + y * rw, rw, s0, s1);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const float* src_plane = patch + c * st.c + z * st.z;
-      float* dst_plane = acc + (c * L + slot) * plane + sy * W + sx;
-      for (int64_t y = ya; y < yb; ++y) {
-        int64_t s0, s1;
-        stored(y, &s0, &s1);
-        accumulate_row(dst_plane + y * W, src_plane + y * st.y, st.x, wplane + y * rw, rw, s0,
-                       s1);
-      }
-    }
-    if (last_z && xa < xb) {  // rows of this block that are final, inside the crop
-      const int64_t r0 = std::max({ya, last[2], out.y0 - sy});
-      const int64_t r1 = std::min({yb, last[3], out.y1 - sy});
-      if (r0 < r1) finalize_rows(out, acc, wsum, geom, gz, sy + r0, sy + r1, xa, xb, best, arg);
-    }
-  }
-}
-
-}  // namespace
-
-void add_patches_fused_cpu(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
-                           const PatchStrides& strides, const int64_t* starts, int64_t count,
-                           const WindowWeights& weights, const int64_t* touch,
-                           const FinalizeArgs& out) {
-  const int64_t rd = weights.roi_d;
-  const size_t scratch = static_cast<size_t>(weights.roi_h * weights.roi_w +
-                                             2 * kRowBlock * weights.roi_w);
-  for (int64_t b = 0; b < count; ++b) {
-    const int64_t sz = starts[3 * b], sy = starts[3 * b + 1], sx = starts[3 * b + 2];
-    const float* patch = patches + b * strides.batch;
-#ifdef HERMES_WITH_OPENMP
-#pragma omp parallel
-#endif
-    {
-      std::vector<float> buf(scratch);
-#ifdef HERMES_WITH_OPENMP
-#pragma omp for schedule(dynamic, 2)
-#endif
-      for (int64_t z = 0; z < rd; ++z) {
-        add_plane_fused(acc, wsum, geom, patch, strides, weights, z, sz, sy, sx,
-                        touch + 12 * b, out, buf.data());
       }
     }
   }

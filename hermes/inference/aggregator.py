@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -78,14 +77,6 @@ class PatchAggregator:
             it must then be zero-filled and uncropped (``C x D x H x W``).
         reuse_buffers: take accumulators from a cache of zeroed buffers (much faster on the CPU
             than fresh memory); they are handed back on ``finalize``.
-        window_grid: the corners of ALL windows of a regular grid (``window_starts``), in the
-            order they will be added (first axis slowest; with streaming, ``stream_axis``
-            slowest). The aggregator then knows, per window, which voxels no earlier window
-            covered (their weighted values are stored, not added) and which no later window
-            covers (they are final and are written to the output at once, while still in cache),
-            which saves a read and a write of the accumulators per voxel and the separate
-            finalisation pass (CPU native kernel; same results bit for bit). Patches must then
-            arrive exactly in this order (checked). ``HERMES_FUSED_STITCH=0`` disables it.
     """
 
     def __init__(
@@ -105,7 +96,6 @@ class PatchAggregator:
         crop: Sequence[tuple[int, int]] | None = None,
         out: torch.Tensor | None = None,
         reuse_buffers: bool = True,
-        window_grid: Sequence[Sequence[int]] | None = None,
     ) -> None:
         shape = tuple(int(s) for s in spatial_shape)
         if len(shape) not in (2, 3) or min(shape) < 1:
@@ -225,38 +215,6 @@ class PatchAggregator:
         self._done = 0  # planes [0, _done) are final (streaming)
         self._z = 0  # current (largest) patch corner z (streaming)
         self._finalized = False
-        self._grid: list[tuple[int, ...]] | None = None  # kernel coordinates, visiting order
-        self._touch: torch.Tensor | None = None  # per grid window: first, last-touch boxes
-        self._next = 0  # index of the next expected grid window
-        if (window_grid is not None and not self._in_place
-                and os.environ.get("HERMES_FUSED_STITCH", "1") != "0"
-                and ops.fused_add_available(self.device)):
-            self._plan_grid(window_grid)
-
-    def _plan_grid(self, window_grid: Sequence[Sequence[int]]) -> None:
-        """Touch boxes of a regular window grid (kernel coordinates); a grid that is not a full
-        product in lexicographic order is left to the plain path."""
-        nd = self.spatial_ndim
-        grid = [tuple(int(v) for v in g) for g in window_grid]
-        if not grid or any(len(g) != nd for g in grid):
-            raise ValueError(f"window_grid must hold corners of {nd} coordinates")
-        grid = [((0,) if nd == 2 else ()) + g for g in grid]
-        grid = [tuple(g[i] for i in self._perm) for g in grid]
-        axes = [sorted({g[a] for g in grid}) for a in range(3)]
-        if grid != sorted(grid) or len(grid) != len(set(grid)) or \
-                len(grid) != math.prod(len(p) for p in axes):
-            return
-        boxes = []
-        for g in grid:
-            first, last = [], []
-            for a in range(3):
-                pos, r = axes[a], self._kroi[a]
-                i = pos.index(g[a])
-                first += [0 if i == 0 else min(max(pos[i - 1] + r - g[a], 0), r), r]
-                last += [0, r if i == len(pos) - 1 else min(pos[i + 1] - g[a], r)]
-            boxes.append(first + last)
-        self._grid = grid
-        self._touch = torch.tensor(boxes, dtype=torch.int64)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -338,9 +296,6 @@ class PatchAggregator:
             loc = loc[:, list(self._perm)]
             patches = patches.permute(0, 1, *(2 + i for i in self._perm))
         loc = loc.contiguous()
-        if self._grid is not None:
-            self._add_grid(patches, loc)
-            return
         if not self.streaming:
             ops.add_patches(self._acc, self._wsum, patches, loc, self._tables)
             return
@@ -360,24 +315,6 @@ class PatchAggregator:
                 self._z = z
             ops.add_patches(self._acc, self._wsum, patches[begin:i], loc[begin:i], self._tables)
             begin = i
-
-    def _add_grid(self, patches: torch.Tensor, loc: torch.Tensor) -> None:
-        """Adds the next windows of the grid with the fused kernel (see ``window_grid``)."""
-        assert self._grid is not None and self._touch is not None
-        B = int(loc.shape[0])
-        expected = self._grid[self._next : self._next + B]
-        got = [tuple(int(v) for v in row) for row in loc.tolist()]
-        if got != expected:
-            raise ValueError(
-                "patches must be added in window_grid order: expected corners "
-                f"{expected[:3]}..., got {got[:3]}... (kernel axis order)"
-            )
-        ops.add_patches_fused(
-            self._acc, self._wsum, patches, loc, self._tables,
-            self._touch[self._next : self._next + B], self._out, kind=self._kind,
-            crop=self._kcrop, sigmoid=self._sigmoid, threshold=self._threshold,
-        )  # fmt: skip
-        self._next += B
 
     def _flush(self, until: int) -> None:
         """Finalises planes [_done, until) into the output and resets their accumulators."""
@@ -408,22 +345,12 @@ class PatchAggregator:
             raise RuntimeError("finalize() was already called")
         self._finalized = True
         D = self._kshape[0]
-        if self._grid is not None:
-            if self._next != len(self._grid):
-                raise RuntimeError(
-                    f"finalize() after {self._next} of the {len(self._grid)} windows of "
-                    "window_grid"
-                )
-            assert self._buffer is not None
-            if self.reuse_buffers:
-                ops.zero_(self._buffer)  # cached buffers are handed back zeroed
-            self._done = D
         if self._in_place:
             self._acc.div_(self._wsum)
             result = self._acc[(slice(None), *(slice(lo, hi) for lo, hi in self._crop3))]
             ops.zero_(self._wsum)
         else:
-            self._flush(D)  # nothing left with window_grid (_done == D)
+            self._flush(D)
             result = self._out
             if self._perm != (0, 1, 2):
                 back = result.permute(0, *(1 + i for i in self._inv))

@@ -345,7 +345,7 @@ def sliding_window_inference(
                     image_size, channels, tuple(roi), mode=mode_s, sigma_scale=tuple(sigmas),
                     output=output, threshold=threshold, output_dtype=output_dtype,
                     streaming=streaming, stream_axis=axis, device=device, crop=crop,
-                    out=results[n], reuse_buffers=reuse_buffers, window_grid=starts,
+                    out=results[n], reuse_buffers=reuse_buffers,
                 )  # fmt: skip
                 aggregators[n] = agg
             locs = torch.tensor([starts[i % num_win] for i in idx[j:k]], dtype=torch.int64)

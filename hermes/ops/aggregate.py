@@ -252,20 +252,6 @@ def add_patches(
         add_weight: also accumulate the weights into ``wsum``.
         use_native: False forces the pure-PyTorch reference (for tests).
     """
-    prepared = _prepare_add(acc, wsum, patches, starts, tables)
-    if prepared is None:
-        return
-    p, s, tables = prepared
-    fn = _native(acc.device, "aggregate_add") if use_native else None
-    if fn is None:
-        add_patches_reference(acc, wsum, p, s, tables, add_weight=add_weight)
-        return
-    _call(fn, acc.device, *_add_args(acc, wsum, p, s, tables), bool(add_weight))
-
-
-def _prepare_add(acc, wsum, patches, starts, tables):
-    """Validates ``add_patches``' arguments -> (float32 patches on ``acc``'s device, starts,
-    tables on that device), or None for an empty batch."""
     C, R, H, W = _check_accumulator(acc, wsum)
     if patches.dim() != 5:
         raise ValueError(f"patches must be B x C x d x h x w, got shape {tuple(patches.shape)}")
@@ -280,7 +266,7 @@ def _prepare_add(acc, wsum, patches, starts, tables):
         raise ValueError(f"a window spans {rd} planes but the accumulator holds only {R}")
     s = _starts_tensor(starts, B)
     if B == 0:
-        return None
+        return
     if int(s.min()) < 0:
         raise ValueError("patch corners must be non-negative")
     if int(s[:, 1].max()) + rh > H or int(s[:, 2].max()) + rw > W:
@@ -289,20 +275,19 @@ def _prepare_add(acc, wsum, patches, starts, tables):
         tables = tables.to(acc.device)
     # any strided float32 layout is read in place (e.g. a transposed view for streaming along
     # another axis); other dtypes/devices are converted first
-    return patches.detach().to(device=acc.device, dtype=torch.float32), s, tables
-
-
-def _add_args(acc: torch.Tensor, wsum: torch.Tensor, p: torch.Tensor, s: torch.Tensor,
-              tables: WindowTables) -> list:
-    """The leading arguments of the native add kernels (accumulators, patches, weights)."""
-    C, R, H, W = (int(v) for v in acc.shape)
-    rd, rh, rw = tables.roi
+    p = patches.detach().to(device=acc.device, dtype=torch.float32)
+    fn = _native(acc.device, "aggregate_add") if use_native else None
+    if fn is None:
+        add_patches_reference(acc, wsum, p, s, tables, add_weight=add_weight)
+        return
     wz, wy, wx = tables.split()
-    return [
+    args = [
         acc.data_ptr(), wsum.data_ptr(), C, R, H, W, p.data_ptr(), list(p.stride()),
-        s.data_ptr(), int(p.shape[0]),
+        s.data_ptr(), B,
         wz.data_ptr(), wy.data_ptr(), wx.data_ptr(), rd, rh, rw, float(tables.clamp_min),
+        bool(add_weight),
     ]  # fmt: skip
+    _call(fn, acc.device, *args)
 
 
 def add_patches_reference(
@@ -373,28 +358,6 @@ def finalize(
     (y0, y1), (x0, x1) = crop if crop is not None else ((0, H), (0, W))
     if not (0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W):
         raise ValueError(f"crop {crop} must lie within H x W = {H} x {W}")
-    Do, Ho, Wo = _check_out(out, kind, acc, y1 - y0, x1 - x0)
-    if z1 > z0 and (z0 - out_z0 < 0 or z1 - out_z0 > Do):
-        raise ValueError(f"planes [{z0}, {z1}) do not fit out (depth {Do}) from plane {out_z0}")
-    fn = _native(acc.device, "aggregate_finalize") if use_native else None
-    if fn is None:
-        finalize_reference(
-            acc, wsum, (z0, z1), out, kind=kind, crop=((y0, y1), (x0, x1)), out_z0=out_z0,
-            sigmoid=sigmoid, threshold=threshold, zero_after=zero_after,
-        )  # fmt: skip
-        return
-    args = [
-        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, z0, z1, y0, y1, x0, x1, int(out_z0),
-        out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold), bool(zero_after),
-    ]  # fmt: skip
-    _call(fn, acc.device, *args)
-
-
-def _check_out(out: torch.Tensor, kind: int, acc: torch.Tensor, height: int,
-               width: int) -> tuple[int, int, int]:
-    """Validates an output tensor of ``kind`` for ``acc`` (``height`` x ``width`` cropped
-    rows/columns) -> its (depth, height, width)."""
-    C = int(acc.shape[0])
     if kind not in _OUTPUT_DTYPES:
         raise ValueError(f"unknown output kind {kind}")
     want = _OUTPUT_DTYPES[kind]
@@ -409,64 +372,25 @@ def _check_out(out: torch.Tensor, kind: int, acc: torch.Tensor, height: int,
         )
     if out.device != acc.device:
         raise ValueError(f"out is on {out.device} but the accumulator on {acc.device}")
-    Do, Ho, Wo = (int(v) for v in out.shape[1:])
-    if int(out.shape[0]) != channels or Ho != height or Wo != width:
+    Do, Ho, Wo = (int(s) for s in out.shape[1:])
+    if int(out.shape[0]) != channels or Ho != y1 - y0 or Wo != x1 - x0:
         raise ValueError(
-            f"out must have shape ({channels}, D, {height}, {width}), got {tuple(out.shape)}"
+            f"out must have shape ({channels}, D, {y1 - y0}, {x1 - x0}), got {tuple(out.shape)}"
         )
-    return Do, Ho, Wo
-
-
-def fused_add_available(device: torch.device | str) -> bool:
-    """Whether :func:`add_patches_fused` has a native kernel for ``device``."""
-    return _native(torch.device(device), "aggregate_add_fused") is not None
-
-
-def add_patches_fused(
-    acc: torch.Tensor,
-    wsum: torch.Tensor,
-    patches: torch.Tensor,
-    starts: torch.Tensor | Sequence[Sequence[int]],
-    tables: WindowTables,
-    touch: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    kind: int,
-    crop: Sequence[tuple[int, int]],
-    sigmoid: bool = False,
-    threshold: float = 0.0,
-) -> None:
-    """``add_patches`` + ``finalize`` in one pass, for windows visited in grid order.
-
-    ``touch`` (``B x 12`` int64) gives per patch its first-touch box (``z0, z1, y0, y1, x0,
-    x1``, patch-relative, half-open: voxels no earlier patch covered) and last-touch box (voxels
-    no later patch covers). Inside the first box the weighted patch is stored, not added (the
-    accumulator there may hold anything); inside the last box, voxels within
-    ``crop = ((z0, z1), (y0, y1), (x0, x1))`` (global) are written to ``out`` (as
-    :func:`finalize` with ``out_z0 = z0`` would). The boxes must be right: the caller guarantees
-    the visiting order (``PatchAggregator`` with ``window_grid``). Native CPU kernel only (see
-    :func:`fused_add_available`); the result equals ``add_patches`` then ``finalize`` exactly.
-    """
-    (cz0, cz1), (y0, y1), (x0, x1) = ((int(a), int(b)) for a, b in crop)
-    C, R, H, W = _check_accumulator(acc, wsum)
-    if not (0 <= cz0 <= cz1 and 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W):
-        raise ValueError(f"crop {crop} must lie within the volume (H x W = {H} x {W})")
-    Do, Ho, Wo = _check_out(out, kind, acc, y1 - y0, x1 - x0)
-    if Do != cz1 - cz0:
-        raise ValueError(f"out depth {Do} != crop depth {cz1 - cz0}")
-    fn = _native(acc.device, "aggregate_add_fused")
+    if z1 > z0 and (z0 - out_z0 < 0 or z1 - out_z0 > Do):
+        raise ValueError(f"planes [{z0}, {z1}) do not fit out (depth {Do}) from plane {out_z0}")
+    fn = _native(acc.device, "aggregate_finalize") if use_native else None
     if fn is None:
-        raise RuntimeError(f"no fused aggregation kernel for {acc.device} (check "
-                           "fused_add_available first)")
-    prepared = _prepare_add(acc, wsum, patches, starts, tables)
-    if prepared is None:
+        finalize_reference(
+            acc, wsum, (z0, z1), out, kind=kind, crop=((y0, y1), (x0, x1)), out_z0=out_z0,
+            sigmoid=sigmoid, threshold=threshold, zero_after=zero_after,
+        )  # fmt: skip
         return
-    p, s, tables = prepared
-    t = torch.as_tensor(touch, dtype=torch.int64, device="cpu").contiguous()
-    if t.shape != (p.shape[0], 12):
-        raise ValueError(f"touch must have shape ({p.shape[0]}, 12), got {tuple(t.shape)}")
-    _call(fn, acc.device, *_add_args(acc, wsum, p, s, tables), t.data_ptr(), cz0, cz1, y0, y1,
-          x0, x1, out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold))
+    args = [
+        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, z0, z1, y0, y1, x0, x1, int(out_z0),
+        out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold), bool(zero_after),
+    ]  # fmt: skip
+    _call(fn, acc.device, *args)
 
 
 def finalize_reference(

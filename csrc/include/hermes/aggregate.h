@@ -77,21 +77,6 @@ void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const flo
 
 void finalize_cpu(const FinalizeArgs& args);
 
-// add_patches_cpu for windows visited in grid order (sliding-window inference), with the
-// finalisation fused in. touch[12*b .. 12*b+11] holds window b's first-touch box
-// (z0, z1, y0, y1, x0, x1, patch-relative, half-open: the voxels no earlier window covered),
-// then its last-touch box (the voxels no later window covers). Inside the first-touch box the
-// weighted patch is stored instead of added (no read, and no reset needed beforehand); inside the
-// last-touch box the voxel is final after this window and is written to `out.out` right away as
-// finalize_cpu would (while its accumulators are still in cache), restricted to the crop
-// [out.z0, out.z1) x [out.y0, out.y1) x [out.x0, out.x1) (global coordinates). `out.acc`,
-// `out.wsum`, `out.geom` and `out.zero_after` are ignored. Results equal add_patches_cpu +
-// finalize_cpu bit for bit.
-void add_patches_fused_cpu(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
-                           const PatchStrides& strides, const int64_t* starts, int64_t count,
-                           const WindowWeights& weights, const int64_t* touch,
-                           const FinalizeArgs& out);
-
 // Sets `count` floats to zero (parallel; used to reset reused buffers).
 void zero_cpu(float* data, int64_t count);
 
