@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 import hermes.data as hd
-from hermes.data.geometry import crop, nonzero_bbox, reorient, resample, resampled_grid
+from hermes.data.geometry import (
+    crop,
+    nonzero_bbox,
+    reorient,
+    resample,
+    resampled_grid,
+    separable_resample,
+)
 from hermes.data.io import load_image
 from hermes.data.normalize import NormalizationSpec, normalization_for, normalize
 from hermes.data.preprocess import PreprocessError
@@ -309,3 +316,23 @@ def test_non_finite_image_is_an_error_naming_the_file(tmp_path):
     hd.save_image(tmp_path / "nan.nii.gz", data, np.eye(4))
     with pytest.raises(ValueError, match=r"nan.nii.gz: image has 1 non-finite"):
         prepare_image(tmp_path / "nan.nii.gz", "T1")
+
+
+@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize("shape,scale,offset,out_shape", [
+    ((20, 17, 9), (0.25, 0.5, 1.0), (-0.4, 0.3, 0.0), (81, 40, 9)),    # upsampling, edges
+    ((30, 26, 12), (1.5, 2.0, 0.75), (0.2, -1.0, 3.5), (22, 15, 14)),  # down, past the end
+    ((5, 1, 8), (0.4, 0.3, 1.0), (0.0, 0.0, -2.0), (12, 4, 8)),        # a one-voxel axis
+])
+def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, order):
+    from scipy import ndimage
+
+    arr = np.random.default_rng(3).random(shape).astype(np.float32)
+    ref = ndimage.affine_transform(arr.astype(np.float64), np.asarray(scale), np.asarray(offset),
+                                   output_shape=out_shape, order=order, mode="nearest",
+                                   prefilter=order > 1)
+    got = separable_resample(arr, scale, offset, out_shape, order)
+    assert got.dtype == np.float32 and got.shape == out_shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="order"):
+        separable_resample(arr, scale, offset, out_shape, 2)

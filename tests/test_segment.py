@@ -106,28 +106,6 @@ def test_resampled_round_trip(case):
     np.testing.assert_array_equal(res.labels, expected)
 
 
-@pytest.mark.parametrize("order", [1, 3])
-@pytest.mark.parametrize("shape,scale,offset,out_shape", [
-    ((20, 17, 9), (0.25, 0.5, 1.0), (-0.4, 0.3, 0.0), (81, 40, 9)),    # upsampling, edges
-    ((30, 26, 12), (1.5, 2.0, 0.75), (0.2, -1.0, 3.5), (22, 15, 14)),  # down, past the end
-    ((5, 1, 8), (0.4, 0.3, 1.0), (0.0, 0.0, -2.0), (12, 4, 8)),        # a one-voxel axis
-])
-def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, order):
-    from scipy import ndimage
-
-    from hermes.data.geometry import separable_resample
-
-    arr = np.random.default_rng(3).random(shape).astype(np.float32)
-    ref = ndimage.affine_transform(arr.astype(np.float64), np.asarray(scale), np.asarray(offset),
-                                   output_shape=out_shape, order=order, mode="nearest",
-                                   prefilter=order > 1)
-    got = separable_resample(arr, scale, offset, out_shape, order)
-    assert got.dtype == np.float32 and got.shape == out_shape
-    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
-    with pytest.raises(ValueError, match="order"):
-        separable_resample(arr, scale, offset, out_shape, 2)
-
-
 def test_window_enlarged_for_axes_barely_longer_than_the_roi():
     """Axes up to 12.5% longer than the 32-voxel window get one window of their length; the
     (voxel-wise) result is the same as with the plain window layout."""
