@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CachedCase", "DatasetInfo", "PreprocessedCollection"]
+__all__ = ["CachedCase", "DatasetInfo", "PreprocessedCollection", "split_cases"]
 
 
 @dataclass(frozen=True)
@@ -255,3 +255,20 @@ class PreprocessedCollection:
     def __repr__(self) -> str:
         return (f"PreprocessedCollection({str(self.cache_dir)!r}, cases={len(self.cases)}, "
                 f"tasks={len(self.tasks)}, modalities={self.modalities})")
+
+
+def split_cases(collection, split: str, datasets=None) -> list[CachedCase]:
+    """Cases of ``split`` of a collection (:class:`PreprocessedCollection` or any object with
+    ``split(name)`` and ``datasets``), only those of ``datasets`` when given.
+
+    Raises:
+        ValueError: naming the datasets the collection does not have.
+    """
+    cases = collection.split(split)
+    if datasets is None:
+        return cases
+    unknown = sorted(set(datasets) - set(collection.datasets))
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; the collection has "
+                         f"{', '.join(collection.datasets)}")
+    return [c for c in cases if c.dataset in datasets]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hermes.data.cache import CachedCase, PreprocessedCollection
+from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 from hermes.data.io import load_image
 from hermes.files import atomic_write_bytes
 from hermes.inference.geometry import resample_to_grid
@@ -130,13 +130,7 @@ def evaluate(
     """
     pc = collection if isinstance(collection, PreprocessedCollection) else \
         PreprocessedCollection(collection)
-    cases = pc.split(split)
-    if datasets is not None:
-        unknown = sorted(set(datasets) - set(pc.datasets))
-        if unknown:
-            raise ValueError(f"unknown dataset(s) {unknown}; the collection has "
-                             f"{list(pc.datasets)}")
-        cases = [c for c in cases if c.dataset in datasets]
+    cases = split_cases(pc, split, datasets)
     if not cases:
         raise ValueError(f"split {split!r} of {pc.cache_dir} holds no case"
                          + (f" of datasets {datasets}" if datasets is not None else ""))

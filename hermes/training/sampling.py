@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from hermes.data.cache import CachedCase, PreprocessedCollection
+from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 
 MRI_MODALITIES = {"T1", "T2", "CINE", "MR"}
 
@@ -96,14 +96,8 @@ class PatchDataset(Dataset):
         self.fg_prob = float(fg_prob)
         self.augment = augment
         by_dataset: dict[str, list[CachedCase]] = {}
-        if datasets is not None:
-            unknown = sorted(set(datasets) - set(collection.datasets))
-            if unknown:
-                raise ValueError(f"unknown datasets {unknown}; the collection has "
-                                 f"{', '.join(collection.datasets)}")
-        for case in collection.split(split):
-            if datasets is None or case.dataset in datasets:
-                by_dataset.setdefault(case.dataset, []).append(case)
+        for case in split_cases(collection, split, datasets):
+            by_dataset.setdefault(case.dataset, []).append(case)
         if not by_dataset:
             raise ValueError(f"the {split!r} split of {collection.cache_dir} holds no case")
         self.datasets = list(by_dataset)
