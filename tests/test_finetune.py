@@ -54,6 +54,22 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.detach().cpu(), b.detach().cpu())
 
 
+def _assert_old_weights_kept(sb: dict, sm: dict, t_old: int) -> None:
+    """Every weight of the old state ``sb`` is in ``sm`` bit for bit (task tables: the old rows
+    and the null row)."""
+    for k, v in sb.items():
+        if k.endswith("task_priors"):
+            assert _same(sm[k][:t_old], v[:t_old]) and _same(sm[k][-1], v[-1]), k
+        else:
+            assert _same(sm[k], v), k
+
+
+def _old_ct_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """Logits of two old tasks requested on their own."""
+    with torch.no_grad():
+        return model(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
+
+
 def test_new_names_and_aligned_collection(setup):
     _, old, new, base = setup
     tasks, mods = new_names(base.vocab, new)
@@ -252,17 +268,12 @@ def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup,
     m = hm.load(res.path)
     sb, sm = base.state_dict(), m.state_dict()
     t_old = len(base.vocab.tasks)
-    for k, v in sb.items():
+    _assert_old_weights_kept(sb, sm, t_old)
+    for k in sb:
         if k.endswith("task_priors"):
-            assert _same(sm[k][:t_old], v[:t_old]) and _same(sm[k][-1], v[-1])
             assert not _same(sm[k][t_old:-1], torch.zeros_like(sm[k][t_old:-1]))
-        else:
-            assert _same(sm[k], v), k
     x = torch.randn(1, 1, 32, 32, 32)
-    with torch.no_grad():  # old tasks on their own: the old model's outputs, bit for bit
-        a = base(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
-        b = m(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
-    assert torch.equal(a, b)
+    assert torch.equal(_old_ct_logits(base, x), _old_ct_logits(m, x))  # bit for bit
     assert hm.read_header(res.path)["metadata"]["finetune"]["freeze_shared"] is True
     with pytest.raises(ValueError, match="freeze_shared"):
         finetune(base, new, tmp_path / "x", mode="full", freeze_shared=True, **TRAIN)
@@ -275,21 +286,16 @@ def test_incremental_new_decoder_trains_a_branch_and_keeps_old_outputs(setup, tm
     t_old = len(base.vocab.tasks)
     assert m.config.decoder_branches == (t_old,)
     sb, sm = base.state_dict(), m.state_dict()
-    for k, v in sb.items():  # every old weight and old prior row is the old model's
-        if k.endswith("task_priors"):
-            assert _same(sm[k][:t_old], v[:t_old]) and _same(sm[k][-1], v[-1]), k
-        else:
-            assert _same(sm[k], v), k
+    _assert_old_weights_kept(sb, sm, t_old)
     # what trained: the branch and the new rows of the encoder's fusion tables, nothing else
     assert not _same(sm["branches.0.up.3.blocks.0.conv1.conv.weight"],
                      sb["up.3.blocks.0.conv1.conv.weight"])
     assert not _same(sm["fusion.0.task_priors"][t_old:-1],
                      extend_vocabulary(base, res.new_tasks).fusion[0].task_priors[t_old:-1])
     x = torch.randn(1, 1, 32, 32, 32)
-    with torch.no_grad():  # old tasks on their own: the old model's outputs, bit for bit
-        a = base(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
-        b = m(x, tasks=["synth_ct/liver", "synth_ct/kidney"], modality="CT").seg_logits
-        assert torch.equal(a, b)
+    a = _old_ct_logits(base, x)
+    assert torch.equal(a, _old_ct_logits(m, x))  # old tasks on their own: bit for bit
+    with torch.no_grad():
         mixed = m(x, tasks=["synth_ct/liver", "synth_t2/kidney", "synth_ct/kidney"],
                   modality="CT").seg_logits
         assert torch.equal(mixed[:, [0, 2]], a)  # mixed with a new task: still exact
