@@ -45,46 +45,79 @@ inline float logistic(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 namespace {
 
-// Adds plane z of one patch: weights of the plane into `wplane` (rh x rw scratch), then
-// wsum and every channel.
+// Window weights of plane zz of a window into `wplane` (rh x rw).
 HERMES_MULTIVERSION
-void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* patch,
-               const PatchStrides& st, const WindowWeights& weights, int64_t z, int64_t gz,
-               int64_t sy, int64_t sx, bool add_weight, float* wplane) {
-  const int64_t C = geom.channels, L = geom.ring, H = geom.height, W = geom.width;
+void weight_plane(const WindowWeights& weights, int64_t zz, float* __restrict__ wplane) {
   const int64_t rh = weights.roi_h, rw = weights.roi_w;
-  const int64_t plane = H * W;
   const float clamp_min = weights.clamp_min;
-  const float fz = weights.wz[z];
+  const float fz = weights.wz[zz];
   for (int64_t y = 0; y < rh; ++y) {
     const float fzy = fz * weights.wy[y];
     float* __restrict__ wrow = wplane + y * rw;
     const float* __restrict__ wx = weights.wx;
     for (int64_t x = 0; x < rw; ++x) wrow[x] = std::max(fzy * wx[x], clamp_min);
   }
+}
+
+// The windows of a batch that cover one global plane: their index b (ascending), corner and
+// weight plane.
+struct PlaneWindow {
+  int64_t b, sz, sy, sx;
+  const float* wplane;
+};
+
+// Adds global plane z of every window in `wins` (ascending b): each accumulator row is loaded
+// once, gets the contributions of all windows covering it in batch order, and is stored once,
+// so a batch of overlapping windows moves the shared rows through memory once (the same sums,
+// in the same order, as adding the windows one after another).
+HERMES_MULTIVERSION
+void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
+               const PatchStrides& st, int64_t rh, int64_t rw, int64_t z,
+               const PlaneWindow* wins, int64_t nwin, bool add_weight) {
+  const int64_t C = geom.channels, L = geom.ring, H = geom.height, W = geom.width;
+  const int64_t plane = H * W;
+  const int64_t gz = z % L;
+  int64_t y_lo = H, y_hi = 0;
+  for (int64_t k = 0; k < nwin; ++k) {
+    y_lo = std::min(y_lo, wins[k].sy);
+    y_hi = std::max(y_hi, wins[k].sy + rh);
+  }
   if (add_weight) {
-    for (int64_t y = 0; y < rh; ++y) {
-      float* __restrict__ dst = wsum + gz * plane + (sy + y) * W + sx;
-      const float* __restrict__ wrow = wplane + y * rw;
-      for (int64_t x = 0; x < rw; ++x) dst[x] += wrow[x];
+    for (int64_t y = y_lo; y < y_hi; ++y) {
+      float* __restrict__ dst = wsum + gz * plane + y * W;
+      for (int64_t k = 0; k < nwin; ++k) {
+        const PlaneWindow& w = wins[k];
+        if (y < w.sy || y >= w.sy + rh) continue;
+        const float* __restrict__ wrow = w.wplane + (y - w.sy) * rw;
+        float* __restrict__ d = dst + w.sx;
+        for (int64_t x = 0; x < rw; ++x) d[x] += wrow[x];
+      }
     }
   }
   for (int64_t c = 0; c < C; ++c) {
-    const float* src_plane = patch + c * st.c + z * st.z;
-    float* dst_plane = acc + (c * L + gz) * plane + sy * W + sx;
-    for (int64_t y = 0; y < rh; ++y) {
-      float* __restrict__ dst = dst_plane + y * W;
-      const float* __restrict__ src = src_plane + y * st.y;
-      const float* __restrict__ wrow = wplane + y * rw;
-      if (st.x == 1) {
-        for (int64_t x = 0; x < rw; ++x) dst[x] += src[x] * wrow[x];
-      } else {
-        const int64_t sxs = st.x;
-        for (int64_t x = 0; x < rw; ++x) dst[x] += src[x * sxs] * wrow[x];
+    float* dst_plane = acc + (c * L + gz) * plane;
+    for (int64_t y = y_lo; y < y_hi; ++y) {
+      float* dst_row = dst_plane + y * W;
+      for (int64_t k = 0; k < nwin; ++k) {
+        const PlaneWindow& w = wins[k];
+        if (y < w.sy || y >= w.sy + rh) continue;
+        const float* __restrict__ src =
+            patches + w.b * st.batch + c * st.c + (z - w.sz) * st.z + (y - w.sy) * st.y;
+        const float* __restrict__ wrow = w.wplane + (y - w.sy) * rw;
+        float* __restrict__ d = dst_row + w.sx;
+        if (st.x == 1) {
+          for (int64_t x = 0; x < rw; ++x) d[x] += src[x] * wrow[x];
+        } else {
+          const int64_t sxs = st.x;
+          for (int64_t x = 0; x < rw; ++x) d[x] += src[x * sxs] * wrow[x];
+        }
       }
     }
   }
 }
+
+// Windows added together per pass (their weight planes are per-thread scratch).
+constexpr int64_t kGroup = 8;
 
 }  // namespace
 
@@ -92,25 +125,42 @@ void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const flo
                      const PatchStrides& strides, const int64_t* starts, int64_t count,
                      const WindowWeights& weights, bool add_weight) {
   const int64_t L = geom.ring;
-  const int64_t rd = weights.roi_d;
-  const int64_t patch_plane = weights.roi_h * weights.roi_w;
-  // One patch after another (fixed order per voxel); the planes of a patch are independent.
-  for (int64_t b = 0; b < count; ++b) {
-    const int64_t sz = starts[3 * b], sy = starts[3 * b + 1], sx = starts[3 * b + 2];
-    const float* patch = patches + b * strides.batch;
+  const int64_t rd = weights.roi_d, rh = weights.roi_h, rw = weights.roi_w;
+  const int64_t patch_plane = rh * rw;
+  // Windows go in groups of up to kGroup consecutive ones; a group is added plane by plane
+  // (the planes are independent). Groups whose planes would alias in the ring are split.
+  for (int64_t g0 = 0; g0 < count;) {
+    int64_t z_lo = starts[3 * g0], z_hi = z_lo + rd, g1 = g0 + 1;
+    while (g1 < count && g1 - g0 < kGroup) {
+      const int64_t sz = starts[3 * g1];
+      const int64_t lo = std::min(z_lo, sz), hi = std::max(z_hi, sz + rd);
+      if (hi - lo > L) break;
+      z_lo = lo;
+      z_hi = hi;
+      ++g1;
+    }
 #ifdef HERMES_WITH_OPENMP
 #pragma omp parallel
 #endif
     {
-      std::vector<float> wplane(static_cast<size_t>(patch_plane));
+      std::vector<float> wplanes(static_cast<size_t>(kGroup * patch_plane));
+      PlaneWindow wins[kGroup];
 #ifdef HERMES_WITH_OPENMP
 #pragma omp for schedule(dynamic, 2)
 #endif
-      for (int64_t z = 0; z < rd; ++z) {
-        add_plane(acc, wsum, geom, patch, strides, weights, z, (sz + z) % L, sy, sx, add_weight,
-                  wplane.data());
+      for (int64_t z = z_lo; z < z_hi; ++z) {
+        int64_t nwin = 0;
+        for (int64_t b = g0; b < g1; ++b) {
+          const int64_t sz = starts[3 * b];
+          if (z < sz || z >= sz + rd) continue;
+          float* wp = wplanes.data() + nwin * patch_plane;
+          weight_plane(weights, z - sz, wp);
+          wins[nwin++] = PlaneWindow{b, sz, starts[3 * b + 1], starts[3 * b + 2], wp};
+        }
+        add_plane(acc, wsum, geom, patches, strides, rh, rw, z, wins, nwin, add_weight);
       }
     }
+    g0 = g1;
   }
 }
 

@@ -42,8 +42,10 @@ __global__ void add_patch_kernel(float* __restrict__ acc, float* __restrict__ ws
   if (add_weight) wsum[dst] += weight;
   const int64_t src = z * st.z + y * st.y + x * st.x;
   const int64_t acc_channel = geom.ring * plane;
+  // Separate rounded multiply and add (no fused multiply-add), as on the CPU: the same sums.
   for (int64_t c = 0; c < geom.channels; ++c) {
-    acc[c * acc_channel + dst] += patch[c * st.c + src] * weight;
+    const int64_t i = c * acc_channel + dst;
+    acc[i] = __fadd_rn(acc[i], __fmul_rn(patch[c * st.c + src], weight));
   }
 }
 
@@ -131,7 +133,7 @@ void add_patches_cuda(float* acc, float* wsum, const AccGeometry& geom, const fl
 }
 
 void finalize_cuda(const FinalizeArgs& args, std::uintptr_t stream) {
-  if (args.z1 <= args.z0) return;
+  if (args.z1 <= args.z0 || args.geom.height == 0 || args.geom.width == 0) return;
   if (args.geom.height > 65535 || args.z1 - args.z0 > 65535) {
     throw std::runtime_error("hermes aggregate (CUDA): volume height/slab above 65535");
   }

@@ -12,7 +12,7 @@ import torch
 from hermes.inference import _workspace
 from hermes.ops import aggregate as ops
 
-__all__ = ["OUTPUT_KINDS", "PatchAggregator", "best_stream_axis"]
+__all__ = ["OUTPUT_KINDS", "PatchAggregator", "best_stream_axis", "resolve_device"]
 
 #: User-facing output kinds of :class:`PatchAggregator` and ``sliding_window_inference``.
 OUTPUT_KINDS = ("logits", "probs", "masks", "labels")
@@ -25,6 +25,18 @@ def _spatial_tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[in
     if len(out) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
         raise ValueError(f"{name} must be an int or {ndim} ints, got {value!r}")
     return out
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device with an index for CUDA (``"cuda"`` -> the current one).
+
+    Tensors created on ``"cuda"`` report ``cuda:<current>``, which does not compare equal to
+    ``torch.device("cuda")``.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def best_stream_axis(spatial_shape: Sequence[int], roi_size: Sequence[int]) -> int:
@@ -114,7 +126,7 @@ class PatchAggregator:
                 )
         if output not in OUTPUT_KINDS:
             raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.channels = channels
         self.output = output
         self.streaming = bool(streaming)

@@ -18,7 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hermes.inference.aggregator import OUTPUT_KINDS, PatchAggregator, best_stream_axis
+from hermes.inference.aggregator import (
+    OUTPUT_KINDS,
+    PatchAggregator,
+    best_stream_axis,
+    resolve_device,
+)
 
 __all__ = ["sliding_window_inference", "window_starts", "extract_logits"]
 
@@ -253,8 +258,8 @@ def sliding_window_inference(
         if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Integral)):
             raise ValueError(f"roi_size must contain ints, got {roi_size!r}")
         roi.append(s if r is None or r <= 0 else int(r))
-    device = torch.device(device) if device is not None else inputs.device
-    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = resolve_device(device) if device is not None else inputs.device
+    sw_device = resolve_device(sw_device) if sw_device is not None else inputs.device
 
     # ---- padding (images smaller than the window) ----------------------------------------
     pad: list[int] = []

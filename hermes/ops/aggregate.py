@@ -191,6 +191,8 @@ def _check_accumulator(acc: torch.Tensor, wsum: torch.Tensor) -> tuple[int, int,
         )
     if wsum.device != acc.device:
         raise ValueError(f"acc is on {acc.device} but wsum on {wsum.device}")
+    if acc.numel() == 0:
+        raise ValueError(f"acc must not be empty, got shape {tuple(acc.shape)}")
     return tuple(int(s) for s in acc.shape)  # type: ignore[return-value]
 
 
