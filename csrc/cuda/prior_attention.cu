@@ -42,7 +42,7 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
 template <typename T>
 __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
 
-__device__ __forceinline__ float dexp(float v) { return __expf(v); }
+__device__ __forceinline__ float dexp(float v) { return expf(v); }  // within 2 ulp
 __device__ __forceinline__ double dexp(double v) { return exp(v); }
 
 template <typename S>

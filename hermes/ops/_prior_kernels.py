@@ -120,9 +120,10 @@ class NativeKernels(TorchKernels):
     def __init__(self, device: torch.device) -> None:
         self._c = extension()
         self._cuda = device.type == "cuda"
+        self._device = device
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream().cuda_stream if self._cuda else 0
+        return torch.cuda.current_stream(self._device).cuda_stream if self._cuda else 0
 
     @staticmethod
     def _code(t: Tensor) -> int:
@@ -198,7 +199,9 @@ def native_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def kernels_for(t: Tensor, prefer_native: bool = True) -> type[TorchKernels] | NativeKernels:
     """The kernel set for tensors like ``t`` (native when available and wanted)."""
-    if prefer_native and native_available(t.device, t.dtype):
+    # CUDA kernels launch on the current device: tensors on another GPU take the PyTorch path
+    on_current = t.device.type != "cuda" or t.device.index == torch.cuda.current_device()
+    if prefer_native and on_current and native_available(t.device, t.dtype):
         key = str(t.device)
         if key not in _NATIVE:
             _NATIVE[key] = NativeKernels(t.device)

@@ -131,6 +131,10 @@ def _chunk_arg(chunk: int | None, width: int, device: torch.device) -> int:
     return int(chunk)
 
 
+#: Largest chunk of :func:`prior_gather` for float16 features.
+_HALF_CHUNK = 2048
+
+
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -281,6 +285,10 @@ def prior_gather(features: Tensor, fold: Tensor, norm_weight: Tensor, norm_bias:
     """
     _check_stream_args(features, fold, norm_weight, norm_bias)
     chunk = _chunk_arg(chunk, max(2 * fold.shape[1], features.shape[2]), features.device)
+    if features.dtype == torch.float16:
+        # the chunk's unnormalised sum (softmax weights <= 1 times LayerNorm outputs) is a
+        # float16 GEMM result: keep it far from float16's 65504
+        chunk = min(chunk, _HALF_CHUNK)
     return prior_gather_fwd(features.contiguous(), fold.contiguous(), norm_weight.contiguous(),
                             norm_bias.contiguous(), float(eps), int(chunk))[0]
 
