@@ -1,5 +1,6 @@
 // CPU (OpenMP) kernels of the sliding-window patch aggregation; see hermes/aggregate.h.
 #include "hermes/aggregate.h"
+#include "hermes/cpu_math.h"
 #include "hermes/macros.h"
 
 #include <algorithm>
@@ -17,29 +18,34 @@ namespace aggregate {
 
 namespace {
 
-// float32 -> float16 bits, round to nearest even (same result as torch's .half()).
-inline uint16_t float_to_half_bits(float value) {
+// float32 -> float16 bits, round to nearest even (same result as torch's .half()). All three
+// cases are computed and one is masked in (no branches), so that loops around it vectorise.
+HERMES_ALWAYS_INLINE uint16_t float_to_half_bits(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   const uint32_t sign = (bits >> 16) & 0x8000u;
-  uint32_t mag = bits & 0x7fffffffu;
-  if (mag >= 0x47800000u) {  // >= 65536, inf or nan
-    return static_cast<uint16_t>(sign | (mag > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  }
-  if (mag < 0x38800000u) {  // below the smallest normal half: let the FPU round the subnormal
-    float f;
-    std::memcpy(&f, &mag, sizeof(f));
-    f += 0.5f;
-    uint32_t r;
-    std::memcpy(&r, &f, sizeof(r));
-    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
-  }
-  const uint32_t odd = (mag >> 13) & 1u;
-  mag += 0xc8000fffu + odd;  // rebias the exponent (127 -> 15) and round half to even
-  return static_cast<uint16_t>(sign | (mag >> 13));
+  const uint32_t mag = bits & 0x7fffffffu;
+  // >= 65520 (rounds to inf), inf or nan
+  const uint32_t special = 0x7c00u | (static_cast<uint32_t>(mag > 0x7f800000u) << 9);
+  // below the smallest normal half: let the FPU round the subnormal (adding 0.5 aligns its bits)
+  float f;
+  std::memcpy(&f, &mag, sizeof(f));
+  f += 0.5f;
+  uint32_t sub;
+  std::memcpy(&sub, &f, sizeof(sub));
+  sub -= 0x3f000000u;
+  // normal: rebias the exponent (127 -> 15) and round half to even
+  const uint32_t normal = (mag + 0xc8000fffu + ((mag >> 13) & 1u)) >> 13;
+  const uint32_t is_special = 0u - static_cast<uint32_t>(mag >= 0x47800000u);  // all ones or 0
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(mag < 0x38800000u);
+  const uint32_t r = (special & is_special) | (sub & is_sub) | (normal & ~(is_special | is_sub));
+  return static_cast<uint16_t>(sign | r);
 }
 
-inline float logistic(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+// The logistic function through the polynomial exp (within a few ulp of 1 / (1 + exp(-v))).
+HERMES_ALWAYS_INLINE float logistic(float v, const ExpBounds& e) {
+  return 1.0f / (1.0f + poly_exp(-v, e.lo, e.hi));
+}
 
 }  // namespace
 
@@ -188,6 +194,7 @@ void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb,
   auto out_row = [&](int64_t y) -> int64_t {
     return (z - a.out_z0) * out_plane + (y - a.y0) * a.out_w;
   };
+  const ExpBounds exp_bounds;
   switch (a.kind) {
     case kOutFloat32: {
       for (int64_t c = 0; c < C; ++c) {
@@ -196,7 +203,7 @@ void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb,
           const float* __restrict__ w = wrow(y);
           float* __restrict__ dst = static_cast<float*>(a.out) + c * out_volume + out_row(y);
           if (a.sigmoid) {
-            for (int64_t x = 0; x < n; ++x) dst[x] = logistic(src[x] / w[x]);
+            for (int64_t x = 0; x < n; ++x) dst[x] = logistic(src[x] / w[x], exp_bounds);
           } else {
             for (int64_t x = 0; x < n; ++x) dst[x] = src[x] / w[x];
           }
@@ -211,10 +218,11 @@ void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb,
           const float* __restrict__ w = wrow(y);
           uint16_t* __restrict__ dst =
               static_cast<uint16_t*>(a.out) + c * out_volume + out_row(y);
-          for (int64_t x = 0; x < n; ++x) {
-            float v = src[x] / w[x];
-            if (a.sigmoid) v = logistic(v);
-            dst[x] = float_to_half_bits(v);
+          if (a.sigmoid) {  // two simple loops vectorise better than one
+            for (int64_t x = 0; x < n; ++x) best[x] = logistic(src[x] / w[x], exp_bounds);
+            for (int64_t x = 0; x < n; ++x) dst[x] = float_to_half_bits(best[x]);
+          } else {
+            for (int64_t x = 0; x < n; ++x) dst[x] = float_to_half_bits(src[x] / w[x]);
           }
         }
       }
@@ -250,11 +258,16 @@ void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb,
           const float* __restrict__ w = wrow(y);
           float* __restrict__ b = best + (y - ya) * n;
           float* __restrict__ g = arg + (y - ya) * n;
+          // Written as max and arithmetic, not as selects: GCC turns `b = better ? v : b`
+          // into masked stores, which are slow on AMD CPUs. Same results: max(b, v) is
+          // (b < v) ? v : b, strict so ties keep the lowest channel; the channel indices are
+          // small integers, so g + 1 * (c - g) is exactly c and g + 0 * (c - g) exactly g.
           for (int64_t x = 0; x < n; ++x) {
             const float v = src[x] / w[x];
-            const bool better = v > b[x];  // strict: ties keep the lowest channel
-            b[x] = better ? v : b[x];
-            g[x] = better ? cf : g[x];
+            const float bx = b[x], gx = g[x];
+            const float better = bx < v ? 1.0f : 0.0f;
+            b[x] = std::max(bx, v);
+            g[x] = gx + better * (cf - gx);
           }
         }
       }

@@ -4,6 +4,7 @@
 // (including a polynomial exp for float). On x86-64 with GCC/Clang the float row kernels are
 // compiled twice (x86-64-v3 = AVX2/FMA and baseline) and picked at load time (target_clones).
 #include "hermes/prior_attention.h"
+#include "hermes/cpu_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -22,54 +23,21 @@
 #else
 #define HERMES_PA_CLONES
 #endif
-#if defined(__GNUC__) || defined(__clang__)
-#define HERMES_PA_INLINE inline __attribute__((always_inline))
-#else
-#define HERMES_PA_INLINE inline
-#endif
 
 namespace hermes {
 namespace prior_attention {
 namespace {
 
-// exp for float: Cody-Waite range reduction and a degree-6 polynomial (cephes coefficients),
-// about 1-2 ulp on [-87, 88]; arithmetic only, so the loops around it vectorise. The clamp bounds
-// are passed in as opaque values: with literal constants GCC threads the clamp's constant arm into
-// a separate path and the loop no longer vectorises (10x slower).
-HERMES_PA_INLINE float vexp(float x, float lo, float hi) {
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const float kf = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 template <typename T>
 struct Exp;
 template <>
 struct Exp<float> {
-  float lo = -87.0f;
-  float hi = 88.0f;
-  Exp() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    asm("" : "+x"(lo), "+x"(hi));  // hide the constants from the optimiser (see vexp)
-#endif
-  }
-  HERMES_PA_INLINE float operator()(float x) const { return vexp(x, lo, hi); }
+  ExpBounds bounds;
+  HERMES_ALWAYS_INLINE float operator()(float x) const { return poly_exp(x, bounds.lo, bounds.hi); }
 };
 template <>
 struct Exp<double> {
-  HERMES_PA_INLINE double operator()(double x) const { return std::exp(x); }
+  HERMES_ALWAYS_INLINE double operator()(double x) const { return std::exp(x); }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -77,7 +45,7 @@ struct Exp<double> {
 // ---------------------------------------------------------------------------------------------
 
 template <typename T, typename S>
-HERMES_PA_INLINE void ln_fwd_rows(const LnFwdArgs& a, int64_t r0, int64_t r1) {
+HERMES_ALWAYS_INLINE void ln_fwd_rows(const LnFwdArgs& a, int64_t r0, int64_t r1) {
   const int64_t n = a.cols;
   const T* w = static_cast<const T*>(a.weight);
   const T* b = static_cast<const T*>(a.bias);
@@ -106,7 +74,7 @@ HERMES_PA_INLINE void ln_fwd_rows(const LnFwdArgs& a, int64_t r0, int64_t r1) {
 }
 
 template <typename T, typename S>
-HERMES_PA_INLINE void ln_bwd_rows(const LnBwdArgs& a, int64_t r0, int64_t r1, S* pdw, S* pdb) {
+HERMES_ALWAYS_INLINE void ln_bwd_rows(const LnBwdArgs& a, int64_t r0, int64_t r1, S* pdw, S* pdb) {
   const int64_t n = a.cols;
   const T* w = static_cast<const T*>(a.weight);
   const S inv_n = S(1) / static_cast<S>(n);
@@ -147,7 +115,7 @@ HERMES_PA_INLINE void ln_bwd_rows(const LnBwdArgs& a, int64_t r0, int64_t r1, S*
 }
 
 template <typename T>
-HERMES_PA_INLINE void head_softmax_rows(const HeadSoftmaxArgs& a, int64_t r0, int64_t r1) {
+HERMES_ALWAYS_INLINE void head_softmax_rows(const HeadSoftmaxArgs& a, int64_t r0, int64_t r1) {
   // n (the number of priors) is small, so the exp runs over the whole row at once with each
   // element's head maximum taken from a per-row table; sums and the backward dot per head.
   const int64_t n = a.n;
@@ -199,7 +167,7 @@ HERMES_PA_INLINE void head_softmax_rows(const HeadSoftmaxArgs& a, int64_t r0, in
 }
 
 template <typename T>
-HERMES_PA_INLINE void online_update_rows(const OnlineUpdateArgs& a, int64_t r0, int64_t r1) {
+HERMES_ALWAYS_INLINE void online_update_rows(const OnlineUpdateArgs& a, int64_t r0, int64_t r1) {
   const int64_t n = a.cols;
   const Exp<T> vexp;
   for (int64_t r = r0; r < r1; ++r) {
@@ -225,7 +193,7 @@ HERMES_PA_INLINE void online_update_rows(const OnlineUpdateArgs& a, int64_t r0, 
 }
 
 template <typename T>
-HERMES_PA_INLINE void gather_bwd_rows(const GatherBwdArgs& a, int64_t r0, int64_t r1) {
+HERMES_ALWAYS_INLINE void gather_bwd_rows(const GatherBwdArgs& a, int64_t r0, int64_t r1) {
   const int64_t n = a.cols;
   const Exp<T> vexp;
   for (int64_t r = r0; r < r1; ++r) {
@@ -244,7 +212,7 @@ HERMES_PA_INLINE void gather_bwd_rows(const GatherBwdArgs& a, int64_t r0, int64_
 
 // Normal cdf Phi(z) and density phi(z). float: erf by Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7)
 // with the shared exp(-z^2/2) (branch-free, so the loops vectorise).
-HERMES_PA_INLINE void normal_parts(float z, const Exp<float>& vexp, float& cdf, float& pdf) {
+HERMES_ALWAYS_INLINE void normal_parts(float z, const Exp<float>& vexp, float& cdf, float& pdf) {
   const float ax = std::fabs(z) * 0.70710678118654752f;
   const float t = 1.0f / (1.0f + 0.3275911f * ax);
   const float poly =
@@ -255,13 +223,13 @@ HERMES_PA_INLINE void normal_parts(float z, const Exp<float>& vexp, float& cdf, 
   cdf = 0.5f + std::copysign(0.5f - tail, z);  // 1 - tail for z >= 0, tail for z < 0
   pdf = e * 0.39894228040143268f;
 }
-HERMES_PA_INLINE void normal_parts(double z, const Exp<double>&, double& cdf, double& pdf) {
+HERMES_ALWAYS_INLINE void normal_parts(double z, const Exp<double>&, double& cdf, double& pdf) {
   cdf = 0.5 * std::erfc(-z * 0.70710678118654752440);
   pdf = std::exp(-0.5 * z * z) * 0.39894228040143267794;
 }
 
 template <typename T>
-HERMES_PA_INLINE void bias_gelu_rows(const BiasGeluArgs& a, int64_t r0, int64_t r1) {
+HERMES_ALWAYS_INLINE void bias_gelu_rows(const BiasGeluArgs& a, int64_t r0, int64_t r1) {
   const int64_t n = a.cols;
   const T* bias = static_cast<const T*>(a.bias);
   const Exp<T> vexp;
