@@ -209,8 +209,10 @@ def test_gradcheck_feature_scatter(native, one_thread):
             (f, a, v, w, bb, ob), fast_mode=not native)
 
 
+@pytest.mark.parametrize("keep_max", [0, 1 << 20], ids=["recompute", "keep-hidden"])
 @pytest.mark.parametrize("native", BACKENDS)
-def test_gradcheck_feature_mlp(native, one_thread):
+def test_gradcheck_feature_mlp(native, keep_max, one_thread, monkeypatch):
+    monkeypatch.setattr(paf, "KEEP_HIDDEN_MAX", keep_max)
     with backend(native):
         b, length, c, hidden = 2, 7, 5, 9
         f = torch.randn(b, length, c, dtype=torch.float64, requires_grad=True)
@@ -429,8 +431,9 @@ def test_custom_ops_opcheck():
                           test_utils=tests)
     w1, b1 = torch.randn(8, 4, dtype=d, requires_grad=True), torch.randn(8, dtype=d)
     w2, b2 = torch.randn(4, 8, dtype=d, requires_grad=True), torch.randn(4, dtype=d)
-    torch.library.opcheck(torch.ops.hermes.feature_mlp_fwd, (f, w, b, w1, b1, w2, b2, 1e-4, 3),
-                          test_utils=tests)
+    for keep in (False, True):
+        torch.library.opcheck(torch.ops.hermes.feature_mlp_fwd,
+                              (f, w, b, w1, b1, w2, b2, 1e-4, 3, keep), test_utils=tests)
 
 
 def test_meta_device_shapes():

@@ -20,7 +20,8 @@ GEMM -> residual (the output bias is folded into ``V`` as ``bias / H`` per row, 
 each head's probabilities sum to one). Backward recomputes LN and the probabilities.
 
 **feature MLP** (:func:`feature_mlp`). LN -> fc1 -> GELU -> fc2 -> + bias + residual per chunk;
-the chunk x 4C hidden activations are recomputed in backward instead of stored.
+the chunk x 4C hidden activations are recomputed in backward instead of stored, except where
+they are small (``KEEP_HIDDEN_MAX``).
 
 The prior-side MLP works on N tokens only and uses plain PyTorch.
 
@@ -415,13 +416,15 @@ def feature_scatter(features: Tensor, fold_k: Tensor, fold_v: Tensor, norm_weigh
 @torch.library.custom_op("hermes::feature_mlp_fwd", mutates_args=())
 def feature_mlp_fwd(
     features: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-    b2: Tensor, eps: float, chunk: int,
-) -> Tensor:
-    """features B x L x C, w1 Hd x C, w2 C x Hd -> B x L x C."""
+    b2: Tensor, eps: float, chunk: int, keep_hidden: bool,
+) -> tuple[Tensor, Tensor]:
+    """features B x L x C, w1 Hd x C, w2 C x Hd -> (B x L x C, fc1 output B x L x Hd before its
+    bias when ``keep_hidden``, else an empty tensor)."""
     k = _kern(features)
     b, length, c = features.shape
     hidden = w1.shape[0]
     out = torch.empty_like(features)
+    kept = features.new_empty((b, length, hidden) if keep_hidden else (0,))
     w1t, w2t = w1.t(), w2.t()
     ws = _Workspace(features)
     for i in range(b):
@@ -429,24 +432,29 @@ def feature_mlp_fwd(
             h, _, _ = k.ln_fwd(features[i, s0:s1], norm_weight, norm_bias, eps,
                                out=ws.get("h", s1 - s0, c))
             u = torch.mm(h, w1t, out=ws.get("u", s1 - s0, hidden))
+            if keep_hidden:
+                kept[i, s0:s1].copy_(u)
             k.bias_gelu(u, b1)
             o = out[i, s0:s1]
             torch.addmm(features[i, s0:s1], u, w2t, out=o)
             o.add_(b2)
-    return out
+    return out, kept
 
 
 @feature_mlp_fwd.register_fake
-def _(features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk):
-    return torch.empty_like(features)
+def _(features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk, keep_hidden):
+    b, length, _ = features.shape
+    shape = (b, length, w1.shape[0]) if keep_hidden else (0,)
+    return torch.empty_like(features), features.new_empty(shape)
 
 
 @torch.library.custom_op("hermes::feature_mlp_bwd", mutates_args=())
 def feature_mlp_bwd(
     grad_out: Tensor, features: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor,
-    b1: Tensor, w2: Tensor, eps: float, chunk: int,
+    b1: Tensor, w2: Tensor, kept: Tensor, eps: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (features, norm_weight, norm_bias, w1, b1, w2, b2)."""
+    """Gradients (features, norm_weight, norm_bias, w1, b1, w2, b2); the fc1 output is taken from
+    ``kept`` when the forward kept it, else recomputed."""
     k = _kern(features)
     b, length, c = features.shape
     acc_t = _acc_dtype(features)
@@ -467,9 +475,13 @@ def feature_mlp_bwd(
             xin, g = features[i, s0:s1], grad_out[i, s0:s1]
             h, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps,
                                      out=ws.get("h", s1 - s0, c))
-            u = torch.mm(h, w1t, out=ws.get("u", s1 - s0, hidden))
+            u = ws.get("u", s1 - s0, hidden)
+            if kept.numel():
+                u.copy_(kept[i, s0:s1])
+            else:
+                torch.mm(h, w1t, out=u)
             dgu = torch.mm(g, w2, out=ws.get("dg", s1 - s0, hidden))
-            k.bias_gelu_fwd_bwd(u, b1, dgu)  # u <- GELU(u + b1), dgu <- dU (recomputed)
+            k.bias_gelu_fwd_bwd(u, b1, dgu)  # u <- GELU(u + b1), dgu <- dU
             _addmm_acc(d_w2, g.t(), u)
             _addmm_acc(d_w1, dgu.t(), h)
             d_b1 += dgu.sum(0, dtype=acc_t)
@@ -480,31 +492,41 @@ def feature_mlp_bwd(
 
 
 @feature_mlp_bwd.register_fake
-def _(grad_out, features, norm_weight, norm_bias, w1, b1, w2, eps, chunk):
+def _(grad_out, features, norm_weight, norm_bias, w1, b1, w2, kept, eps, chunk):
     return (torch.empty_like(features), torch.empty_like(norm_weight),
             torch.empty_like(norm_bias), torch.empty_like(w1), torch.empty_like(b1),
             torch.empty_like(w2), w2.new_empty(w2.shape[0]))
 
 
 def _fm_setup(ctx, inputs, output):
-    features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk = inputs
-    ctx.save_for_backward(features, norm_weight, norm_bias, w1, b1, w2)
+    features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk, keep_hidden = inputs
+    ctx.save_for_backward(features, norm_weight, norm_bias, w1, b1, w2, output[1])
     ctx.eps, ctx.chunk = eps, chunk
+    ctx.mark_non_differentiable(output[1])
 
 
-def _fm_backward(ctx, grad_out):
+def _fm_backward(ctx, grad_out, grad_kept):
     grads = feature_mlp_bwd(grad_out, *ctx.saved_tensors, ctx.eps, ctx.chunk)
-    return (*grads, None, None)
+    return (*grads, None, None, None)
 
 
 feature_mlp_fwd.register_autograd(_fm_backward, setup_context=_fm_setup)
 
+#: Largest hidden activation (elements, B x L x 4C) the fused MLP keeps for its backward instead
+#: of recomputing fc1 there (level 4 of a 128^3 crop: 512 x 1280; level 3 is 6x larger).
+KEEP_HIDDEN_MAX = 1 << 20
+
 
 def feature_mlp(features: Tensor, p: MLPParams, chunk: int | None = None) -> Tensor:
-    """``F + fc2(GELU(fc1(LN(F))))`` for features B x L x C (hidden recomputed in backward)."""
+    """``F + fc2(GELU(fc1(LN(F))))`` for features B x L x C.
+
+    For training, the fc1 output is kept for the backward when it is small (at most
+    ``KEEP_HIDDEN_MAX`` elements: there the recomputed GEMM would cost time and the memory is
+    negligible) and recomputed in the backward otherwise.
+    """
     if features.dim() != 3:
         raise ValueError(f"features must be B x L x C, got shape {tuple(features.shape)}")
-    c = features.shape[2]
+    b, length, c = features.shape
     hidden = p.w1.shape[0]
     if p.w1.shape != (hidden, c) or p.w2.shape != (c, hidden):
         raise ValueError(f"MLP weights {tuple(p.w1.shape)}/{tuple(p.w2.shape)} do not match "
@@ -512,7 +534,9 @@ def feature_mlp(features: Tensor, p: MLPParams, chunk: int | None = None) -> Ten
     chunk = _chunk_arg(chunk, hidden, features.device)
     dt = features.dtype  # weights follow the features (e.g. float16 features under autocast)
     ws = [t.to(dt).contiguous() for t in (p.norm_weight, p.norm_bias, p.w1, p.b1, p.w2, p.b2)]
-    return feature_mlp_fwd(features.contiguous(), *ws, float(p.eps), int(chunk))
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (features, *ws))
+    keep = training and b * length * hidden <= KEEP_HIDDEN_MAX
+    return feature_mlp_fwd(features.contiguous(), *ws, float(p.eps), int(chunk), keep)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,7 +689,7 @@ def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAtte
 
 
 def feature_mlp_fused(features: Tensor, p: MLPParams, chunk: int | None = None) -> Tensor:
-    """``features + MLP(LN(features))`` -> B x L x C (fused, hidden recomputed in backward)."""
+    """``features + MLP(LN(features))`` -> B x L x C (fused; see :func:`feature_mlp`)."""
     return feature_mlp(features, p, chunk)
 
 
