@@ -10,9 +10,10 @@ L=32^3; level 3: C=256, L=16^3; level 4: C=320, L=8^3) with N = 26 and N = 82 pr
 
 Two scopes: ``xattn`` (the two cross-attention sublayers only: priors <- features, then
 features <- priors) and ``block`` (all four sublayers). Modes: forward (no grad) and forward +
-backward (gradients of inputs and weights). Times are medians over interleaved repeats. Peak
-memory above the inputs and weights: the process's peak RSS (CPU; reset before each run, glibc's
-mmap threshold lowered so that freed buffers leave the RSS) or ``torch.cuda.max_memory_allocated``.
+backward (gradients of inputs and weights). Times are medians over interleaved repeats, with the
+default allocator. Peak memory above the inputs and weights: the peak RSS of a child process
+(CPU; reset before each run, glibc's mmap threshold lowered there so that freed buffers leave the
+RSS) or ``torch.cuda.max_memory_allocated``.
 
 Usage::
 
@@ -29,7 +30,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -225,6 +228,19 @@ def memory_all(configs, device: str, dtype: torch.dtype) -> dict:
     return out
 
 
+def _cpu_memory(argv: list[str]) -> dict:
+    """CPU peak memory, measured in a child process whose glibc returns freed memory at once
+    (mmap threshold 64 KiB) so that the resident set follows the live tensors. Timings stay in
+    this process with the default allocator, as users run (the lowered threshold would add page
+    faults to every allocation above 64 KiB)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "memory.json"
+        subprocess.run([sys.executable, __file__, *argv, "--memory-json", str(path)], env=env,
+                       check=True)
+        return {tuple(r[:-1]): r[-1] for r in json.loads(path.read_text())}
+
+
 def render(times: dict, mems: dict, configs, device_name: str) -> str:
     mib = 1 << 20
     lines = [f"Device: {device_name}", "",
@@ -260,13 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                     "shared host)")
     ap.add_argument("--out", default=None, help="output stem (default results/prior_interaction_"
                     "<device>)")
+    ap.add_argument("--memory-json", default=None, help=argparse.SUPPRESS)  # internal: CPU child
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device == "cpu" and not args.no_memory and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
     dtype = getattr(torch, args.dtype)
     levels = QUICK_LEVELS if args.quick else LEVELS
     wanted = [int(v) for v in args.levels.split(",")]
@@ -276,8 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     if args.clock == "cpu" and device != "cpu":
         raise SystemExit("--clock cpu is for CPU runs")
+    if args.memory_json:  # the CPU memory child (see _cpu_memory)
+        mems = memory_all(configs, device, dtype)
+        Path(args.memory_json).write_text(json.dumps([[*k, v] for k, v in mems.items()]))
+        return 0
     times = time_all(configs, device, dtype, repeats, args.clock)
-    mems = {} if args.no_memory else memory_all(configs, device, dtype)
+    if args.no_memory:
+        mems = {}
+    elif device == "cpu":
+        mems = _cpu_memory(argv if argv is not None else sys.argv[1:])
+    else:
+        mems = memory_all(configs, device, dtype)
     if device.startswith("cuda"):
         device_name = torch.cuda.get_device_name()
     else:
