@@ -72,6 +72,9 @@ struct PlaneWindow {
   const float* wplane;
 };
 
+// Rows prefetched ahead in add_plane.
+constexpr int64_t kAhead = 4;
+
 // Adds global plane z of every window in `wins` (ascending b): each accumulator row is loaded
 // once, gets the contributions of all windows covering it in batch order, and is stored once,
 // so a batch of overlapping windows moves the shared rows through memory once (the same sums,
@@ -111,6 +114,12 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
             patches + w.b * st.batch + c * st.c + (z - w.sz) * st.z + (y - w.sy) * st.y;
         const float* __restrict__ wrow = w.wplane + (y - w.sy) * rw;
         float* __restrict__ d = dst_row + w.sx;
+        if (y + kAhead < w.sy + rh) {  // rows a few ahead: short strided runs defeat prefetchers
+          for (int64_t x = 0; x < rw; x += 16) {
+            __builtin_prefetch(d + kAhead * W + x, 1);
+            if (st.x == 1) __builtin_prefetch(src + kAhead * st.y + x, 0);
+          }
+        }
         if (st.x == 1) {
           for (int64_t x = 0; x < rw; ++x) d[x] += src[x] * wrow[x];
         } else {
