@@ -51,41 +51,32 @@ HERMES_ALWAYS_INLINE float logistic(float v, const ExpBounds& e) {
 
 namespace {
 
-// Window weights of plane zz of a window into `wplane` (rh x rw).
-HERMES_MULTIVERSION
-void weight_plane(const WindowWeights& weights, int64_t zz, float* __restrict__ wplane) {
-  const int64_t rh = weights.roi_h, rw = weights.roi_w;
-  const float clamp_min = weights.clamp_min;
-  const float fz = weights.wz[zz];
-  for (int64_t y = 0; y < rh; ++y) {
-    const float fzy = fz * weights.wy[y];
-    float* __restrict__ wrow = wplane + y * rw;
-    const float* __restrict__ wx = weights.wx;
-    for (int64_t x = 0; x < rw; ++x) wrow[x] = std::max(fzy * wx[x], clamp_min);
-  }
-}
-
-// The windows of a batch that cover one global plane: their index b (ascending), corner and
-// weight plane.
+// A window of the batch that covers a global plane: its index b in the batch, corner, and the
+// plane's weight factor wz[z - sz].
 struct PlaneWindow {
   int64_t b, sz, sy, sx;
-  const float* wplane;
+  float fz;
 };
 
-// Rows prefetched ahead in add_plane.
+// Windows added together per pass; rows prefetched ahead.
+constexpr int64_t kGroup = 8;
 constexpr int64_t kAhead = 4;
 
 // Adds global plane z of every window in `wins` (ascending b): each accumulator row is loaded
 // once, gets the contributions of all windows covering it in batch order, and is stored once,
 // so a batch of overlapping windows moves the shared rows through memory once (the same sums,
-// in the same order, as adding the windows one after another).
+// in the same order, as adding the windows one after another). Weights are
+// max((wz * wy) * wx, clamp_min), computed on the fly.
 HERMES_MULTIVERSION
 void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
-               const PatchStrides& st, int64_t rh, int64_t rw, int64_t z,
+               const PatchStrides& st, const WindowWeights& wt, int64_t z,
                const PlaneWindow* wins, int64_t nwin, bool add_weight) {
   const int64_t C = geom.channels, L = geom.ring, H = geom.height, W = geom.width;
   const int64_t plane = H * W;
   const int64_t gz = z % L;
+  const int64_t rh = wt.roi_h, rw = wt.roi_w;
+  const float clamp_min = wt.clamp_min;
+  const float* __restrict__ wx = wt.wx;
   int64_t y_lo = H, y_hi = 0;
   for (int64_t k = 0; k < nwin; ++k) {
     y_lo = std::min(y_lo, wins[k].sy);
@@ -93,13 +84,13 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
   }
   if (add_weight) {
     for (int64_t y = y_lo; y < y_hi; ++y) {
-      float* __restrict__ dst = wsum + gz * plane + y * W;
+      float* dst = wsum + gz * plane + y * W;
       for (int64_t k = 0; k < nwin; ++k) {
         const PlaneWindow& w = wins[k];
         if (y < w.sy || y >= w.sy + rh) continue;
-        const float* __restrict__ wrow = w.wplane + (y - w.sy) * rw;
+        const float fzy = w.fz * wt.wy[y - w.sy];
         float* __restrict__ d = dst + w.sx;
-        for (int64_t x = 0; x < rw; ++x) d[x] += wrow[x];
+        for (int64_t x = 0; x < rw; ++x) d[x] += std::max(fzy * wx[x], clamp_min);
       }
     }
   }
@@ -112,27 +103,25 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
         if (y < w.sy || y >= w.sy + rh) continue;
         const float* __restrict__ src =
             patches + w.b * st.batch + c * st.c + (z - w.sz) * st.z + (y - w.sy) * st.y;
-        const float* __restrict__ wrow = w.wplane + (y - w.sy) * rw;
         float* __restrict__ d = dst_row + w.sx;
-        if (y + kAhead < w.sy + rh) {  // rows a few ahead: short strided runs defeat prefetchers
+        if (y + kAhead < w.sy + rh) {  // short runs at large strides defeat the prefetchers
           for (int64_t x = 0; x < rw; x += 16) {
             __builtin_prefetch(d + kAhead * W + x, 1);
             if (st.x == 1) __builtin_prefetch(src + kAhead * st.y + x, 0);
           }
         }
+        const float fzy = w.fz * wt.wy[y - w.sy];
         if (st.x == 1) {
-          for (int64_t x = 0; x < rw; ++x) d[x] += src[x] * wrow[x];
+          for (int64_t x = 0; x < rw; ++x) d[x] += src[x] * std::max(fzy * wx[x], clamp_min);
         } else {
           const int64_t sxs = st.x;
-          for (int64_t x = 0; x < rw; ++x) d[x] += src[x * sxs] * wrow[x];
+          for (int64_t x = 0; x < rw; ++x)
+            d[x] += src[x * sxs] * std::max(fzy * wx[x], clamp_min);
         }
       }
     }
   }
 }
-
-// Windows added together per pass (their weight planes are per-thread scratch).
-constexpr int64_t kGroup = 8;
 
 }  // namespace
 
@@ -140,8 +129,7 @@ void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const flo
                      const PatchStrides& strides, const int64_t* starts, int64_t count,
                      const WindowWeights& weights, bool add_weight) {
   const int64_t L = geom.ring;
-  const int64_t rd = weights.roi_d, rh = weights.roi_h, rw = weights.roi_w;
-  const int64_t patch_plane = rh * rw;
+  const int64_t rd = weights.roi_d;
   // Windows go in groups of up to kGroup consecutive ones; a group is added plane by plane
   // (the planes are independent). Groups whose planes would alias in the ring are split.
   for (int64_t g0 = 0; g0 < count;) {
@@ -155,25 +143,17 @@ void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const flo
       ++g1;
     }
 #ifdef HERMES_WITH_OPENMP
-#pragma omp parallel
+#pragma omp parallel for schedule(dynamic, 2)
 #endif
-    {
-      std::vector<float> wplanes(static_cast<size_t>(kGroup * patch_plane));
+    for (int64_t z = z_lo; z < z_hi; ++z) {
       PlaneWindow wins[kGroup];
-#ifdef HERMES_WITH_OPENMP
-#pragma omp for schedule(dynamic, 2)
-#endif
-      for (int64_t z = z_lo; z < z_hi; ++z) {
-        int64_t nwin = 0;
-        for (int64_t b = g0; b < g1; ++b) {
-          const int64_t sz = starts[3 * b];
-          if (z < sz || z >= sz + rd) continue;
-          float* wp = wplanes.data() + nwin * patch_plane;
-          weight_plane(weights, z - sz, wp);
-          wins[nwin++] = PlaneWindow{b, sz, starts[3 * b + 1], starts[3 * b + 2], wp};
-        }
-        add_plane(acc, wsum, geom, patches, strides, rh, rw, z, wins, nwin, add_weight);
+      int64_t nwin = 0;
+      for (int64_t b = g0; b < g1; ++b) {
+        const int64_t sz = starts[3 * b];
+        if (z < sz || z >= sz + rd) continue;
+        wins[nwin++] = PlaneWindow{b, sz, starts[3 * b + 1], starts[3 * b + 2], weights.wz[z - sz]};
       }
+      add_plane(acc, wsum, geom, patches, strides, weights, z, wins, nwin, add_weight);
     }
     g0 = g1;
   }
