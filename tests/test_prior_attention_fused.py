@@ -436,6 +436,26 @@ def test_custom_ops_opcheck():
                               (f, w, b, w1, b1, w2, b2, 1e-4, 3, keep), test_utils=tests)
 
 
+def test_custom_ops_accept_non_contiguous_inputs():
+    # the raw ops (as torch.compile or a user may call them) must not read strided tensors as
+    # row-major buffers: same results as with contiguous copies
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 8, 30, generator=g).transpose(1, 2)  # B x L x C, channel stride L
+    a = torch.randn(2, 8, 6, generator=g).transpose(1, 2)
+    v = torch.randn(2, 6, 8, generator=g)
+    w, b = torch.ones(16)[::2], torch.zeros(8)
+    w1, b1 = torch.randn(8, 16, generator=g).t(), torch.randn(16, generator=g)
+    w2, b2 = torch.randn(16, 8, generator=g).t(), torch.randn(8, generator=g)
+    ops = torch.ops.hermes
+    for args, op in (((f, a, w, b, 1e-5, 7), ops.prior_gather_fwd),
+                     ((f, a, v, w, b, b, 2, 1e-5, 7), ops.feature_scatter_fwd),
+                     ((f, w, b, w1, b1, w2, b2, 1e-5, 7, True), ops.feature_mlp_fwd)):
+        dense = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in args]
+        got, want = op(*args), op(*dense)
+        for x, y in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want)), strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_meta_device_shapes():
     blk = make_block(64, dtype=torch.float32).to("meta")
     f = torch.empty(2, 100, 64, device="meta")

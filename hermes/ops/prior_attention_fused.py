@@ -136,6 +136,12 @@ def _chunk_arg(chunk: int | None, width: int, device: torch.device) -> int:
 _HALF_CHUNK = 2048
 
 
+def _dense(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The op's tensor arguments, contiguous: the native kernels read raw row-major buffers (the
+    wrappers pass contiguous tensors; direct calls of the custom ops may not)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -181,6 +187,7 @@ def prior_gather_fwd(
     chunk: int,
 ) -> tuple[Tensor, Tensor]:
     """features B x L x C, fold B x M x C -> (Z B x M x C, lse B x M float32/64)."""
+    features, fold, norm_weight, norm_bias = _dense(features, fold, norm_weight, norm_bias)
     k = _kern(features)
     b, length, c = features.shape
     m_rows = fold.shape[1]
@@ -220,11 +227,12 @@ def prior_gather_bwd(
     z: Tensor, lse: Tensor, eps: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (features, fold, norm_weight, norm_bias) of :func:`prior_gather_fwd`."""
+    grad_z, features, fold, norm_weight, norm_bias, z, lse = _dense(
+        grad_z, features, fold, norm_weight, norm_bias, z, lse)
     k = _kern(features)
     b, length, c = features.shape
     m_rows = fold.shape[1]
     acc_t = _acc_dtype(features)
-    grad_z = grad_z.contiguous()
     d_feat = torch.empty_like(features)
     d_fold = torch.zeros(b, m_rows, c, dtype=acc_t, device=features.device)
     d_w = torch.zeros(c, dtype=acc_t, device=features.device)
@@ -305,6 +313,8 @@ def feature_scatter_fwd(
     out_bias: Tensor, heads: int, eps: float, chunk: int,
 ) -> Tensor:
     """features B x L x C, fold_k/fold_v B x (H*N) x C -> B x L x C."""
+    features, fold_k, fold_v, norm_weight, norm_bias, out_bias = _dense(
+        features, fold_k, fold_v, norm_weight, norm_bias, out_bias)
     k = _kern(features)
     b, length, c = features.shape
     out = torch.empty_like(features)
@@ -332,10 +342,11 @@ def feature_scatter_bwd(
     norm_bias: Tensor, heads: int, eps: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (features, fold_k, fold_v, norm_weight, norm_bias, out_bias)."""
+    grad_out, features, fold_k, fold_v, norm_weight, norm_bias = _dense(
+        grad_out, features, fold_k, fold_v, norm_weight, norm_bias)
     k = _kern(features)
     b, length, c = features.shape
     acc_t = _acc_dtype(features)
-    grad_out = grad_out.contiguous()
     d_feat = grad_out.clone()  # residual
     d_k = torch.zeros(fold_k.shape, dtype=acc_t, device=features.device)
     d_v = torch.zeros(fold_v.shape, dtype=acc_t, device=features.device)
@@ -420,6 +431,8 @@ def feature_mlp_fwd(
 ) -> tuple[Tensor, Tensor]:
     """features B x L x C, w1 Hd x C, w2 C x Hd -> (B x L x C, fc1 output B x L x Hd before its
     bias when ``keep_hidden``, else an empty tensor)."""
+    features, norm_weight, norm_bias, w1, b1, w2, b2 = _dense(
+        features, norm_weight, norm_bias, w1, b1, w2, b2)
     k = _kern(features)
     b, length, c = features.shape
     hidden = w1.shape[0]
@@ -455,10 +468,11 @@ def feature_mlp_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (features, norm_weight, norm_bias, w1, b1, w2, b2); the fc1 output is taken from
     ``kept`` when the forward kept it, else recomputed."""
+    grad_out, features, norm_weight, norm_bias, w1, b1, w2, kept = _dense(
+        grad_out, features, norm_weight, norm_bias, w1, b1, w2, kept)
     k = _kern(features)
     b, length, c = features.shape
     acc_t = _acc_dtype(features)
-    grad_out = grad_out.contiguous()
     d_feat = grad_out.clone()  # residual
     dev = features.device
     d_w1 = torch.zeros(w1.shape, dtype=acc_t, device=dev)
