@@ -199,8 +199,9 @@ def memory_all(configs, device: str, dtype: torch.dtype) -> dict:
     """Peak extra bytes above inputs and weights per (level, n, scope, mode, impl).
 
     CUDA: ``max_memory_allocated``. CPU: the kernel's peak RSS (reset before each run through
-    /proc/self/clear_refs); the script re-executes itself with glibc's mmap threshold lowered so
-    that freed tensors leave the RSS at once (torch's CPU allocator does not cache).
+    /proc/self/clear_refs), meaningful in the child process of ``_cpu_memory``, whose lowered
+    mmap threshold makes freed tensors leave the RSS at once (torch's CPU allocator does not
+    cache).
     """
     out = {}
     if not device.startswith("cuda") and not reset_peak_rss():

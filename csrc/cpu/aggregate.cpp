@@ -65,8 +65,8 @@ constexpr int64_t kAhead = 4;
 // Adds global plane z of every window in `wins` (ascending b): each accumulator row is loaded
 // once, gets the contributions of all windows covering it in batch order, and is stored once,
 // so a batch of overlapping windows moves the shared rows through memory once (the same sums,
-// in the same order, as adding the windows one after another). Weights are
-// max((wz * wy) * wx, clamp_min), computed on the fly.
+// in the same order, as adding the windows one after another). Weights are computed on the
+// fly (window_weight).
 HERMES_MULTIVERSION
 void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
                const PatchStrides& st, const WindowWeights& wt, int64_t z,
@@ -90,7 +90,7 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
         if (y < w.sy || y >= w.sy + rh) continue;
         const float fzy = w.fz * wt.wy[y - w.sy];
         float* __restrict__ d = dst + w.sx;
-        for (int64_t x = 0; x < rw; ++x) d[x] += std::max(fzy * wx[x], clamp_min);
+        for (int64_t x = 0; x < rw; ++x) d[x] += window_weight(fzy, wx[x], clamp_min);
       }
     }
   }
@@ -112,11 +112,11 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
         }
         const float fzy = w.fz * wt.wy[y - w.sy];
         if (st.x == 1) {
-          for (int64_t x = 0; x < rw; ++x) d[x] += src[x] * std::max(fzy * wx[x], clamp_min);
+          for (int64_t x = 0; x < rw; ++x) d[x] += src[x] * window_weight(fzy, wx[x], clamp_min);
         } else {
           const int64_t sxs = st.x;
           for (int64_t x = 0; x < rw; ++x)
-            d[x] += src[x * sxs] * std::max(fzy * wx[x], clamp_min);
+            d[x] += src[x * sxs] * window_weight(fzy, wx[x], clamp_min);
         }
       }
     }

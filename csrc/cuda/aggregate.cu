@@ -37,7 +37,7 @@ __global__ void add_patch_kernel(float* __restrict__ acc, float* __restrict__ ws
   if (x >= w.roi_w) return;
   const int64_t plane = geom.height * geom.width;
   const int64_t gz = (sz + z) % geom.ring;
-  const float weight = fmaxf((w.wz[z] * w.wy[y]) * w.wx[x], w.clamp_min);
+  const float weight = window_weight(w.wz[z] * w.wy[y], w.wx[x], w.clamp_min);
   const int64_t dst = gz * plane + (sy + y) * geom.width + sx + x;
   if (add_weight) wsum[dst] += weight;
   const int64_t src = z * st.z + y * st.y + x * st.x;

@@ -8,6 +8,8 @@
 #pragma once
 #include <cstdint>
 
+#include "hermes/macros.h"
+
 namespace hermes {
 namespace aggregate {
 
@@ -31,6 +33,13 @@ struct WindowWeights {
   int64_t roi_w;
   float clamp_min;
 };
+
+// One weight of WindowWeights from fzy = wz[z] * wy[y] (hoisted out of the row loops): the same
+// float32 operations, so CPU and CUDA kernels get the same bits.
+HERMES_HD float window_weight(float fzy, float wx, float clamp_min) {
+  const float w = fzy * wx;
+  return w < clamp_min ? clamp_min : w;
+}
 
 // Element strides of the patches (count x C x roi_d x roi_h x roi_w); any non-negative layout, a
 // unit x stride is the fast path (a transposed view then needs no copy).
