@@ -13,7 +13,9 @@ features <- priors) and ``block`` (all four sublayers). Modes: forward (no grad)
 backward (gradients of inputs and weights). Times are medians over interleaved repeats, with the
 default allocator. Peak memory above the inputs and weights: the peak RSS of a child process
 (CPU; reset before each run, glibc's mmap threshold lowered there so that freed buffers leave the
-RSS) or ``torch.cuda.max_memory_allocated``.
+RSS) or ``torch.cuda.max_memory_allocated``. The floor column is the time of the voxel-sized GEMMs
+of the cheapest exact formulation at the measured ``torch.mm`` rate (:func:`gemm_floor_flops`,
+:func:`gemm_rate`); ``official / floor`` bounds the speed-up any exact implementation can reach.
 
 Usage::
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -188,6 +191,38 @@ def time_all(configs, device: str, dtype: torch.dtype, repeats: int,
     return out
 
 
+def gemm_floor_flops(c: int, length: int, n: int, scope: str, mode: str) -> float:
+    """Floating-point operations of the voxel-sized GEMMs of the cheapest exact formulation.
+
+    Per voxel and cross-attention sublayer, the folded form multiplies ``2 H N C`` and the
+    projected form ``2 (C I + N I)`` (I = H * 32; each sublayer has two such GEMM halves, so the
+    two sublayers together cost ``4 min(H N C, C I + N I)``); the feature MLP ``8 C^2`` (C x 4C
+    twice). A backward costs two GEMMs per forward GEMM (no recomputation counted), so
+    forward + backward is 3x forward. Prior-sized (N x C) work is left out: a lower bound.
+    """
+    heads = c // 32
+    inner = heads * 32
+    macs = 4 * min(heads * n * c, c * inner + n * inner)
+    if scope == "block":
+        macs += 8 * c * c
+    return 2.0 * macs * length * (3 if mode == "fwdbwd" else 1)
+
+
+def gemm_rate(device: str, dtype: torch.dtype, clock: str = "wall") -> float:
+    """Best measured ``torch.mm`` rate (FLOP/s) on a 1024^3 product: the floor's GEMM speed."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 1024, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(6):
+        _sync(device)
+        t0 = timer()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, timer() - t0)
+    return 2 * 1024**3 / best
+
+
 def _peak_rss_bytes() -> int:
     peak = status_bytes("VmHWM")
     if peak is None:
@@ -242,22 +277,28 @@ def _cpu_memory(argv: list[str]) -> dict:
         return {tuple(r[:-1]): r[-1] for r in json.loads(path.read_text())}
 
 
-def render(times: dict, mems: dict, configs, device_name: str) -> str:
+def render(times: dict, mems: dict, configs, device_name: str, rate: float) -> str:
     mib = 1 << 20
-    lines = [f"Device: {device_name}", "",
+    lines = [f"Device: {device_name}; GEMM rate {rate / 1e9:.0f} GFLOP/s (torch.mm 1024^3, best of "
+             "6). Floor: the voxel-sized GEMMs of the cheapest exact formulation at that rate "
+             "(gemm_floor_flops); max = official / floor, the largest speed-up any exact "
+             "implementation could reach.", "",
              "| level | C | L | N | scope | mode | official ms | sdpa ms | fused ms | "
-             "speed-up vs official | vs sdpa | peak MiB official | sdpa | fused | fused/official |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "speed-up vs official | vs sdpa | floor ms | fused/floor | max vs official | "
+             "peak MiB official | sdpa | fused | fused/official |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for level, c, length, n in configs:
         for scope in ("xattn", "block"):
             for mode in ("fwd", "fwdbwd"):
                 key = (level, n, scope, mode)
                 t = {i: times[(*key, i)] * 1e3 for i in IMPLS}
                 m = {i: mems.get((*key, i), float("nan")) / mib for i in IMPLS}
+                floor = gemm_floor_flops(c, length, n, scope, mode) / rate * 1e3
                 lines.append(
                     f"| {level} | {c} | {length} | {n} | {scope} | {mode} | {t['official']:.1f} | "
                     f"{t['sdpa']:.1f} | {t['fused']:.1f} | {t['official'] / t['fused']:.2f}x | "
-                    f"{t['sdpa'] / t['fused']:.2f}x | {m['official']:.0f} | {m['sdpa']:.0f} | "
+                    f"{t['sdpa'] / t['fused']:.2f}x | {floor:.3g} | {t['fused'] / floor:.2f} | "
+                    f"{t['official'] / floor:.2f}x | {m['official']:.0f} | {m['sdpa']:.0f} | "
                     f"{m['fused']:.0f} | {m['fused'] / max(m['official'], 1e-9):.2f} |")
     return "\n".join(lines)
 
@@ -296,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.memory_json).write_text(json.dumps([[*k, v] for k, v in mems.items()]))
         return 0
     times = time_all(configs, device, dtype, repeats, args.clock)
+    rate = gemm_rate(device, dtype, args.clock)
     if args.no_memory:
         mems = {}
     elif device == "cpu":
@@ -308,18 +350,21 @@ def main(argv: list[str] | None = None) -> int:
         device_name = f"CPU {platform.processor() or platform.machine()}, " \
                       f"{torch.get_num_threads()} threads"
     device_name += f", {args.clock} clock"
-    table = render(times, mems, configs, device_name)
+    table = render(times, mems, configs, device_name, rate)
     print(table)
     stem = Path(args.out) if args.out else RESULTS / (
         f"prior_interaction_{device.split(':')[0]}" + ("_quick" if args.quick else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
+    shapes = {lv: (c, length) for lv, c, length, _ in configs}
     records = [
         {"level": lv, "n": n, "scope": s, "mode": m, "impl": i, "seconds": v,
-         "peak_bytes": mems.get((lv, n, s, m, i))}
+         "peak_bytes": mems.get((lv, n, s, m, i)),
+         "floor_seconds": gemm_floor_flops(*shapes[lv], n, s, m) / rate}
         for (lv, n, s, m, i), v in times.items()
     ]
     meta = {"device": device_name, "dtype": args.dtype, "repeats": repeats, "clock": args.clock,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gemm_flops_per_s": rate,
             "configs": [{"level": lv, "C": c, "L": length, "N": n} for lv, c, length, n in configs]}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": records}, indent=1))
     stem.with_suffix(".md").write_text(table + "\n")
