@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import hermes
 import hermes.ops
 from hermes.ops._extension import extension_required
@@ -46,3 +49,46 @@ def test_info_module_prints_report(tmp_path):
     assert ("native extension : loaded" in out) == loaded
     js = subprocess.run([sys.executable, "-m", "hermes.info", "--json"], **run).stdout
     assert f'"extension_loaded": {str(loaded).lower()}' in js
+
+
+class _FakeExtension:
+    """An extension compiled with CUDA whose runtime sees no device (driver too old)."""
+
+    pa_cuda_compiled = True
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def build_info(self):
+        return {"cuda_compiled": True, "cuda_device_count": self.count,
+                "cuda_runtime_version": 13000,
+                "cuda_error": "CUDA driver version is insufficient for CUDA runtime version"}
+
+    def pa_bias_gelu(self, *args):  # presence marks the prior-attention kernels
+        raise AssertionError("must not be launched")
+
+    def aggregate_add_cuda(self, *args):
+        raise AssertionError("must not be launched")
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_cuda_kernels_gated_on_the_extension_seeing_a_device(monkeypatch, count):
+    """A CUDA build that cannot reach the GPU (runtime newer than the driver) must fall back to
+    the PyTorch paths with a warning, not fail at every launch."""
+    from hermes.ops import _extension, _prior_kernels, aggregate
+
+    monkeypatch.setattr(_extension, "_C", _FakeExtension(count))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _extension.cuda_kernels_usable.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        if count == 0:
+            with pytest.warns(RuntimeWarning, match="driver version is insufficient"):
+                assert not _extension.cuda_kernels_usable()
+        else:
+            assert _extension.cuda_kernels_usable()
+        assert _prior_kernels.native_available(cuda, torch.float32) == bool(count)
+        assert (aggregate._native(cuda, "aggregate_add") is not None) == bool(count)
+        assert aggregate._native(torch.device("cpu"), "aggregate_add") is None  # fake has none
+    finally:
+        _extension.cuda_kernels_usable.cache_clear()

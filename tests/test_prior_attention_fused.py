@@ -176,6 +176,40 @@ def test_native_exp_accuracy_and_extremes():
     assert torch.isfinite(big).all() and 0 <= big[0, 1] < 1e-37
 
 
+def test_cuda_layernorm_backward_follows_deterministic_mode():
+    """Under torch.use_deterministic_algorithms the CUDA LayerNorm backward (float atomics for
+    dw/db) is replaced by the PyTorch path; otherwise the native kernel runs."""
+
+    class Recorder:
+        calls = 0
+
+        def pa_ln_bwd(self, *args):
+            Recorder.calls += 1
+
+    nk = NativeKernels(torch.device("cpu"))
+    nk._c, nk._cuda = Recorder(), True  # as on a GPU, without launching anything
+    nk._stream = lambda: 0
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(7, 12, generator=g), torch.randn(7, 12, generator=g)
+    w = torch.randn(12, generator=g)
+    _, mean, rstd = TorchKernels.ln_fwd(x, w, torch.zeros(12), 1e-5)
+    expect = [torch.zeros(7, 12), torch.zeros(12), torch.zeros(12)]
+    TorchKernels.ln_bwd(dy, x, mean, rstd, w, *expect, False)
+    got = [torch.zeros(7, 12), torch.zeros(12), torch.zeros(12)]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        nk.ln_bwd(dy, x, mean, rstd, w, *got, False)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert Recorder.calls == 0
+    for a_, b_ in zip(got, expect, strict=True):
+        assert torch.equal(a_, b_)
+    if not previous:
+        nk.ln_bwd(dy, x, mean, rstd, w, *got, False)
+        assert Recorder.calls == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # float64 gradcheck of the three streaming ops (several chunks: online softmax across chunks)
 # ------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ __global__ void add_patch_kernel(float* __restrict__ acc, float* __restrict__ ws
   const int64_t gz = (sz + z) % geom.ring;
   const float weight = window_weight(w.wz[z] * w.wy[y], w.wx[x], w.clamp_min);
   const int64_t dst = gz * plane + (sy + y) * geom.width + sx + x;
-  if (add_weight) wsum[dst] += weight;
+  if (add_weight) wsum[dst] = __fadd_rn(wsum[dst], weight);  // rounded add, as the CPU
   const int64_t src = z * st.z + y * st.y + x * st.x;
   const int64_t acc_channel = geom.ring * plane;
   // Separate rounded multiply and add (no fused multiply-add), as on the CPU: the same sums.
@@ -117,6 +117,10 @@ inline int threads_for(int64_t row) {
 void add_patches_cuda(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
                       const PatchStrides& strides, const int64_t* starts, int64_t count,
                       const WindowWeights& weights, bool add_weight, std::uintptr_t stream) {
+  if (count == 0) return;
+  if (weights.roi_w < 1 || weights.roi_h < 1 || weights.roi_d < 1) {
+    throw std::invalid_argument("hermes aggregate (CUDA): empty window");
+  }
   if (weights.roi_h > 65535 || weights.roi_d > 65535) {
     throw std::runtime_error("hermes aggregate (CUDA): window depth/height above 65535");
   }

@@ -263,9 +263,15 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+// Blocks for n items, per_block each. Kernels without a grid-stride loop rely on covering all
+// n, so a count beyond gridDim.x's limit (2^31 - 1) is an error, never a silent truncation.
 unsigned grid_for(int64_t n, int64_t per_block) {
   const int64_t g = (n + per_block - 1) / per_block;
-  return static_cast<unsigned>(g < 1 ? 1 : (g > 65535 * 512 ? 65535 * 512 : g));
+  if (g > 2147483647) {
+    throw std::length_error("prior attention CUDA kernels: " + std::to_string(n) +
+                            " rows exceed one launch; use a smaller chunk");
+  }
+  return static_cast<unsigned>(g < 1 ? 1 : g);
 }
 
 template <typename F>

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -88,3 +90,30 @@ def extension_required() -> bool:
     only for a deliberately pure-Python run.
     """
     return os.environ.get("HERMES_REQUIRE_EXTENSION", "1") not in ("0", "false", "no")
+
+
+@functools.cache
+def cuda_kernels_usable() -> bool:
+    """Whether the extension's CUDA kernels can run here: compiled in, and its CUDA runtime sees
+    a device (checked once). A runtime newer than the driver supports (e.g. an extension built
+    with CUDA 13 on a driver for CUDA 12) sees none although torch does: the kernels would fail
+    at every launch, so the PyTorch paths are used instead, with one warning naming the cause.
+    """
+    if _C is None:
+        return False
+    built = dict(_C.build_info())
+    if not built["cuda_compiled"]:
+        return False
+    if int(built["cuda_device_count"]) > 0:
+        return True
+    if torch.cuda.is_available():
+        warnings.warn(
+            "hermes: the native CUDA kernels cannot run on this machine "
+            f"({built['cuda_error'] or 'the extension sees no CUDA device'}; extension built "
+            f"with CUDA runtime {built['cuda_runtime_version']}, torch with CUDA "
+            f"{torch.version.cuda}); using the PyTorch implementations on the GPU instead. "
+            "Rebuild hermes with an nvcc matching the driver to get the fused kernels.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return False

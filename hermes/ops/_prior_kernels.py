@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hermes.ops._extension import extension, extension_loaded
+from hermes.ops._extension import cuda_kernels_usable, extension, extension_loaded
 
 
 def _stat_dtype(t: Tensor) -> torch.dtype:
@@ -141,6 +141,11 @@ class NativeKernels(TorchKernels):
         return y, mean, rstd
 
     def ln_bwd(self, dy, x, mean, rstd, w, dx, dw, db, accumulate):
+        if self._cuda and torch.are_deterministic_algorithms_enabled():
+            # the CUDA kernel sums dw/db with float atomics (run-to-run differences in the last
+            # bits); under torch.use_deterministic_algorithms the PyTorch path runs instead
+            TorchKernels.ln_bwd(dy, x, mean, rstd, w, dx, dw, db, accumulate)
+            return
         rows, c = x.shape
         self._c.pa_ln_bwd(self._code(x), dy.data_ptr(), x.data_ptr(), mean.data_ptr(),
                           rstd.data_ptr(), w.data_ptr(), dx.data_ptr(), dw.data_ptr(),
@@ -193,7 +198,8 @@ def native_available(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cpu":
         return dtype in (torch.float32, torch.float64)
     if device.type == "cuda":
-        return bool(getattr(c, "pa_cuda_compiled", False)) and dtype in _DTYPE_CODES
+        return (bool(getattr(c, "pa_cuda_compiled", False)) and dtype in _DTYPE_CODES
+                and cuda_kernels_usable())
     return False
 
 

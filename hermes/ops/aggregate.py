@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hermes.ops._extension import extension, extension_loaded
+from hermes.ops._extension import cuda_kernels_usable, extension, extension_loaded
 
 __all__ = [
     "OUTPUT_FLOAT32",
@@ -198,10 +198,9 @@ def _check_accumulator(acc: torch.Tensor, wsum: torch.Tensor) -> tuple[int, int,
 
 def _native(device: torch.device, name: str):
     """The extension function ``name`` for ``device``, or None (use the reference)."""
-    if not extension_loaded():
+    if not extension_loaded() or (device.type == "cuda" and not cuda_kernels_usable()):
         return None
-    fn = getattr(extension(), f"{name}_{device.type}", None)
-    return fn
+    return getattr(extension(), f"{name}_{device.type}", None)
 
 
 def _stream(device: torch.device) -> int:
