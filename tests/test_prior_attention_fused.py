@@ -339,6 +339,63 @@ def test_fold_choice_matches_reference(fold, one_thread):
         paf.use_fold(4, 3, 64, "sometimes")
 
 
+@pytest.mark.parametrize("native", BACKENDS)
+@pytest.mark.parametrize(
+    "b, length, n, c, head_dim, chunk",
+    [
+        (1, 37, 60, 64, 16, 8),  # several chunks, L not a multiple of the chunk
+        (2, 5, 1, 48, 16, 64),  # one prior, one chunk, C not a multiple of 32
+        (2, 50, 9, 40, 20, None),  # default chunking
+    ],
+)
+def test_streamed_projected_sublayers_without_grad(native, b, length, n, c, head_dim, chunk,
+                                                    one_thread, monkeypatch):
+    """Unfolded sublayers without gradients stream (no SDPA): equal to the reference in float64;
+    with gradients they keep the SDPA path (its backward)."""
+    import hermes.ops.prior_attention_projected as proj
+
+    calls = []
+    for name in ("prior_cross_attention_projected", "feature_cross_attention_projected"):
+        fn = getattr(proj, name)
+        monkeypatch.setattr(proj, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n),
+                                                                          _fn(*a, **k))[1])
+    with backend(native):
+        prm = make_block(c, head_dim=head_dim).params()
+        f = torch.randn(b, length, c, dtype=torch.float64)
+        p = torch.randn(b, n, c, dtype=torch.float64)
+        with torch.no_grad():
+            pf = paf.prior_cross_attention_fused(f, p, prm.prior_attn, chunk, fold="never")
+            fp = paf.feature_cross_attention_fused(f, p, prm.feat_attn, chunk, fold="never")
+        assert len(calls) == 2
+        torch.testing.assert_close(pf, cross_attention_sublayer(p, f, prm.prior_attn),
+                                   rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(fp, cross_attention_sublayer(f, p, prm.feat_attn),
+                                   rtol=1e-10, atol=1e-10)
+        out = paf.feature_cross_attention_fused(f, p, prm.feat_attn, chunk, fold="never")
+        assert len(calls) == 2 and out.requires_grad  # the weights require grad: SDPA path
+
+
+def test_streamed_projected_ops_opcheck_and_strides():
+    d = torch.float64
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 9, 8, dtype=d, generator=g)
+    q = torch.randn(2, 2, 3, 4, dtype=d, generator=g)
+    keys = torch.randn(2, 2, 4, 3, dtype=d, generator=g)
+    w_kv, w_q = torch.randn(16, 8, dtype=d, generator=g), torch.randn(8, 8, dtype=d, generator=g)
+    w_out, b_out = torch.randn(8, 8, dtype=d, generator=g), torch.randn(8, dtype=d, generator=g)
+    w, b = torch.ones(8, dtype=d), torch.zeros(8, dtype=d)
+    ops = torch.ops.hermes
+    tests = ("test_schema", "test_faketensor")
+    gather = (f, q, w_kv, w, b, 1e-5, 4)
+    attend = (f, keys, q, w_q, w_out, b_out, w, b, 1e-5, 4)
+    torch.library.opcheck(ops.prior_gather_proj_fwd, gather, test_utils=tests)
+    torch.library.opcheck(ops.feature_attend_proj_fwd, attend, test_utils=tests)
+    for op, args in ((ops.prior_gather_proj_fwd, gather), (ops.feature_attend_proj_fwd, attend)):
+        strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2)
+                   if isinstance(t, torch.Tensor) and t.dim() > 1 else t for t in args]
+        torch.testing.assert_close(op(*strided), op(*args), rtol=0, atol=0)
+
+
 def test_block_float32_realistic_shape():
     """Level-3-like shape (C = 256, 8 heads), N = 26, default chunking, float32."""
     blk = make_block(256, dtype=torch.float32)
@@ -496,6 +553,9 @@ def test_meta_device_shapes():
     p = torch.empty(2, 7, 64, device="meta")
     out_f, out_p = paf.prior_attention_block_fused(f, p, blk.params())
     assert out_f.shape == f.shape and out_p.shape == p.shape and out_f.device.type == "meta"
+    with torch.no_grad():  # the streamed projected ops' fake kernels
+        out_f, out_p = paf.prior_attention_block_fused(f, p, blk.params(), fold="never")
+    assert out_f.shape == f.shape and out_p.shape == p.shape and out_f.device.type == "meta"
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -526,16 +586,18 @@ def test_bad_inputs_raise_clear_errors():
                             1e-5)
 
 
-def test_cpu_autocast_bfloat16_rule(one_thread):
+@pytest.mark.parametrize("fold", ["auto", "never"])
+def test_cpu_autocast_bfloat16_rule(fold, one_thread):
     """Under autocast (F.linear in bf16) the fused block runs and obeys the precision rule
-    |fused - fp32 ref| <= 2 |PyTorch bf16 - fp32 ref| + eps."""
+    |fused - fp32 ref| <= 2 |PyTorch bf16 - fp32 ref| + eps (folded; and streamed projected)."""
     blk = make_block(64, dtype=torch.float32)
     f, p = torch.randn(1, 300, 64), torch.randn(1, 7, 64)
     with torch.no_grad():
         ref = prior_attention_block_reference(f, p, blk.params())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             same = prior_attention_block_reference(f.bfloat16(), p.bfloat16(), blk.params())
-            ours = paf.prior_attention_block_fused(f.bfloat16(), p.bfloat16(), blk.params())
+            ours = paf.prior_attention_block_fused(f.bfloat16(), p.bfloat16(), blk.params(),
+                                                   chunk=128, fold=fold)
     for r_, s_, o_ in zip(ref, same, ours, strict=True):
         assert o_.dtype == torch.bfloat16
         err_ours = (o_.float() - r_).abs().max()
@@ -596,3 +658,25 @@ def test_cuda_half_precision_rule(dtype):
         err_torch = (s_.float() - r_.float()).abs().max()
         assert err_ours <= 2 * err_torch + eps * scale
     del blk
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_streamed_projected_forward(dtype):
+    """Inference with N = 82 (unfolded, streamed): float32 close to the reference, half
+    precision by the |ours - fp32| <= 2 |PyTorch same dtype - fp32| + eps rule."""
+    blk = make_block(128, dtype=torch.float32).cuda()
+    f = torch.randn(1, 5000, 128, device="cuda")
+    p = torch.randn(1, 82, 128, device="cuda")
+    with torch.no_grad():
+        ref = prior_attention_block_reference(f, p, blk.params())
+        blk_d = make_block(128, dtype=torch.float32).cuda().to(dtype)
+        same = prior_attention_block_reference(f.to(dtype), p.to(dtype), blk_d.params())
+        ours = paf.prior_attention_block_fused(f.to(dtype), p.to(dtype), blk_d.params(),
+                                               chunk=1000, fold="never")
+    for r_, s_, o_ in zip(ref, same, ours, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(o_, r_, rtol=2e-3, atol=2e-3)
+        else:
+            eps = (1e-2 if dtype == torch.bfloat16 else 2e-3) * r_.abs().max()
+            assert (o_.float() - r_).abs().max() <= 2 * (s_.float() - r_).abs().max() + eps

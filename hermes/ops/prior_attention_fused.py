@@ -28,7 +28,8 @@ The prior-side MLP works on N tokens only and uses plain PyTorch.
 Cost per voxel and sublayer: the folded GEMMs cost ``2 * H * N * C`` multiply-adds against
 ``C * I + N * I`` for the projected (official) form, so folding pays while ``H * N < C + N``
 (every level at N = 26; not at N = 82, where the official GEMM count is lower: every level
-at N = 82 takes the projected form with SDPA, see :func:`use_fold`). Memory: the
+at N = 82 takes the projected form, see :func:`use_fold`: PyTorch's SDPA when gradients are
+needed, else the streamed ops of :mod:`hermes.ops.prior_attention_projected`). Memory: the
 saved tensors are the block inputs plus B x (H*N) x C folds, Z and its log-sum-exp; scratch is
 one chunk (``default_chunk``) per buffer. First-order gradients only (no double backward).
 
@@ -661,7 +662,8 @@ def use_fold(heads: int, n: int, c: int, fold: str = "auto") -> bool:
     is 1.06-1.15x faster forward and 0.94-1.20x forward + backward, with less memory; at level 2
     with N = 82 (ratio 1.56) it is 0.90x forward + backward); ``always`` / ``never`` force it.
     Without folding the sublayer runs the projected form: q/k/v projections and PyTorch's
-    ``scaled_dot_product_attention``.
+    ``scaled_dot_product_attention`` when gradients are needed, else streamed over the voxels
+    (:mod:`hermes.ops.prior_attention_projected`).
     """
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
@@ -683,13 +685,23 @@ def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParam
     return x_q + F.linear(out, p.w_out, p.b_out)
 
 
+def _needs_grad(features: Tensor, priors: Tensor, p: CrossAttentionParams) -> bool:
+    tensors = (features, priors, *(v for v in vars(p).values() if isinstance(v, Tensor)))
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
                                 chunk: int | None = None, fold: str = "auto") -> Tensor:
     """``priors + CrossAttn(LN(priors), LN(features))`` -> B x N x C (fused; see
-    :func:`use_fold` for ``fold``)."""
+    :func:`use_fold` for ``fold``; unfolded without gradients it streams, see
+    :mod:`hermes.ops.prior_attention_projected`)."""
     check_block_inputs(features, priors)
     if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
-        return _projected_cross_attention(priors, features, p)
+        if _needs_grad(features, priors, p):
+            return _projected_cross_attention(priors, features, p)
+        from hermes.ops.prior_attention_projected import prior_cross_attention_projected
+
+        return prior_cross_attention_projected(features, priors, p, chunk)
     dt = features.dtype  # folds and norms follow the features (autocast runs F.linear in half)
     a = fold_prior_queries(priors, p).to(dt)
     z = prior_gather(features, a, p.norm_kv_weight.to(dt), p.norm_kv_bias.to(dt), p.eps, chunk)
@@ -699,10 +711,15 @@ def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttent
 def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
                                   chunk: int | None = None, fold: str = "auto") -> Tensor:
     """``features + CrossAttn(LN(features), LN(priors))`` -> B x L x C (fused; see
-    :func:`use_fold` for ``fold``)."""
+    :func:`use_fold` for ``fold``; unfolded without gradients it streams, see
+    :mod:`hermes.ops.prior_attention_projected`)."""
     check_block_inputs(features, priors)
     if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
-        return _projected_cross_attention(features, priors, p)
+        if _needs_grad(features, priors, p):
+            return _projected_cross_attention(features, priors, p)
+        from hermes.ops.prior_attention_projected import feature_cross_attention_projected
+
+        return feature_cross_attention_projected(features, priors, p, chunk)
     dt = features.dtype
     a, v = fold_feature_keys_values(priors, p)
     return feature_scatter(features, a.to(dt), v.to(dt), p.norm_q_weight.to(dt),
