@@ -351,7 +351,7 @@ def test_fold_choice_matches_reference(fold, one_thread):
 def test_streamed_projected_sublayers_without_grad(native, b, length, n, c, head_dim, chunk,
                                                     one_thread, monkeypatch):
     """Unfolded sublayers without gradients stream (no SDPA): equal to the reference in float64;
-    with gradients they keep the SDPA path (its backward)."""
+    with gradients they keep the SDPA path below ``STREAM_GRAD_MIN_VOXELS`` voxels."""
     import hermes.ops.prior_attention_projected as proj
 
     calls = []
@@ -372,7 +372,38 @@ def test_streamed_projected_sublayers_without_grad(native, b, length, n, c, head
         torch.testing.assert_close(fp, cross_attention_sublayer(f, p, prm.feat_attn),
                                    rtol=1e-10, atol=1e-10)
         out = paf.feature_cross_attention_fused(f, p, prm.feat_attn, chunk, fold="never")
-        assert len(calls) == 2 and out.requires_grad  # the weights require grad: SDPA path
+        assert len(calls) == 2 and out.requires_grad  # training at small L: SDPA path
+        monkeypatch.setattr(paf, "STREAM_GRAD_MIN_VOXELS", length)  # training at large L
+        out = paf.feature_cross_attention_fused(f, p, prm.feat_attn, chunk, fold="never")
+        assert len(calls) == 3 and out.requires_grad
+
+
+@pytest.mark.parametrize("native", BACKENDS)
+def test_gradcheck_streamed_projected(native, one_thread):
+    """float64 gradcheck of both streamed projected sublayers (three uneven chunks), and every
+    gradient (weights included) equal to the reference's."""
+    import hermes.ops.prior_attention_projected as proj
+
+    with backend(native):
+        prm = make_block(16, head_dim=8).params()
+        f = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+        p = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+        for sub, ours, ref in (
+            (prm.prior_attn, lambda f_, p_: proj.prior_cross_attention_projected(
+                f_, p_, prm.prior_attn, 4), lambda f_, p_: cross_attention_sublayer(
+                p_, f_, prm.prior_attn)),
+            (prm.feat_attn, lambda f_, p_: proj.feature_cross_attention_projected(
+                f_, p_, prm.feat_attn, 4), lambda f_, p_: cross_attention_sublayer(
+                f_, p_, prm.feat_attn)),
+        ):
+            assert torch.autograd.gradcheck(ours, (f, p))
+            leaves = [f, p, *(v for v in vars(sub).values() if isinstance(v, torch.Tensor))]
+            out = ours(f, p)
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, leaves, g)
+            want = torch.autograd.grad(ref(f, p), leaves, g)
+            for a_, b_ in zip(got, want, strict=True):
+                torch.testing.assert_close(a_, b_, rtol=1e-10, atol=1e-10)
 
 
 def test_streamed_projected_ops_opcheck_and_strides():
@@ -385,13 +416,14 @@ def test_streamed_projected_ops_opcheck_and_strides():
     w_out, b_out = torch.randn(8, 8, dtype=d, generator=g), torch.randn(8, dtype=d, generator=g)
     w, b = torch.ones(8, dtype=d), torch.zeros(8, dtype=d)
     ops = torch.ops.hermes
-    tests = ("test_schema", "test_faketensor")
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    f.requires_grad_(), q.requires_grad_(), w_kv.requires_grad_()
     gather = (f, q, w_kv, w, b, 1e-5, 4)
     attend = (f, keys, q, w_q, w_out, b_out, w, b, 1e-5, 4)
     torch.library.opcheck(ops.prior_gather_proj_fwd, gather, test_utils=tests)
     torch.library.opcheck(ops.feature_attend_proj_fwd, attend, test_utils=tests)
     for op, args in ((ops.prior_gather_proj_fwd, gather), (ops.feature_attend_proj_fwd, attend)):
-        strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        strided = [t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
                    if isinstance(t, torch.Tensor) and t.dim() > 1 else t for t in args]
         torch.testing.assert_close(op(*strided), op(*args), rtol=0, atol=0)
 

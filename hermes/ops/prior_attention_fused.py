@@ -28,8 +28,9 @@ The prior-side MLP works on N tokens only and uses plain PyTorch.
 Cost per voxel and sublayer: the folded GEMMs cost ``2 * H * N * C`` multiply-adds against
 ``C * I + N * I`` for the projected (official) form, so folding pays while ``H * N < C + N``
 (every level at N = 26; not at N = 82, where the official GEMM count is lower: every level
-at N = 82 takes the projected form, see :func:`use_fold`: PyTorch's SDPA when gradients are
-needed, else the streamed ops of :mod:`hermes.ops.prior_attention_projected`). Memory: the
+at N = 82 takes the projected form, see :func:`use_fold`: streamed over the voxels by
+:mod:`hermes.ops.prior_attention_projected`, or PyTorch's SDPA for training where that is
+faster, see :func:`_streamed`). Memory: the
 saved tensors are the block inputs plus B x (H*N) x C folds, Z and its log-sum-exp; scratch is
 one chunk (``default_chunk``) per buffer. First-order gradients only (no double backward).
 
@@ -662,8 +663,8 @@ def use_fold(heads: int, n: int, c: int, fold: str = "auto") -> bool:
     is 1.06-1.15x faster forward and 0.94-1.20x forward + backward, with less memory; at level 2
     with N = 82 (ratio 1.56) it is 0.90x forward + backward); ``always`` / ``never`` force it.
     Without folding the sublayer runs the projected form: q/k/v projections and PyTorch's
-    ``scaled_dot_product_attention`` when gradients are needed, else streamed over the voxels
-    (:mod:`hermes.ops.prior_attention_projected`).
+    ``scaled_dot_product_attention`` or streamed over the voxels
+    (:mod:`hermes.ops.prior_attention_projected`; :func:`_streamed` chooses).
     """
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
@@ -685,19 +686,30 @@ def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParam
     return x_q + F.linear(out, p.w_out, p.b_out)
 
 
-def _needs_grad(features: Tensor, priors: Tensor, p: CrossAttentionParams) -> bool:
+#: Voxels from which unfolded sublayers stream also when training on the CPU. Streaming keeps no
+#: L x I projections for the backward but recomputes them there: at level 2 (32,768 voxels,
+#: N = 82) 1.1x faster forward + backward than SDPA on the CPU, at level 3 (4,096) 0.85x.
+STREAM_GRAD_MIN_VOXELS = 16384
+
+
+def _streamed(features: Tensor, priors: Tensor, p: CrossAttentionParams) -> bool:
+    """Whether an unfolded sublayer streams (:mod:`hermes.ops.prior_attention_projected`)
+    rather than running through SDPA: always without gradients; with gradients on the CPU from
+    ``STREAM_GRAD_MIN_VOXELS`` voxels (on GPUs SDPA's fused attention is kept for training)."""
     tensors = (features, priors, *(v for v in vars(p).values() if isinstance(v, Tensor)))
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return True
+    return features.device.type == "cpu" and features.shape[1] >= STREAM_GRAD_MIN_VOXELS
 
 
 def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
                                 chunk: int | None = None, fold: str = "auto") -> Tensor:
     """``priors + CrossAttn(LN(priors), LN(features))`` -> B x N x C (fused; see
-    :func:`use_fold` for ``fold``; unfolded without gradients it streams, see
+    :func:`use_fold` for ``fold``; unfolded, :func:`_streamed` chooses between SDPA and
     :mod:`hermes.ops.prior_attention_projected`)."""
     check_block_inputs(features, priors)
     if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
-        if _needs_grad(features, priors, p):
+        if not _streamed(features, priors, p):
             return _projected_cross_attention(priors, features, p)
         from hermes.ops.prior_attention_projected import prior_cross_attention_projected
 
@@ -711,11 +723,11 @@ def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttent
 def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
                                   chunk: int | None = None, fold: str = "auto") -> Tensor:
     """``features + CrossAttn(LN(features), LN(priors))`` -> B x L x C (fused; see
-    :func:`use_fold` for ``fold``; unfolded without gradients it streams, see
+    :func:`use_fold` for ``fold``; unfolded, :func:`_streamed` chooses between SDPA and
     :mod:`hermes.ops.prior_attention_projected`)."""
     check_block_inputs(features, priors)
     if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
-        if _needs_grad(features, priors, p):
+        if not _streamed(features, priors, p):
             return _projected_cross_attention(features, priors, p)
         from hermes.ops.prior_attention_projected import feature_cross_attention_projected
 
