@@ -350,8 +350,8 @@ def test_fold_choice_matches_reference(fold, one_thread):
 )
 def test_streamed_projected_sublayers_without_grad(native, b, length, n, c, head_dim, chunk,
                                                     one_thread, monkeypatch):
-    """Unfolded sublayers without gradients stream (no SDPA): equal to the reference in float64;
-    with gradients they keep the SDPA path below ``STREAM_GRAD_MIN_VOXELS`` voxels."""
+    """Unfolded sublayers stream from ``STREAM_MIN_VOXELS`` voxels (without gradients, and with
+    them on the CPU), equal to the reference in float64; below it they run through SDPA."""
     import hermes.ops.prior_attention_projected as proj
 
     calls = []
@@ -359,6 +359,7 @@ def test_streamed_projected_sublayers_without_grad(native, b, length, n, c, head
         fn = getattr(proj, name)
         monkeypatch.setattr(proj, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n),
                                                                           _fn(*a, **k))[1])
+    monkeypatch.setattr(paf, "STREAM_MIN_VOXELS", length)
     with backend(native):
         prm = make_block(c, head_dim=head_dim).params()
         f = torch.randn(b, length, c, dtype=torch.float64)
@@ -372,9 +373,11 @@ def test_streamed_projected_sublayers_without_grad(native, b, length, n, c, head
         torch.testing.assert_close(fp, cross_attention_sublayer(f, p, prm.feat_attn),
                                    rtol=1e-10, atol=1e-10)
         out = paf.feature_cross_attention_fused(f, p, prm.feat_attn, chunk, fold="never")
-        assert len(calls) == 2 and out.requires_grad  # training at small L: SDPA path
-        monkeypatch.setattr(paf, "STREAM_GRAD_MIN_VOXELS", length)  # training at large L
+        assert len(calls) == 3 and out.requires_grad  # training on the CPU streams too
+        monkeypatch.setattr(paf, "STREAM_MIN_VOXELS", length + 1)  # smaller volumes: SDPA
         out = paf.feature_cross_attention_fused(f, p, prm.feat_attn, chunk, fold="never")
+        with torch.no_grad():
+            paf.prior_cross_attention_fused(f, p, prm.prior_attn, chunk, fold="never")
         assert len(calls) == 3 and out.requires_grad
 
 
@@ -579,12 +582,13 @@ def test_custom_ops_accept_non_contiguous_inputs():
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_meta_device_shapes():
+def test_meta_device_shapes(monkeypatch):
     blk = make_block(64, dtype=torch.float32).to("meta")
     f = torch.empty(2, 100, 64, device="meta")
     p = torch.empty(2, 7, 64, device="meta")
     out_f, out_p = paf.prior_attention_block_fused(f, p, blk.params())
     assert out_f.shape == f.shape and out_p.shape == p.shape and out_f.device.type == "meta"
+    monkeypatch.setattr(paf, "STREAM_MIN_VOXELS", 1)
     with torch.no_grad():  # the streamed projected ops' fake kernels
         out_f, out_p = paf.prior_attention_block_fused(f, p, blk.params(), fold="never")
     assert out_f.shape == f.shape and out_p.shape == p.shape and out_f.device.type == "meta"
@@ -619,9 +623,10 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("fold", ["auto", "never"])
-def test_cpu_autocast_bfloat16_rule(fold, one_thread):
+def test_cpu_autocast_bfloat16_rule(fold, one_thread, monkeypatch):
     """Under autocast (F.linear in bf16) the fused block runs and obeys the precision rule
     |fused - fp32 ref| <= 2 |PyTorch bf16 - fp32 ref| + eps (folded; and streamed projected)."""
+    monkeypatch.setattr(paf, "STREAM_MIN_VOXELS", 1)
     blk = make_block(64, dtype=torch.float32)
     f, p = torch.randn(1, 300, 64), torch.randn(1, 7, 64)
     with torch.no_grad():
@@ -694,9 +699,10 @@ def test_cuda_half_precision_rule(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_streamed_projected_forward(dtype):
+def test_cuda_streamed_projected_forward(dtype, monkeypatch):
     """Inference with N = 82 (unfolded, streamed): float32 close to the reference, half
     precision by the |ours - fp32| <= 2 |PyTorch same dtype - fp32| + eps rule."""
+    monkeypatch.setattr(paf, "STREAM_MIN_VOXELS", 1)
     blk = make_block(128, dtype=torch.float32).cuda()
     f = torch.randn(1, 5000, 128, device="cuda")
     p = torch.randn(1, 82, 128, device="cuda")

@@ -686,20 +686,24 @@ def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParam
     return x_q + F.linear(out, p.w_out, p.b_out)
 
 
-#: Voxels from which unfolded sublayers stream also when training on the CPU. Streaming keeps no
-#: L x I projections for the backward but recomputes them there: at level 2 (32,768 voxels,
-#: N = 82) 1.1x faster forward + backward than SDPA on the CPU, at level 3 (4,096) 0.85x.
-STREAM_GRAD_MIN_VOXELS = 16384
+#: Voxels from which unfolded sublayers stream (:mod:`hermes.ops.prior_attention_projected`)
+#: instead of running through SDPA. CPU, N = 82, one thread: at level 2 (32,768 voxels)
+#: streaming is 1.1-1.4x faster forward and 1.1x forward + backward, with a fraction of the
+#: memory; at level 3 (4,096) about equal forward and 0.85x forward + backward, at level 4 (512)
+#: 0.9x / 0.8x: small volumes keep SDPA (their projections are small anyway).
+STREAM_MIN_VOXELS = 16384
 
 
 def _streamed(features: Tensor, priors: Tensor, p: CrossAttentionParams) -> bool:
-    """Whether an unfolded sublayer streams (:mod:`hermes.ops.prior_attention_projected`)
-    rather than running through SDPA: always without gradients; with gradients on the CPU from
-    ``STREAM_GRAD_MIN_VOXELS`` voxels (on GPUs SDPA's fused attention is kept for training)."""
+    """Whether an unfolded sublayer streams rather than running through SDPA: from
+    ``STREAM_MIN_VOXELS`` voxels, without gradients or on the CPU (GPUs keep SDPA's fused
+    attention for training)."""
+    if features.shape[1] < STREAM_MIN_VOXELS:
+        return False
     tensors = (features, priors, *(v for v in vars(p).values() if isinstance(v, Tensor)))
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return True
-    return features.device.type == "cpu" and features.shape[1] >= STREAM_GRAD_MIN_VOXELS
+    return features.device.type == "cpu"
 
 
 def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
