@@ -277,7 +277,7 @@ def _cpu_memory(argv: list[str]) -> dict:
         return {tuple(r[:-1]): r[-1] for r in json.loads(path.read_text())}
 
 
-def render(times: dict, mems: dict, configs, device_name: str, rate: float) -> str:
+def render(times: dict, mems: dict, floors: dict, configs, device_name: str, rate: float) -> str:
     mib = 1 << 20
     lines = [f"Device: {device_name}; GEMM rate {rate / 1e9:.0f} GFLOP/s (torch.mm 1024^3, best of "
              "6). Floor: the voxel-sized GEMMs of the cheapest exact formulation at that rate "
@@ -293,7 +293,7 @@ def render(times: dict, mems: dict, configs, device_name: str, rate: float) -> s
                 key = (level, n, scope, mode)
                 t = {i: times[(*key, i)] * 1e3 for i in IMPLS}
                 m = {i: mems.get((*key, i), float("nan")) / mib for i in IMPLS}
-                floor = gemm_floor_flops(c, length, n, scope, mode) / rate * 1e3
+                floor = floors[key] * 1e3
                 lines.append(
                     f"| {level} | {c} | {length} | {n} | {scope} | {mode} | {t['official']:.1f} | "
                     f"{t['sdpa']:.1f} | {t['fused']:.1f} | {t['official'] / t['fused']:.2f}x | "
@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     times = time_all(configs, device, dtype, repeats, args.clock)
     rate = gemm_rate(device, dtype, args.clock)
+    floors = {(lv, n, s, m): gemm_floor_flops(c, length, n, s, m) / rate
+              for lv, c, length, n in configs for s in ("xattn", "block")
+              for m in ("fwd", "fwdbwd")}
     if args.no_memory:
         mems = {}
     elif device == "cpu":
@@ -350,16 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         device_name = f"CPU {platform.processor() or platform.machine()}, " \
                       f"{torch.get_num_threads()} threads"
     device_name += f", {args.clock} clock"
-    table = render(times, mems, configs, device_name, rate)
+    table = render(times, mems, floors, configs, device_name, rate)
     print(table)
     stem = Path(args.out) if args.out else RESULTS / (
         f"prior_interaction_{device.split(':')[0]}" + ("_quick" if args.quick else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    shapes = {lv: (c, length) for lv, c, length, _ in configs}
     records = [
         {"level": lv, "n": n, "scope": s, "mode": m, "impl": i, "seconds": v,
          "peak_bytes": mems.get((lv, n, s, m, i)),
-         "floor_seconds": gemm_floor_flops(*shapes[lv], n, s, m) / rate}
+         "floor_seconds": floors[(lv, n, s, m)]}
         for (lv, n, s, m, i), v in times.items()
     ]
     meta = {"device": device_name, "dtype": args.dtype, "repeats": repeats, "clock": args.clock,

@@ -139,8 +139,22 @@ def _chunk_arg(chunk: int | None, width: int, device: torch.device) -> int:
     return int(chunk)
 
 
-#: Largest chunk of :func:`prior_gather` for float16 features.
+#: Largest chunk of the ops that sum over voxels (:func:`prior_gather`, the streamed projected
+#: sublayers) for float16 features.
 _HALF_CHUNK = 2048
+
+
+def _sum_chunk(features: Tensor, width: int, chunk: int | None) -> int:
+    """:func:`_chunk_arg` for an op summing a chunk's voxels in one GEMM: for float16 features
+    at most ``_HALF_CHUNK``, so that the chunk's unnormalised sum (softmax weights <= 1 times
+    bounded values) stays far from float16's 65504."""
+    chunk = _chunk_arg(chunk, width, features.device)
+    return min(chunk, _HALF_CHUNK) if features.dtype == torch.float16 else chunk
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (training rather than inference)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _dense(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -300,11 +314,7 @@ def prior_gather(features: Tensor, fold: Tensor, norm_weight: Tensor, norm_bias:
         B x M x C.
     """
     _check_stream_args(features, fold, norm_weight, norm_bias)
-    chunk = _chunk_arg(chunk, max(2 * fold.shape[1], features.shape[2]), features.device)
-    if features.dtype == torch.float16:
-        # the chunk's unnormalised sum (softmax weights <= 1 times LayerNorm outputs) is a
-        # float16 GEMM result: keep it far from float16's 65504
-        chunk = min(chunk, _HALF_CHUNK)
+    chunk = _sum_chunk(features, max(2 * fold.shape[1], features.shape[2]), chunk)
     return prior_gather_fwd(features.contiguous(), fold.contiguous(), norm_weight.contiguous(),
                             norm_bias.contiguous(), float(eps), int(chunk))[0]
 
@@ -555,8 +565,7 @@ def feature_mlp(features: Tensor, p: MLPParams, chunk: int | None = None) -> Ten
     chunk = _chunk_arg(chunk, hidden, features.device)
     dt = features.dtype  # weights follow the features (e.g. float16 features under autocast)
     ws = [t.to(dt).contiguous() for t in (p.norm_weight, p.norm_bias, p.w1, p.b1, p.w2, p.b2)]
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (features, *ws))
-    keep = training and b * length * hidden <= KEEP_HIDDEN_MAX
+    keep = _needs_grad(features, *ws) and b * length * hidden <= KEEP_HIDDEN_MAX
     return feature_mlp_fwd(features.contiguous(), *ws, float(p.eps), int(chunk), keep)[0]
 
 
@@ -700,10 +709,8 @@ def _streamed(features: Tensor, priors: Tensor, p: CrossAttentionParams) -> bool
     attention for training)."""
     if features.shape[1] < STREAM_MIN_VOXELS:
         return False
-    tensors = (features, priors, *(v for v in vars(p).values() if isinstance(v, Tensor)))
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return True
-    return features.device.type == "cpu"
+    weights = (v for v in vars(p).values() if isinstance(v, Tensor))
+    return not _needs_grad(features, priors, *weights) or features.device.type == "cpu"
 
 
 def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,

@@ -24,14 +24,13 @@ from torch import Tensor
 
 from hermes.ops.prior_attention import CrossAttentionParams
 from hermes.ops.prior_attention_fused import (
-    _HALF_CHUNK,
     _acc_dtype,
     _addmm_acc,
-    _chunk_arg,
     _chunks,
     _dense,
     _kern,
     _split_heads,
+    _sum_chunk,
     _Workspace,
 )
 
@@ -281,13 +280,6 @@ def _fap_backward(ctx, grad_out):
 feature_attend_proj_fwd.register_autograd(_fap_backward, setup_context=_fap_setup)
 
 
-def _chunk_for(features: Tensor, width: int, chunk: int | None) -> int:
-    chunk = _chunk_arg(chunk, width, features.device)
-    if features.dtype == torch.float16:
-        chunk = min(chunk, _HALF_CHUNK)  # per-chunk float16 GEMM sums stay far from 65504
-    return chunk
-
-
 def prior_cross_attention_projected(features: Tensor, priors: Tensor, p: CrossAttentionParams,
                                     chunk: int | None = None) -> Tensor:
     """``priors + CrossAttn(LN(priors), LN(features))`` -> B x N x C, streamed.
@@ -303,7 +295,7 @@ def prior_cross_attention_projected(features: Tensor, priors: Tensor, p: CrossAt
     dt = features.dtype
     pq = F.layer_norm(priors, (c,), p.norm_q_weight, p.norm_q_bias, p.eps)
     q = (F.linear(pq, p.w_q) * d**-0.5).view(b, n, heads, d).transpose(1, 2).to(dt)
-    chunk = _chunk_for(features, max(2 * heads * d, heads * n, c), chunk)
+    chunk = _sum_chunk(features, max(2 * heads * d, heads * n, c), chunk)
     o, _ = prior_gather_proj_fwd(
         features.contiguous(), q.contiguous(), p.w_kv.to(dt).contiguous(),
         p.norm_kv_weight.to(dt).contiguous(), p.norm_kv_bias.to(dt).contiguous(), float(p.eps),
@@ -329,7 +321,7 @@ def feature_cross_attention_projected(features: Tensor, priors: Tensor, p: Cross
     kv = F.linear(pk, p.w_kv).view(b, n, 2, heads, d)
     keys = (kv[:, :, 0] * d**-0.5).permute(0, 2, 3, 1).to(dt)  # B x H x d x N
     values = kv[:, :, 1].transpose(1, 2).to(dt)  # B x H x N x d
-    chunk = _chunk_for(features, max(heads * n, heads * d, c), chunk)
+    chunk = _sum_chunk(features, max(heads * n, heads * d, c), chunk)
     return feature_attend_proj_fwd(
         features.contiguous(), keys.contiguous(), values.contiguous(), p.w_q.to(dt).contiguous(),
         p.w_out.to(dt).contiguous(), p.b_out.to(dt).contiguous(),
