@@ -42,6 +42,13 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def fold_small_volumes(monkeypatch):
+    """The tests' volumes are tiny: let ``auto`` fold them (production folds from
+    ``FOLD_MIN_VOXELS``; ``test_fold_needs_enough_voxels`` checks that threshold)."""
+    monkeypatch.setattr(paf, "FOLD_MIN_VOXELS", 1)
+
+
 def make_block(c: int, dtype=torch.float64, head_dim: int = 32, seed: int = 0):
     """A block with non-trivial LayerNorm affines and biases (init would leave them 1 / 0)."""
     torch.manual_seed(seed)
@@ -337,6 +344,28 @@ def test_fold_choice_matches_reference(fold, one_thread):
     assert paf.use_fold(4, 26, 128) and not paf.use_fold(4, 82, 128)  # level 2, N 26 / 82
     with pytest.raises(ValueError, match="fold must be"):
         paf.use_fold(4, 3, 64, "sometimes")
+
+
+def test_fold_needs_enough_voxels(monkeypatch, one_thread):
+    """``auto`` folds from ``FOLD_MIN_VOXELS`` voxels only (level 4 of a 128^3 crop, 512 voxels,
+    runs projected); ``always`` folds any volume. Both equal the reference."""
+    monkeypatch.undo()
+    assert paf.FOLD_MIN_VOXELS > 512
+    assert not paf.use_fold(10, 26, 320, length=512) and paf.use_fold(10, 26, 320, length=4096)
+    assert paf.use_fold(10, 26, 320, "always", length=512)
+    monkeypatch.setattr(paf, "FOLD_MIN_VOXELS", 12)
+    calls = []
+    gather = paf.prior_gather
+    monkeypatch.setattr(paf, "prior_gather", lambda *a, **k: (calls.append(1), gather(*a, **k))[1])
+    prm = make_block(32, head_dim=16).params()
+    p = torch.randn(1, 3, 32, dtype=torch.float64)
+    for length, folded in ((11, False), (12, True)):
+        f = torch.randn(1, length, 32, dtype=torch.float64)
+        out = paf.prior_cross_attention_fused(f, p, prm.prior_attn)
+        assert len(calls) == int(folded)
+        torch.testing.assert_close(out, cross_attention_sublayer(p, f, prm.prior_attn),
+                                   rtol=1e-10, atol=1e-10)
+        calls.clear()
 
 
 @pytest.mark.parametrize("native", BACKENDS)
@@ -718,3 +747,15 @@ def test_cuda_streamed_projected_forward(dtype, monkeypatch):
         else:
             eps = (1e-2 if dtype == torch.bfloat16 else 2e-3) * r_.abs().max()
             assert (o_.float() - r_).abs().max() <= 2 * (s_.float() - r_).abs().max() + eps
+
+
+@pytest.mark.parametrize("length, chunk", [(512, 504), (17, 16), (1, 8), (64, 8), (1000, 333)])
+def test_chunks_are_balanced(length, chunk):
+    """The voxels are split into the fewest chunks of at most ``chunk``, of equal size but the
+    last (512 at most 504: two of 256, not 504 + 8), covering every voxel once in order."""
+    spans = list(paf._chunks(length, chunk))
+    sizes = [s1 - s0 for s0, s1 in spans]
+    assert spans[0][0] == 0 and spans[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert len(spans) == -(-length // chunk) and max(sizes) <= chunk
+    assert max(sizes) - min(sizes) <= len(spans)

@@ -193,8 +193,12 @@ def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def _chunks(length: int, chunk: int):
-    for start in range(0, length, chunk):
-        yield start, min(start + chunk, length)
+    """``(start, stop)`` of equal chunks of at most ``chunk`` voxels covering ``length`` (512
+    voxels at most 504 each: two of 256, not 504 and a GEMM-starved 8)."""
+    count = -(-length // chunk)
+    size = -(-length // count)
+    for start in range(0, length, size):
+        yield start, min(start + size, length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,7 +548,9 @@ def _fm_backward(ctx, grad_out, grad_kept):
 feature_mlp_fwd.register_autograd(_fm_backward, setup_context=_fm_setup)
 
 #: Largest hidden activation (elements, B x L x 4C) the fused MLP keeps for its backward instead
-#: of recomputing fc1 there (level 4 of a 128^3 crop: 512 x 1280; level 3 is 6x larger).
+#: of recomputing fc1 there (level 4 of a 128^3 crop: 512 x 1280). Level 3 (4,096 x 1,024)
+#: recomputes: keeping it made its MLP forward + backward ~1.1x faster (CPU, one thread) but
+#: raised the block's peak memory from 0.23x to 0.53x of the official formulation's.
 KEEP_HIDDEN_MAX = 1 << 20
 
 
@@ -662,15 +668,24 @@ def check_block_inputs(features: Tensor, priors: Tensor) -> None:
 FOLDS = ("auto", "always", "never")
 
 
-def use_fold(heads: int, n: int, c: int, fold: str = "auto") -> bool:
-    """Whether the folded formulation is used for ``heads`` heads, ``n`` priors, width ``c``.
+#: Fewest voxels for which ``auto`` folds: below, the fold's fixed costs (the folded rows, their
+#: backward, more small GEMMs) outweigh its per-voxel savings. CPU, one thread, C = 320, N = 26,
+#: both sublayers, folded vs projected: 512 voxels (level 4 of a 128^3 crop) 0.98-1.03x
+#: forward and 0.92-0.95x forward + backward; 640: 1.06-1.10x / 0.99-1.01x; 768: 1.11x / 1.11x.
+FOLD_MIN_VOXELS = 640
+
+
+def use_fold(heads: int, n: int, c: int, fold: str = "auto", length: int | None = None) -> bool:
+    """Whether the folded formulation is used for ``heads`` heads, ``n`` priors, width ``c`` and
+    ``length`` voxels (None: any number).
 
     The folded form costs ``2 H N C`` multiply-adds per voxel and GEMM pair against ``C I + N I``
     for the projected form (I ~ C), but it streams (no L x C projections kept for backward, no
     separate attention core). ``auto`` folds while ``H N <= 1.2 (C + N)`` (break-even measured
     on the CPU at Hermes shapes, whole block, one thread: with N = 26 (ratio 0.68-0.75) folding
     is 1.06-1.15x faster forward and 0.94-1.20x forward + backward, with less memory; at level 2
-    with N = 82 (ratio 1.56) it is 0.90x forward + backward); ``always`` / ``never`` force it.
+    with N = 82 (ratio 1.56) it is 0.90x forward + backward) and from ``FOLD_MIN_VOXELS``
+    voxels; ``always`` / ``never`` force it.
     Without folding the sublayer runs the projected form: q/k/v projections and PyTorch's
     ``scaled_dot_product_attention`` or streamed over the voxels
     (:mod:`hermes.ops.prior_attention_projected`; :func:`_streamed` chooses).
@@ -679,6 +694,8 @@ def use_fold(heads: int, n: int, c: int, fold: str = "auto") -> bool:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
     if fold != "auto":
         return fold == "always"
+    if length is not None and length < FOLD_MIN_VOXELS:
+        return False
     return heads * n <= 1.2 * (c + n)
 
 
@@ -719,7 +736,7 @@ def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttent
     :func:`use_fold` for ``fold``; unfolded, :func:`_streamed` chooses between SDPA and
     :mod:`hermes.ops.prior_attention_projected`)."""
     check_block_inputs(features, priors)
-    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
+    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold, features.shape[1]):
         if not _streamed(features, priors, p):
             return _projected_cross_attention(priors, features, p)
         from hermes.ops.prior_attention_projected import prior_cross_attention_projected
@@ -737,7 +754,7 @@ def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAtte
     :func:`use_fold` for ``fold``; unfolded, :func:`_streamed` chooses between SDPA and
     :mod:`hermes.ops.prior_attention_projected`)."""
     check_block_inputs(features, priors)
-    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold):
+    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold, features.shape[1]):
         if not _streamed(features, priors, p):
             return _projected_cross_attention(features, priors, p)
         from hermes.ops.prior_attention_projected import feature_cross_attention_projected
