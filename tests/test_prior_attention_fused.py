@@ -117,8 +117,8 @@ def _native_kernels_match_torch(dev: torch.device, dtype: torch.dtype) -> None:
             outs.append((dx, dw, db))
         for a_, b_ in zip(*outs, strict=True):
             torch.testing.assert_close(a_, b_, **tol)
-    heads, n = 3, 7
-    s = torch.randn(rows, heads * n, dtype=dtype) * 4
+    heads, n = 3, 7  # scores (heads * n) x voxels, 333 voxels: 64-column blocks and a remainder
+    s = torch.randn(heads * n, rows, dtype=dtype) * 4
     s1, s2 = s.clone(), s.clone()
     nk.head_softmax(s1, heads)
     tk.head_softmax(s2, heads)
@@ -174,13 +174,13 @@ def test_native_exp_accuracy_and_extremes():
     """The polynomial float exp: ~1e-7 relative on [-87, 0], exp(-huge) clamps to ~exp(-87)."""
     nk = NativeKernels(torch.device("cpu"))
     v = torch.linspace(-87, 0, 4001)
-    s = torch.stack([torch.zeros_like(v), v], 1)  # rows of (0, v): the max is 0
+    s = torch.stack([torch.zeros_like(v), v])  # columns of (0, v): the max is 0
     nk.head_softmax(s, 1)
-    expect = torch.softmax(torch.stack([torch.zeros_like(v), v], 1).double(), -1)
+    expect = torch.softmax(torch.stack([torch.zeros_like(v), v]).double(), 0)
     torch.testing.assert_close(s.double(), expect, rtol=1e-6, atol=1e-30)
-    big = torch.tensor([[0.0, -1e30, 3.0]])
+    big = torch.tensor([[0.0], [-1e30], [3.0]])
     nk.head_softmax(big, 1)
-    assert torch.isfinite(big).all() and 0 <= big[0, 1] < 1e-37
+    assert torch.isfinite(big).all() and 0 <= big[1, 0] < 1e-37
 
 
 def test_cuda_layernorm_backward_follows_deterministic_mode():
@@ -759,3 +759,12 @@ def test_chunks_are_balanced(length, chunk):
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
     assert len(spans) == -(-length // chunk) and max(sizes) <= chunk
     assert max(sizes) - min(sizes) <= len(spans)
+
+
+def test_default_chunk_avoids_power_of_two_strides():
+    """CPU chunks (the row stride of the transposed score buffers) are never powers of two, and
+    stay within the per-thread budget."""
+    for width in (3, 104, 128, 256, 328, 512, 1280, 10**6):
+        chunk = paf.default_chunk(width, torch.device("cpu"))
+        assert chunk & (chunk - 1) != 0 and 0 < chunk <= 1 << 16
+        assert chunk * width <= max(256 * width, (1 << 18) * torch.get_num_threads())

@@ -80,10 +80,11 @@ void register_prior_attention(py::module_& m) {
       "LayerNorm backward: dx (+)= dLN/dx, dweight += sum dy*xhat, dbias += sum dy.");
   m.def(
       "pa_head_softmax",
-      [](int dtype, std::uintptr_t s, std::uintptr_t dp, int64_t rows, int64_t heads, int64_t n,
+      [](int dtype, std::uintptr_t s, std::uintptr_t dp, int64_t heads, int64_t n, int64_t cols,
          bool cuda, std::uintptr_t stream) {
-        check_sizes(rows, heads * n, "pa_head_softmax");
-        pa::HeadSoftmaxArgs a{dtype, vp(s), dp == 0 ? nullptr : vp(dp), rows, heads, n};
+        check_sizes(heads * n, cols, "pa_head_softmax");
+        if (heads < 1 || n < 1) throw std::invalid_argument("pa_head_softmax: bad sizes");
+        pa::HeadSoftmaxArgs a{dtype, vp(s), dp == 0 ? nullptr : vp(dp), heads, n, cols};
         if (cuda) {
 #ifdef HERMES_WITH_CUDA
           pa::head_softmax_cuda(a, stream);
@@ -96,7 +97,8 @@ void register_prior_attention(py::module_& m) {
           pa::head_softmax_cpu(a);
         }
       },
-      "Per-head softmax over groups of n (dp != 0: also the softmax backward into dp).");
+      "Softmax over each head's n rows of a (heads*n) x cols matrix, per column (dp != 0: also "
+      "the softmax backward into dp).");
   m.def(
       "pa_online_update",
       [](int dtype, std::uintptr_t s, std::uintptr_t mx, std::uintptr_t l, std::uintptr_t alpha,

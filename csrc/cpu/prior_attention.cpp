@@ -114,54 +114,74 @@ HERMES_ALWAYS_INLINE void ln_bwd_rows(const LnBwdArgs& a, int64_t r0, int64_t r1
   }
 }
 
-template <typename T>
-HERMES_ALWAYS_INLINE void head_softmax_rows(const HeadSoftmaxArgs& a, int64_t r0, int64_t r1) {
-  // n (the number of priors) is small, so the exp runs over the whole row at once with each
-  // element's head maximum taken from a per-row table; sums and the backward dot per head.
-  const int64_t n = a.n;
-  const int64_t width = a.heads * n;
+// Columns per unit of work of the head softmax: one head's n rows of kColBlock columns (26 x 64
+// floats at Hermes shapes) stay in L1 across the passes, and every pass is kColBlock contiguous
+// values (SIMD without remainders).
+constexpr int64_t kColBlock = 64;
+
+// Head h, columns [c0, c0 + w); kW > 0: w = kW known at compile time (full blocks: no
+// remainder loops).
+template <typename T, int64_t kW>
+HERMES_ALWAYS_INLINE void head_softmax_block(const HeadSoftmaxArgs& a, int64_t h, int64_t c0) {
+  const int64_t n = a.n, cols = a.cols;
+  const int64_t w = kW > 0 ? kW : std::min(kColBlock, cols - c0);
   const Exp<T> vexp;
-  std::vector<T> table(static_cast<size_t>(width));
-  T* shift = table.data();
-  for (int64_t r = r0; r < r1; ++r) {
-    T* p = static_cast<T*>(a.s) + r * width;
-    for (int64_t h = 0; h < a.heads; ++h) {
-      const T* q = p + h * n;
-      T mx = q[0];
-#pragma omp simd reduction(max : mx)
-      for (int64_t j = 1; j < n; ++j) mx = q[j] > mx ? q[j] : mx;
-      T* sh = shift + h * n;
+  T* p = static_cast<T*>(a.s) + h * n * cols + c0;
+  T stat[kColBlock];  // column maxima, then 1 / sums, then the backward dots
+  T sum[kColBlock];
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) sh[j] = mx;
+  for (int64_t c = 0; c < w; ++c) stat[c] = p[c];
+  for (int64_t j = 1; j < n; ++j) {
+    const T* q = p + j * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) stat[c] = q[c] > stat[c] ? q[c] : stat[c];
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < w; ++c) sum[c] = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    T* q = p + j * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) {
+      const T e = vexp(q[c] - stat[c]);
+      q[c] = e;
+      sum[c] += e;
     }
+  }
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) p[j] = vexp(p[j] - shift[j]);
-    for (int64_t h = 0; h < a.heads; ++h) {
-      const T* q = p + h * n;
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) sum += q[j];
-      const T inv = T(1) / sum;
-      T* sh = shift + h * n;
+  for (int64_t c = 0; c < w; ++c) stat[c] = T(1) / sum[c];
+  for (int64_t j = 0; j < n; ++j) {
+    T* q = p + j * cols;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) sh[j] = inv;
-    }
+    for (int64_t c = 0; c < w; ++c) q[c] *= stat[c];
+  }
+  if (a.dp == nullptr) return;
+  T* g = static_cast<T*>(a.dp) + h * n * cols + c0;
 #pragma omp simd
-    for (int64_t j = 0; j < width; ++j) p[j] *= shift[j];
-    if (a.dp != nullptr) {
-      T* g = static_cast<T*>(a.dp) + r * width;
-      for (int64_t h = 0; h < a.heads; ++h) {
-        const T* q = p + h * n;
-        const T* gq = g + h * n;
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < n; ++j) dot += q[j] * gq[j];
-        T* sh = shift + h * n;
+  for (int64_t c = 0; c < w; ++c) stat[c] = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* q = p + j * cols;
+    const T* gq = g + j * cols;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) sh[j] = dot;
-      }
+    for (int64_t c = 0; c < w; ++c) stat[c] += q[c] * gq[c];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* q = p + j * cols;
+    T* gq = g + j * cols;
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) g[j] = p[j] * (g[j] - shift[j]);
+    for (int64_t c = 0; c < w; ++c) gq[c] = q[c] * (gq[c] - stat[c]);
+  }
+}
+
+// Units u0..u1 of (head, column block), head-major.
+template <typename T>
+HERMES_ALWAYS_INLINE void head_softmax_units(const HeadSoftmaxArgs& a, int64_t u0, int64_t u1) {
+  const int64_t blocks = (a.cols + kColBlock - 1) / kColBlock;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t c0 = (u % blocks) * kColBlock;
+    if (c0 + kColBlock <= a.cols) {
+      head_softmax_block<T, kColBlock>(a, u / blocks, c0);
+    } else {
+      head_softmax_block<T, 0>(a, u / blocks, c0);
     }
   }
 }
@@ -265,8 +285,8 @@ HERMES_PA_CLONES void ln_bwd_f32(const LnBwdArgs& a, int64_t r0, int64_t r1, flo
                                  float* db) {
   ln_bwd_rows<float, float>(a, r0, r1, dw, db);
 }
-HERMES_PA_CLONES void head_softmax_f32(const HeadSoftmaxArgs& a, int64_t r0, int64_t r1) {
-  head_softmax_rows<float>(a, r0, r1);
+HERMES_PA_CLONES void head_softmax_f32(const HeadSoftmaxArgs& a, int64_t u0, int64_t u1) {
+  head_softmax_units<float>(a, u0, u1);
 }
 HERMES_PA_CLONES void online_update_f32(const OnlineUpdateArgs& a, int64_t r0, int64_t r1) {
   online_update_rows<float>(a, r0, r1);
@@ -364,12 +384,13 @@ void ln_bwd_cpu(const LnBwdArgs& a) {
 
 void head_softmax_cpu(const HeadSoftmaxArgs& a) {
   check_dtype(a.dtype, "prior attention head softmax");
-  const int64_t work = a.heads * a.n * 4;
+  const int64_t units = a.heads * ((a.cols + kColBlock - 1) / kColBlock);
+  const int64_t work = a.n * kColBlock * 4;
   if (a.dtype == kFloat32) {
-    for_blocks(a.rows, work, [&](int64_t, int64_t r0, int64_t r1) { head_softmax_f32(a, r0, r1); });
+    for_blocks(units, work, [&](int64_t, int64_t u0, int64_t u1) { head_softmax_f32(a, u0, u1); });
   } else {
-    for_blocks(a.rows, work,
-               [&](int64_t, int64_t r0, int64_t r1) { head_softmax_rows<double>(a, r0, r1); });
+    for_blocks(units, work,
+               [&](int64_t, int64_t u0, int64_t u1) { head_softmax_units<double>(a, u0, u1); });
   }
 }
 

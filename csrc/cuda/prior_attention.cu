@@ -146,30 +146,32 @@ __global__ void ln_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
   }
 }
 
-// One thread per (row, head): softmax over n contiguous values (n is small: the priors).
+// One thread per (head, column): softmax over the head's n rows (n is small: the priors) at
+// stride cols; adjacent threads read adjacent columns (coalesced).
 template <typename T>
-__global__ void head_softmax_kernel(T* __restrict__ s, T* __restrict__ dp, int64_t groups,
-                                    int64_t n) {
+__global__ void head_softmax_kernel(T* __restrict__ s, T* __restrict__ dp, int64_t heads,
+                                    int64_t n, int64_t cols) {
   using S = typename Acc<T>::type;
   const int64_t gidx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (gidx >= groups) return;
-  T* p = s + gidx * n;
+  if (gidx >= heads * cols) return;
+  const int64_t offset = (gidx / cols) * n * cols + gidx % cols;
+  T* p = s + offset;
   S mx = to_acc(p[0]);
-  for (int64_t j = 1; j < n; ++j) mx = max(mx, to_acc(p[j]));
+  for (int64_t j = 1; j < n; ++j) mx = max(mx, to_acc(p[j * cols]));
   S sum = 0;
-  for (int64_t j = 0; j < n; ++j) sum += dexp(to_acc(p[j]) - mx);
+  for (int64_t j = 0; j < n; ++j) sum += dexp(to_acc(p[j * cols]) - mx);
   const S inv = S(1) / sum;
   if (dp == nullptr) {
-    for (int64_t j = 0; j < n; ++j) p[j] = from_acc<T>(dexp(to_acc(p[j]) - mx) * inv);
+    for (int64_t j = 0; j < n; ++j) p[j * cols] = from_acc<T>(dexp(to_acc(p[j * cols]) - mx) * inv);
     return;
   }
-  T* g = dp + gidx * n;
+  T* g = dp + offset;
   S dot = 0;
-  for (int64_t j = 0; j < n; ++j) dot += dexp(to_acc(p[j]) - mx) * inv * to_acc(g[j]);
+  for (int64_t j = 0; j < n; ++j) dot += dexp(to_acc(p[j * cols]) - mx) * inv * to_acc(g[j * cols]);
   for (int64_t j = 0; j < n; ++j) {
-    const S pj = dexp(to_acc(p[j]) - mx) * inv;
-    p[j] = from_acc<T>(pj);
-    g[j] = from_acc<T>(pj * (to_acc(g[j]) - dot));
+    const S pj = dexp(to_acc(p[j * cols]) - mx) * inv;
+    p[j * cols] = from_acc<T>(pj);
+    g[j * cols] = from_acc<T>(pj * (to_acc(g[j * cols]) - dot));
   }
 }
 
@@ -319,13 +321,13 @@ void ln_bwd_cuda(const LnBwdArgs& a, std::uintptr_t stream_addr) {
 }
 
 void head_softmax_cuda(const HeadSoftmaxArgs& a, std::uintptr_t stream_addr) {
-  const int64_t groups = a.rows * a.heads;
-  if (groups == 0) return;
+  const int64_t threads = a.heads * a.cols;
+  if (threads == 0) return;
   auto stream = reinterpret_cast<cudaStream_t>(stream_addr);
   dispatch(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    head_softmax_kernel<T><<<grid_for(groups, 256), 256, 0, stream>>>(
-        static_cast<T*>(a.s), static_cast<T*>(a.dp), groups, a.n);
+    head_softmax_kernel<T><<<grid_for(threads, 256), 256, 0, stream>>>(
+        static_cast<T*>(a.s), static_cast<T*>(a.dp), a.heads, a.n, a.cols);
   });
   check(cudaGetLastError(), "prior attention head softmax (CUDA)");
 }

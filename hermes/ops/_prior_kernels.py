@@ -10,7 +10,8 @@ Conventions (all in place unless stated):
   when given); mean/rstd are float32 (float64 for float64 input) of length rows.
 * ``ln_bwd(dy, x, mean, rstd, w, dx, dw, db, accumulate)``: ``dx (+)= dLN/dx`` (``+=`` when
   ``accumulate``, e.g. onto a residual gradient), ``dw += sum(dy * xhat)``, ``db += sum(dy)``.
-* ``head_softmax(s, heads)``: rows x (heads*n): softmax over each contiguous group of n.
+* ``head_softmax(s, heads)``: (heads*n) x cols (one column per voxel): softmax over each
+  head's n consecutive rows, per column.
 * ``head_softmax_bwd(s, dp, heads)``: s holds raw scores -> replaced by probabilities p;
   dp -> ``p * (dp - sum_group(p * dp))``.
 * ``online_update(s, m, l) -> alpha``: rows x Lc raw scores (one row per prior query) ->
@@ -66,15 +67,15 @@ class TorchKernels:
 
     @staticmethod
     def head_softmax(s: Tensor, heads: int) -> None:
-        v = s.view(s.shape[0], heads, -1)
-        v.copy_(torch.softmax(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v, -1))
+        v = s.view(heads, -1, s.shape[1])
+        v.copy_(torch.softmax(v.to(_stat_dtype(s)), 1))
 
     @staticmethod
     def head_softmax_bwd(s: Tensor, dp: Tensor, heads: int) -> None:
         sd = _stat_dtype(s)
-        p = torch.softmax(s.view(s.shape[0], heads, -1).to(sd), -1)
-        g = dp.view(dp.shape[0], heads, -1).to(sd)
-        ds = p * (g - (p * g).sum(-1, keepdim=True))
+        p = torch.softmax(s.view(heads, -1, s.shape[1]).to(sd), 1)
+        g = dp.view_as(p).to(sd)
+        ds = p * (g - (p * g).sum(1, keepdim=True))
         s.view_as(p).copy_(p)
         dp.view_as(ds).copy_(ds)
 
@@ -152,14 +153,14 @@ class NativeKernels(TorchKernels):
                           db.data_ptr(), rows, c, bool(accumulate), self._cuda, self._stream())
 
     def head_softmax(self, s, heads):
-        rows, width = s.shape
-        self._c.pa_head_softmax(self._code(s), s.data_ptr(), 0, rows, heads, width // heads,
+        rows, cols = s.shape
+        self._c.pa_head_softmax(self._code(s), s.data_ptr(), 0, heads, rows // heads, cols,
                                 self._cuda, self._stream())
 
     def head_softmax_bwd(self, s, dp, heads):
-        rows, width = s.shape
-        self._c.pa_head_softmax(self._code(s), s.data_ptr(), dp.data_ptr(), rows, heads,
-                                width // heads, self._cuda, self._stream())
+        rows, cols = s.shape
+        self._c.pa_head_softmax(self._code(s), s.data_ptr(), dp.data_ptr(), heads,
+                                rows // heads, cols, self._cuda, self._stream())
 
     def online_update(self, s, m, l):
         rows, cols = s.shape

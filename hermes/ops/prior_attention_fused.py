@@ -15,7 +15,7 @@ the chunk scores from the saved log-sum-exp (flash-style) and uses ``D = rowsum(
 
 **features <- priors** (:func:`feature_scatter`). Scores ``x_l . a_hj`` with
 ``a_hj = s * W_q,h^T k_hj`` and the output ``sum_hj p_lhj (W_out,h v_hj)`` fold into two (H*N) x C
-matrices ``A`` and ``V``: per chunk LN -> GEMM (chunk x H*N) -> softmax over N per head ->
+matrices ``A`` and ``V``: per chunk LN -> GEMM (scores H*N x chunk) -> softmax over N per head ->
 GEMM -> residual (the output bias is folded into ``V`` as ``bias / H`` per row, exact because
 each head's probabilities sum to one). Backward recomputes LN and the probabilities.
 
@@ -123,12 +123,18 @@ def default_chunk(width: int, device: torch.device) -> int:
     """Voxels per streaming chunk: ``width`` x chunk is about 2^18 values (1 MiB of float32) per
     CPU thread, at most 2^21, so each thread's share of a chunk's GEMM operands stays in its L2
     cache (MKL's GEMMs with a 2^21-value output ran at ~45 instead of ~68 GFLOP/s per core at
-    level 2: 1.1-1.2x faster blocks measured with 1 and 2 threads); 2^24 on GPUs."""
+    level 2: 1.1-1.2x faster blocks measured with 1 and 2 threads); 2^24 on GPUs. On the CPU a
+    power of two loses 1/16: a chunk is the row stride of the transposed score buffers, and
+    power-of-two strides make their rows share cache sets (MKL's GEMMs reading such a 104 x
+    2,048 buffer transposed ran 1.2-1.3x slower than at 1,920 or 2,000 columns)."""
     if device.type == "cpu":
         budget = min(1 << 21, (1 << 18) * max(1, torch.get_num_threads()))
     else:
         budget = 1 << 24
-    return max(256, min(1 << 16, budget // max(width, 1)))
+    chunk = max(256, min(1 << 16, budget // max(width, 1)))
+    if device.type == "cpu" and chunk & (chunk - 1) == 0:
+        chunk -= chunk // 16
+    return chunk
 
 
 def _chunk_arg(chunk: int | None, width: int, device: torch.device) -> int:
@@ -346,9 +352,11 @@ def feature_scatter_fwd(
         for s0, s1 in _chunks(length, chunk):
             x, _, _ = k.ln_fwd(features[i, s0:s1], norm_weight, norm_bias, eps,
                                out=ws.get("x", s1 - s0, c))
-            s = torch.mm(x, fold_k[i].t(), out=ws.get("s", s1 - s0, fold_k.shape[1]))
+            # scores transposed (H*N x chunk): the softmax over each head's priors runs along
+            # contiguous voxels
+            s = torch.mm(fold_k[i], x.t(), out=ws.get("s", fold_k.shape[1], s1 - s0))
             k.head_softmax(s, heads)
-            torch.addmm(features[i, s0:s1], s, fold_vb[i], out=out[i, s0:s1])
+            torch.addmm(features[i, s0:s1], s.t(), fold_vb[i], out=out[i, s0:s1])
     return out
 
 
@@ -381,12 +389,12 @@ def feature_scatter_bwd(
             xin, g = features[i, s0:s1], grad_out[i, s0:s1]
             x, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps,
                                      out=ws.get("x", s1 - s0, c))
-            s = torch.mm(x, fold_k[i].t(), out=ws.get("s", s1 - s0, m_rows))
-            dp = torch.mm(g, fold_v[i].t(), out=ws.get("dp", s1 - s0, m_rows))
+            s = torch.mm(fold_k[i], x.t(), out=ws.get("s", m_rows, s1 - s0))  # transposed
+            dp = torch.mm(fold_v[i], g.t(), out=ws.get("dp", m_rows, s1 - s0))
             k.head_softmax_bwd(s, dp, heads)  # s <- P, dp <- dS
-            _addmm_acc(d_v[i], s.t(), g)
-            _addmm_acc(d_k[i], dp.t(), x)
-            dx = torch.mm(dp, fold_k[i], out=ws.get("dx", s1 - s0, c))
+            _addmm_acc(d_v[i], s, g)
+            _addmm_acc(d_k[i], dp, x)
+            dx = torch.mm(dp.t(), fold_k[i], out=ws.get("dx", s1 - s0, c))
             k.ln_bwd(dx, xin, mean, rstd, norm_weight, d_feat[i, s0:s1], d_w, d_b, True)
     return (d_feat, d_k.to(fold_k.dtype), d_v.to(fold_v.dtype), d_w.to(norm_weight.dtype),
             d_b.to(norm_bias.dtype), d_bias.to(norm_bias.dtype))

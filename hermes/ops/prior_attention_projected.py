@@ -180,21 +180,23 @@ def feature_attend_proj_fwd(
     _, heads, d, n = keys.shape
     inner = heads * d
     out = torch.empty_like(features)
-    w_q_t, w_out_t = w_q.t(), w_out.t()
+    w_out_t = w_out.t()
     ws = _Workspace(features)
+    # queries, scores and outputs transposed (voxels last): the softmax over each head's priors
+    # runs along contiguous voxels and no per-chunk transposing copy is needed
     for i in range(b):
+        keys_t = keys[i].transpose(1, 2)  # H x N x d
+        values_t = values[i].transpose(1, 2)  # H x d x N
         for s0, s1 in _chunks(length, chunk):
             r = s1 - s0
             x, _, _ = k.ln_fwd(features[i, s0:s1], norm_weight, norm_bias, eps,
                                out=ws.get("x", r, c))
-            q = torch.mm(x, w_q_t, out=ws.get("q", r, inner)).view(r, heads, d).transpose(0, 1)
-            s = torch.bmm(q, keys[i], out=ws.get("s", heads, r, n))
-            k.head_softmax(s.view(heads * r, n), 1)
-            o = torch.bmm(s, values[i], out=ws.get("o", heads, r, d))
-            o_rows = ws.get("o_rows", r, inner)
-            o_rows.view(r, heads, d).copy_(o.transpose(0, 1))
+            q_t = torch.mm(w_q, x.t(), out=ws.get("q_t", inner, r)).view(heads, d, r)
+            s = torch.bmm(keys_t, q_t, out=ws.get("s", heads, n, r))
+            k.head_softmax(s.view(heads * n, r), heads)
+            o_t = torch.bmm(values_t, s, out=ws.get("o_t", heads, d, r))
             dst = out[i, s0:s1]
-            torch.addmm(features[i, s0:s1], o_rows, w_out_t, out=dst)
+            torch.addmm(features[i, s0:s1], o_t.view(inner, r).t(), w_out_t, out=dst)
             dst.add_(b_out)
     return out
 
@@ -227,29 +229,26 @@ def feature_attend_proj_bwd(
     d_w = torch.zeros(c, dtype=acc_t, device=dev)
     d_b = torch.zeros(c, dtype=acc_t, device=dev)
     d_b_out = grad_out.to(acc_t).sum((0, 1))
-    w_q_t = w_q.t()
     ws = _Workspace(features)
     for i in range(b):
+        keys_t = keys[i].transpose(1, 2)  # H x N x d
         values_t = values[i].transpose(1, 2)  # H x d x N
         for s0, s1 in _chunks(length, chunk):
             r = s1 - s0
             xin, g = features[i, s0:s1], grad_out[i, s0:s1]
             x, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps, out=ws.get("x", r, c))
-            q = torch.mm(x, w_q_t, out=ws.get("q", r, inner))
-            s = torch.bmm(q.view(r, heads, d).transpose(0, 1), keys[i],
-                          out=ws.get("s", heads, r, n))
-            d_o = torch.mm(g, w_out, out=ws.get("d_o", r, inner))
-            d_o3 = d_o.view(r, heads, d).transpose(0, 1)  # H x r x d
-            dp = torch.bmm(d_o3, values_t, out=ws.get("dp", heads, r, n))
-            k.head_softmax_bwd(s.view(heads * r, n), dp.view(heads * r, n), 1)  # P, dS
-            # outputs and query gradients transposed (I x r), so no per-chunk transposing copy
-            o_t = torch.bmm(values_t, s.transpose(1, 2), out=ws.get("o_t", heads, d, r))
+            # everything per voxel transposed (voxels last), as in the forward
+            q_t = torch.mm(w_q, x.t(), out=ws.get("q_t", inner, r)).view(heads, d, r)
+            s = torch.bmm(keys_t, q_t, out=ws.get("s", heads, n, r))
+            d_o_t = torch.mm(w_out.t(), g.t(), out=ws.get("d_o_t", inner, r)).view(heads, d, r)
+            dp = torch.bmm(values[i], d_o_t, out=ws.get("dp", heads, n, r))
+            k.head_softmax_bwd(s.view(heads * n, r), dp.view(heads * n, r), heads)  # P, dS
+            o_t = torch.bmm(values_t, s, out=ws.get("o_t", heads, d, r))
             _addmm_acc(d_w_out_t, o_t.view(inner, r), g)
-            dq_t = torch.bmm(keys[i], dp.transpose(1, 2), out=ws.get("dq_t", heads, d, r))
-            dq_t = dq_t.view(inner, r)
+            dq_t = torch.bmm(keys[i], dp, out=ws.get("dq_t", heads, d, r)).view(inner, r)
             _addmm_acc(d_w_q, dq_t, x)
-            _baddbmm_acc(d_keys[i], q.view(r, heads, d).permute(1, 2, 0), dp)
-            _baddbmm_acc(d_values[i], s.transpose(1, 2), d_o3)
+            _baddbmm_acc(d_keys[i], q_t, dp.transpose(1, 2))
+            _baddbmm_acc(d_values[i], s, d_o_t.transpose(1, 2))
             dx = torch.mm(dq_t.t(), w_q, out=ws.get("dx", r, c))
             k.ln_bwd(dx, xin, mean, rstd, norm_weight, d_feat[i, s0:s1], d_w, d_b, True)
     return (d_feat, d_keys.to(keys.dtype), d_values.to(values.dtype), d_w_q.to(w_q.dtype),

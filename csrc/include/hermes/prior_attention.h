@@ -44,18 +44,19 @@ struct LnBwdArgs {
   bool accumulate;
 };
 
-// Softmax over each of `heads` contiguous groups of `n` values per row of s (rows x heads*n), in
-// place. With dp != nullptr (backward): s holds raw scores and becomes the probabilities p, and
-// dp becomes p * (dp - sum_group(p * dp)).
+// Softmax over the rows of each of `heads` groups of `n` consecutive rows of s ((heads*n) x cols),
+// per column, in place: the scores of the column's voxel against the group's n priors. (Columns
+// are voxels: every pass of the CPU kernel runs along contiguous memory, and adjacent CUDA
+// threads read adjacent columns.) With dp != nullptr (backward): s holds raw scores and becomes
+// the probabilities p, and dp becomes p * (dp - sum_group(p * dp)).
 struct HeadSoftmaxArgs {
   int dtype;
   void* s;
   void* dp;
-  int64_t rows;
   int64_t heads;
   int64_t n;
+  int64_t cols;
 };
-
 // One chunk of the online softmax over columns: s (rows x cols) raw -> exp(s - m_new);
 // m (running max) and l (running sum) updated; alpha = exp(m_old - m_new).
 struct OnlineUpdateArgs {
