@@ -162,12 +162,16 @@ __global__ void head_softmax_kernel(T* __restrict__ s, T* __restrict__ dp, int64
   for (int64_t j = 0; j < n; ++j) sum += dexp(to_acc(p[j * cols]) - mx);
   const S inv = S(1) / sum;
   if (dp == nullptr) {
-    for (int64_t j = 0; j < n; ++j) p[j * cols] = from_acc<T>(dexp(to_acc(p[j * cols]) - mx) * inv);
+    for (int64_t j = 0; j < n; ++j) {
+      p[j * cols] = from_acc<T>(dexp(to_acc(p[j * cols]) - mx) * inv);
+    }
     return;
   }
   T* g = dp + offset;
   S dot = 0;
-  for (int64_t j = 0; j < n; ++j) dot += dexp(to_acc(p[j * cols]) - mx) * inv * to_acc(g[j * cols]);
+  for (int64_t j = 0; j < n; ++j) {
+    dot += dexp(to_acc(p[j * cols]) - mx) * inv * to_acc(g[j * cols]);
+  }
   for (int64_t j = 0; j < n; ++j) {
     const S pj = dexp(to_acc(p[j * cols]) - mx) * inv;
     p[j * cols] = from_acc<T>(pj);

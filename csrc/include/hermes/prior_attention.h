@@ -57,6 +57,7 @@ struct HeadSoftmaxArgs {
   int64_t n;
   int64_t cols;
 };
+
 // One chunk of the online softmax over columns: s (rows x cols) raw -> exp(s - m_new);
 // m (running max) and l (running sum) updated; alpha = exp(m_old - m_new).
 struct OnlineUpdateArgs {
