@@ -1,8 +1,9 @@
 // CPU kernels of the fused prior-feature interaction (see hermes/prior_attention.h).
 //
-// Row-parallel with OpenMP; inner loops are written for `#pragma omp simd` vectorisation
-// (including a polynomial exp for float). On x86-64 with GCC/Clang the float row kernels are
-// compiled twice (x86-64-v3 = AVX2/FMA and baseline) and picked at load time (target_clones).
+// Parallel with OpenMP over rows (the head softmax: over head x column blocks); inner loops are
+// written for `#pragma omp simd` vectorisation (including a polynomial exp for float). On x86-64
+// with GCC/Clang the float kernels are compiled twice (x86-64-v3 = AVX2/FMA and baseline) and
+// picked at load time (target_clones).
 #include "hermes/prior_attention.h"
 #include "hermes/cpu_math.h"
 

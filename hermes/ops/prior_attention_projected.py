@@ -165,6 +165,21 @@ def _pgp_backward(ctx, grad_o, grad_lse):
 prior_gather_proj_fwd.register_autograd(_pgp_backward, setup_context=_pgp_setup)
 
 
+def _attend_scores(k, ws: _Workspace, xin: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                   eps: float, w_q: Tensor, keys_t: Tensor) -> tuple[Tensor, ...]:
+    """One chunk of features <- priors up to the raw scores, for the forward and the backward's
+    recompute alike: xin r x C, w_q I x C, keys_t H x N x d -> (LN(xin) r x C, its mean and
+    rstd, queries transposed H x d x r, scores H x N x r), in ``ws`` buffers. Voxels last: the
+    softmax over each head's priors runs along contiguous voxels and no per-chunk transposing
+    copy is needed."""
+    r, c = xin.shape
+    heads, n, d = keys_t.shape
+    x, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps, out=ws.get("x", r, c))
+    q_t = torch.mm(w_q, x.t(), out=ws.get("q_t", heads * d, r)).view(heads, d, r)
+    s = torch.bmm(keys_t, q_t, out=ws.get("s", heads, n, r))
+    return x, mean, rstd, q_t, s
+
+
 @torch.library.custom_op("hermes::feature_attend_proj_fwd", mutates_args=())
 def feature_attend_proj_fwd(
     features: Tensor, keys: Tensor, values: Tensor, w_q: Tensor, w_out: Tensor, b_out: Tensor,
@@ -182,17 +197,13 @@ def feature_attend_proj_fwd(
     out = torch.empty_like(features)
     w_out_t = w_out.t()
     ws = _Workspace(features)
-    # queries, scores and outputs transposed (voxels last): the softmax over each head's priors
-    # runs along contiguous voxels and no per-chunk transposing copy is needed
     for i in range(b):
         keys_t = keys[i].transpose(1, 2)  # H x N x d
         values_t = values[i].transpose(1, 2)  # H x d x N
         for s0, s1 in _chunks(length, chunk):
             r = s1 - s0
-            x, _, _ = k.ln_fwd(features[i, s0:s1], norm_weight, norm_bias, eps,
-                               out=ws.get("x", r, c))
-            q_t = torch.mm(w_q, x.t(), out=ws.get("q_t", inner, r)).view(heads, d, r)
-            s = torch.bmm(keys_t, q_t, out=ws.get("s", heads, n, r))
+            *_, s = _attend_scores(k, ws, features[i, s0:s1], norm_weight, norm_bias, eps, w_q,
+                                   keys_t)
             k.head_softmax(s.view(heads * n, r), heads)
             o_t = torch.bmm(values_t, s, out=ws.get("o_t", heads, d, r))
             dst = out[i, s0:s1]
@@ -236,10 +247,8 @@ def feature_attend_proj_bwd(
         for s0, s1 in _chunks(length, chunk):
             r = s1 - s0
             xin, g = features[i, s0:s1], grad_out[i, s0:s1]
-            x, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps, out=ws.get("x", r, c))
-            # everything per voxel transposed (voxels last), as in the forward
-            q_t = torch.mm(w_q, x.t(), out=ws.get("q_t", inner, r)).view(heads, d, r)
-            s = torch.bmm(keys_t, q_t, out=ws.get("s", heads, n, r))
+            x, mean, rstd, q_t, s = _attend_scores(k, ws, xin, norm_weight, norm_bias, eps, w_q,
+                                                   keys_t)
             d_o_t = torch.mm(w_out.t(), g.t(), out=ws.get("d_o_t", inner, r)).view(heads, d, r)
             dp = torch.bmm(values[i], d_o_t, out=ws.get("dp", heads, n, r))
             k.head_softmax_bwd(s.view(heads * n, r), dp.view(heads * n, r), heads)  # P, dS
