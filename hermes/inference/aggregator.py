@@ -79,8 +79,10 @@ class PatchAggregator:
             as that coordinate advances.
         stream_axis: spatial axis of the streaming (0 = first). Accumulators then take
             ``(C + 1) x roi[a] x (the other two sizes)`` floats: the longest axis relative to the
-            window saves the most. Axes other than 0 cost one transposing copy of every patch
-            (and of the output at the end); use ``best_stream_axis`` to pick one.
+            window saves the most. The first two axes of a volume (the first of an image) keep
+            a ring of planes or of rows and read patches in place; the last axis reads them
+            through a transposed view (slower) and transposes the output at the end. Use
+            ``best_stream_axis`` to pick one.
         device: where accumulators and the output live.
         crop: ``(lo, hi)`` per spatial axis: only that region is written to the output
             (sliding-window inference uses it to drop padding). Default: everything.
@@ -136,8 +138,11 @@ class PatchAggregator:
                 f"stream_axis must be a spatial axis in [0, {self.spatial_ndim}), "
                 f"got {stream_axis!r}"
             )
-        # Kernel coordinates: the streamed axis first (identity unless streaming along 1 or 2).
-        first = stream_axis + 3 - self.spatial_ndim if self.streaming else 0
+        # Kernel coordinates (z, y, x): streaming along z or y keeps a ring of planes or rows
+        # (identity); streaming along x puts that axis first, as a ring of planes.
+        axis = stream_axis + 3 - self.spatial_ndim if self.streaming else 0
+        self._ring_axis = min(axis, 1)
+        first = 2 if axis == 2 else 0
         self._perm = (first, *(i for i in range(3) if i != first))
         self._inv = tuple(self._perm.index(i) for i in range(3))
         self._shape3 = shape if len(shape) == 3 else (1, *shape)
@@ -195,8 +200,10 @@ class PatchAggregator:
         self._in_place = (
             self._kind == ops.OUTPUT_FLOAT32 and not self._sigmoid and not self.streaming
         )
-        ring = self._kroi[0] if self.streaming else D
+        ring = self._kroi[self._ring_axis] if self.streaming else D
         self._ring = ring
+        # accumulator planes x rows: a ring of planes (R x H) or of rows (D x R)
+        pr = (ring, H) if self._ring_axis == 0 else (D, ring)
         self._buffer: torch.Tensor | None = None
         self._user_out: torch.Tensor | None = None
         if self._in_place:
@@ -207,14 +214,14 @@ class PatchAggregator:
                 self._acc = torch.zeros(
                     (channels, D, H, W), dtype=torch.float32, device=self.device
                 )
-            self._buffer = _workspace.acquire(ring * H * W, self.device, self.reuse_buffers)
-            self._wsum = self._buffer.view(ring, H, W)
+            self._buffer = _workspace.acquire(D * H * W, self.device, self.reuse_buffers)
+            self._wsum = self._buffer.view(D, H, W)
             self._out = self._acc
         else:
-            n = (channels + 1) * ring * H * W
-            self._buffer = _workspace.acquire(n, self.device, self.reuse_buffers)
-            self._acc = self._buffer[: channels * ring * H * W].view(channels, ring, H, W)
-            self._wsum = self._buffer[channels * ring * H * W :].view(ring, H, W)
+            n = pr[0] * pr[1] * W
+            self._buffer = _workspace.acquire((channels + 1) * n, self.device, self.reuse_buffers)
+            self._acc = self._buffer[: channels * n].view(channels, *pr, W)
+            self._wsum = self._buffer[channels * n :].view(*pr, W)
             kernel_shape = (self.output_shape[0], *(hi - lo for lo, hi in self._kcrop))
             if out is not None:
                 self._check_tensor(out, self.output_shape_3d, self.output_dtype, "out")
@@ -224,8 +231,8 @@ class PatchAggregator:
                     self._user_out = out.view(self.output_shape_3d)
             if out is None or self._user_out is not None:
                 self._out = torch.empty(kernel_shape, dtype=self.output_dtype, device=self.device)
-        self._done = 0  # planes [0, _done) are final (streaming)
-        self._z = 0  # current (largest) patch corner z (streaming)
+        self._done = 0  # planes (rows) [0, _done) along the ring axis are final (streaming)
+        self._z = 0  # current (largest) patch corner along the ring axis (streaming)
         self._finalized = False
 
     # ------------------------------------------------------------------------------------------
@@ -238,9 +245,7 @@ class PatchAggregator:
     @property
     def accumulator_bytes(self) -> int:
         """Bytes of accumulator memory (accumulator plus weight sum) this aggregator uses."""
-        D, H, W = self._kshape
-        acc = self.channels * (D if self._in_place else self._ring) * H * W
-        return 4 * (acc + self._ring * H * W)
+        return 4 * (self._acc.numel() + self._wsum.numel())
 
     def _check_tensor(self, t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, name: str):
         if not isinstance(t, torch.Tensor):
@@ -308,10 +313,11 @@ class PatchAggregator:
             loc = loc[:, list(self._perm)]
             patches = patches.permute(0, 1, *(2 + i for i in self._perm))
         loc = loc.contiguous()
+        row_ring = self.streaming and self._ring_axis == 1
         if not self.streaming:
             ops.add_patches(self._acc, self._wsum, patches, loc, self._tables)
             return
-        zs = loc[:, 0].tolist()
+        zs = loc[:, self._ring_axis].tolist()
         begin = 0
         for i in range(B + 1):
             if i < B and zs[i] == zs[begin]:
@@ -325,27 +331,39 @@ class PatchAggregator:
             if z > self._z:
                 self._flush(z)
                 self._z = z
-            ops.add_patches(self._acc, self._wsum, patches[begin:i], loc[begin:i], self._tables)
+            ops.add_patches(
+                self._acc, self._wsum, patches[begin:i], loc[begin:i], self._tables,
+                row_ring=row_ring,
+            )  # fmt: skip
             begin = i
 
     def _flush(self, until: int) -> None:
-        """Finalises planes [_done, until) into the output and resets their accumulators."""
+        """Finalises planes (rows) [_done, until) into the output and resets their accumulators."""
         (cz0, cz1), (cy0, cy1), (cx0, cx1) = self._kcrop
-        ring = self._ring
-        z = self._done
-        while z < until:
-            z_end = min(until, z + ring)
-            lo, hi = max(z, cz0), min(z_end, cz1)
-            for p in [*range(z, min(lo, z_end)), *range(max(hi, z), z_end)]:
-                self._acc[:, p % ring].zero_()  # planes outside the crop: just reset
-                self._wsum[p % ring].zero_()
+        a, ring = self._ring_axis, self._ring
+        c0, c1 = self._kcrop[a]
+        s = self._done
+        while s < until:
+            e = min(until, s + ring)
+            lo, hi = max(s, c0), min(e, c1)
+            for p in [*range(s, min(lo, e)), *range(max(hi, s), e)]:
+                self._acc.select(1 + a, p % ring).zero_()  # outside the crop: just reset
+                self._wsum.select(a, p % ring).zero_()
             if lo < hi:
+                if a == 0:
+                    planes, rows = (lo, hi), None
+                else:  # the rows' planes outside the crop: just reset
+                    planes, rows = (cz0, cz1), (lo, hi)
+                    at = torch.arange(lo, hi, device=self.device) % ring
+                    for part in (slice(0, cz0), slice(cz1, None)):
+                        self._acc[:, part].index_fill_(2, at, 0.0)
+                        self._wsum[part].index_fill_(1, at, 0.0)
                 ops.finalize(
-                    self._acc, self._wsum, (lo, hi), self._out, kind=self._kind,
-                    crop=((cy0, cy1), (cx0, cx1)), out_z0=cz0, sigmoid=self._sigmoid,
-                    threshold=self._threshold, zero_after=True,
+                    self._acc, self._wsum, planes, self._out, kind=self._kind,
+                    crop=((cy0, cy1), (cx0, cx1)), out_z0=cz0, rows=rows,
+                    sigmoid=self._sigmoid, threshold=self._threshold, zero_after=True,
                 )  # fmt: skip
-            z = z_end
+            s = e
         self._done = max(self._done, until)
 
     def finalize(self) -> torch.Tensor:
@@ -356,13 +374,12 @@ class PatchAggregator:
         if self._finalized:
             raise RuntimeError("finalize() was already called")
         self._finalized = True
-        D = self._kshape[0]
         if self._in_place:
             self._acc.div_(self._wsum)
             result = self._acc[(slice(None), *(slice(lo, hi) for lo, hi in self._crop3))]
             ops.zero_(self._wsum)
         else:
-            self._flush(D)
+            self._flush(self._kshape[self._ring_axis])
             result = self._out
             if self._perm != (0, 1, 2):
                 back = result.permute(0, *(1 + i for i in self._inv))

@@ -2,8 +2,10 @@
 
 The accumulator of one image is a float32 tensor ``acc`` of shape ``C x R x H x W`` plus a weight
 sum ``wsum`` of shape ``R x H x W``. Global plane ``z`` (first spatial axis) lives at plane
-``z % R``: with ``R == D`` this is the whole volume, with ``R`` equal to the window depth it is a
-ring that only holds the slab that windows still touch (streaming).
+``z % R`` and global row ``y`` at row ``y % H``: with ``R == D`` and ``H`` the volume's height
+this is the whole volume; with ``R`` equal to the window depth it is a ring of planes, and with
+``H`` equal to the window height (``row_ring``) a ring of rows, that only holds the slab that
+windows still touch (streaming along the first or the second axis).
 
 Window weights are separable tables, ``w[z, y, x] = max((wz[z] * wy[y]) * wx[x], clamp_min)``
 in float32, which reproduces MONAI's ``compute_importance_map`` bit for bit without storing a
@@ -237,6 +239,7 @@ def add_patches(
     tables: WindowTables,
     *,
     add_weight: bool = True,
+    row_ring: bool = False,
     use_native: bool = True,
 ) -> None:
     """Adds weighted patches into the accumulator, in place, in the order given.
@@ -248,9 +251,11 @@ def add_patches(
             float32 on ``acc``'s device when needed; a unit stride along the last axis is the
             fast path).
         starts: ``B x 3`` global corners ``(z, y, x)`` of the patches, in voxels; the patch must
-            fit in ``H`` and ``W`` and span at most ``R`` planes.
+            fit in ``W``, span at most ``R`` planes, and fit in ``H`` (or, with ``row_ring``,
+            span at most ``H`` rows).
         tables: window weights (see ``window_tables``) of size ``roi``.
         add_weight: also accumulate the weights into ``wsum``.
+        row_ring: rows are a ring (global row ``y`` at ``y % H``, ``y`` unbounded).
         use_native: False forces the pure-PyTorch reference (for tests).
     """
     C, R, H, W = _check_accumulator(acc, wsum)
@@ -270,7 +275,9 @@ def add_patches(
         return
     if int(s.min()) < 0:
         raise ValueError("patch corners must be non-negative")
-    if int(s[:, 1].max()) + rh > H or int(s[:, 2].max()) + rw > W:
+    if row_ring and rh > H:
+        raise ValueError(f"a window spans {rh} rows but the accumulator holds only {H}")
+    if (not row_ring and int(s[:, 1].max()) + rh > H) or int(s[:, 2].max()) + rw > W:
         raise ValueError(f"a patch extends past the accumulator's H x W = {H} x {W}")
     if tables.tables.device != acc.device:
         tables = tables.to(acc.device)
@@ -301,13 +308,14 @@ def add_patches_reference(
     add_weight: bool = True,
 ) -> None:
     """Pure-PyTorch ``add_patches`` (same arguments, already validated)."""
-    R = acc.shape[1]
+    R, H = acc.shape[1:3]
     rd, rh, rw = tables.roi
     w = weight_map(tables.to(acc.device))
     for b in range(patches.shape[0]):
         z, y, x = (int(v) for v in starts[b])
         planes = (torch.arange(rd, device=acc.device) + z) % R
-        region = (slice(None), planes, slice(y, y + rh), slice(x, x + rw))
+        rows = (torch.arange(rh, device=acc.device) + y) % H
+        region = (slice(None), planes[:, None], rows[None, :], slice(x, x + rw))
         acc[region] = acc[region] + patches[b].to(acc.device) * w
         if add_weight:
             wsum[region[1:]] = wsum[region[1:]] + w
@@ -326,12 +334,13 @@ def finalize(
     kind: int,
     crop: Sequence[tuple[int, int]] | None = None,
     out_z0: int = 0,
+    rows: tuple[int, int] | None = None,
     sigmoid: bool = False,
     threshold: float = 0.0,
     zero_after: bool = False,
     use_native: bool = True,
 ) -> None:
-    """Normalises planes ``[z0, z1)`` by the weight sum and writes them into ``out``.
+    """Normalises planes ``[z0, z1)`` (rows ``rows``) by the weight sum and writes them to ``out``.
 
     With ``v = acc / wsum`` per voxel: ``OUTPUT_FLOAT32``/``OUTPUT_FLOAT16`` write ``v`` (or
     ``sigmoid(v)``) as float32/float16 (``out``: ``C x Do x Ho x Wo``); ``OUTPUT_MASK`` writes
@@ -344,12 +353,16 @@ def finalize(
         z_range: global planes ``(z0, z1)`` to finalise, ``z1 - z0 <= R``.
         out: output tensor on ``acc``'s device, contiguous, dtype given by ``kind``.
         kind: one of the ``OUTPUT_*`` constants.
-        crop: ``((y0, y1), (x0, x1))`` rows/columns written (default: all); output voxel
+        crop: ``((y0, y1), (x0, x1))`` global rows/columns written (default: all); output voxel
             ``(z, y, x)`` goes to ``out[:, z - out_z0, y - y0, x - x0]``.
         out_z0: global plane stored at ``out[:, 0]``.
+        rows: global rows ``(r0, r1)`` of the planes to finalise, ``r1 - r0 <= H`` (a ring of
+            rows, see ``add_patches``' ``row_ring``); default ``(0, H)``, and then the crop must
+            lie within ``H``.
         sigmoid: float kinds only: apply the logistic function.
         threshold: mask/label kinds: threshold on the averaged logit (see ``logit_threshold``).
-        zero_after: reset ``acc`` and ``wsum`` on the whole planes ``[z0, z1)`` after reading.
+        zero_after: reset ``acc`` and ``wsum`` on planes ``[z0, z1)`` x ``rows`` (whole rows)
+            after reading.
         use_native: False forces the pure-PyTorch reference (for tests).
     """
     C, R, H, W = _check_accumulator(acc, wsum)
@@ -357,7 +370,15 @@ def finalize(
     if not (0 <= z0 <= z1) or z1 - z0 > R:
         raise ValueError(f"z_range {z_range} must satisfy 0 <= z0 <= z1 <= z0 + {R}")
     (y0, y1), (x0, x1) = crop if crop is not None else ((0, H), (0, W))
-    if not (0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W):
+    if rows is None:
+        r0, r1 = 0, H
+        if y1 > H:
+            raise ValueError(f"crop {crop} must lie within H x W = {H} x {W}")
+    else:
+        r0, r1 = int(rows[0]), int(rows[1])
+        if not (0 <= r0 <= r1) or r1 - r0 > H:
+            raise ValueError(f"rows {rows} must satisfy 0 <= r0 <= r1 <= r0 + {H}")
+    if not (0 <= y0 <= y1 and 0 <= x0 <= x1 <= W):
         raise ValueError(f"crop {crop} must lie within H x W = {H} x {W}")
     if kind not in _OUTPUT_DTYPES:
         raise ValueError(f"unknown output kind {kind}")
@@ -384,11 +405,11 @@ def finalize(
     if fn is None:
         finalize_reference(
             acc, wsum, (z0, z1), out, kind=kind, crop=((y0, y1), (x0, x1)), out_z0=out_z0,
-            sigmoid=sigmoid, threshold=threshold, zero_after=zero_after,
+            rows=(r0, r1), sigmoid=sigmoid, threshold=threshold, zero_after=zero_after,
         )  # fmt: skip
         return
     args = [
-        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, z0, z1, y0, y1, x0, x1, int(out_z0),
+        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, z0, z1, r0, r1, y0, y1, x0, x1, int(out_z0),
         out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold), bool(zero_after),
     ]  # fmt: skip
     _call(fn, acc.device, *args)
@@ -403,19 +424,35 @@ def finalize_reference(
     kind: int,
     crop: Sequence[tuple[int, int]],
     out_z0: int = 0,
+    rows: tuple[int, int] | None = None,
     sigmoid: bool = False,
     threshold: float = 0.0,
     zero_after: bool = False,
 ) -> None:
     """Pure-PyTorch ``finalize`` (same arguments, already validated)."""
+    R, H = acc.shape[1:3]
     z0, z1 = z_range
-    if z1 <= z0:
+    r0, r1 = rows if rows is not None else (0, H)
+    if z1 <= z0 or r1 <= r0:
         return
-    R = acc.shape[1]
     (y0, y1), (x0, x1) = crop
     planes = torch.arange(z0, z1, device=acc.device) % R
-    v = acc[:, planes, y0:y1, x0:x1] / wsum[planes, y0:y1, x0:x1]
-    target = out[:, z0 - out_z0 : z1 - out_z0]
+    ya, yb = max(r0, y0), min(r1, y1)  # rows written
+    if ya < yb:
+        at = (planes[:, None], (torch.arange(ya, yb, device=acc.device) % H)[None, :])
+        v = acc[(slice(None), *at, slice(x0, x1))] / wsum[(*at, slice(x0, x1))]
+        _write_output(v, out[:, z0 - out_z0 : z1 - out_z0, ya - y0 : yb - y0], kind, sigmoid,
+                      threshold)  # fmt: skip
+    if zero_after:
+        at = (planes[:, None], (torch.arange(r0, r1, device=acc.device) % H)[None, :])
+        acc[(slice(None), *at)] = 0
+        wsum[at] = 0
+
+
+def _write_output(
+    v: torch.Tensor, target: torch.Tensor, kind: int, sigmoid: bool, threshold: float
+) -> None:
+    """Writes the averaged logits ``v`` (``C x ...``) as output ``kind`` into ``target``."""
     if kind in (OUTPUT_FLOAT32, OUTPUT_FLOAT16):
         if sigmoid:
             v = torch.sigmoid(v)
@@ -426,9 +463,6 @@ def finalize_reference(
         best, arg = v.max(dim=0, keepdim=True)
         label = torch.where(best >= threshold, arg + 1, torch.zeros_like(arg))
         target.copy_(label.to(torch.int32).to(target.dtype))
-    if zero_after:
-        acc[:, planes] = 0
-        wsum[planes] = 0
 
 
 def zero_(buffer: torch.Tensor) -> torch.Tensor:
