@@ -313,10 +313,10 @@ class PatchAggregator:
             loc = loc[:, list(self._perm)]
             patches = patches.permute(0, 1, *(2 + i for i in self._perm))
         loc = loc.contiguous()
-        row_ring = self.streaming and self._ring_axis == 1
         if not self.streaming:
             ops.add_patches(self._acc, self._wsum, patches, loc, self._tables)
             return
+        row_ring = self._ring_axis == 1
         zs = loc[:, self._ring_axis].tolist()
         begin = 0
         for i in range(B + 1):

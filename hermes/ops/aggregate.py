@@ -282,7 +282,7 @@ def add_patches(
     if tables.tables.device != acc.device:
         tables = tables.to(acc.device)
     # any strided float32 layout is read in place (e.g. a transposed view for streaming along
-    # another axis); other dtypes/devices are converted first
+    # the last axis); other dtypes/devices are converted first
     p = patches.detach().to(device=acc.device, dtype=torch.float32)
     fn = _native(acc.device, "aggregate_add") if use_native else None
     if fn is None:
