@@ -142,37 +142,45 @@ def test_add_hand_computed_gaussian_weight():
     torch.testing.assert_close(acc[0], 2 * expected.float(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("H", [6, 8, 19])
-def test_add_row_ring_matches_reference_and_one_by_one(H):
-    # Rows are a ring: global rows up to 3 * H wrap around (H = 6: the window's own height). A
-    # batch whose rows would alias in the ring is split; sums stay in batch order, bit for bit.
+@pytest.mark.parametrize("axis,n", [(1, 6), (1, 8), (1, 19), (2, 4), (2, 7), (2, 19)])
+def test_add_ring_of_rows_or_columns_matches_reference_and_one_by_one(axis, n):
+    # Rows (columns) are a ring of n: global coordinates up to 3 n wrap around (n = the window's
+    # own size: every window wraps unless it starts at a multiple of n). A batch whose rows
+    # (columns) would alias in the ring is split; sums stay in batch order, bit for bit.
     g = torch.Generator().manual_seed(5)
     roi, B = (5, 6, 4), 9
+    dims = [7, 13, 11]
+    dims[axis] = n
     starts = torch.stack(
         [
             torch.randint(0, 12, (B,), generator=g),
-            torch.randint(0, 3 * H, (B,), generator=g),
-            torch.randint(0, 11 - roi[2] + 1, (B,), generator=g),
+            torch.randint(0, 3 * n if axis == 1 else 13 - roi[1] + 1, (B,), generator=g),
+            torch.randint(0, 3 * n if axis == 2 else 11 - roi[2] + 1, (B,), generator=g),
         ],
         dim=1,
     )
     patches = torch.randn(B, 3, *roi, generator=g)
     tables = agg.window_tables(roi, "gaussian", 0.2)
-    acc, wsum = torch.randn(3, 7, H, 11, generator=g), torch.rand(7, H, 11, generator=g)
+    acc, wsum = torch.randn(3, *dims, generator=g), torch.rand(*dims, generator=g)
     acc1, wsum1, acc2, wsum2 = acc.clone(), wsum.clone(), acc.clone(), wsum.clone()
-    agg.add_patches(acc, wsum, patches, starts, tables, row_ring=True)
+    kw = dict(ring_axis=axis)
+    agg.add_patches(acc, wsum, patches, starts, tables, **kw)
     for b in range(B):
-        agg.add_patches(acc1, wsum1, patches[b : b + 1], starts[b : b + 1], tables, row_ring=True)
+        agg.add_patches(acc1, wsum1, patches[b : b + 1], starts[b : b + 1], tables, **kw)
     assert torch.equal(acc, acc1) and torch.equal(wsum, wsum1)
-    agg.add_patches(acc2, wsum2, patches, starts, tables, row_ring=True, use_native=False)
+    agg.add_patches(acc2, wsum2, patches, starts, tables, use_native=False, **kw)
     torch.testing.assert_close(acc, acc2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(wsum, wsum2, rtol=1e-6, atol=1e-6)
-    # by hand: a window at global row 2 * H + 1 lands on stored rows 1 .. roi_h (mod H)
-    acc3, wsum3 = torch.zeros(3, 7, H, 11), torch.zeros(7, H, 11)
-    agg.add_patches(acc3, wsum3, patches[:1], [[0, 2 * H + 1, 0]], tables, row_ring=True)
-    rows = [(1 + i) % H for i in range(roi[1])]
+    # by hand: a window at global 2 n + 1 lands on stored indices 1 .. roi (mod n)
+    acc3, wsum3 = torch.zeros(3, *dims), torch.zeros(*dims)
+    corner = [0, 0, 0]
+    corner[axis] = 2 * n + 1
+    agg.add_patches(acc3, wsum3, patches[:1], [corner], tables, **kw)
+    idx = [torch.arange(r) for r in roi]
+    idx[axis] = (idx[axis] + 1) % n
     expected = patches[0] * agg.weight_map(tables)
-    torch.testing.assert_close(acc3[:, :5, rows, :4], expected, rtol=1e-6, atol=0)
+    region = acc3[:, idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]]
+    torch.testing.assert_close(region, expected, rtol=1e-6, atol=0)
     assert float(acc3.abs().sum()) == pytest.approx(float(expected.abs().sum()), rel=1e-5)
 
 
@@ -218,7 +226,7 @@ def test_finalize_native_matches_reference(kind, sigmoid, H, rows):
 
 
 @pytest.mark.parametrize("kind,sigmoid", KINDS[::2])
-def test_finalize_rows_of_a_row_ring_match_reference(kind, sigmoid):
+def test_finalize_rows_of_a_ring_of_rows_match_reference(kind, sigmoid):
     # A ring of 20 rows; global rows 33..51 live at stored rows 13..19, 0..11 (they wrap); the
     # crop starts at global row 30 and ends inside the slab (rows 33..44 written).
     acc, wsum, _, _, _ = _random_case(C=4, R=6, H=20, W=10)
@@ -243,6 +251,32 @@ def test_finalize_rows_of_a_row_ring_match_reference(kind, sigmoid):
     kept[12] = True
     assert bool((acc[:, 1:5][:, :, ~kept] == 0).all()) and bool((acc[:, 1:5, 12] != 0).all())
     assert bool((acc[:, 0] != 0).all()) and bool((wsum[5] != 0).all())
+
+
+@pytest.mark.parametrize("kind,sigmoid", KINDS[::2])
+def test_finalize_columns_of_a_column_ring_match_reference(kind, sigmoid):
+    # A ring of 12 columns; global columns 17..26 live at stored columns 5..11, 0..2 (they
+    # wrap); the crop (15, 26) writes columns 17..25, the crop rows (1, 8) of 9.
+    acc, wsum, _, _, _ = _random_case(C=4, R=6, H=9, W=12)
+    z0, z1, cols, crop = 7, 11, (17, 27), ((1, 8), (15, 26))
+    out_native, out_ref = _out_for(kind, 4, (5, 7, 11)), _out_for(kind, 4, (5, 7, 11))
+    acc2, wsum2, before = acc.clone(), wsum.clone(), acc / wsum
+    kw = dict(kind=kind, crop=crop, out_z0=6, cols=cols, sigmoid=sigmoid,
+              threshold=agg.logit_threshold(0.6), zero_after=True)  # fmt: skip
+    agg.finalize(acc, wsum, (z0, z1), out_native, **kw)
+    agg.finalize(acc2, wsum2, (z0, z1), out_ref, use_native=False, **kw)
+    if sigmoid:
+        torch.testing.assert_close(out_native.float(), out_ref.float(), rtol=1e-6, atol=1e-3)
+    else:
+        assert torch.equal(out_native, out_ref)
+    if kind == agg.OUTPUT_FLOAT32 and not sigmoid:  # by hand: planes 7..10 at 1..4
+        expected = before[:, 1:5, 1:8, [*range(5, 12), *range(0, 2)]]
+        assert torch.equal(out_native[:, 1:5, :, 2:11], expected)
+    assert bool((out_native[..., :2] == 0).all()) and bool((out_native[:, 0] == 0).all())
+    # columns 17..26 of planes 7..10 reset (all rows; stored columns but 3 and 4)
+    assert torch.equal(acc, acc2) and torch.equal(wsum, wsum2)
+    assert bool((acc[:, 1:5, :, [*range(5, 12), 0, 1, 2]] == 0).all())
+    assert bool((acc[:, 1:5, :, 3:5] != 0).all()) and bool((acc[:, 0] != 0).all())
 
 
 def test_finalize_float16_rounding_matches_torch():
@@ -308,7 +342,12 @@ def test_add_validation_errors():
         agg.add_patches(acc, wsum, torch.zeros(1, 3, 11, 6, 4), [[0, 0, 0]], small)
     tall = agg.window_tables((5, 14, 4), "constant")
     with pytest.raises(ValueError, match="spans 14 rows"):
-        agg.add_patches(acc, wsum, torch.zeros(1, 3, 5, 14, 4), [[0, 0, 0]], tall, row_ring=True)
+        agg.add_patches(acc, wsum, torch.zeros(1, 3, 5, 14, 4), [[0, 0, 0]], tall, ring_axis=1)
+    wide = agg.window_tables((5, 6, 12), "constant")
+    with pytest.raises(ValueError, match="spans 12 columns"):
+        agg.add_patches(acc, wsum, torch.zeros(1, 3, 5, 6, 12), [[0, 0, 0]], wide, ring_axis=2)
+    with pytest.raises(ValueError, match="ring_axis"):
+        agg.add_patches(acc, wsum, patches, starts, tables, ring_axis=3)
 
 
 def test_finalize_validation_errors():
@@ -366,20 +405,25 @@ def test_cuda_add_and_finalize_match_reference(mode):
 
 @pytest.mark.cuda
 @cuda
-def test_cuda_row_ring_matches_reference():
+@pytest.mark.parametrize("axis", [1, 2])
+def test_cuda_ring_of_rows_or_columns_matches_reference(axis):
     assert _native_has("cuda"), "extension built without CUDA kernels"
     acc, wsum, patches, starts, tables = _random_case()
-    starts[:, 1] += torch.arange(len(starts)) * 5  # global rows past H = 13: they wrap
+    starts[:, axis] += torch.arange(len(starts)) * 5  # past H = 13 (W = 11): they wrap
     acc_c, wsum_c = acc.cuda(), wsum.cuda()
-    agg.add_patches(acc_c, wsum_c, patches.cuda(), starts, tables.to("cuda"), row_ring=True)
-    agg.add_patches(acc, wsum, patches, starts, tables, row_ring=True, use_native=False)
+    agg.add_patches(acc_c, wsum_c, patches.cuda(), starts, tables.to("cuda"), ring_axis=axis)
+    agg.add_patches(acc, wsum, patches, starts, tables, ring_axis=axis, use_native=False)
     torch.testing.assert_close(acc_c.cpu(), acc, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wsum_c.cpu(), wsum, rtol=1e-6, atol=1e-6)
+    if axis == 1:
+        span = dict(rows=(18, 31), crop=((20, 29), (2, 11)))
+    else:
+        span = dict(cols=(18, 29), crop=((2, 11), (20, 29)))
     for kind, sigmoid in KINDS:
         a1, w1, a2, w2 = acc_c.clone(), wsum_c.clone(), acc_c.cpu(), wsum_c.cpu()
         o1, o2 = _out_for(kind, 3, (4, 9, 9)).cuda(), _out_for(kind, 3, (4, 9, 9))
-        kw = dict(kind=kind, crop=((20, 29), (2, 11)), out_z0=12, rows=(18, 31),
-                  sigmoid=sigmoid, threshold=agg.logit_threshold(0.5), zero_after=True)  # fmt: skip
+        kw = dict(kind=kind, out_z0=12, sigmoid=sigmoid, threshold=agg.logit_threshold(0.5),
+                  zero_after=True, **span)  # fmt: skip
         agg.finalize(a1, w1, (12, 16), o1, **kw)
         agg.finalize(a2, w2, (12, 16), o2, use_native=False, **kw)
         torch.cuda.synchronize()

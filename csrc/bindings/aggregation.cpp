@@ -44,19 +44,19 @@ WindowWeights make_weights(std::uintptr_t wz, std::uintptr_t wy, std::uintptr_t 
                        roi_d, roi_h, roi_w, clamp_min};
 }
 
+// ranges: z0, z1, r0, r1, q0, q1 (planes, rows, columns finalized), y0, y1, x0, x1 (crop).
 FinalizeArgs make_finalize(std::uintptr_t acc, std::uintptr_t wsum, int64_t channels,
-                           int64_t ring, int64_t height, int64_t width, int64_t z0, int64_t z1,
-                           int64_t r0, int64_t r1, int64_t y0, int64_t y1, int64_t x0,
-                           int64_t x1, int64_t out_z0,
+                           int64_t ring, int64_t height, int64_t width,
+                           const std::array<int64_t, 10>& ranges, int64_t out_z0,
                            std::uintptr_t out, int64_t out_d, int64_t out_h, int64_t out_w,
                            int kind, bool sigmoid, float threshold, bool zero_after) {
   if (kind < aggregate::kOutFloat32 || kind > aggregate::kOutLabelU16) {
     throw std::invalid_argument("aggregate finalize: unknown output kind");
   }
+  const auto& r = ranges;
   return FinalizeArgs{ptr<float>(acc), ptr<float>(wsum), make_geom(channels, ring, height, width),
-                      z0, z1, r0, r1, y0, y1, x0, x1, out_z0, ptr<void>(out), out_d, out_h,
-                      out_w,
-                      kind, sigmoid, threshold, zero_after};
+                      r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], out_z0,
+                      ptr<void>(out), out_d, out_h, out_w, kind, sigmoid, threshold, zero_after};
 }
 
 }  // namespace
@@ -78,22 +78,21 @@ void register_aggregation(py::module_& m) {
                                    add_weight);
       },
       "Weighted scatter-add of count x C x roi patches (element strides: batch, c, z, y, x) "
-      "into a C x ring x height x W accumulator (planes and rows stored modulo ring, height).");
+      "into a C x ring x height x width accumulator (indices stored modulo those sizes).");
   m.def(
       "aggregate_finalize_cpu",
       [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
-         int64_t width, int64_t z0, int64_t z1, int64_t r0, int64_t r1, int64_t y0, int64_t y1,
-         int64_t x0, int64_t x1, int64_t out_z0, std::uintptr_t out, int64_t out_d,
-         int64_t out_h, int64_t out_w, int kind, bool sigmoid, float threshold, bool zero_after) {
+         int64_t width, std::array<int64_t, 10> ranges, int64_t out_z0, std::uintptr_t out,
+         int64_t out_d, int64_t out_h, int64_t out_w, int kind, bool sigmoid, float threshold,
+         bool zero_after) {
         FinalizeArgs args =
-            make_finalize(acc, wsum, channels, ring, height, width, z0, z1, r0, r1, y0, y1, x0,
-                          x1, out_z0, out, out_d, out_h, out_w, kind, sigmoid, threshold,
-                          zero_after);
+            make_finalize(acc, wsum, channels, ring, height, width, ranges, out_z0, out, out_d,
+                          out_h, out_w, kind, sigmoid, threshold, zero_after);
         py::gil_scoped_release release;
         aggregate::finalize_cpu(args);
       },
-      "Normalise planes [z0, z1) x rows [r0, r1) by the weight sum and write the requested "
-      "output kind.");
+      "Normalise planes x rows x columns (ranges: z0, z1, r0, r1, q0, q1, crop y0, y1, x0, x1) "
+      "by the weight sum and write the requested output kind.");
   m.def(
       "aggregate_zero_cpu",
       [](std::uintptr_t data, int64_t count) {
@@ -120,14 +119,12 @@ void register_aggregation(py::module_& m) {
   m.def(
       "aggregate_finalize_cuda",
       [](std::uintptr_t acc, std::uintptr_t wsum, int64_t channels, int64_t ring, int64_t height,
-         int64_t width, int64_t z0, int64_t z1, int64_t r0, int64_t r1, int64_t y0, int64_t y1,
-         int64_t x0, int64_t x1, int64_t out_z0, std::uintptr_t out, int64_t out_d,
-         int64_t out_h, int64_t out_w, int kind, bool sigmoid, float threshold, bool zero_after,
-         std::uintptr_t stream) {
+         int64_t width, std::array<int64_t, 10> ranges, int64_t out_z0, std::uintptr_t out,
+         int64_t out_d, int64_t out_h, int64_t out_w, int kind, bool sigmoid, float threshold,
+         bool zero_after, std::uintptr_t stream) {
         aggregate::finalize_cuda(
-            make_finalize(acc, wsum, channels, ring, height, width, z0, z1, r0, r1, y0, y1, x0,
-                          x1, out_z0, out, out_d, out_h, out_w, kind, sigmoid, threshold,
-                          zero_after),
+            make_finalize(acc, wsum, channels, ring, height, width, ranges, out_z0, out, out_d,
+                          out_h, out_w, kind, sigmoid, threshold, zero_after),
             stream);
       },
       "CUDA aggregate_finalize_cpu on `stream`.");

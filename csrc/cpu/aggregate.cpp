@@ -54,7 +54,8 @@ namespace {
 // A window of the batch that covers a global plane: its index b in the batch, corner, and the
 // plane's weight factor wz[z - sz].
 struct PlaneWindow {
-  int64_t b, sz, sy, sx;
+  int64_t b, sz, sy;
+  int64_t gx, split;  // stored column of the window's first one; columns before the wrap
   float fz;
 };
 
@@ -62,12 +63,24 @@ struct PlaneWindow {
 constexpr int64_t kGroup = 8;
 constexpr int64_t kAhead = 4;
 
+// d[i] += src[i * sxs] * w(fzy, wx[i]) for i < n (sxs == 1: the fast, vectorised path).
+HERMES_ALWAYS_INLINE void add_run(float* __restrict__ d, const float* __restrict__ src,
+                                  int64_t sxs, const float* __restrict__ wx, int64_t n, float fzy,
+                                  float clamp_min) {
+  if (sxs == 1) {
+    for (int64_t x = 0; x < n; ++x) d[x] += src[x] * window_weight(fzy, wx[x], clamp_min);
+  } else {
+    for (int64_t x = 0; x < n; ++x) d[x] += src[x * sxs] * window_weight(fzy, wx[x], clamp_min);
+  }
+}
+
 // Adds global plane z of every window in `wins` (ascending b): each accumulator row is loaded
 // once, gets the contributions of all windows covering it in batch order, and is stored once,
 // so a batch of overlapping windows moves the shared rows through memory once (the same sums,
 // in the same order, as adding the windows one after another). Weights are computed on the
-// fly (window_weight). Global row y is stored at row y % H: the caller keeps the rows of one
-// call within H consecutive ones, so that no two of them share a stored row.
+// fly (window_weight). Global row y is stored at row y % H and a window's row in one run, or in
+// two where its columns wrap at W: the caller keeps the rows (columns) of one call within H (W)
+// consecutive ones, so that no two of them share a stored row (column).
 HERMES_MULTIVERSION
 void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
                const PatchStrides& st, const WindowWeights& wt, int64_t z,
@@ -92,8 +105,10 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
         const PlaneWindow& w = wins[k];
         if (y < w.sy || y >= w.sy + rh) continue;
         const float fzy = w.fz * wt.wy[y - w.sy];
-        float* __restrict__ d = dst + w.sx;
-        for (int64_t x = 0; x < rw; ++x) d[x] += window_weight(fzy, wx[x], clamp_min);
+        float* __restrict__ d = dst + w.gx;
+        for (int64_t x = 0; x < w.split; ++x) d[x] += window_weight(fzy, wx[x], clamp_min);
+        for (int64_t x = w.split; x < rw; ++x)
+          dst[x - w.split] += window_weight(fzy, wx[x], clamp_min);
       }
     }
   }
@@ -104,26 +119,26 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
       for (int64_t k = 0; k < nwin; ++k) {
         const PlaneWindow& w = wins[k];
         if (y < w.sy || y >= w.sy + rh) continue;
-        const float* __restrict__ src =
+        const float* src =
             patches + w.b * st.batch + c * st.c + (z - w.sz) * st.z + (y - w.sy) * st.y;
-        float* __restrict__ d = dst_row + w.sx;
         // Short runs at large strides defeat the hardware prefetchers: the row kAhead ahead is
         // requested in one burst (unrolled; as a loop, or spread over the row, 15-30 % slower).
         if (y + kAhead < w.sy + rh) {
-          const float* ahead = dst_plane + next(gy, kAhead) * W + w.sx;
+          const float* ahead = dst_plane + next(gy, kAhead) * W;
 #pragma GCC unroll 16
-          for (int64_t x = 0; x < rw; x += 16) {
-            __builtin_prefetch(ahead + x, 1);
-            if (st.x == 1) __builtin_prefetch(src + kAhead * st.y + x, 0);
+          for (int64_t x = 0; x < w.split; x += 16) __builtin_prefetch(ahead + w.gx + x, 1);
+#pragma GCC unroll 16
+          for (int64_t x = w.split; x < rw; x += 16) __builtin_prefetch(ahead + x - w.split, 1);
+          if (st.x == 1) {
+#pragma GCC unroll 16
+            for (int64_t x = 0; x < rw; x += 16) __builtin_prefetch(src + kAhead * st.y + x, 0);
           }
         }
         const float fzy = w.fz * wt.wy[y - w.sy];
-        if (st.x == 1) {
-          for (int64_t x = 0; x < rw; ++x) d[x] += src[x] * window_weight(fzy, wx[x], clamp_min);
-        } else {
-          const int64_t sxs = st.x;
-          for (int64_t x = 0; x < rw; ++x)
-            d[x] += src[x * sxs] * window_weight(fzy, wx[x], clamp_min);
+        add_run(dst_row + w.gx, src, st.x, wx, w.split, fzy, clamp_min);
+        if (w.split < rw) {
+          add_run(dst_row, src + w.split * st.x, st.x, wx + w.split, rw - w.split, fzy,
+                  clamp_min);
         }
       }
     }
@@ -135,24 +150,27 @@ void add_plane(float* acc, float* wsum, const AccGeometry& geom, const float* pa
 void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const float* patches,
                      const PatchStrides& strides, const int64_t* starts, int64_t count,
                      const WindowWeights& weights, bool add_weight) {
-  const int64_t L = geom.ring, H = geom.height;
-  const int64_t rd = weights.roi_d, rh = weights.roi_h;
+  const int64_t roi[3] = {weights.roi_d, weights.roi_h, weights.roi_w};
+  const int64_t size[3] = {geom.ring, geom.height, geom.width};
   // Windows go in groups of up to kGroup consecutive ones; a group is added plane by plane
-  // (the planes are independent). Groups whose planes or rows would alias in the ring are split.
+  // (the planes are independent). Groups whose planes, rows or columns would alias in the
+  // accumulator are split.
   for (int64_t g0 = 0; g0 < count;) {
-    int64_t z_lo = starts[3 * g0], z_hi = z_lo + rd, g1 = g0 + 1;
-    int64_t y_lo = starts[3 * g0 + 1], y_hi = y_lo + rh;
-    while (g1 < count && g1 - g0 < kGroup) {
-      const int64_t sz = starts[3 * g1], sy = starts[3 * g1 + 1];
-      const int64_t lo = std::min(z_lo, sz), hi = std::max(z_hi, sz + rd);
-      const int64_t ylo = std::min(y_lo, sy), yhi = std::max(y_hi, sy + rh);
-      if (hi - lo > L || yhi - ylo > H) break;
-      z_lo = lo;
-      z_hi = hi;
-      y_lo = ylo;
-      y_hi = yhi;
-      ++g1;
+    int64_t lo[3], hi[3], g1 = g0 + 1;
+    for (int a = 0; a < 3; ++a) hi[a] = (lo[a] = starts[3 * g0 + a]) + roi[a];
+    for (; g1 < count && g1 - g0 < kGroup; ++g1) {
+      bool fits = true;
+      for (int a = 0; a < 3; ++a) {
+        const int64_t s = starts[3 * g1 + a];
+        fits = fits && std::max(hi[a], s + roi[a]) - std::min(lo[a], s) <= size[a];
+      }
+      if (!fits) break;
+      for (int a = 0; a < 3; ++a) {
+        lo[a] = std::min(lo[a], starts[3 * g1 + a]);
+        hi[a] = std::max(hi[a], starts[3 * g1 + a] + roi[a]);
+      }
     }
+    const int64_t z_lo = lo[0], z_hi = hi[0], rd = roi[0], W = geom.width;
 #ifdef HERMES_WITH_OPENMP
 #pragma omp parallel for schedule(dynamic, 2)
 #endif
@@ -162,7 +180,9 @@ void add_patches_cpu(float* acc, float* wsum, const AccGeometry& geom, const flo
       for (int64_t b = g0; b < g1; ++b) {
         const int64_t sz = starts[3 * b];
         if (z < sz || z >= sz + rd) continue;
-        wins[nwin++] = PlaneWindow{b, sz, starts[3 * b + 1], starts[3 * b + 2], weights.wz[z - sz]};
+        const int64_t gx = starts[3 * b + 2] % W;
+        wins[nwin++] = PlaneWindow{b, sz, starts[3 * b + 1], gx, std::min(roi[2], W - gx),
+                                   weights.wz[z - sz]};
       }
       if (nwin > 0)
         add_plane(acc, wsum, geom, patches, strides, weights, z, wins, nwin, add_weight);
@@ -177,25 +197,23 @@ namespace {
 // streams than single rows for the prefetchers), the label scratch stays in the L1/L2 caches.
 constexpr int64_t kRowBlock = 16;
 
-// Finalizes global rows [ya, yb) of global plane z (inside the crop) into the output; `best`
-// and `arg` hold (yb - ya) x (x1 - x0) floats.
+// Finalizes global rows [ya, yb) x columns [xa, xb) of global plane z (inside the crop; the
+// columns stored in one run) into the output; `best` and `arg` hold (yb - ya) x (xb - xa) floats.
 HERMES_MULTIVERSION
-void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb,
-                   float* __restrict__ best, float* __restrict__ arg) {
+void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb, int64_t xa,
+                   int64_t xb, float* __restrict__ best, float* __restrict__ arg) {
   const int64_t C = a.geom.channels, L = a.geom.ring, H = a.geom.height, W = a.geom.width;
   const int64_t plane = H * W;
-  const int64_t gz = z % L;
-  const int64_t n = a.x1 - a.x0;
+  const int64_t gz = z % L, gx = xa % W;
+  const int64_t n = xb - xa;
   const int64_t out_plane = a.out_h * a.out_w;
   const int64_t out_volume = a.out_d * out_plane;
-  auto wrow = [&](int64_t y) -> const float* {
-    return a.wsum + gz * plane + (y % H) * W + a.x0;
-  };
+  auto wrow = [&](int64_t y) -> const float* { return a.wsum + gz * plane + (y % H) * W + gx; };
   auto acc_row = [&](int64_t c, int64_t y) -> const float* {
-    return a.acc + (c * L + gz) * plane + (y % H) * W + a.x0;
+    return a.acc + (c * L + gz) * plane + (y % H) * W + gx;
   };
   auto out_row = [&](int64_t y) -> int64_t {
-    return (z - a.out_z0) * out_plane + (y - a.y0) * a.out_w;
+    return (z - a.out_z0) * out_plane + (y - a.y0) * a.out_w + (xa - a.x0);
   };
   const ExpBounds exp_bounds;
   switch (a.kind) {
@@ -301,7 +319,10 @@ void finalize_cpu(const FinalizeArgs& a) {
   const int64_t rows = a.r1 - a.r0;
   const int64_t blocks_per_plane = (rows + kRowBlock - 1) / kRowBlock;
   const int64_t blocks = (a.z1 - a.z0) * blocks_per_plane;
-  const int64_t n = std::max<int64_t>(a.x1 - a.x0, 0);
+  // the columns in at most two runs of stored columns (they wrap at W)
+  const int64_t wrap = std::min(a.q1, a.q0 + W - a.q0 % W);
+  const int64_t runs[2][2] = {{a.q0, wrap}, {wrap, a.q1}};
+  const int64_t n = std::max<int64_t>(std::min(a.x1, a.q1) - std::max(a.x0, a.q0), 0);
 #ifdef HERMES_WITH_OPENMP
 #pragma omp parallel
 #endif
@@ -316,15 +337,22 @@ void finalize_cpu(const FinalizeArgs& a) {
       const int64_t ya = a.r0 + (r % blocks_per_plane) * kRowBlock;
       const int64_t yb = std::min(ya + kRowBlock, a.r1);
       const int64_t ca = std::max(ya, a.y0), cb = std::min(yb, a.y1);  // inside the crop
-      if (ca < cb && n > 0) finalize_rows(a, z, ca, cb, best.data(), arg.data());
-      if (a.zero_after) {  // stored rows [ya % H, ...), in two runs where they wrap
+      for (const auto& run : runs) {
+        const int64_t xa = std::max(run[0], a.x0), xb = std::min(run[1], a.x1);
+        if (ca < cb && xa < xb) finalize_rows(a, z, ca, cb, xa, xb, best.data(), arg.data());
+      }
+      if (a.zero_after) {  // the stored rows and columns, in runs split where they wrap
         const int64_t gz = z % L;
+        const bool whole = a.q0 % W == 0 && a.q1 - a.q0 == W;  // consecutive rows: one run
         for (int64_t y = ya; y < yb;) {
-          const int64_t gy = y % H, len = std::min(yb - y, H - gy);
-          const int64_t row = gz * plane + gy * W;
-          const size_t bytes = sizeof(float) * static_cast<size_t>(len * W);
-          for (int64_t c = 0; c < C; ++c) std::memset(a.acc + c * L * plane + row, 0, bytes);
-          std::memset(a.wsum + row, 0, bytes);
+          const int64_t gy = y % H, len = whole ? std::min(yb - y, H - gy) : 1;
+          for (const auto& run : runs) {
+            if (run[0] >= run[1]) continue;
+            const int64_t at = gz * plane + gy * W + run[0] % W;
+            const size_t bytes = sizeof(float) * static_cast<size_t>(len * (run[1] - run[0]));
+            for (int64_t c = 0; c < C; ++c) std::memset(a.acc + c * L * plane + at, 0, bytes);
+            std::memset(a.wsum + at, 0, bytes);
+          }
           y += len;
         }
       }

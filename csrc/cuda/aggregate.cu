@@ -38,7 +38,7 @@ __global__ void add_patch_kernel(float* __restrict__ acc, float* __restrict__ ws
   const int64_t plane = geom.height * geom.width;
   const int64_t gz = (sz + z) % geom.ring;
   const float weight = window_weight(w.wz[z] * w.wy[y], w.wx[x], w.clamp_min);
-  const int64_t dst = gz * plane + ((sy + y) % geom.height) * geom.width + sx + x;
+  const int64_t dst = gz * plane + ((sy + y) % geom.height) * geom.width + (sx + x) % geom.width;
   if (add_weight) wsum[dst] = __fadd_rn(wsum[dst], weight);  // rounded add, as the CPU
   const int64_t src = z * st.z + y * st.y + x * st.x;
   const int64_t acc_channel = geom.ring * plane;
@@ -51,17 +51,17 @@ __global__ void add_patch_kernel(float* __restrict__ acc, float* __restrict__ ws
 
 __device__ __forceinline__ float logistic(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-// One thread per voxel of planes [z0, z1) x rows [r0, r1) (whole rows, so that zero_after
-// resets the padding).
+// One thread per voxel of planes [z0, z1) x rows [r0, r1) x columns [q0, q1) (the voxels
+// outside the crop too, so that zero_after resets the padding).
 __global__ void finalize_kernel(FinalizeArgs a) {
-  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t x = a.q0 + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   const int64_t y = a.r0 + blockIdx.y;
   const int64_t z = a.z0 + blockIdx.z;
   const int64_t W = a.geom.width, H = a.geom.height, C = a.geom.channels;
-  if (x >= W) return;
+  if (x >= a.q1) return;
   const int64_t plane = H * W;
   const int64_t acc_channel = a.geom.ring * plane;
-  const int64_t at = (z % a.geom.ring) * plane + (y % H) * W + x;
+  const int64_t at = (z % a.geom.ring) * plane + (y % H) * W + x % W;
   const bool inside = y >= a.y0 && y < a.y1 && x >= a.x0 && x < a.x1;
   if (inside) {
     const float wt = a.wsum[at];
@@ -138,13 +138,14 @@ void add_patches_cuda(float* acc, float* wsum, const AccGeometry& geom, const fl
 }
 
 void finalize_cuda(const FinalizeArgs& args, std::uintptr_t stream) {
-  if (args.z1 <= args.z0 || args.r1 <= args.r0 || args.geom.width == 0) return;
+  if (args.z1 <= args.z0 || args.r1 <= args.r0 || args.q1 <= args.q0) return;
   if (args.r1 - args.r0 > 65535 || args.z1 - args.z0 > 65535) {
     throw std::runtime_error("hermes aggregate (CUDA): slab rows/planes above 65535");
   }
-  const int threads = threads_for(args.geom.width);
+  const int64_t cols = args.q1 - args.q0;
+  const int threads = threads_for(cols);
   const dim3 block(threads);
-  const dim3 grid(static_cast<unsigned>((args.geom.width + threads - 1) / threads),
+  const dim3 grid(static_cast<unsigned>((cols + threads - 1) / threads),
                   static_cast<unsigned>(args.r1 - args.r0),
                   static_cast<unsigned>(args.z1 - args.z0));
   finalize_kernel<<<grid, block, 0, as_stream(stream)>>>(args);

@@ -79,10 +79,8 @@ class PatchAggregator:
             as that coordinate advances.
         stream_axis: spatial axis of the streaming (0 = first). Accumulators then take
             ``(C + 1) x roi[a] x (the other two sizes)`` floats: the longest axis relative to the
-            window saves the most. The first two axes of a volume (the first of an image) keep
-            a ring of planes or of rows and read patches in place; the last axis reads them
-            through a transposed view (slower) and transposes the output at the end. Use
-            ``best_stream_axis`` to pick one.
+            window saves the most (``best_stream_axis`` picks it). Any axis keeps a ring of
+            planes, rows or columns and reads patches in their own layout.
         device: where accumulators and the output live.
         crop: ``(lo, hi)`` per spatial axis: only that region is written to the output
             (sliding-window inference uses it to drop padding). Default: everything.
@@ -138,13 +136,8 @@ class PatchAggregator:
                 f"stream_axis must be a spatial axis in [0, {self.spatial_ndim}), "
                 f"got {stream_axis!r}"
             )
-        # Kernel coordinates (z, y, x): streaming along z or y keeps a ring of planes or rows
-        # (identity); streaming along x puts that axis first, as a ring of planes.
-        axis = stream_axis + 3 - self.spatial_ndim if self.streaming else 0
-        self._ring_axis = min(axis, 1)
-        first = 2 if axis == 2 else 0
-        self._perm = (first, *(i for i in range(3) if i != first))
-        self._inv = tuple(self._perm.index(i) for i in range(3))
+        # the ring's axis in (z, y, x) (2-D images get a unit z)
+        self._ring_axis = stream_axis + 3 - self.spatial_ndim if self.streaming else 0
         self._shape3 = shape if len(shape) == 3 else (1, *shape)
         self._roi3 = roi if len(roi) == 3 else (1, *roi)
         if crop is None:
@@ -164,13 +157,7 @@ class PatchAggregator:
             if len(sig3) != self.spatial_ndim:
                 raise ValueError(f"sigma_scale must be one value or one per axis, got {sig3}")
             sig3 = sig3 if len(sig3) == 3 else (1.0, *sig3)
-        perm = self._perm
-        self._kshape = tuple(self._shape3[i] for i in perm)
-        self._kroi = tuple(self._roi3[i] for i in perm)
-        self._kcrop = tuple(self._crop3[i] for i in perm)
-        self._tables = ops.window_tables(
-            self._kroi, mode, tuple(sig3[i] for i in perm), device=self.device
-        )
+        self._tables = ops.window_tables(self._roi3, mode, sig3, device=self.device)
 
         # output kind -> kernel kind
         self._sigmoid = output == "probs"
@@ -196,16 +183,16 @@ class PatchAggregator:
         crop_shape = tuple(hi - lo for lo, hi in self._crop3)
         self.output_shape: tuple[int, ...] = (out_channels, *crop_shape)
 
-        D, H, W = self._kshape
+        D, H, W = self._shape3
         self._in_place = (
             self._kind == ops.OUTPUT_FLOAT32 and not self._sigmoid and not self.streaming
         )
-        ring = self._kroi[self._ring_axis] if self.streaming else D
+        # accumulator planes x rows x columns: the volume's, or a ring of the window's size
+        ring = self._roi3[self._ring_axis] if self.streaming else D
         self._ring = ring
-        # accumulator planes x rows: a ring of planes (R x H) or of rows (D x R)
-        pr = (ring, H) if self._ring_axis == 0 else (D, ring)
+        dims = [D, H, W]
+        dims[self._ring_axis] = ring
         self._buffer: torch.Tensor | None = None
-        self._user_out: torch.Tensor | None = None
         if self._in_place:
             if out is not None:
                 self._check_tensor(out, (channels, D, H, W), torch.float32, "out")
@@ -218,19 +205,17 @@ class PatchAggregator:
             self._wsum = self._buffer.view(D, H, W)
             self._out = self._acc
         else:
-            n = pr[0] * pr[1] * W
+            n = math.prod(dims)
             self._buffer = _workspace.acquire((channels + 1) * n, self.device, self.reuse_buffers)
-            self._acc = self._buffer[: channels * n].view(channels, *pr, W)
-            self._wsum = self._buffer[channels * n :].view(*pr, W)
-            kernel_shape = (self.output_shape[0], *(hi - lo for lo, hi in self._kcrop))
+            self._acc = self._buffer[: channels * n].view(channels, *dims)
+            self._wsum = self._buffer[channels * n :].view(*dims)
             if out is not None:
                 self._check_tensor(out, self.output_shape_3d, self.output_dtype, "out")
-                if self._perm == (0, 1, 2):
-                    self._out = out.view(self.output_shape_3d)
-                else:
-                    self._user_out = out.view(self.output_shape_3d)
-            if out is None or self._user_out is not None:
-                self._out = torch.empty(kernel_shape, dtype=self.output_dtype, device=self.device)
+                self._out = out.view(self.output_shape_3d)
+            else:
+                self._out = torch.empty(
+                    self.output_shape_3d, dtype=self.output_dtype, device=self.device
+                )
         self._done = 0  # planes (rows) [0, _done) along the ring axis are final (streaming)
         self._z = 0  # current (largest) patch corner along the ring axis (streaming)
         self._finalized = False
@@ -309,14 +294,10 @@ class PatchAggregator:
             raise ValueError(
                 f"patch locations must keep the window inside the volume {self._shape3[3 - nd:]}"
             )
-        if self._perm != (0, 1, 2):
-            loc = loc[:, list(self._perm)]
-            patches = patches.permute(0, 1, *(2 + i for i in self._perm))
         loc = loc.contiguous()
         if not self.streaming:
             ops.add_patches(self._acc, self._wsum, patches, loc, self._tables)
             return
-        row_ring = self._ring_axis == 1
         zs = loc[:, self._ring_axis].tolist()
         begin = 0
         for i in range(B + 1):
@@ -333,34 +314,35 @@ class PatchAggregator:
                 self._z = z
             ops.add_patches(
                 self._acc, self._wsum, patches[begin:i], loc[begin:i], self._tables,
-                row_ring=row_ring,
+                ring_axis=self._ring_axis,
             )  # fmt: skip
             begin = i
 
     def _flush(self, until: int) -> None:
-        """Finalises planes (rows) [_done, until) into the output and resets their accumulators."""
-        (cz0, cz1), (cy0, cy1), (cx0, cx1) = self._kcrop
+        """Finalises planes (rows, columns) [_done, until) along the ring's axis into the output
+        and resets their accumulators."""
         a, ring = self._ring_axis, self._ring
-        c0, c1 = self._kcrop[a]
+        crop = list(self._crop3)
         s = self._done
         while s < until:
             e = min(until, s + ring)
-            lo, hi = max(s, c0), min(e, c1)
+            lo, hi = max(s, crop[a][0]), min(e, crop[a][1])
             for p in [*range(s, min(lo, e)), *range(max(hi, s), e)]:
                 self._acc.select(1 + a, p % ring).zero_()  # outside the crop: just reset
                 self._wsum.select(a, p % ring).zero_()
             if lo < hi:
-                if a == 0:
-                    planes, rows = (lo, hi), None
-                else:  # the rows' planes outside the crop: just reset
-                    planes, rows = (cz0, cz1), (lo, hi)
+                # finalize resets all rows and columns of its planes; planes outside the crop
+                # (a ring of rows or columns) are reset here
+                span = [(0, n) for n in self._shape3]
+                span[0], span[a] = crop[0], (lo, hi)
+                if a > 0:
                     at = torch.arange(lo, hi, device=self.device) % ring
-                    for part in (slice(0, cz0), slice(cz1, None)):
-                        self._acc[:, part].index_fill_(2, at, 0.0)
-                        self._wsum[part].index_fill_(1, at, 0.0)
+                    for part in (slice(0, crop[0][0]), slice(crop[0][1], None)):
+                        self._acc[:, part].index_fill_(1 + a, at, 0.0)
+                        self._wsum[part].index_fill_(a, at, 0.0)
                 ops.finalize(
-                    self._acc, self._wsum, planes, self._out, kind=self._kind,
-                    crop=((cy0, cy1), (cx0, cx1)), out_z0=cz0, rows=rows,
+                    self._acc, self._wsum, span[0], self._out, kind=self._kind,
+                    crop=crop[1:], out_z0=crop[0][0], rows=span[1], cols=span[2],
                     sigmoid=self._sigmoid, threshold=self._threshold, zero_after=True,
                 )  # fmt: skip
             s = e
@@ -379,14 +361,8 @@ class PatchAggregator:
             result = self._acc[(slice(None), *(slice(lo, hi) for lo, hi in self._crop3))]
             ops.zero_(self._wsum)
         else:
-            self._flush(self._kshape[self._ring_axis])
+            self._flush(self._shape3[self._ring_axis])
             result = self._out
-            if self._perm != (0, 1, 2):
-                back = result.permute(0, *(1 + i for i in self._inv))
-                if self._user_out is not None:
-                    result = self._user_out.copy_(back)
-                else:
-                    result = back.contiguous()
         assert self._buffer is not None
         _workspace.release(self._buffer, self.reuse_buffers)
         self._buffer = None

@@ -1,11 +1,10 @@
 """Weighted patch aggregation kernels for sliding-window inference (front end).
 
 The accumulator of one image is a float32 tensor ``acc`` of shape ``C x R x H x W`` plus a weight
-sum ``wsum`` of shape ``R x H x W``. Global plane ``z`` (first spatial axis) lives at plane
-``z % R`` and global row ``y`` at row ``y % H``: with ``R == D`` and ``H`` the volume's height
-this is the whole volume; with ``R`` equal to the window depth it is a ring of planes, and with
-``H`` equal to the window height (``row_ring``) a ring of rows, that only holds the slab that
-windows still touch (streaming along the first or the second axis).
+sum ``wsum`` of shape ``R x H x W``. Global voxel ``(z, y, x)`` lives at ``(z % R, y % H,
+x % W)``: with the volume's sizes this is the whole volume; with ``R`` (``H``, ``W``) equal to
+the window's size along that axis it is a ring of planes (rows, columns) that only holds the
+slab that windows still touch (streaming along that axis, see ``ring_axis``).
 
 Window weights are separable tables, ``w[z, y, x] = max((wz[z] * wy[y]) * wx[x], clamp_min)``
 in float32, which reproduces MONAI's ``compute_importance_map`` bit for bit without storing a
@@ -239,7 +238,7 @@ def add_patches(
     tables: WindowTables,
     *,
     add_weight: bool = True,
-    row_ring: bool = False,
+    ring_axis: int = 0,
     use_native: bool = True,
 ) -> None:
     """Adds weighted patches into the accumulator, in place, in the order given.
@@ -250,12 +249,13 @@ def add_patches(
         patches: ``B x C x roi_d x roi_h x roi_w`` predictions, any strides (converted to
             float32 on ``acc``'s device when needed; a unit stride along the last axis is the
             fast path).
-        starts: ``B x 3`` global corners ``(z, y, x)`` of the patches, in voxels; the patch must
-            fit in ``W``, span at most ``R`` planes, and fit in ``H`` (or, with ``row_ring``,
-            span at most ``H`` rows).
+        starts: ``B x 3`` global corners ``(z, y, x)`` of the patches, in voxels; a patch spans
+            at most ``R`` planes (planes always wrap) and fits in ``H`` and ``W``, except along
+            ``ring_axis``, where it spans at most ``H`` rows (``W`` columns).
         tables: window weights (see ``window_tables``) of size ``roi``.
         add_weight: also accumulate the weights into ``wsum``.
-        row_ring: rows are a ring (global row ``y`` at ``y % H``, ``y`` unbounded).
+        ring_axis: 1 (2): rows (columns) wrap too, global ``y`` (``x``) unbounded; 0: only
+            planes do.
         use_native: False forces the pure-PyTorch reference (for tests).
     """
     C, R, H, W = _check_accumulator(acc, wsum)
@@ -275,10 +275,13 @@ def add_patches(
         return
     if int(s.min()) < 0:
         raise ValueError("patch corners must be non-negative")
-    if row_ring and rh > H:
-        raise ValueError(f"a window spans {rh} rows but the accumulator holds only {H}")
-    if (not row_ring and int(s[:, 1].max()) + rh > H) or int(s[:, 2].max()) + rw > W:
-        raise ValueError(f"a patch extends past the accumulator's H x W = {H} x {W}")
+    if ring_axis not in (0, 1, 2):
+        raise ValueError(f"ring_axis must be 0, 1 or 2, got {ring_axis!r}")
+    for axis, (span, size, name) in enumerate([(rh, H, "rows"), (rw, W, "columns")], start=1):
+        if axis == ring_axis and span > size:
+            raise ValueError(f"a window spans {span} {name} but the accumulator holds only {size}")
+        if axis != ring_axis and int(s[:, axis].max()) + span > size:
+            raise ValueError(f"a patch extends past the accumulator's H x W = {H} x {W}")
     if tables.tables.device != acc.device:
         tables = tables.to(acc.device)
     # any strided float32 layout is read in place (e.g. a transposed view for streaming along
@@ -308,14 +311,15 @@ def add_patches_reference(
     add_weight: bool = True,
 ) -> None:
     """Pure-PyTorch ``add_patches`` (same arguments, already validated)."""
-    R, H = acc.shape[1:3]
+    R, H, W = acc.shape[1:]
     rd, rh, rw = tables.roi
     w = weight_map(tables.to(acc.device))
     for b in range(patches.shape[0]):
         z, y, x = (int(v) for v in starts[b])
         planes = (torch.arange(rd, device=acc.device) + z) % R
         rows = (torch.arange(rh, device=acc.device) + y) % H
-        region = (slice(None), planes[:, None], rows[None, :], slice(x, x + rw))
+        cols = (torch.arange(rw, device=acc.device) + x) % W
+        region = (slice(None), planes[:, None, None], rows[None, :, None], cols[None, None, :])
         acc[region] = acc[region] + patches[b].to(acc.device) * w
         if add_weight:
             wsum[region[1:]] = wsum[region[1:]] + w
@@ -335,12 +339,13 @@ def finalize(
     crop: Sequence[tuple[int, int]] | None = None,
     out_z0: int = 0,
     rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
     sigmoid: bool = False,
     threshold: float = 0.0,
     zero_after: bool = False,
     use_native: bool = True,
 ) -> None:
-    """Normalises planes ``[z0, z1)`` (rows ``rows``) by the weight sum and writes them to ``out``.
+    """Normalises planes ``[z0, z1)`` (``rows``, ``cols``) by the weight sum; writes ``out``.
 
     With ``v = acc / wsum`` per voxel: ``OUTPUT_FLOAT32``/``OUTPUT_FLOAT16`` write ``v`` (or
     ``sigmoid(v)``) as float32/float16 (``out``: ``C x Do x Ho x Wo``); ``OUTPUT_MASK`` writes
@@ -357,11 +362,12 @@ def finalize(
             ``(z, y, x)`` goes to ``out[:, z - out_z0, y - y0, x - x0]``.
         out_z0: global plane stored at ``out[:, 0]``.
         rows: global rows ``(r0, r1)`` of the planes to finalise, ``r1 - r0 <= H`` (a ring of
-            rows, see ``add_patches``' ``row_ring``); default ``(0, H)``, and then the crop must
+            rows, see ``add_patches``' ``ring_axis``); default ``(0, H)``, and then the crop must
             lie within ``H``.
+        cols: the same for columns (``W``).
         sigmoid: float kinds only: apply the logistic function.
         threshold: mask/label kinds: threshold on the averaged logit (see ``logit_threshold``).
-        zero_after: reset ``acc`` and ``wsum`` on planes ``[z0, z1)`` x ``rows`` (whole rows)
+        zero_after: reset ``acc`` and ``wsum`` on planes ``[z0, z1)`` x ``rows`` x ``cols``
             after reading.
         use_native: False forces the pure-PyTorch reference (for tests).
     """
@@ -370,15 +376,18 @@ def finalize(
     if not (0 <= z0 <= z1) or z1 - z0 > R:
         raise ValueError(f"z_range {z_range} must satisfy 0 <= z0 <= z1 <= z0 + {R}")
     (y0, y1), (x0, x1) = crop if crop is not None else ((0, H), (0, W))
-    if rows is None:
-        r0, r1 = 0, H
-        if y1 > H:
-            raise ValueError(f"crop {crop} must lie within H x W = {H} x {W}")
-    else:
-        r0, r1 = int(rows[0]), int(rows[1])
-        if not (0 <= r0 <= r1) or r1 - r0 > H:
-            raise ValueError(f"rows {rows} must satisfy 0 <= r0 <= r1 <= r0 + {H}")
-    if not (0 <= y0 <= y1 and 0 <= x0 <= x1 <= W):
+    spans = []
+    for span, size, lim, name in [(rows, H, y1, "rows"), (cols, W, x1, "cols")]:
+        if span is None:
+            span = (0, size)
+            if lim > size:
+                raise ValueError(f"crop {crop} must lie within H x W = {H} x {W}")
+        lo, hi = int(span[0]), int(span[1])
+        if not (0 <= lo <= hi) or hi - lo > size:
+            raise ValueError(f"{name} {span} must satisfy 0 <= lo <= hi <= lo + {size}")
+        spans.append((lo, hi))
+    (r0, r1), (q0, q1) = spans
+    if not (0 <= y0 <= y1 and 0 <= x0 <= x1):
         raise ValueError(f"crop {crop} must lie within H x W = {H} x {W}")
     if kind not in _OUTPUT_DTYPES:
         raise ValueError(f"unknown output kind {kind}")
@@ -405,11 +414,13 @@ def finalize(
     if fn is None:
         finalize_reference(
             acc, wsum, (z0, z1), out, kind=kind, crop=((y0, y1), (x0, x1)), out_z0=out_z0,
-            rows=(r0, r1), sigmoid=sigmoid, threshold=threshold, zero_after=zero_after,
+            rows=(r0, r1), cols=(q0, q1), sigmoid=sigmoid, threshold=threshold,
+            zero_after=zero_after,
         )  # fmt: skip
         return
     args = [
-        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, z0, z1, r0, r1, y0, y1, x0, x1, int(out_z0),
+        acc.data_ptr(), wsum.data_ptr(), C, R, H, W, [z0, z1, r0, r1, q0, q1, y0, y1, x0, x1],
+        int(out_z0),
         out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold), bool(zero_after),
     ]  # fmt: skip
     _call(fn, acc.device, *args)
@@ -425,26 +436,34 @@ def finalize_reference(
     crop: Sequence[tuple[int, int]],
     out_z0: int = 0,
     rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
     sigmoid: bool = False,
     threshold: float = 0.0,
     zero_after: bool = False,
 ) -> None:
     """Pure-PyTorch ``finalize`` (same arguments, already validated)."""
-    R, H = acc.shape[1:3]
+    R, H, W = acc.shape[1:]
     z0, z1 = z_range
     r0, r1 = rows if rows is not None else (0, H)
-    if z1 <= z0 or r1 <= r0:
-        return
+    q0, q1 = cols if cols is not None else (0, W)
     (y0, y1), (x0, x1) = crop
-    planes = torch.arange(z0, z1, device=acc.device) % R
-    ya, yb = max(r0, y0), min(r1, y1)  # rows written
-    if ya < yb:
-        at = (planes[:, None], (torch.arange(ya, yb, device=acc.device) % H)[None, :])
-        v = acc[(slice(None), *at, slice(x0, x1))] / wsum[(*at, slice(x0, x1))]
-        _write_output(v, out[:, z0 - out_z0 : z1 - out_z0, ya - y0 : yb - y0], kind, sigmoid,
-                      threshold)  # fmt: skip
-    if zero_after:
-        at = (planes[:, None], (torch.arange(r0, r1, device=acc.device) % H)[None, :])
+
+    def box(ys: tuple[int, int], xs: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """Stored indices of planes [z0, z1) x rows ys x columns xs (broadcast)."""
+        dev = acc.device
+        return (
+            (torch.arange(z0, z1, device=dev) % R)[:, None, None],
+            (torch.arange(*ys, device=dev) % H)[None, :, None],
+            (torch.arange(*xs, device=dev) % W)[None, None, :],
+        )
+
+    ya, yb, xa, xb = max(r0, y0), min(r1, y1), max(q0, x0), min(q1, x1)  # written
+    if z0 < z1 and ya < yb and xa < xb:
+        at = box((ya, yb), (xa, xb))
+        target = out[:, z0 - out_z0 : z1 - out_z0, ya - y0 : yb - y0, xa - x0 : xb - x0]
+        _write_output(acc[(slice(None), *at)] / wsum[at], target, kind, sigmoid, threshold)
+    if zero_after and z0 < z1 and r0 < r1 and q0 < q1:
+        at = box((r0, r1), (q0, q1))
         acc[(slice(None), *at)] = 0
         wsum[at] = 0
 

@@ -1,10 +1,10 @@
 // Weighted patch aggregation for sliding-window inference (CPU OpenMP and CUDA).
 //
-// The accumulator holds `ring` planes of `height` rows: global plane z is stored at plane
-// (z % ring) and global row y at row (y % height). With ring == D and height == H it is a plain
-// C x D x H x W volume; a ring of planes (ring equal to the window depth) or of rows (height
-// equal to the window height) holds only the slab that windows still touch (streaming mode
-// along the first or the second spatial axis; the patches are then read in their own layout).
+// The accumulator holds `ring` planes of `height` rows of `width` columns, and global voxel
+// (z, y, x) is stored at (z % ring, y % height, x % width). With the volume's own sizes it is a
+// plain C x D x H x W volume; a ring of planes, rows or columns (that size equal to the window's)
+// holds only the slab that windows still touch (streaming mode along that axis; the patches are
+// read in their own layout).
 // All buffers are contiguous float32 unless stated; the Python front end validates shapes,
 // dtypes, devices and bounds before calling, so these functions trust their arguments.
 #pragma once
@@ -15,8 +15,8 @@
 namespace hermes {
 namespace aggregate {
 
-// Geometry of the accumulator `acc` (C x ring x height x W) and of the weight sum `wsum`
-// (ring x height x W); plane and row indices are taken modulo ring and height.
+// Geometry of the accumulator `acc` (C x ring x height x width) and of the weight sum `wsum`
+// (ring x height x width); plane, row and column indices are taken modulo these sizes.
 struct AccGeometry {
   int64_t channels;
   int64_t ring;
@@ -68,16 +68,17 @@ struct FinalizeArgs {
   float* wsum;
   AccGeometry geom;
   int64_t z0, z1;     // global planes [z0, z1) to finalize (z1 - z0 <= ring)
-  int64_t r0, r1;     // global rows [r0, r1) of those planes to finalize (r1 - r0 <= height)
+  int64_t r0, r1;     // global rows [r0, r1) of those planes (r1 - r0 <= height)
+  int64_t q0, q1;     // global columns [q0, q1) of those rows (q1 - q0 <= width)
   int64_t y0, y1;     // crop rows (global) written to the output
-  int64_t x0, x1;     // crop columns written to the output
+  int64_t x0, x1;     // crop columns (global) written to the output
   int64_t out_z0;     // global plane stored at output plane 0
   void* out;          // (C|1) x out_d x out_h x out_w, element type from `kind`
   int64_t out_d, out_h, out_w;
   int kind;           // OutputKind
   bool sigmoid;       // float kinds: apply the logistic function
   float threshold;    // mask/label kinds: threshold on v (the logit of the probability threshold)
-  bool zero_after;    // reset acc and wsum of planes [z0, z1) x rows [r0, r1) (whole rows)
+  bool zero_after;    // reset acc and wsum on planes [z0, z1) x rows [r0, r1) x columns [q0, q1)
 };
 
 // Adds `count` patches (count x C x roi_d x roi_h x roi_w, element layout `strides`) weighted by
