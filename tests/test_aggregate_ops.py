@@ -225,58 +225,53 @@ def test_finalize_native_matches_reference(kind, sigmoid, H, rows):
     assert bool((acc[:, 0] != 0).any())
 
 
+# Rings of rows (axis 1) and columns (axis 2) for finalize: sizes of the accumulator, the global
+# span finalised, the crop, the output shape, the stored indices the span's crop part reads and
+# those it resets, and stored indices it must leave alone.
+#  rows: a ring of 20; global rows 33..51 live at stored 13..19, 0..11 (they wrap); the crop
+#    starts at global row 30 and ends inside the span (rows 33..44 written).
+#  columns: a ring of 12; global columns 17..26 live at stored 5..11, 0..2; the crop (15, 26)
+#    writes columns 17..25, the crop rows (1, 8) of 9.
+RING_SPANS = {
+    1: dict(size=(20, 10), span=(33, 52), crop=((30, 45), (2, 9)), out=(5, 15, 7),
+            read=[*range(13, 20), *range(0, 5)], other=slice(2, 9), at=(3, 15),
+            reset=[*range(13, 20), *range(0, 12)], kept=[12]),
+    2: dict(size=(9, 12), span=(17, 27), crop=((1, 8), (15, 26)), out=(5, 7, 11),
+            read=[*range(5, 12), 0, 1], other=slice(1, 8), at=(2, 11),
+            reset=[*range(5, 12), 0, 1, 2], kept=[3, 4]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("axis", [1, 2])
 @pytest.mark.parametrize("kind,sigmoid", KINDS[::2])
-def test_finalize_rows_of_a_ring_of_rows_match_reference(kind, sigmoid):
-    # A ring of 20 rows; global rows 33..51 live at stored rows 13..19, 0..11 (they wrap); the
-    # crop starts at global row 30 and ends inside the slab (rows 33..44 written).
-    acc, wsum, _, _, _ = _random_case(C=4, R=6, H=20, W=10)
-    z0, z1, rows, crop = 7, 11, (33, 52), ((30, 45), (2, 9))
-    out_native, out_ref = _out_for(kind, 4, (5, 15, 7)), _out_for(kind, 4, (5, 15, 7))
+def test_finalize_a_ring_of_rows_or_columns_matches_reference(axis, kind, sigmoid):
+    case = RING_SPANS[axis]
+    acc, wsum, _, _, _ = _random_case(C=4, R=6, H=case["size"][0], W=case["size"][1])
+    out_native, out_ref = _out_for(kind, 4, case["out"]), _out_for(kind, 4, case["out"])
     acc2, wsum2, before = acc.clone(), wsum.clone(), acc / wsum
-    kw = dict(kind=kind, crop=crop, out_z0=6, rows=rows, sigmoid=sigmoid,
-              threshold=agg.logit_threshold(0.6), zero_after=True)  # fmt: skip
-    agg.finalize(acc, wsum, (z0, z1), out_native, **kw)
-    agg.finalize(acc2, wsum2, (z0, z1), out_ref, use_native=False, **kw)
+    span = {"rows" if axis == 1 else "cols": case["span"]}
+    kw = dict(kind=kind, crop=case["crop"], out_z0=6, sigmoid=sigmoid,
+              threshold=agg.logit_threshold(0.6), zero_after=True, **span)  # fmt: skip
+    agg.finalize(acc, wsum, (7, 11), out_native, **kw)
+    agg.finalize(acc2, wsum2, (7, 11), out_ref, use_native=False, **kw)
     if sigmoid:
         torch.testing.assert_close(out_native.float(), out_ref.float(), rtol=1e-6, atol=1e-3)
     else:
         assert torch.equal(out_native, out_ref)
-    if kind == agg.OUTPUT_FLOAT32 and not sigmoid:  # by hand: planes 7..10 at 1..4
-        expected = before[:, 1:5, [*range(13, 20), *range(0, 5)], 2:9]
-        assert torch.equal(out_native[:, 1:5, 3:15], expected)
-    assert bool((out_native[:, :, :3] == 0).all()) and bool((out_native[:, 0] == 0).all())
-    # rows 33..51 of planes 7..10 reset (stored rows all but 12), everything else untouched
+    a, b = case["at"]
+    if kind == agg.OUTPUT_FLOAT32 and not sigmoid:  # by hand: planes 7..10 at stored 1..4
+        index = [slice(None), slice(1, 5), case["other"], case["other"]]
+        index[1 + axis] = case["read"]
+        got = out_native[:, 1:5].narrow(1 + axis, a, b - a)
+        assert torch.equal(got, before[tuple(index)])
+    assert bool((out_native.narrow(1 + axis, 0, a) == 0).all())
+    assert bool((out_native[:, 0] == 0).all())  # plane 6: not finalised
+    # the span of planes 7..10 reset (all of the other axis), everything else untouched
     assert torch.equal(acc, acc2) and torch.equal(wsum, wsum2)
-    kept = torch.zeros(20, dtype=torch.bool)
-    kept[12] = True
-    assert bool((acc[:, 1:5][:, :, ~kept] == 0).all()) and bool((acc[:, 1:5, 12] != 0).all())
+    part = acc[:, 1:5]
+    assert bool((part.index_select(1 + axis, torch.tensor(case["reset"])) == 0).all())
+    assert bool((part.index_select(1 + axis, torch.tensor(case["kept"])) != 0).all())
     assert bool((acc[:, 0] != 0).all()) and bool((wsum[5] != 0).all())
-
-
-@pytest.mark.parametrize("kind,sigmoid", KINDS[::2])
-def test_finalize_columns_of_a_column_ring_match_reference(kind, sigmoid):
-    # A ring of 12 columns; global columns 17..26 live at stored columns 5..11, 0..2 (they
-    # wrap); the crop (15, 26) writes columns 17..25, the crop rows (1, 8) of 9.
-    acc, wsum, _, _, _ = _random_case(C=4, R=6, H=9, W=12)
-    z0, z1, cols, crop = 7, 11, (17, 27), ((1, 8), (15, 26))
-    out_native, out_ref = _out_for(kind, 4, (5, 7, 11)), _out_for(kind, 4, (5, 7, 11))
-    acc2, wsum2, before = acc.clone(), wsum.clone(), acc / wsum
-    kw = dict(kind=kind, crop=crop, out_z0=6, cols=cols, sigmoid=sigmoid,
-              threshold=agg.logit_threshold(0.6), zero_after=True)  # fmt: skip
-    agg.finalize(acc, wsum, (z0, z1), out_native, **kw)
-    agg.finalize(acc2, wsum2, (z0, z1), out_ref, use_native=False, **kw)
-    if sigmoid:
-        torch.testing.assert_close(out_native.float(), out_ref.float(), rtol=1e-6, atol=1e-3)
-    else:
-        assert torch.equal(out_native, out_ref)
-    if kind == agg.OUTPUT_FLOAT32 and not sigmoid:  # by hand: planes 7..10 at 1..4
-        expected = before[:, 1:5, 1:8, [*range(5, 12), *range(0, 2)]]
-        assert torch.equal(out_native[:, 1:5, :, 2:11], expected)
-    assert bool((out_native[..., :2] == 0).all()) and bool((out_native[:, 0] == 0).all())
-    # columns 17..26 of planes 7..10 reset (all rows; stored columns but 3 and 4)
-    assert torch.equal(acc, acc2) and torch.equal(wsum, wsum2)
-    assert bool((acc[:, 1:5, :, [*range(5, 12), 0, 1, 2]] == 0).all())
-    assert bool((acc[:, 1:5, :, 3:5] != 0).all()) and bool((acc[:, 0] != 0).all())
 
 
 def test_finalize_float16_rounding_matches_torch():
@@ -376,54 +371,35 @@ def test_window_tables_validation():
         agg.window_tables((4, 4), "gaussian")
 
 
+# CUDA finalize spans per ring axis: planes only (0), a ring of rows (1) or of columns (2)
+CUDA_SPANS = {
+    0: dict(crop=((1, 12), (2, 11))),
+    1: dict(rows=(18, 31), crop=((20, 29), (2, 11))),
+    2: dict(cols=(18, 29), crop=((2, 11), (20, 29))),
+}
+
+
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("mode", ["gaussian", "constant"])
-def test_cuda_add_and_finalize_match_reference(mode):
+@pytest.mark.parametrize("mode,axis", [("gaussian", 0), ("constant", 0), ("gaussian", 1),
+                                       ("gaussian", 2)])  # fmt: skip
+def test_cuda_add_and_finalize_match_reference(mode, axis):
     assert _native_has("cuda"), "extension built without CUDA kernels"
     acc, wsum, patches, starts, tables = _random_case(mode=mode)
-    acc_c, wsum_c = acc.cuda(), wsum.cuda()
-    agg.add_patches(acc_c, wsum_c, patches.cuda(), starts, tables.to("cuda"))
-    agg.add_patches(acc, wsum, patches, starts, tables, use_native=False)
-    torch.testing.assert_close(acc_c.cpu(), acc, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(wsum_c.cpu(), wsum, rtol=1e-6, atol=1e-6)
-    for kind, sigmoid in KINDS:
-        a1, w1, a2, w2 = acc_c.clone(), wsum_c.clone(), acc_c.cpu(), wsum_c.cpu()
-        shape = (4, 11, 9)
-        o1, o2 = _out_for(kind, 3, shape).cuda(), _out_for(kind, 3, shape)
-        kw = dict(kind=kind, crop=((1, 12), (2, 11)), out_z0=12, sigmoid=sigmoid,
-                  threshold=agg.logit_threshold(0.5), zero_after=True)  # fmt: skip
-        agg.finalize(a1, w1, (12, 16), o1, **kw)
-        agg.finalize(a2, w2, (12, 16), o2, use_native=False, **kw)
-        torch.cuda.synchronize()
-        if sigmoid:
-            torch.testing.assert_close(o1.cpu().float(), o2.float(), rtol=0, atol=1e-3)
-        else:
-            assert torch.equal(o1.cpu(), o2)
-        assert torch.equal(a1.cpu(), a2) and torch.equal(w1.cpu(), w2)
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("axis", [1, 2])
-def test_cuda_ring_of_rows_or_columns_matches_reference(axis):
-    assert _native_has("cuda"), "extension built without CUDA kernels"
-    acc, wsum, patches, starts, tables = _random_case()
-    starts[:, axis] += torch.arange(len(starts)) * 5  # past H = 13 (W = 11): they wrap
+    if axis:
+        starts[:, axis] += torch.arange(len(starts)) * 5  # past H = 13 (W = 11): they wrap
     acc_c, wsum_c = acc.cuda(), wsum.cuda()
     agg.add_patches(acc_c, wsum_c, patches.cuda(), starts, tables.to("cuda"), ring_axis=axis)
     agg.add_patches(acc, wsum, patches, starts, tables, ring_axis=axis, use_native=False)
     torch.testing.assert_close(acc_c.cpu(), acc, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wsum_c.cpu(), wsum, rtol=1e-6, atol=1e-6)
-    if axis == 1:
-        span = dict(rows=(18, 31), crop=((20, 29), (2, 11)))
-    else:
-        span = dict(cols=(18, 29), crop=((2, 11), (20, 29)))
+    (y0, y1), (x0, x1) = CUDA_SPANS[axis]["crop"]
+    shape = (4, y1 - y0, x1 - x0)
     for kind, sigmoid in KINDS:
         a1, w1, a2, w2 = acc_c.clone(), wsum_c.clone(), acc_c.cpu(), wsum_c.cpu()
-        o1, o2 = _out_for(kind, 3, (4, 9, 9)).cuda(), _out_for(kind, 3, (4, 9, 9))
+        o1, o2 = _out_for(kind, 3, shape).cuda(), _out_for(kind, 3, shape)
         kw = dict(kind=kind, out_z0=12, sigmoid=sigmoid, threshold=agg.logit_threshold(0.5),
-                  zero_after=True, **span)  # fmt: skip
+                  zero_after=True, **CUDA_SPANS[axis])  # fmt: skip
         agg.finalize(a1, w1, (12, 16), o1, **kw)
         agg.finalize(a2, w2, (12, 16), o2, use_native=False, **kw)
         torch.cuda.synchronize()
