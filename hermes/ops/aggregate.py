@@ -284,8 +284,8 @@ def add_patches(
             raise ValueError(f"a patch extends past the accumulator's H x W = {H} x {W}")
     if tables.tables.device != acc.device:
         tables = tables.to(acc.device)
-    # any strided float32 layout is read in place (e.g. a transposed view for streaming along
-    # the last axis); other dtypes/devices are converted first
+    # any strided float32 layout is read in place (e.g. a transposed view); other dtypes and
+    # devices are converted first
     p = patches.detach().to(device=acc.device, dtype=torch.float32)
     fn = _native(acc.device, "aggregate_add") if use_native else None
     if fn is None:
@@ -420,8 +420,8 @@ def finalize(
         return
     args = [
         acc.data_ptr(), wsum.data_ptr(), C, R, H, W, [z0, z1, r0, r1, q0, q1, y0, y1, x0, x1],
-        int(out_z0),
-        out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold), bool(zero_after),
+        int(out_z0), out.data_ptr(), Do, Ho, Wo, int(kind), bool(sigmoid), float(threshold),
+        bool(zero_after),
     ]  # fmt: skip
     _call(fn, acc.device, *args)
 
