@@ -365,11 +365,17 @@ def test_cuda_equals_monai_and_cpu(streaming, monkeypatch):
 
 @pytest.mark.parametrize("axis", [1, 2, "auto"])
 @pytest.mark.parametrize("output", ["logits", "labels"])
-def test_streaming_along_other_axes(axis, output):
-    x = _inputs((2, 1, 13, 30, 22))
+@pytest.mark.parametrize(
+    "shape,roi",
+    [
+        ((2, 1, 13, 30, 22), (16, 10, 8)),  # depth padded 13 -> 16
+        ((1, 1, 20, 9, 7), (8, 12, 10)),  # the streamed axis itself padded (9 -> 12, 7 -> 10)
+    ],
+)
+def test_streaming_along_other_axes(axis, output, shape, roi):
+    x = _inputs(shape)
     conv = ConvPredictor(1, 3)
     kw = dict(overlap=0.5, mode="gaussian", padding_mode="replicate")
-    roi = (16, 10, 8)  # depth padded 13 -> 16
     ref = sliding_window_inference(x, roi, 3, conv, **kw)
     ours = sliding_window_inference(x, roi, 3, conv, streaming=True, stream_axis=axis,
                                     output=output, **kw)  # fmt: skip
