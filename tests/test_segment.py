@@ -27,6 +27,7 @@ from segment_helpers import (  # noqa: E402
 import hermes  # noqa: E402
 import hermes.models as hm  # noqa: E402
 from hermes.data.io import ImageReadError, load_image, save_image  # noqa: E402
+from hermes.inference._workspace import cached_bytes, clear_workspace  # noqa: E402
 from hermes.inference.segment import (  # noqa: E402
     ModalityDetectionError,
     SegmentationInputError,
@@ -308,8 +309,10 @@ def test_real_tiny_model_from_checkpoint(tmp_path):
     aff = grid(linear, shape)
     img, _ = phantom(aff, shape)
     times: dict = {}
+    clear_workspace()
     res = hermes.segment(img, tasks=None, modality="t1w", model=str(ckpt), device="cpu",
                          affine=aff, probabilities=True, threshold=0.5, timings=times)
+    assert cached_bytes() == 0  # no accumulator memory kept after the call
     assert res.modality == "T1" and res.task_names == BLOBS
     assert res.settings["model_spacing"] == [3.0, 3.0, 3.0]
     assert res.settings["roi_size"] == [32, 32, 32]

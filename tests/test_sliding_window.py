@@ -223,6 +223,25 @@ def test_buffers_are_reused_and_clean_after_errors():
     assert torch.equal(fresh, ref)
 
 
+def test_cached_buffers_stay_within_the_byte_budget(monkeypatch):
+    from hermes.inference import _workspace
+
+    x = _inputs((1, 1, 16, 16, 16))
+    conv = ConvPredictor(1, 3)
+    ref = sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels")
+    acc_bytes = 4 * 4 * 16**3  # (3 channels + weight sum) x volume, float32
+    clear_workspace()
+    monkeypatch.setattr(_workspace, "_MAX_BYTES", acc_bytes - 4)
+    big = sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels")
+    assert torch.equal(big, ref) and _workspace.cached_bytes() == 0  # freed, not cached
+    small = sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels", streaming=True)
+    assert torch.equal(small, ref) and _workspace.cached_bytes() == 4 * 4 * 8 * 16 * 16  # the ring
+    monkeypatch.setattr(_workspace, "_MAX_BYTES", acc_bytes)
+    sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels")
+    assert _workspace.cached_bytes() == acc_bytes  # the last one handed back goes first
+    clear_workspace()
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [

@@ -3,11 +3,14 @@
 Freshly allocated host memory is filled at page-fault speed (several times slower than reused
 memory), so accumulators are taken from here and handed back zeroed. Invariant: every buffer in
 the cache is entirely zero. A buffer that was not handed back (e.g. after an exception) is simply
-dropped.
+dropped. At most ``_MAX_PER_DEVICE`` buffers and ``HERMES_WORKSPACE_BYTES`` bytes (default 2 GiB)
+stay cached per device, so one large volume does not pin gigabytes after the call; a larger
+buffer is freed when handed back.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -15,6 +18,7 @@ import torch
 __all__ = ["acquire", "release", "clear_workspace", "cached_bytes"]
 
 _MAX_PER_DEVICE = 2
+_MAX_BYTES = int(os.environ.get("HERMES_WORKSPACE_BYTES", 2 << 30))
 _lock = threading.Lock()
 _cache: dict[str, list[torch.Tensor]] = {}
 
@@ -46,9 +50,15 @@ def release(buffer: torch.Tensor, reuse: bool = True) -> None:
         bucket = _cache.setdefault(str(base.device), [])
         if any(b.data_ptr() == base.data_ptr() for b in bucket):
             return
-        bucket.append(base)
-        bucket.sort(key=lambda b: -b.numel())
-        del bucket[_MAX_PER_DEVICE:]
+        # the buffer handed back first (the likeliest to be asked for again), then the largest
+        # cached ones that still fit in the byte budget
+        kept: list[torch.Tensor] = []
+        total = 0
+        for b in [base, *sorted(bucket, key=lambda b: -b.numel())]:
+            if len(kept) < _MAX_PER_DEVICE and total + 4 * b.numel() <= _MAX_BYTES:
+                kept.append(b)
+                total += 4 * b.numel()
+        bucket[:] = sorted(kept, key=lambda b: -b.numel())
 
 
 def clear_workspace() -> None:

@@ -540,11 +540,13 @@ def segment(
     def predictor(w: torch.Tensor) -> torch.Tensor:
         return net(w, tasks=task_names, modality=modality).seg_logits
 
+    # streamed along the axis needing the least accumulator memory (a ring of window depth, not
+    # a second C x D x H x W volume), in fresh memory that is freed before the write-back
     with torch.inference_mode():
         probs = sliding_window_inference(
             x, roi, sw_batch_size, predictor, overlap=ov, mode="gaussian", sw_device=dev,
             device="cpu", progress=progress, output="probs", output_dtype=torch.float32,
-            tta=use_tta,
+            tta=use_tta, streaming=True, stream_axis="auto", reuse_buffers=False,
         )[0].numpy()
     del x
     times["inference"] = time.perf_counter() - t0
