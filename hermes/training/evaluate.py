@@ -72,6 +72,7 @@ def predict_case(
         masks = sliding_window_inference(
             x, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
             output="masks", threshold=threshold, sw_device=dev, device="cpu",
+            streaming=True, stream_axis="auto",
         )
     return masks[0].numpy().astype(bool)
 
