@@ -202,6 +202,35 @@ def test_tta_mirroring_equals_averaged_monai():
     torch.testing.assert_close(one_axis, ref1, rtol=1e-5, atol=1e-5)
 
 
+def test_tta_leaves_predictor_outputs_alone():
+    """The mirrored average never sums into the predictor's own tensor: a predictor returning
+    its input (a view of the caller's image), one reusing a single output buffer, and one
+    returning inference tensors all work, and the image is not modified."""
+    x = _inputs((1, 1, 12, 10, 9))
+    x0 = x.clone()
+    conv = ConvPredictor(1, 2)
+    ref = sliding_window_inference(x, 8, 1, conv, overlap=0.5, tta=True)
+    ident = sliding_window_inference(x, 8, 1, lambda w: w, overlap=0.5, tta=True)
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(ident, x, rtol=1e-6, atol=1e-6)  # mirrored identity: the image
+
+    buf = {}
+
+    def reusing(w):
+        out = buf.setdefault("out", torch.empty(1, 2, 8, 8, 8))
+        return out.copy_(conv(w))
+
+    def in_inference_mode(w):
+        with torch.inference_mode():
+            return conv(w)
+
+    for predictor in (reusing, in_inference_mode):
+        torch.testing.assert_close(
+            sliding_window_inference(x, 8, 1, predictor, overlap=0.5, tta=True), ref,
+            rtol=0, atol=0,
+        )  # fmt: skip
+
+
 def test_buffers_are_reused_and_clean_after_errors():
     x = _inputs((1, 1, 16, 16, 16))
     conv = ConvPredictor(1, 3)

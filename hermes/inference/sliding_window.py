@@ -106,10 +106,14 @@ def _mirror_predictor(
         total: torch.Tensor | None = None
         for dims in combos:
             xi = torch.flip(x, dims) if dims else x
-            yi = extract_logits(predictor(xi, *args, **kwargs)).float()
-            if dims:
-                yi = torch.flip(yi, dims)
-            total = yi if total is None else total.add_(yi)
+            yi = extract_logits(predictor(xi, *args, **kwargs)).detach()
+            yi = torch.flip(yi, dims) if dims else yi
+            if total is None:
+                # a copy: the predictor's output may be its input, a reused buffer or an
+                # inference tensor, none of which may be summed into in place
+                total = yi.to(torch.float32, copy=True)
+            else:
+                total.add_(yi)
         assert total is not None
         return total.div_(len(combos))
 
