@@ -27,8 +27,12 @@ def test_extension_exports_cpu_kernels():
 
 @pytest.mark.parametrize(
     "roi,sigma",
-    [((16, 16, 16), 0.125), ((7, 12, 5), 0.125), ((9, 10, 11), (0.3, 0.1, 0.5)), ((1, 8, 9), 0.2)],
-)
+    [
+        ((16, 16, 16), 0.125), ((7, 12, 5), 0.125), ((9, 10, 11), (0.3, 0.1, 0.5)),
+        ((1, 8, 9), 0.2),
+        ((3, 3, 3), 0.02), ((40, 12, 12), 0.02),  # products underflowing to 0: clamp at 1e-3
+    ],
+)  # fmt: skip
 def test_gaussian_tables_equal_monai_importance_map(roi, sigma):
     tables = agg.window_tables(roi, "gaussian", sigma)
     ours = agg.weight_map(tables)

@@ -132,18 +132,12 @@ def window_tables(
     if min(scales) <= 0 or not all(math.isfinite(s) for s in scales):
         raise ValueError(f"sigma_scale must be positive and finite, got {scales}")
     parts = [_gaussian_1d(r, r * s) for r, s in zip(roi, scales, strict=True)]
-    # MONAI clamps the product at max(min(map), 1e-3); as every weight is >= the minimum, this
-    # is a clamp at 1e-3 whenever the minimum is positive. The minimum of the float32 product is
-    # the product of the per-axis minima (rounding is monotonic).
+    # MONAI clamps the product at max(min(map), 1e-3) (1e-3 also where the product underflows
+    # to 0). The minimum of the float32 product is the product of the per-axis minima, in
+    # MONAI's order (rounding is monotonic).
     mins = [float(p.min()) for p in parts]
     smallest = float(np.float32(np.float32(mins[0] * np.float32(mins[1])) * np.float32(mins[2])))
-    if smallest > 0.0:
-        clamp = float(np.float32(max(smallest, 1e-3)))
-    else:  # underflow: MONAI then clamps at its smallest positive weight (or 1e-3)
-        full = weight_map(WindowTables(torch.cat(parts), roi, 0.0))  # type: ignore[arg-type]
-        positive = full[full > 0]
-        low = float(positive.min()) if positive.numel() else 1e-3
-        clamp = float(np.float32(max(low, 1e-3)))
+    clamp = float(np.float32(max(smallest, 1e-3)))
     return WindowTables(torch.cat(parts).to(device), roi, clamp)  # type: ignore[arg-type]
 
 
