@@ -307,6 +307,25 @@ def test_labels_uint16_for_many_tasks():
                      kind=agg.OUTPUT_LABEL_U8)  # fmt: skip
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda])])
+@pytest.mark.parametrize("kind", [agg.OUTPUT_LABEL_U8, agg.OUTPUT_LABEL_U16])
+def test_labels_of_nan_logits_are_background_in_any_channel(device, kind):
+    """A NaN logit makes its voxel 0 whichever channel it is in (torch.max semantics, as the
+    reference), while the other voxels keep their label."""
+    C, n = 3, 40
+    acc = torch.randn(C, 1, 1, n, generator=torch.Generator().manual_seed(0)) + 2.0
+    for x in range(0, n, 4):
+        acc[(x // 4) % C, 0, 0, x] = float("nan")
+    wsum = torch.ones(1, 1, n)
+    ref = torch.zeros(1, 1, 1, n, dtype=agg._OUTPUT_DTYPES[kind])
+    agg.finalize(acc, wsum, (0, 1), ref, kind=kind, use_native=False)
+    out = torch.zeros_like(ref, device=device)
+    agg.finalize(acc.to(device), wsum.to(device), (0, 1), out, kind=kind)
+    labels = out.cpu().to(torch.int32).flatten()
+    assert torch.equal(labels, ref.to(torch.int32).flatten())
+    assert (labels[0::4] == 0).all() and (labels[1::4] > 0).all()
+
+
 @pytest.mark.parametrize("p", [0.5, 0.3, 0.9, 0.999, 1e-6])
 def test_logit_threshold_is_exact(p):
     t = agg.logit_threshold(p)

@@ -292,11 +292,14 @@ void finalize_rows(const FinalizeArgs& a, int64_t z, int64_t ya, int64_t yb, int
           // into masked stores, which are slow on AMD CPUs. Same results: max(b, v) is
           // (b < v) ? v : b, strict so ties keep the lowest channel; the channel indices are
           // small integers, so g + 1 * (c - g) is exactly c and g + 0 * (c - g) exactly g.
+          // A NaN logit makes the best value NaN for good (as torch.max does), so the
+          // voxel's label is 0 whichever channel the NaN is in.
           for (int64_t x = 0; x < n; ++x) {
             const float v = src[x] / w[x];
             const float bx = b[x], gx = g[x];
             const float better = bx < v ? 1.0f : 0.0f;
-            b[x] = std::max(bx, v);
+            const float m = std::max(bx, v);
+            b[x] = v != v ? v : m;
             g[x] = gx + better * (cf - gx);
           }
         }

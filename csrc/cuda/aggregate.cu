@@ -90,6 +90,8 @@ __global__ void finalize_kernel(FinalizeArgs a) {
         if (v > best) {
           best = v;
           arg = static_cast<int>(c);
+        } else if (v != v) {
+          best = v;  // NaN, as torch.max: label 0 whichever channel it is in
         }
       }
       const int label = best >= a.threshold ? arg + 1 : 0;
