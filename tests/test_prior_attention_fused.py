@@ -591,6 +591,48 @@ def test_custom_ops_opcheck():
                               (f, w, b, w1, b1, w2, b2, 1e-4, 3, keep), test_utils=tests)
 
 
+def _strided(t):
+    """The same values in a non-contiguous layout (last two dims swapped in memory)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return t
+    return t.detach().transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def test_every_custom_op_fake_kernel_matches_real_strides():
+    """Fake (meta) kernels of all twelve ops, forward and backward, give the real results'
+    shapes, dtypes and strides, also for non-contiguous inputs (what torch.compile relies on)."""
+    d, g = torch.float64, torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, dtype=d, generator=g)
+
+    f, a, v, w, b, ob = r(2, 7, 8), r(2, 6, 8), r(2, 6, 8), r(8), r(8), r(8)
+    w1, b1, w2, b2 = r(16, 8), r(16), r(8, 16), r(8)
+    q, wkv, keys, vals = r(2, 2, 3, 4), r(16, 8), r(2, 2, 4, 3), r(2, 2, 3, 4)
+    wq, wo = r(8, 8), r(8, 8)
+    ops = torch.ops.hermes
+    z, lse = ops.prior_gather_fwd(f, a, w, b, 1e-5, 3)
+    o, lse_p = ops.prior_gather_proj_fwd(f, q, wkv, w, b, 1e-5, 3)
+    _, kept = ops.feature_mlp_fwd(f, w, b, w1, b1, w2, b2, 1e-4, 3, True)
+    cases = [
+        (ops.prior_gather_fwd, (f, a, w, b, 1e-5, 3)),
+        (ops.prior_gather_bwd, (r(*z.shape), f, a, w, b, z, lse, 1e-5, 3)),
+        (ops.feature_scatter_fwd, (f, a, v, w, b, ob, 2, 1e-5, 3)),
+        (ops.feature_scatter_bwd, (r(*f.shape), f, a, v, w, b, 2, 1e-5, 3)),
+        (ops.feature_mlp_fwd, (f, w, b, w1, b1, w2, b2, 1e-4, 3, True)),
+        (ops.feature_mlp_bwd, (r(*f.shape), f, w, b, w1, b1, w2, kept, 1e-4, 3)),
+        (ops.feature_mlp_bwd, (r(*f.shape), f, w, b, w1, b1, w2, f.new_empty(0), 1e-4, 3)),
+        (ops.prior_gather_proj_fwd, (f, q, wkv, w, b, 1e-5, 3)),
+        (ops.prior_gather_proj_bwd, (r(*o.shape), f, q, wkv, w, b, o, lse_p, 1e-5, 3)),
+        (ops.feature_attend_proj_fwd, (f, keys, vals, wq, wo, ob, w, b, 1e-5, 3)),
+        (ops.feature_attend_proj_bwd, (r(*f.shape), f, keys, vals, wq, wo, w, b, 1e-5, 3)),
+    ]
+    tests = ("test_schema", "test_faketensor")
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=tests)
+        torch.library.opcheck(op, tuple(_strided(t) for t in args), test_utils=tests)
+
+
 def test_custom_ops_accept_non_contiguous_inputs():
     # the raw ops (as torch.compile or a user may call them) must not read strided tensors as
     # row-major buffers: same results as with contiguous copies

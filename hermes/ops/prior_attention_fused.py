@@ -169,6 +169,12 @@ def _dense(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.contiguous() for t in tensors)
 
 
+def _fresh(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Uninitialised contiguous tensors shaped like ``tensors``: the fake kernels' results, as
+    the real ones return contiguous tensors whatever the inputs' strides."""
+    return tuple(t.new_empty(t.shape) for t in tensors)
+
+
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -288,8 +294,7 @@ def prior_gather_bwd(
 
 @prior_gather_bwd.register_fake
 def _(grad_z, features, fold, norm_weight, norm_bias, z, lse, eps, chunk):
-    return (torch.empty_like(features), torch.empty_like(fold), torch.empty_like(norm_weight),
-            torch.empty_like(norm_bias))
+    return _fresh(features, fold, norm_weight, norm_bias)
 
 
 def _pg_setup(ctx, inputs, output):
@@ -362,7 +367,7 @@ def feature_scatter_fwd(
 
 @feature_scatter_fwd.register_fake
 def _(features, fold_k, fold_v, norm_weight, norm_bias, out_bias, heads, eps, chunk):
-    return torch.empty_like(features)
+    return features.new_empty(features.shape)
 
 
 @torch.library.custom_op("hermes::feature_scatter_bwd", mutates_args=())
@@ -402,9 +407,7 @@ def feature_scatter_bwd(
 
 @feature_scatter_bwd.register_fake
 def _(grad_out, features, fold_k, fold_v, norm_weight, norm_bias, heads, eps, chunk):
-    return (torch.empty_like(features), torch.empty_like(fold_k), torch.empty_like(fold_v),
-            torch.empty_like(norm_weight), torch.empty_like(norm_bias),
-            torch.empty_like(norm_bias))
+    return _fresh(features, fold_k, fold_v, norm_weight, norm_bias, norm_bias)
 
 
 def _fs_setup(ctx, inputs, output):
@@ -487,7 +490,7 @@ def feature_mlp_fwd(
 def _(features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk, keep_hidden):
     b, length, _ = features.shape
     shape = (b, length, w1.shape[0]) if keep_hidden else (0,)
-    return torch.empty_like(features), features.new_empty(shape)
+    return features.new_empty(features.shape), features.new_empty(shape)
 
 
 @torch.library.custom_op("hermes::feature_mlp_bwd", mutates_args=())
@@ -536,9 +539,7 @@ def feature_mlp_bwd(
 
 @feature_mlp_bwd.register_fake
 def _(grad_out, features, norm_weight, norm_bias, w1, b1, w2, kept, eps, chunk):
-    return (torch.empty_like(features), torch.empty_like(norm_weight),
-            torch.empty_like(norm_bias), torch.empty_like(w1), torch.empty_like(b1),
-            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+    return (*_fresh(features, norm_weight, norm_bias, w1, b1, w2), w2.new_empty(w2.shape[0]))
 
 
 def _fm_setup(ctx, inputs, output):
@@ -752,9 +753,7 @@ def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttent
     if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold, features.shape[1]):
         if not _streamed(features, priors, p):
             return _projected_cross_attention(priors, features, p)
-        from hermes.ops.prior_attention_projected import prior_cross_attention_projected
-
-        return prior_cross_attention_projected(features, priors, p, chunk)
+        return _projected.prior_cross_attention_projected(features, priors, p, chunk)
     dt = features.dtype  # folds and norms follow the features (autocast runs F.linear in half)
     a = fold_prior_queries(priors, p).to(dt)
     z = prior_gather(features, a, p.norm_kv_weight.to(dt), p.norm_kv_bias.to(dt), p.eps, chunk)
@@ -770,9 +769,7 @@ def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAtte
     if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold, features.shape[1]):
         if not _streamed(features, priors, p):
             return _projected_cross_attention(features, priors, p)
-        from hermes.ops.prior_attention_projected import feature_cross_attention_projected
-
-        return feature_cross_attention_projected(features, priors, p, chunk)
+        return _projected.feature_cross_attention_projected(features, priors, p, chunk)
     dt = features.dtype
     a, v = fold_feature_keys_values(priors, p)
     return feature_scatter(features, a.to(dt), v.to(dt), p.norm_q_weight.to(dt),
@@ -809,3 +806,8 @@ def prior_attention_block_fused(features: Tensor, priors: Tensor, p: PriorBlockP
 
 
 _ = TorchKernels  # re-exported for tests that force the PyTorch element-wise path
+
+
+# last, as it imports from this module: defines the projected sublayers' custom ops, so that
+# importing this module registers every hermes:: prior op (torch.compile, loaded graphs)
+from hermes.ops import prior_attention_projected as _projected  # noqa: E402

@@ -28,6 +28,7 @@ from hermes.ops.prior_attention_fused import (
     _addmm_acc,
     _chunks,
     _dense,
+    _fresh,
     _kern,
     _split_heads,
     _sum_chunk,
@@ -141,8 +142,7 @@ def prior_gather_proj_bwd(
 
 @prior_gather_proj_bwd.register_fake
 def _(grad_o, features, q, w_kv, norm_weight, norm_bias, o, lse, eps, chunk):
-    return (torch.empty_like(features), torch.empty_like(q), torch.empty_like(w_kv),
-            torch.empty_like(norm_weight), torch.empty_like(norm_bias))
+    return _fresh(features, q, w_kv, norm_weight, norm_bias)
 
 
 def _pgp_setup(ctx, inputs, output):
@@ -214,7 +214,7 @@ def feature_attend_proj_fwd(
 
 @feature_attend_proj_fwd.register_fake
 def _(features, keys, values, w_q, w_out, b_out, norm_weight, norm_bias, eps, chunk):
-    return torch.empty_like(features)
+    return features.new_empty(features.shape)
 
 
 @torch.library.custom_op("hermes::feature_attend_proj_bwd", mutates_args=())
@@ -260,16 +260,16 @@ def feature_attend_proj_bwd(
             _baddbmm_acc(d_values[i], s, d_o_t.transpose(1, 2))
             dx = torch.mm(dq_t.t(), w_q, out=ws.get("dx", r, c))
             k.ln_bwd(dx, xin, mean, rstd, norm_weight, d_feat[i, s0:s1], d_w, d_b, True)
+    d_w_out = d_w_out_t.t().contiguous()  # the fake kernel's (and autograd's) layout
     return (d_feat, d_keys.to(keys.dtype), d_values.to(values.dtype), d_w_q.to(w_q.dtype),
-            d_w_out_t.t().to(w_out.dtype), d_b_out.to(w_out.dtype), d_w.to(norm_weight.dtype),
+            d_w_out.to(w_out.dtype), d_b_out.to(w_out.dtype), d_w.to(norm_weight.dtype),
             d_b.to(norm_bias.dtype))
 
 
 @feature_attend_proj_bwd.register_fake
 def _(grad_out, features, keys, values, w_q, w_out, norm_weight, norm_bias, eps, chunk):
-    return (torch.empty_like(features), torch.empty_like(keys), torch.empty_like(values),
-            torch.empty_like(w_q), torch.empty_like(w_out), w_out.new_empty(w_out.shape[0]),
-            torch.empty_like(norm_weight), torch.empty_like(norm_bias))
+    return (*_fresh(features, keys, values, w_q, w_out), w_out.new_empty(w_out.shape[0]),
+            *_fresh(norm_weight, norm_bias))
 
 
 def _fap_setup(ctx, inputs, output):
