@@ -286,6 +286,12 @@ def test_cached_buffers_stay_within_the_byte_budget(monkeypatch):
         (dict(output="masks", threshold=1.0), ValueError, "threshold"),
         (dict(output="labels", output_dtype=torch.float16), ValueError, "output_dtype"),
         (dict(tta=(3,)), ValueError, "tta"),
+        (dict(tta=1), ValueError, "tta"),
+        (dict(tta=(0.5,)), ValueError, "tta"),
+        (dict(tta="yes"), ValueError, "tta"),
+        (dict(inputs=torch.zeros(0, 1, 10, 10, 10)), ValueError, "empty"),
+        (dict(inputs=torch.zeros(1, 1, 10, 0, 10)), ValueError, "empty"),
+        (dict(condition=torch.zeros(1, 1, 10, 10, 9)), ValueError, "condition"),
         (dict(sigma_scale=0.0, mode="gaussian"), ValueError, "sigma_scale"),
         (dict(process_fn=lambda *a: a), NotImplementedError, "process_fn"),
     ],
@@ -296,6 +302,61 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         sliding_window_inference(**args)
+
+
+def test_numpy_and_tensor_arguments_as_in_monai():
+    np = pytest.importorskip("numpy")
+    x = _inputs((1, 1, 14, 13, 12))
+    conv = ConvPredictor(1, 2)
+    sigma = np.float32(0.2)
+    ref = sliding_window_inference(x, 8, 2, conv, overlap=0.5, mode="gaussian",
+                                   sigma_scale=float(sigma))
+    kw = dict(overlap=np.float32(0.5), mode="gaussian", sigma_scale=(sigma,) * 3)
+    for roi in (np.int64(8), torch.tensor([8, 8, 8]), np.array([8, 8, 8])):
+        torch.testing.assert_close(
+            sliding_window_inference(x, roi, np.int64(2), conv, **kw), ref, rtol=0, atol=0
+        )
+    streamed = sliding_window_inference(x, 8, 2, conv, streaming=True, stream_axis=np.int64(0),
+                                        overlap=0.5, mode="gaussian", sigma_scale=float(sigma))
+    assert torch.equal(streamed, ref)
+
+
+def test_condition_is_windowed_like_the_inputs_as_in_monai():
+    x, cond = _inputs((2, 1, 7, 12, 13)), _inputs((2, 2, 7, 12, 13), seed=2)
+    conv = ConvPredictor(3, 2)
+
+    def predictor(w, condition):
+        return conv(torch.cat([w, condition], 1))
+
+    kw = dict(overlap=0.5, mode="gaussian", padding_mode="replicate")
+    ref = monai_swi(x, 8, 3, predictor, condition=cond, **kw)
+    _close(sliding_window_inference(x, 8, 3, predictor, condition=cond, **kw), ref)
+
+
+def test_windows_are_copies_when_batches_may_hold_several_as_in_monai():
+    """A predictor normalising its windows in place leaves the caller's image alone whenever
+    sw_batch_size > 1 (MONAI copies then; with 1 it hands views, as MONAI does)."""
+    x = _inputs((1, 1, 8, 8, 8))
+    x0 = x.clone()
+
+    def in_place(w):
+        return w.mul_(2.0)
+
+    sliding_window_inference(x, 8, 4, in_place)  # one window, sw_batch_size 4
+    assert torch.equal(x, x0)
+
+
+def test_in_place_logits_accumulator_may_be_given_dirty():
+    x = _inputs((1, 1, 11, 10, 9))
+    conv = ConvPredictor(1, 2)
+    ref = sliding_window_inference(x, 6, 2, conv, overlap=0.5)
+    from hermes.inference import window_starts
+
+    out = torch.full((2, 11, 10, 9), 7.0)
+    aggr = PatchAggregator((11, 10, 9), 2, 6, mode="constant", out=out)
+    for z, y, w in window_starts((11, 10, 9), (6, 6, 6), (0.5, 0.5, 0.5)):
+        aggr.add_batch(conv(x[:, :, z : z + 6, y : y + 6, w : w + 6]), [[z, y, w]])
+    _close(aggr.finalize(), ref[0])
 
 
 @pytest.mark.parametrize("shape", [(10, 10), (10, 10, 10), (1, 1, 1, 10, 10, 10)])
@@ -379,6 +440,9 @@ def test_aggregator_errors():
     aggr.finalize()
     with pytest.raises(RuntimeError, match="already"):
         aggr.finalize()
+    for kw in (dict(output="probs", output_dtype=torch.float32), {}):  # in place and not
+        with pytest.raises(ValueError, match=r"shape \(2, 10, 6, 8\)"):
+            PatchAggregator((10, 6, 8), 2, 4, out=torch.zeros(2, 8, 6, 10), **kw)
 
 
 @pytest.mark.cuda

@@ -85,8 +85,8 @@ class PatchAggregator:
         crop: ``(lo, hi)`` per spatial axis: only that region is written to the output
             (sliding-window inference uses it to drop padding). Default: everything.
         out: optional preallocated output of the final (cropped) shape, contiguous, of the
-            output dtype. For float32 logits without streaming it is the accumulator itself:
-            it must then be zero-filled and uncropped (``C x D x H x W``).
+            output dtype (its contents are overwritten). For float32 logits without streaming
+            it is the accumulator itself: it must then be uncropped (``C x D x H x W``).
         reuse_buffers: take accumulators from a cache of zeroed buffers (much faster on the CPU
             than fresh memory); they are handed back on ``finalize``.
     """
@@ -196,7 +196,7 @@ class PatchAggregator:
         if self._in_place:
             if out is not None:
                 self._check_tensor(out, (channels, D, H, W), torch.float32, "out")
-                self._acc = out.view(channels, D, H, W)
+                self._acc = ops.zero_(out.view(channels, D, H, W))
             else:
                 self._acc = torch.zeros(
                     (channels, D, H, W), dtype=torch.float32, device=self.device
@@ -233,9 +233,14 @@ class PatchAggregator:
         return 4 * (self._acc.numel() + self._wsum.numel())
 
     def _check_tensor(self, t: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, name: str):
+        """``t`` must be contiguous, of ``dtype`` and ``shape`` (``C x 1 x H x W`` or
+        ``C x H x W`` for 2-D volumes)."""
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor")
-        if t.dtype != dtype or t.numel() != int(torch.Size(shape).numel()) or not t.is_contiguous():
+        shapes = [tuple(shape)]
+        if self.spatial_ndim == 2:
+            shapes.append((shape[0], *shape[2:]))
+        if t.dtype != dtype or tuple(t.shape) not in shapes or not t.is_contiguous():
             raise ValueError(
                 f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
                 f"{t.dtype} {tuple(t.shape)}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,9 +86,15 @@ def extract_logits(output: Any) -> torch.Tensor:
 
 
 def _per_axis(value: Any, ndim: int, name: str) -> tuple:
-    if isinstance(value, (int, float)) or value is None:
+    """One value per spatial axis from a scalar or a sequence (NumPy and torch scalars, arrays
+    and tensors included, as MONAI accepts them)."""
+    if hasattr(value, "tolist"):  # numpy / torch scalars, arrays and tensors -> Python values
+        value = value.tolist()
+    if isinstance(value, numbers.Real) or value is None:
         return (value,) * ndim
-    seq = tuple(value)
+    if not isinstance(value, Iterable) or isinstance(value, str):
+        raise ValueError(f"{name} must be a number or one number per spatial axis, got {value!r}")
+    seq = tuple(v.tolist() if hasattr(v, "tolist") else v for v in value)
     if len(seq) != ndim:
         raise ValueError(
             f"{name} must be one value or {ndim} values (one per spatial axis), got {value!r}"
@@ -174,17 +180,20 @@ def sliding_window_inference(
         roi_weight_map, process_fn: not supported (must be None).
         buffer_steps, buffer_dim: accepted for compatibility and ignored (use ``streaming``).
         with_coord: pass the windows' slices to the predictor as its second argument.
-        args, kwargs: extra arguments of the predictor.
+        args, kwargs: extra arguments of the predictor; a ``condition`` tensor (``N x C' x
+            spatial``) is padded and windowed like the inputs, as in MONAI. The keywords below
+            are ours and never reach the predictor (bind such arguments with
+            ``functools.partial``).
         output: ``"logits"`` (default; averaged logits), ``"probs"`` (sigmoid, float16 unless
             ``output_dtype``), ``"masks"`` (bool per task, probability >= ``threshold``) or
             ``"labels"`` (``N x 1 x ...`` uint8, uint16 for >= 256 tasks: 1 + argmax over tasks
             where the top probability is >= ``threshold``, else 0).
         threshold: probability threshold of masks/labels, in (0, 1).
         output_dtype: float32 or float16 for logits/probs.
-        streaming: visit windows slab by slab along the first spatial axis and finalise each
-            slab as soon as no later window touches it; accumulators then take
-            ``(C + 1) x roi_d x H x W`` floats instead of ``C x D x H x W``. Results are
-            identical to ``streaming=False``.
+        streaming: visit windows slab by slab along ``stream_axis`` and finalise each slab
+            as soon as no later window touches it; accumulators then take
+            ``(C + 1) x roi_d x H x W`` floats (along axis 0) instead of ``C x D x H x W``.
+            Along axis 0 results are identical to ``streaming=False``.
         stream_axis: spatial axis to stream along (with ``streaming``): 0 (default; MONAI's
             window order, bit-identical results), another axis, or ``"auto"`` (the axis that
             needs the least accumulator memory, e.g. an in-plane axis of a 512 x 512 CT).
@@ -210,13 +219,18 @@ def sliding_window_inference(
             f"{tuple(inputs.shape)} ({inputs.dim()}-D)"
         )
     nd = inputs.dim() - 2
+    if inputs.shape[0] == 0 or any(s == 0 for s in inputs.shape[1:]):
+        raise ValueError(f"inputs must not be empty, got shape {tuple(inputs.shape)}")
     if isinstance(roi_size, Sequence) and len(roi_size) != nd:
         raise ValueError(
             f"roi_size {tuple(roi_size)} has {len(roi_size)} values but the inputs have {nd} "
             f"spatial dims (shape {tuple(inputs.shape)}; channel-first N x C x spatial expected)"
         )
-    if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or (
+        sw_batch_size < 1
+    ):
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    sw_batch_size = int(sw_batch_size)
     if not callable(predictor):
         raise TypeError("predictor must be callable")
     if roi_weight_map is not None or process_fn is not None:
@@ -226,7 +240,7 @@ def sliding_window_inference(
         raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
     overlaps = _per_axis(overlap, nd, "overlap")
     for o in overlaps:
-        if not isinstance(o, (int, float)) or not 0.0 <= float(o) < 1.0:
+        if not isinstance(o, numbers.Real) or not 0.0 <= float(o) < 1.0:
             raise ValueError(f"overlap must be in [0, 1) on every axis, got {overlap!r}")
     mode_s = _as_str(mode)
     if mode_s not in ("constant", "gaussian"):
@@ -235,27 +249,46 @@ def sliding_window_inference(
     if pad_s not in _PAD_MODES:
         raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
     sigmas = _per_axis(sigma_scale, nd, "sigma_scale")
-    if not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in sigmas):
+    if not all(isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sigmas):
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
-    if stream_axis != "auto" and (
-        isinstance(stream_axis, bool)
-        or not isinstance(stream_axis, int)
-        or not 0 <= stream_axis < nd
-    ):
-        raise ValueError(
-            f"stream_axis must be 'auto' or a spatial axis in [0, {nd}), got {stream_axis!r}"
-        )
+    if stream_axis != "auto":
+        if (
+            isinstance(stream_axis, bool)
+            or not isinstance(stream_axis, numbers.Integral)
+            or not 0 <= stream_axis < nd
+        ):
+            raise ValueError(
+                f"stream_axis must be 'auto' or a spatial axis in [0, {nd}), got {stream_axis!r}"
+            )
+        stream_axis = int(stream_axis)
     if tta is True:
         tta_axes: tuple[int, ...] = tuple(range(nd))
     elif tta is False or tta is None:
         tta_axes = ()
     else:
-        tta_axes = tuple(int(a) for a in tta)
-        if any(a < 0 or a >= nd for a in tta_axes) or len(set(tta_axes)) != len(tta_axes):
-            raise ValueError(f"tta axes must be distinct spatial axes in [0, {nd}), got {tta!r}")
+        axes = list(tta) if isinstance(tta, Iterable) and not isinstance(tta, str) else None
+        if axes is None or any(
+            isinstance(a, bool) or not isinstance(a, numbers.Integral) or not 0 <= a < nd
+            for a in axes
+        ) or len(set(axes)) != len(axes):
+            raise ValueError(
+                f"tta must be a bool or distinct spatial axes in [0, {nd}), got {tta!r}"
+            )
+        tta_axes = tuple(int(a) for a in axes)
 
     N = int(inputs.shape[0])
     image_size_ = [int(s) for s in inputs.shape[2:]]
+    condition = kwargs.pop("condition", None)  # MONAI: windowed like the inputs
+    if condition is not None and (
+        not isinstance(condition, torch.Tensor)
+        or condition.dim() != inputs.dim()
+        or condition.shape[0] != N
+        or list(condition.shape[2:]) != image_size_
+    ):
+        raise ValueError(
+            "condition must be a tensor N x C_cond x spatial matching the inputs "
+            f"{tuple(inputs.shape)}, got {getattr(condition, 'shape', type(condition))}"
+        )
     raw_roi = _per_axis(roi_size, nd, "roi_size")
     roi: list[int] = []
     for r, s in zip(raw_roi, image_size_, strict=True):
@@ -280,10 +313,11 @@ def sliding_window_inference(
                 f"the padding to the window {tuple(roi)}; use padding_mode='constant' or "
                 "'replicate'"
             )
-        if pad_s == "constant":
-            inputs = F.pad(inputs, pad=pad, mode="constant", value=cval)
-        else:  # torch refuses a value argument for the other modes
-            inputs = F.pad(inputs, pad=pad, mode=pad_s)
+        # torch refuses a value argument for the other modes
+        value = {"value": cval} if pad_s == "constant" else {}
+        inputs = F.pad(inputs, pad=pad, mode=pad_s, **value)
+        if condition is not None:
+            condition = F.pad(condition, pad=pad, mode=pad_s, **value)
     image_size = [int(s) for s in inputs.shape[2:]]
     crop = [(pad[2 * (nd - 1 - k)], pad[2 * (nd - 1 - k)] + image_size_[k]) for k in range(nd)]
 
@@ -313,10 +347,13 @@ def sliding_window_inference(
             + tuple(slice(s, s + r) for s, r in zip(starts[i % num_win], roi, strict=True))
             for i in idx
         ]
-        if len(slices) > 1:
+        # as MONAI: a copy whenever batches may hold several windows, else a view
+        if sw_batch_size > 1:
             windows = torch.cat([inputs[s] for s in slices]).to(sw_device)
         else:
             windows = inputs[slices[0]].to(sw_device)
+        if condition is not None:
+            kwargs["condition"] = torch.cat([condition[s] for s in slices]).to(sw_device)
         if with_coord:
             raw = run(windows, [list(s) for s in slices], *args, **kwargs)
         else:
@@ -385,7 +422,8 @@ def _allocate_results(
     """The batch output tensor, which the per-image aggregators fill in."""
     cropped = [hi - lo for lo, hi in crop]
     if output == "logits" and output_dtype in (None, torch.float32) and not streaming:
-        return torch.zeros((N, channels, *image_size), dtype=torch.float32, device=device)
+        # the aggregators' accumulators (each zeroes its image's part)
+        return torch.empty((N, channels, *image_size), dtype=torch.float32, device=device)
     if output in ("logits", "probs"):
         default = torch.float32 if output == "logits" else torch.float16
         dtype = default if output_dtype is None else output_dtype
