@@ -316,6 +316,8 @@ def test_numpy_and_tensor_arguments_as_in_monai():
         torch.testing.assert_close(
             sliding_window_inference(x, roi, np.int64(2), conv, **kw), ref, rtol=0, atol=0
         )
+    constant = sliding_window_inference(x, 8, 2, conv, overlap=0.5, sigma_scale=0.0)
+    _close(constant, monai_swi(x, 8, 2, conv, overlap=0.5, sigma_scale=0.0))
     streamed = sliding_window_inference(x, 8, 2, conv, streaming=True, stream_axis=np.int64(0),
                                         overlap=0.5, mode="gaussian", sigma_scale=float(sigma))
     assert torch.equal(streamed, ref)

@@ -249,7 +249,9 @@ def sliding_window_inference(
     if pad_s not in _PAD_MODES:
         raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
     sigmas = _per_axis(sigma_scale, nd, "sigma_scale")
-    if not all(isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sigmas):
+    if mode_s == "gaussian" and not all(
+        isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sigmas
+    ):  # unused in constant mode (MONAI ignores it there too)
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
     if stream_axis != "auto":
         if (
