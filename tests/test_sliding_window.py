@@ -255,6 +255,12 @@ def test_buffers_are_reused_and_clean_after_errors():
 def test_cached_buffers_stay_within_the_byte_budget(monkeypatch):
     from hermes.inference import _workspace
 
+    monkeypatch.setenv("HERMES_WORKSPACE_BYTES", "4e9")
+    assert _workspace._byte_budget() == 4_000_000_000
+    monkeypatch.setenv("HERMES_WORKSPACE_BYTES", "2G")
+    with pytest.warns(UserWarning, match="HERMES_WORKSPACE_BYTES"):
+        assert _workspace._byte_budget() == 2 << 30
+
     x = _inputs((1, 1, 16, 16, 16))
     conv = ConvPredictor(1, 3)
     ref = sliding_window_inference(x, 8, 2, conv, overlap=0.5, output="labels")
@@ -316,8 +322,13 @@ def test_numpy_and_tensor_arguments_as_in_monai():
         torch.testing.assert_close(
             sliding_window_inference(x, roi, np.int64(2), conv, **kw), ref, rtol=0, atol=0
         )
-    constant = sliding_window_inference(x, 8, 2, conv, overlap=0.5, sigma_scale=0.0)
-    _close(constant, monai_swi(x, 8, 2, conv, overlap=0.5, sigma_scale=0.0))
+    for unused in (0.0, None):  # sigma_scale is unused in constant mode
+        constant = sliding_window_inference(x, 10, 2, conv, overlap=0.5, sigma_scale=unused)
+        _close(constant, monai_swi(x, 10, 2, conv, overlap=0.5, sigma_scale=unused))
+    # window steps in the overlap's own precision: int(10 * (1 - float32(0.3))) is 7, not 6
+    for ov in (np.float32(0.3), (np.float32(0.3), 0.3, np.float64(0.3))):
+        ours = sliding_window_inference(x, 10, 2, conv, overlap=ov)
+        _close(ours, monai_swi(x, 10, 2, conv, overlap=ov))
     streamed = sliding_window_inference(x, 8, 2, conv, streaming=True, stream_axis=np.int64(0),
                                         overlap=0.5, mode="gaussian", sigma_scale=float(sigma))
     assert torch.equal(streamed, ref)
@@ -333,6 +344,10 @@ def test_condition_is_windowed_like_the_inputs_as_in_monai():
     kw = dict(overlap=0.5, mode="gaussian", padding_mode="replicate")
     ref = monai_swi(x, 8, 3, predictor, condition=cond, **kw)
     _close(sliding_window_inference(x, 8, 3, predictor, condition=cond, **kw), ref)
+    # mirroring flips the condition with the windows
+    flipped = monai_swi(x.flip(3), 8, 3, predictor, condition=cond.flip(3), **kw).flip(3)
+    ours = sliding_window_inference(x, 8, 3, predictor, condition=cond, tta=(1,), **kw)
+    _close(ours, (ref + flipped) / 2)
 
 
 def test_windows_are_copies_when_batches_may_hold_several_as_in_monai():

@@ -12,13 +12,31 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import torch
 
 __all__ = ["acquire", "release", "clear_workspace", "cached_bytes"]
 
 _MAX_PER_DEVICE = 2
-_MAX_BYTES = int(os.environ.get("HERMES_WORKSPACE_BYTES", 2 << 30))
+
+
+def _byte_budget(default: int = 2 << 30) -> int:
+    """``HERMES_WORKSPACE_BYTES`` (a number of bytes, e.g. ``4e9``), else ``default``."""
+    raw = os.environ.get("HERMES_WORKSPACE_BYTES")
+    if raw is None:
+        return default
+    try:
+        return max(0, int(float(raw)))
+    except ValueError:
+        warnings.warn(
+            f"HERMES_WORKSPACE_BYTES={raw!r} is not a number of bytes; using {default}",
+            stacklevel=2,
+        )
+        return default
+
+
+_MAX_BYTES = _byte_budget()
 _lock = threading.Lock()
 _cache: dict[str, list[torch.Tensor]] = {}
 

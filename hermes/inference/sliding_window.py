@@ -85,16 +85,21 @@ def extract_logits(output: Any) -> torch.Tensor:
     )
 
 
+def _scalar(value: Any) -> Any:
+    """Torch scalars (0-d tensors) as Python numbers; NumPy scalars are kept, so that window
+    steps are computed in their precision, as MONAI does."""
+    return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+
+
 def _per_axis(value: Any, ndim: int, name: str) -> tuple:
-    """One value per spatial axis from a scalar or a sequence (NumPy and torch scalars, arrays
+    """One value per spatial axis from a scalar or a sequence (NumPy / torch scalars, arrays
     and tensors included, as MONAI accepts them)."""
-    if hasattr(value, "tolist"):  # numpy / torch scalars, arrays and tensors -> Python values
-        value = value.tolist()
+    value = _scalar(value)
     if isinstance(value, numbers.Real) or value is None:
         return (value,) * ndim
     if not isinstance(value, Iterable) or isinstance(value, str):
         raise ValueError(f"{name} must be a number or one number per spatial axis, got {value!r}")
-    seq = tuple(v.tolist() if hasattr(v, "tolist") else v for v in value)
+    seq = tuple(_scalar(v) for v in value)
     if len(seq) != ndim:
         raise ValueError(
             f"{name} must be one value or {ndim} values (one per spatial axis), got {value!r}"
@@ -105,13 +110,17 @@ def _per_axis(value: Any, ndim: int, name: str) -> tuple:
 def _mirror_predictor(
     predictor: Callable[..., Any], axes: Sequence[int]
 ) -> Callable[..., torch.Tensor]:
-    """Averages the predictor's logits over all mirrorings along ``axes`` (tensor dims)."""
+    """Averages the predictor's logits over all mirrorings along ``axes`` (tensor dims); a
+    ``condition`` keyword tensor (windowed like the image) is mirrored with the windows."""
     combos = [c for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]
 
     def predict(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         total: torch.Tensor | None = None
+        condition = kwargs.get("condition")
         for dims in combos:
             xi = torch.flip(x, dims) if dims else x
+            if dims and isinstance(condition, torch.Tensor):
+                kwargs["condition"] = torch.flip(condition, dims)
             yi = extract_logits(predictor(xi, *args, **kwargs)).detach()
             yi = torch.flip(yi, dims) if dims else yi
             if total is None:
@@ -253,6 +262,7 @@ def sliding_window_inference(
         isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sigmas
     ):  # unused in constant mode (MONAI ignores it there too)
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
+    sigma_arg = tuple(float(s) for s in sigmas) if mode_s == "gaussian" else 1.0
     if stream_axis != "auto":
         if (
             isinstance(stream_axis, bool)
@@ -268,7 +278,10 @@ def sliding_window_inference(
     elif tta is False or tta is None:
         tta_axes = ()
     else:
-        axes = list(tta) if isinstance(tta, Iterable) and not isinstance(tta, str) else None
+        axes = (
+            [_scalar(a) for a in tta] if isinstance(tta, Iterable) and not isinstance(tta, str)
+            else None
+        )  # fmt: skip
         if axes is None or any(
             isinstance(a, bool) or not isinstance(a, numbers.Integral) or not 0 <= a < nd
             for a in axes
@@ -324,7 +337,7 @@ def sliding_window_inference(
     crop = [(pad[2 * (nd - 1 - k)], pad[2 * (nd - 1 - k)] + image_size_[k]) for k in range(nd)]
 
     # ---- windows ------------------------------------------------------------------------
-    starts = window_starts(image_size, roi, [float(o) for o in overlaps])
+    starts = window_starts(image_size, roi, overlaps)
     axis = 0
     if streaming:
         axis = best_stream_axis(image_size, roi) if stream_axis == "auto" else int(stream_axis)
@@ -390,7 +403,7 @@ def sliding_window_inference(
             agg = aggregators.get(n)
             if agg is None:
                 agg = PatchAggregator(
-                    image_size, channels, tuple(roi), mode=mode_s, sigma_scale=tuple(sigmas),
+                    image_size, channels, tuple(roi), mode=mode_s, sigma_scale=sigma_arg,
                     output=output, threshold=threshold, output_dtype=output_dtype,
                     streaming=streaming, stream_axis=axis, device=device, crop=crop,
                     out=results[n], reuse_buffers=reuse_buffers,
