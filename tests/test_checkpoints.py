@@ -57,6 +57,22 @@ def test_save_is_atomic_and_keeps_old_file_on_failure(tiny, tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["model.hermes"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    from hermes.files import atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        with open(tmp_path / "b.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "a.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_truncated_file(tiny, tmp_path):
     path = tmp_path / "m.hermes"
     hm.save(tiny, path)
