@@ -187,6 +187,24 @@ def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
         train(_small_cfg(cache, tmp_path / "none"), resume=True)
 
 
+def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
+    """``hermes train --resume`` without the run's options takes them from the run; a resume
+    with other settings, or a new run over an existing one, is refused by name."""
+    from hermes.cli import main
+
+    out = tmp_path / "run"
+    base = ["train", str(cache), "--out", str(out), "--workers", "0", "--quiet"]
+    assert main([*base, "--crop", "32", "--batch-size", "1", "--steps", "2"]) == 0
+    first = (out / "model.hermes").read_bytes()
+    assert main([*base, "--resume"]) == 0  # finished: nothing left to train, same model
+    assert (out / "model.hermes").read_bytes() == first
+    capsys.readouterr()
+    assert main([*base, "--resume", "--batch-size", "2"]) == 1
+    assert "batch_size=1 (now 2)" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_small_cfg(cache, out, batch_size=1, steps=2))
+
+
 def test_ddp_gloo_two_processes(cache, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(_RUNNER)

@@ -27,19 +27,54 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
 
 
+#: ``hermes train`` options that define a run: option -> (TrainConfig field, default). Left out
+#: on ``--resume``, they are taken from the run's config.json.
+_RUN_OPTIONS: dict[str, tuple[str, object]] = {
+    "preset": ("preset", "tiny"), "crop": ("crop_size", [96]), "batch_size": ("batch_size", 2),
+    "steps": ("steps", 1000), "optimizer": ("optimizer", "adamw"), "lr": ("lr", None),
+    "amp": ("amp", "auto"), "ema": ("ema_decay", 0.99), "seed": ("seed", 0),
+    "no_augment": ("augment", False), "datasets": ("datasets", None),
+    "modality_shuffle": ("modality_shuffle", 0.0),
+}
+
+
+def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
+    """TrainConfig fields of the run options: given ones, else the resumed run's, else the
+    defaults."""
+    fields = {}
+    for option, (name, default) in _RUN_OPTIONS.items():
+        value = getattr(args, option)
+        if value is not None:
+            fields[name] = value
+        elif saved is not None and name in saved:
+            fields[name] = saved[name]
+            continue
+        else:
+            fields[name] = default
+        if option == "crop":
+            crop = fields[name]
+            fields[name] = tuple(crop) if len(crop) == 3 else (crop[0],) * 3
+        elif option == "no_augment":
+            fields[name] = not fields[name]
+        elif option == "datasets":
+            fields[name] = _names(fields[name])
+    return fields
+
+
 def _train(args: argparse.Namespace) -> int:
+    import json
+
     from hermes.training.trainer import TrainConfig, train
 
     pc = open_cache(args.collection, args.cache_dir, args.workers, not args.quiet)
-    out = args.out or str(Path("runs") / f"{pc.name}-{args.preset}")
+    out = args.out or str(Path("runs") / f"{pc.name}-{args.preset or 'tiny'}")
+    saved = None
+    if args.resume and (Path(out) / "config.json").is_file():
+        saved = json.loads((Path(out) / "config.json").read_text())
     cfg = TrainConfig(
-        cache_dir=str(pc.cache_dir), out_dir=out, preset=args.preset,
-        crop_size=tuple(args.crop) if len(args.crop) == 3 else (args.crop[0],) * 3,
-        batch_size=args.batch_size, steps=args.steps, optimizer=args.optimizer, lr=args.lr,
-        amp=args.amp, seed=args.seed, workers=args.workers if args.workers is not None else 2,
+        cache_dir=str(pc.cache_dir), out_dir=out, **_run_settings(args, saved),
+        workers=args.workers if args.workers is not None else 2,
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
-        ema_decay=args.ema, augment=not args.no_augment, datasets=_names(args.datasets),
-        modality_shuffle=args.modality_shuffle,
     )
     path = train(cfg, resume=args.resume)
     if not args.quiet:
@@ -71,26 +106,29 @@ def _evaluate(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a universal model on a dataset collection")
     t.add_argument("collection", help="collection YAML (preprocessed first) or a cache folder")
-    t.add_argument("--preset", default="tiny", choices=["tiny", "small", "base", "large"])
+    # run options default to None: their defaults (_RUN_OPTIONS) apply unless --resume finds them
+    t.add_argument("--preset", choices=["tiny", "small", "base", "large"],
+                   help="model size (default tiny)")
     t.add_argument("--out", help="run folder (default runs/<collection>-<preset>)")
     t.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
-    t.add_argument("--steps", type=int, default=1000, help="optimiser steps")
-    t.add_argument("--batch-size", type=int, default=2)
-    t.add_argument("--crop", type=int, nargs="+", default=[96], help="crop size (1 or 3 ints)")
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "lamb"])
-    t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    t.add_argument("--ema", type=float, default=0.99, help="EMA decay")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    t.add_argument("--batch-size", type=int, help="crops per step and process (default 2)")
+    t.add_argument("--crop", type=int, nargs="+", help="crop size, 1 or 3 ints (default 96)")
+    t.add_argument("--optimizer", choices=["adamw", "lamb"], help="default adamw")
+    t.add_argument("--lr", type=float, help="default 3e-4 (AdamW) / 2e-3 (LAMB)")
+    t.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], help="default auto")
+    t.add_argument("--ema", type=float, help="EMA decay (default 0.99)")
+    t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--workers", type=int, default=None, help="data loader / preprocessing workers")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--device", default="auto")
-    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--no-augment", action="store_true", default=None)
     t.add_argument("--datasets", help="train on these datasets only (comma-separated)")
-    t.add_argument("--modality-shuffle", type=float, default=0.0, metavar="F",
+    t.add_argument("--modality-shuffle", type=float, metavar="F",
                    help="fraction of crops given a random modality prior, so that the modality "
                         "head learns to detect the modality from the image (default 0)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (run options left out are the run's own)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(handler=_train)
 

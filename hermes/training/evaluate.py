@@ -133,8 +133,10 @@ def evaluate(
         PreprocessedCollection(collection)
     cases = split_cases(pc, split, datasets)
     if not cases:
+        hint = (" (test cases come from dataset.json 'test' entries with labels or the YAML's "
+                "test_cases; evaluate on --split val otherwise)" if split == "test" else "")
         raise ValueError(f"split {split!r} of {pc.cache_dir} holds no case"
-                         + (f" of datasets {datasets}" if datasets is not None else ""))
+                         + (f" of datasets {datasets}" if datasets is not None else "") + hint)
     roi = tuple(roi or (96, 96, 96))  # type: ignore[assignment]
     if predict is None:
         model = model.to(device).eval()

@@ -14,7 +14,8 @@ def _finetune(args: argparse.Namespace) -> int:
     rehearsal = None
     if args.rehearsal:
         rehearsal = open_cache(args.rehearsal, None, args.workers, not args.quiet)
-    out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode}-{pc.name}")
+    variant = "-new-decoder" if args.new_decoder else "-frozen" if args.freeze_shared else ""
+    out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode}{variant}-{pc.name}")
     crop = tuple(args.crop) if len(args.crop) == 3 else (args.crop[0],) * 3
     res = finetune(
         args.model, pc, out, mode=args.mode, init=args.init, rehearsal=rehearsal,
@@ -74,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "encoder (old tasks stay exact)")
     f.add_argument("--prior-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier of the prior tables")
-    f.add_argument("--out", help="run folder (default runs/<model>-<mode>-<collection>)")
+    f.add_argument("--out", help="run folder (default runs/<model>-<mode>[-new-decoder|-frozen]-"
+                                 "<collection>)")
     f.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
     f.add_argument("--steps", type=int, default=500)
     f.add_argument("--batch-size", type=int, default=2)

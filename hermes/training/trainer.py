@@ -30,6 +30,10 @@ from hermes.training.optim import make_optimizer, warmup_cosine
 from hermes.training.sampling import PatchDataset, StepSampler, collate_partial
 
 STATE_FILE = "last.ckpt"
+#: TrainConfig fields a resumed run may change (where and how it runs, not what it computes)
+RESUME_MAY_CHANGE = frozenset(
+    {"cache_dir", "out_dir", "workers", "checkpoint_every", "device", "progress", "tensorboard"}
+)
 #: ``(trainer, batch, out, x) -> (loss, logs)``: an extra loss term (see :class:`Trainer`).
 ExtraLoss = Callable[["Trainer", dict, Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
@@ -178,6 +182,11 @@ class Trainer:
         self.step = 0
         if resume:
             self._load_state()
+        elif self.state_path.exists():
+            raise FileExistsError(
+                f"{self.out} already holds a training run ({STATE_FILE}): continue it with "
+                "--resume (resume=True) or choose another --out directory"
+            )
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -218,6 +227,15 @@ class Trainer:
             state = torch.load(self.state_path, map_location=self.device, weights_only=False)
         except Exception as exc:
             raise RuntimeError(f"cannot read training checkpoint {self.state_path}: {exc}") from exc
+        saved, now = json.loads(json.dumps(state.get("config", {}))), json.loads(
+            json.dumps(asdict(self.cfg)))
+        changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in sorted(saved)
+                   if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+        if changed:
+            raise ValueError(
+                f"--resume: the run in {self.out} was started with {', '.join(changed)}; "
+                "resume it with its own settings, or choose another --out directory"
+            )
         if state["model_describe"] != self.model.describe():
             raise RuntimeError(
                 f"{self.state_path} was written for another model or collection (vocabulary or "
