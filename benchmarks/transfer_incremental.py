@@ -89,7 +89,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--work", help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 3 cases, 4 pre-training and 2 fine-tuning steps")
     args = ap.parse_args()
+    if args.quick:
+        args.cases, args.pretrain_steps, args.finetune_steps = 3, 4, 2
+        args.tag += "_quick"
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="hermes_ti_"))

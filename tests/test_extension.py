@@ -49,6 +49,8 @@ def test_info_module_prints_report(tmp_path):
     assert ("native extension : loaded" in out) == loaded
     js = subprocess.run([sys.executable, "-m", "hermes.info", "--json"], **run).stdout
     assert f'"extension_loaded": {str(loaded).lower()}' in js
+    cli = subprocess.run([sys.executable, "-m", "hermes", "info"], **run).stdout  # python -m hermes
+    assert cli == out
 
 
 class _FakeExtension:

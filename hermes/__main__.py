@@ -1,0 +1,5 @@
+"""``python -m hermes``: the ``hermes`` command."""
+
+from hermes.cli import main
+
+raise SystemExit(main())
