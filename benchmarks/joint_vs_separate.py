@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -46,14 +47,19 @@ def main() -> None:
     common = dict(cache_dir=str(pc.cache_dir), crop_size=(args.crop,) * 3, batch_size=2,
                   workers=1, checkpoint_every=10**9, progress=False, tensorboard=False, seed=0)
     timings = {}
+
+    def fresh(name: str) -> str:  # a run folder of an earlier benchmark run is replaced
+        shutil.rmtree(work / name, ignore_errors=True)
+        return str(work / name)
+
     t0 = time.perf_counter()
-    joint_path = train(TrainConfig(out_dir=str(work / "joint"), steps=args.steps, **common))
+    joint_path = train(TrainConfig(out_dir=fresh("joint"), steps=args.steps, **common))
     timings["joint"] = time.perf_counter() - t0
     per_steps = max(1, args.steps // len(datasets))
     separate_paths = {}
     for ds in datasets:
         t0 = time.perf_counter()
-        separate_paths[ds] = train(TrainConfig(out_dir=str(work / f"separate_{ds}"),
+        separate_paths[ds] = train(TrainConfig(out_dir=fresh(f"separate_{ds}"),
                                                steps=per_steps, datasets=[ds], **common))
         timings[f"separate_{ds}"] = time.perf_counter() - t0
 

@@ -112,6 +112,10 @@ def main() -> None:
                          args.spacing)
         timings["data"] = time.perf_counter() - t0
 
+        def fresh(name: str) -> Path:  # a run folder of an earlier benchmark run is replaced
+            shutil.rmtree(work / name, ignore_errors=True)
+            return work / name
+
         def run(name, fn):
             t = time.perf_counter()
             out = fn()
@@ -120,7 +124,7 @@ def main() -> None:
             return out
 
         base_path = run("pretrain", lambda: Trainer(TrainConfig(
-            cache_dir=str(old.cache_dir), out_dir=str(work / "pretrain"), preset="tiny",
+            cache_dir=str(old.cache_dir), out_dir=str(fresh("pretrain")), preset="tiny",
             steps=args.pretrain_steps, **common)).run())
         base = hm.load(base_path)
         old_before = run("eval_old_before", lambda: dice_table(base, old, crop))
@@ -147,10 +151,10 @@ def main() -> None:
         models = {}
         for i, name in enumerate(a for a in arms if a in chosen):
             models[name] = run(f"finetune_{name}", lambda n=name, i=i: finetune(
-                base, new, work / f"ft_{i}", **arms[n], **ft).model)
+                base, new, fresh(f"ft_{i}"), **arms[n], **ft).model)
         if "fresh" in chosen:
             fresh_path = run("fresh", lambda: Trainer(TrainConfig(
-                cache_dir=str(new.cache_dir), out_dir=str(work / "fresh"), preset="tiny",
+                cache_dir=str(new.cache_dir), out_dir=str(fresh("fresh")), preset="tiny",
                 steps=args.finetune_steps, **common)).run())
             models["fresh"] = hm.load(fresh_path)
 

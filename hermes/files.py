@@ -35,7 +35,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~_umask())
+            try:
+                os.fchmod(fd, 0o666 & ~_umask())
+            except OSError:  # file systems without POSIX modes
+                pass
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

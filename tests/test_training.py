@@ -203,6 +203,10 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
     assert "batch_size=1 (now 2)" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="--resume"):
         train(_small_cfg(cache, out, batch_size=1, steps=2))
+    api = tmp_path / "api"  # settings no option sets come from the run too
+    train(_small_cfg(cache, api, steps=2, warmup_steps=1, fg_prob=0.5, model_overrides={}))
+    assert main(["train", str(cache), "--out", str(api), "--workers", "0", "--quiet",
+                 "--resume"]) == 0
 
 
 def test_ddp_gloo_two_processes(cache, tmp_path):

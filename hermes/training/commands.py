@@ -40,8 +40,15 @@ _RUN_OPTIONS: dict[str, tuple[str, object]] = {
 
 def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
     """TrainConfig fields of the run options: given ones, else the resumed run's, else the
-    defaults."""
+    defaults; on a resume also the run's settings no option sets (e.g. from the Python API)."""
+    from dataclasses import fields as dataclass_fields
+
+    from hermes.training.trainer import RESUME_MAY_CHANGE, TrainConfig
+
     fields = {}
+    if saved is not None:
+        known = {f.name for f in dataclass_fields(TrainConfig)} - RESUME_MAY_CHANGE
+        fields.update({k: v for k, v in saved.items() if k in known})
     for option, (name, default) in _RUN_OPTIONS.items():
         value = getattr(args, option)
         if value is not None:
@@ -128,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fraction of crops given a random modality prior, so that the modality "
                         "head learns to detect the modality from the image (default 0)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out (run options left out are the run's own)")
+                   help="continue the run in --out with its own settings (options left out "
+                        "are the run's; changed ones, --steps included, are refused)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(handler=_train)
 
