@@ -213,6 +213,11 @@ def test_priors_mode_trains_only_new_rows_and_heads(setup, tmp_path):
     seg = hermes.segment(img, modality="T2", model=str(res.path), spacing=(6.0, 6.0, 6.0),
                          device="cpu")
     assert seg.task_names == res.new_tasks
+    # the run folder records the fine-tuning settings: a resume with others is refused by name
+    with pytest.raises(ValueError, match=r"mode='priors' \(now 'full'\)"):
+        finetune(base, new, tmp_path / "p", mode="full", resume=True, **TRAIN)
+    again = finetune(base, new, tmp_path / "p", mode="priors", resume=True, **TRAIN)
+    assert again.path == res.path
 
 
 def test_incremental_with_distillation_and_rehearsal(setup, tmp_path):

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ from torch import Tensor, nn
 
 import hermes.models as hm
 from hermes.data.cache import CachedCase, PreprocessedCollection
+from hermes.files import atomic_write_json
 from hermes.models.extend import (
     ExtensionPlan,
     add_decoder_branch,
@@ -358,6 +360,23 @@ def count_trainable(model: nn.Module, rows: dict[str, list[int]], params: set[st
     return total
 
 
+#: fine-tuning settings outside :class:`TrainConfig` (which the trainer checks itself), recorded
+#: in the run folder so that a resume with other ones is refused
+SETTINGS_FILE = "finetune.json"
+
+
+def _check_resumed_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / SETTINGS_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changed = [f"{k}={saved[k]!r} (now {v!r})" for k, v in settings.items()
+               if k in saved and saved[k] != v]
+    if changed:
+        raise ValueError(f"--resume: the fine-tuning run in {out_dir} was started with "
+                         f"{', '.join(changed)}; resume it with its own settings")
+
+
 def finetune(
     model: hm.HermesResUNet | str | os.PathLike,
     collection: str | os.PathLike | PreprocessedCollection,
@@ -451,10 +470,18 @@ def finetune(
     if weight > 0:
         teacher = copy.deepcopy(base).float()
         extra = Distiller(teacher, weight, base.config.null_tokens)
+    settings = {
+        "mode": mode, "init": init, "distill_weight": weight, "freeze_shared": freeze_shared,
+        "new_decoder": new_decoder, "prior_lr_scale": prior_lr_scale,
+        "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0}
+    if resume:
+        _check_resumed_settings(Path(out_dir), settings)
     trainer = Trainer(cfg, resume=resume, model=extended, collection=aligned,
                       param_groups=make_param_groups(rows, frozen, cfg.weight_decay,
                                                      prior_lr_scale),
                       extra_loss=extra)
+    if trainer.rank == 0:
+        atomic_write_json(trainer.out / SETTINGS_FILE, settings)
     path = trainer.run()
     if trainer.rank != 0:
         return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode, *counts)
