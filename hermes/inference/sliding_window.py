@@ -91,6 +91,11 @@ def _scalar(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
 
 
+def _is_int(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _per_axis(value: Any, ndim: int, name: str) -> tuple:
     """One value per spatial axis from a scalar or a sequence (NumPy / torch scalars, arrays
     and tensors included, as MONAI accepts them)."""
@@ -235,9 +240,7 @@ def sliding_window_inference(
             f"roi_size {tuple(roi_size)} has {len(roi_size)} values but the inputs have {nd} "
             f"spatial dims (shape {tuple(inputs.shape)}; channel-first N x C x spatial expected)"
         )
-    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, numbers.Integral) or (
-        sw_batch_size < 1
-    ):
+    if not _is_int(sw_batch_size) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     sw_batch_size = int(sw_batch_size)
     if not callable(predictor):
@@ -264,11 +267,7 @@ def sliding_window_inference(
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
     sigma_arg = tuple(float(s) for s in sigmas) if mode_s == "gaussian" else 1.0
     if stream_axis != "auto":
-        if (
-            isinstance(stream_axis, bool)
-            or not isinstance(stream_axis, numbers.Integral)
-            or not 0 <= stream_axis < nd
-        ):
+        if not _is_int(stream_axis) or not 0 <= stream_axis < nd:
             raise ValueError(
                 f"stream_axis must be 'auto' or a spatial axis in [0, {nd}), got {stream_axis!r}"
             )
@@ -282,10 +281,11 @@ def sliding_window_inference(
             [_scalar(a) for a in tta] if isinstance(tta, Iterable) and not isinstance(tta, str)
             else None
         )  # fmt: skip
-        if axes is None or any(
-            isinstance(a, bool) or not isinstance(a, numbers.Integral) or not 0 <= a < nd
-            for a in axes
-        ) or len(set(axes)) != len(axes):
+        if (
+            axes is None
+            or any(not _is_int(a) or not 0 <= a < nd for a in axes)
+            or len(set(axes)) != len(axes)
+        ):
             raise ValueError(
                 f"tta must be a bool or distinct spatial axes in [0, {nd}), got {tta!r}"
             )
@@ -307,7 +307,7 @@ def sliding_window_inference(
     raw_roi = _per_axis(roi_size, nd, "roi_size")
     roi: list[int] = []
     for r, s in zip(raw_roi, image_size_, strict=True):
-        if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Integral)):
+        if r is not None and not _is_int(r):
             raise ValueError(f"roi_size must contain ints, got {roi_size!r}")
         roi.append(s if r is None or r <= 0 else int(r))
     device = resolve_device(device) if device is not None else inputs.device
