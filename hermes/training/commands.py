@@ -51,20 +51,17 @@ def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
         fields.update({k: v for k, v in saved.items() if k in known})
     for option, (name, default) in _RUN_OPTIONS.items():
         value = getattr(args, option)
-        if value is not None:
-            fields[name] = value
-        elif saved is not None and name in saved:
-            fields[name] = saved[name]
-            continue
-        else:
-            fields[name] = default
+        if value is None:
+            if name in fields:  # the resumed run's, already a TrainConfig value
+                continue
+            value = default
         if option == "crop":
-            crop = fields[name]
-            fields[name] = tuple(crop) if len(crop) == 3 else (crop[0],) * 3
+            value = tuple(value) if len(value) == 3 else (value[0],) * 3
         elif option == "no_augment":
-            fields[name] = not fields[name]
+            value = not value
         elif option == "datasets":
-            fields[name] = _names(fields[name])
+            value = _names(value)
+        fields[name] = value
     return fields
 
 

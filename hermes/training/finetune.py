@@ -68,7 +68,7 @@ from hermes.models.extend import (
     plan_extension,
 )
 from hermes.models.vocabulary import UnknownNameError, Vocabulary
-from hermes.training.trainer import TrainConfig, Trainer
+from hermes.training.trainer import TrainConfig, Trainer, changed_settings
 
 __all__ = [
     "MODES",
@@ -369,9 +369,7 @@ def _check_resumed_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / SETTINGS_FILE
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
-    changed = [f"{k}={saved[k]!r} (now {v!r})" for k, v in settings.items()
-               if k in saved and saved[k] != v]
+    changed = changed_settings(json.loads(path.read_text()), settings)
     if changed:
         raise ValueError(f"--resume: the fine-tuning run in {out_dir} was started with "
                          f"{', '.join(changed)}; resume it with its own settings")

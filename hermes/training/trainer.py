@@ -227,10 +227,7 @@ class Trainer:
             state = torch.load(self.state_path, map_location=self.device, weights_only=False)
         except Exception as exc:
             raise RuntimeError(f"cannot read training checkpoint {self.state_path}: {exc}") from exc
-        saved, now = json.loads(json.dumps(state.get("config", {}))), json.loads(
-            json.dumps(asdict(self.cfg)))
-        changed = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in sorted(saved)
-                   if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+        changed = changed_settings(state.get("config", {}), asdict(self.cfg), RESUME_MAY_CHANGE)
         if changed:
             raise ValueError(
                 f"--resume: the run in {self.out} was started with {', '.join(changed)}; "
@@ -410,6 +407,14 @@ class Trainer:
             raise RuntimeError(f"DDP ranks diverged: parameter sums {gathered}")
         if self.rank == 0:
             print(f"ddp: parameters in sync across {self.world} ranks")
+
+
+def changed_settings(saved: dict, now: dict, may_change: frozenset = frozenset()) -> list[str]:
+    """``"name=saved (now value)"`` for every setting both dicts hold (compared as JSON, so
+    tuples equal lists) that differs, except ``may_change``."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
+    return [f"{k}={saved[k]!r} (now {now[k]!r})" for k in sorted(saved)
+            if k in now and k not in may_change and saved[k] != now[k]]
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
