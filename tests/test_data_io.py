@@ -14,6 +14,7 @@ from hermes.data.io import (
     axcodes,
     load_header,
     load_image,
+    nifti_geometry,
     save_image,
     spacing_from_affine,
     strip_image_suffix,
@@ -91,8 +92,31 @@ def test_corrupt_and_missing_files_name_the_file(tmp_path):
         load_image(trunc)
     with pytest.raises(ImageReadError, match="nothere.nii.gz.*not found"):
         load_image(tmp_path / "nothere.nii.gz")
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
     with pytest.raises(ImageReadError, match="not a recognised image type"):
         load_image(tmp_path / "x.png")
+    with pytest.raises(ImageReadError, match="series_3: file not found"):
+        load_image(tmp_path / "patient" / "series_3")  # a mistyped DICOM folder
+
+
+@pytest.mark.parametrize("unit, per_mm", [("meter", 1e-3), ("micron", 1e3), ("mm", 1.0)])
+def test_nifti_spatial_units_are_read_as_mm(tmp_path, unit, per_mm):
+    aff_mm = _affine()
+    aff_file = aff_mm.copy()
+    aff_file[:3, :] *= per_mm  # the same grid written in the file's unit
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), aff_file)
+    img.set_qform(aff_file, code=4)
+    img.set_sform(aff_file, code=2)
+    img.header.set_xyzt_units(unit)
+    nib.save(img, str(tmp_path / "u.nii.gz"))
+    _, aff = load_image(tmp_path / "u.nii.gz")
+    np.testing.assert_allclose(aff, aff_mm, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(load_header(tmp_path / "u.nii.gz")[1], aff_mm, rtol=1e-6,
+                               atol=1e-6)
+    geo = nifti_geometry(nib.load(str(tmp_path / "u.nii.gz")))
+    assert (geo["qform_code"], geo["sform_code"]) == (4, 2)
+    np.testing.assert_allclose(geo["sform"], aff_mm, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(geo["qform"], aff_mm, rtol=1e-5, atol=1e-5)
 
 
 def test_strip_suffix():

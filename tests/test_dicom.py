@@ -19,6 +19,7 @@ from segment_helpers import grid, oracle_model, phantom, rotation  # noqa: E402
 import hermes  # noqa: E402
 from hermes.data.dicom import DicomError, is_dicom_file, load_dicom_series  # noqa: E402
 from hermes.inference.geometry import resample_to_grid  # noqa: E402
+from hermes.inference.segment import load_input  # noqa: E402
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -125,6 +126,13 @@ def test_series_errors(tmp_path):
         load_dicom_series(tmp_path / "two")
     arr, _ = load_dicom_series(tmp_path / "two", series_uid="1.2.3.5")
     assert arr.shape == (8, 8, 5)
+    # the path of one file reads that file's series
+    other = [p.rename(tmp_path / "two" / f"c_{p.name}")
+             for p in write_series(tmp_path / "third", vol[:, :, :3], aff, series_uid="1.2.3.6")]
+    with pytest.raises(DicomError, match="holds 3 series.*path of one of its files"):
+        load_input(tmp_path / "two")
+    arr, _, _ = load_input(other[1])
+    assert arr.shape == (8, 8, 3)
 
 
 def test_segment_dicom_folder(tmp_path):

@@ -253,6 +253,10 @@ def test_bad_inputs_are_named(tmp_path):
         _run(str(other), None)
     with pytest.raises(ValueError, match="threshold"):
         _run(img, aff, threshold=1.5)
+    with pytest.raises(ImageReadError, match="series_2: file not found"):
+        _run(str(tmp_path / "patient" / "series_2"), None)
+    with pytest.raises(SegmentationInputError, match=r"channel-first .* pass image\[0\]"):
+        _run(torch.from_numpy(img)[None], aff)
 
 
 def test_save_outputs(tmp_path):
@@ -295,6 +299,53 @@ def test_save_outputs(tmp_path):
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left == ["labels.json", "labels.nii.gz", "preview.png", "probabilities",
                     "statistics.csv", "statistics.json", "structures"]
+    # a second save replaces the first: its masks, maps and preview do not stay behind
+    res.save(tmp_path / "out", preview=False)
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert left == ["labels.json", "labels.nii.gz", "statistics.csv", "statistics.json"]
+
+
+def test_save_never_writes_over_the_input(tmp_path):
+    linear, shape = EXACT_GRIDS["ras"]
+    aff = grid(linear, shape)
+    img, _ = phantom(aff, shape)
+    src = save_image(tmp_path / "labels.nii.gz", img, aff)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    res = _run(str(src), None)
+    with pytest.raises(FileExistsError, match="would overwrite the input"):
+        res.save(tmp_path, preview=False)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.nii.gz"]
+    written = res.save(tmp_path, preview=False, prefix="seg_")
+    assert written["labels"].name == "seg_labels.nii.gz"
+
+
+def test_results_keep_the_input_nifti_header_geometry(tmp_path):
+    """qform/sform and their codes (MNI 4, aligned 2) come back as in the input, also when the
+    qform differs from the sform; the spatial unit is written as mm."""
+    linear, shape = EXACT_GRIDS["oblique"]
+    aff = grid(linear, shape)
+    img, gt = phantom(aff, shape)
+    qform = aff.copy()
+    qform[:3, 3] += 0.25  # a (slightly) different qform: the sform defines the grid
+    nimg = nib.Nifti1Image(img, aff)
+    nimg.set_qform(qform, code=2)
+    nimg.set_sform(aff, code=4)
+    nib.save(nimg, str(tmp_path / "in.nii.gz"))
+    res = _run(str(tmp_path / "in.nii.gz"), None)
+    np.testing.assert_array_equal(res.masks[0], gt["left_blob"])
+    written = res.save(tmp_path / "out", per_structure=True, preview=False)
+    for img_out in (res.label_image, res.mask_image("right_blob"),
+                    nib.load(str(written["labels"])), nib.load(str(written["mask:left_blob"]))):
+        q, qc = img_out.get_qform(coded=True)
+        s, sc = img_out.get_sform(coded=True)
+        assert (int(qc), int(sc)) == (2, 4)
+        np.testing.assert_allclose(q, nimg.get_qform(), atol=1e-4)
+        np.testing.assert_allclose(s, aff, atol=1e-5)
+        assert img_out.header.get_xyzt_units()[0] == "mm"
+    # arrays (and an affine override) get the plain header: both forms, code 1
+    plain = _run(img, aff).label_image
+    assert (int(plain.get_qform(coded=True)[1]), int(plain.get_sform(coded=True)[1])) == (1, 1)
 
 
 def test_real_tiny_model_from_checkpoint(tmp_path):

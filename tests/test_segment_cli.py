@@ -74,6 +74,23 @@ def test_segment_command(tmp_path, ckpt, capsys):
     captured = capsys.readouterr()
     assert rc == 0 and captured.out == ""
     assert json.loads((out / "labels.json").read_text())["labels"]["3"] == "csf"
+    # the first run's masks and preview are gone: the folder holds one segmentation
+    assert not (out / "structures").exists() and not (out / "preview.png").exists()
+
+
+def test_segment_command_checks_the_output_folder_first(tmp_path, ckpt, capsys, monkeypatch):
+    aff = grid(np.diag([2.0, 2.0, 2.0]), (40, 40, 40))
+    img, _ = phantom(aff, (40, 40, 40))
+    src = save_image(tmp_path / "img.nii.gz", img, aff)
+    import hermes.inference.commands as commands
+    import hermes.inference.segment as seg
+
+    monkeypatch.setattr(commands.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(seg, "segment", lambda *a, **k: pytest.fail("inference ran"))
+    rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "new" / "out"), "--model",
+               str(ckpt), "--device", "cpu", "--modality", "T1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{tmp_path} is not a writable folder" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -20,7 +20,7 @@ import numpy as np
 
 from hermes.data.io import ImageReadError
 
-__all__ = ["DicomError", "is_dicom_file", "load_dicom_series"]
+__all__ = ["DicomError", "is_dicom_file", "load_dicom_series", "series_uid_of"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -45,6 +45,19 @@ def _pydicom():
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DicomError("reading DICOM needs pydicom: pip install pydicom") from exc
     return pydicom
+
+
+def series_uid_of(path: str | os.PathLike) -> str:
+    """``SeriesInstanceUID`` of one DICOM file ("" when it has none): the series to read from
+    its folder when one slice file is given."""
+    try:
+        ds = _pydicom().dcmread(str(path), stop_before_pixels=True)
+    except DicomError:
+        raise
+    except Exception as exc:
+        raise DicomError(f"{path}: cannot read DICOM header ({type(exc).__name__}: "
+                         f"{exc})") from exc
+    return str(getattr(ds, "SeriesInstanceUID", ""))
 
 
 def load_dicom_series(
@@ -90,7 +103,9 @@ def load_dicom_series(
         slices = series[series_uid]
     elif len(series) > 1:
         desc = ", ".join(f"{uid} ({len(s)} slices)" for uid, s in series.items())
-        raise DicomError(f"{folder}: holds {len(series)} series ({desc}); pass series_uid=")
+        raise DicomError(f"{folder}: holds {len(series)} series ({desc}); choose one with "
+                         "series_uid= or, for hermes.segment and `hermes segment -i`, give the "
+                         "path of one of its files instead of the folder")
     else:
         slices = next(iter(series.values()))
     if len(slices) < 2:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -29,6 +30,8 @@ __all__ = [
     "save_image",
     "spacing_from_affine",
     "axcodes",
+    "nifti_affine_mm",
+    "nifti_geometry",
 ]
 
 #: File endings recognised as images, longest first so ``.nii.gz`` wins over ``.gz``.
@@ -49,6 +52,11 @@ _NRRD_SPACES: dict[str, np.ndarray] = {
     "scanner-xyz": np.diag([1.0, 1.0, 1.0, 1.0]),
     "3d-right-handed": np.diag([1.0, 1.0, 1.0, 1.0]),
 }
+
+
+#: Size in mm of each NIfTI spatial unit (``xyzt_units``); "unknown" (0) is read as mm, as ITK
+#: and most tools do.
+_NIFTI_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
 
 
 class ImageReadError(OSError):
@@ -79,6 +87,45 @@ def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
 def axcodes(affine: np.ndarray) -> tuple[str, str, str]:
     """Anatomical direction each array axis points to, e.g. ``('L', 'P', 'S')`` (nibabel)."""
     return tuple(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))  # type: ignore[return-value]
+
+
+def _nifti_unit_mm(img: Any) -> float:
+    """mm per spatial unit of a nibabel image's header (1 for formats without units)."""
+    get_units = getattr(getattr(img, "header", None), "get_xyzt_units", None)
+    if get_units is None:
+        return 1.0
+    unit = get_units()[0]
+    if unit not in _NIFTI_UNIT_MM:
+        raise ValueError(f"unsupported NIfTI spatial unit {unit!r}")
+    return _NIFTI_UNIT_MM[unit]
+
+
+def _scaled(affine: np.ndarray, mm_per_unit: float) -> np.ndarray:
+    a = np.array(affine, dtype=np.float64)
+    a[:3, :] *= mm_per_unit  # world coordinates (steps and origin) from the file's unit to mm
+    return a
+
+
+def nifti_affine_mm(img: Any) -> np.ndarray:
+    """Voxel -> RAS+ affine of a nibabel image in **mm**, whatever spatial unit (metre, mm,
+    micrometre) its header declares; nibabel's ``img.affine`` is in the file's unit."""
+    return _scaled(np.asarray(img.affine, np.float64), _nifti_unit_mm(img))
+
+
+def nifti_geometry(img: Any) -> dict | None:
+    """The header geometry of a nibabel NIfTI image, to give results the input's header:
+    ``{"qform", "qform_code", "sform", "sform_code"}`` (affines in mm), or None for images
+    without NIfTI qform/sform or with both codes 0."""
+    get_q, get_s = getattr(img, "get_qform", None), getattr(img, "get_sform", None)
+    if get_q is None or get_s is None:
+        return None
+    qform, qcode = get_q(coded=True)
+    sform, scode = get_s(coded=True)
+    if not qcode and not scode:
+        return None
+    mm = _nifti_unit_mm(img)
+    return {"qform": None if qform is None else _scaled(qform, mm), "qform_code": int(qcode),
+            "sform": None if sform is None else _scaled(sform, mm), "sform_code": int(scode)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,11 +228,13 @@ def _save_nrrd(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
 
 def _readable_suffix(path: Path) -> str:
     """The image suffix of an existing file; :class:`ImageReadError` naming the file otherwise."""
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
     suffix = image_suffix(path)
     if suffix is None:
         raise ImageReadError(f"{path}: not a recognised image type (expected {IMAGE_SUFFIXES})")
     if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
+        raise ImageReadError(f"{path}: not a file")
     return suffix
 
 
@@ -201,7 +250,8 @@ def load_image(
 
     Returns:
         ``(array, affine)``: ``array`` has shape ``(X, Y, Z)`` or ``(X, Y, Z, C)`` in the file's
-        voxel order; ``affine`` is 4x4 float64, voxel index -> RAS+ mm.
+        voxel order; ``affine`` is 4x4 float64, voxel index -> RAS+ mm (NIfTI files declaring
+        metres or micrometres are converted).
 
     Raises:
         ImageReadError: the file is missing, of an unknown type, or corrupt; names the file.
@@ -213,7 +263,7 @@ def load_image(
             data, affine = _load_nrrd(path, header_only=False)
         else:
             img = nib.load(str(path))
-            affine = np.asarray(img.affine, dtype=np.float64)
+            affine = nifti_affine_mm(img)
             if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
                 data = np.asarray(img.get_fdata(dtype=np.dtype(dtype)))
             else:
@@ -246,7 +296,7 @@ def load_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
             shape, affine = _load_nrrd(path, header_only=True)
         else:
             img = nib.load(str(path))
-            shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, np.float64)
+            shape, affine = tuple(int(s) for s in img.shape), nifti_affine_mm(img)
             if len(shape) == 5 and shape[3] == 1:
                 shape = shape[:3] + shape[4:]
     except ImageReadError:

@@ -33,6 +33,13 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse to overwrite earlier outputs without ``--force`` and never write over an input."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
+    # checked before inference runs, not when the results are written minutes later
+    base = out.absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write the output folder {out}: {base} is not a writable "
+                              "folder")
     existing = [n for n in _OUTPUT_NAMES if (out / n).exists()]
     if existing and not force:
         raise FileExistsError(

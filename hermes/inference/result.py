@@ -16,16 +16,29 @@ import numpy as np
 
 from hermes.files import atomic_write_bytes
 
-__all__ = ["SegmentationResult", "nifti_bytes", "safe_filename"]
+__all__ = ["SegmentationResult", "nifti_image", "nifti_bytes", "safe_filename"]
 
 
-def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True) -> bytes:
-    """A NIfTI-1 file (gzip-compressed for ``.nii.gz``) holding ``array`` with ``affine``
-    as both qform and sform (code 1, scanner)."""
+def nifti_image(array: np.ndarray, affine: np.ndarray,
+                geometry: dict | None = None) -> nib.Nifti1Image:
+    """A NIfTI-1 image of ``array`` on the grid ``affine`` (voxel -> RAS mm), spatial unit mm.
+
+    ``geometry`` (:func:`hermes.data.io.nifti_geometry` of the input) gives the header the
+    input's qform and sform with their codes (e.g. 4 = MNI152, or a qform that differs from the
+    sform); without it both are ``affine`` with code 1 (scanner).
+    """
     img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, np.float64))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    data = img.to_bytes()
+    g = geometry or {"qform": img.affine, "qform_code": 1, "sform": img.affine, "sform_code": 1}
+    img.set_qform(g["qform"] if g["qform_code"] else None, code=g["qform_code"])
+    img.set_sform(g["sform"] if g["sform_code"] else None, code=g["sform_code"])
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True,
+                geometry: dict | None = None) -> bytes:
+    """:func:`nifti_image` as the bytes of a file (gzip-compressed for ``.nii.gz``)."""
+    data = nifti_image(array, affine, geometry).to_bytes()
     return gzip.compress(data, compresslevel=4, mtime=0) if compress else data
 
 
@@ -39,12 +52,15 @@ class SegmentationResult:
 
     Attributes:
         labels: ``(X, Y, Z)`` uint8/uint16 label map: 0 background, ``i + 1`` task
-            ``task_names[i]`` (where several masks overlap, the most probable task).
+            ``task_names[i]`` (where several masks overlap, the smallest structure, so that
+            nested structures stay visible).
         masks: ``(T, X, Y, Z)`` bool, one (possibly overlapping) mask per task.
         probabilities: ``(T, X, Y, Z)`` float16 sigmoid probabilities, or None.
         image: ``(X, Y, Z)`` float32 input intensities (first channel), or None.
         task_names: the tasks, in label order.
         affine: 4x4 voxel -> RAS mm of the original image.
+        nifti_geometry: the input NIfTI's qform/sform and codes, which the written NIfTI
+            files keep (None: both ``affine`` with code 1).
         modality: the modality used; ``detection`` holds ``{"modality", "confidence",
             "scores"}`` when it was detected automatically, else None.
         settings, timings: how it was computed, seconds per step.
@@ -56,11 +72,13 @@ class SegmentationResult:
         probabilities: np.ndarray | None = None, modality: str = "",
         detection: dict | None = None, source: str = "", model_source: str | None = None,
         settings: dict | None = None, timings: dict | None = None,
+        nifti_geometry: dict | None = None,
     ):
         self.labels = label_map
         self.masks = masks
         self.task_names = list(task_names)
         self.affine = np.asarray(affine, np.float64)
+        self.nifti_geometry = nifti_geometry
         self.probabilities = probabilities
         self.modality = modality
         self.detection = detection
@@ -84,10 +102,7 @@ class SegmentationResult:
     @property
     def label_image(self) -> nib.Nifti1Image:
         """The label map as a nibabel image with the original affine."""
-        img = nib.Nifti1Image(self.labels, self.affine)
-        img.set_qform(self.affine, code=1)
-        img.set_sform(self.affine, code=1)
-        return img
+        return nifti_image(self.labels, self.affine, self.nifti_geometry)
 
     def mask(self, task: str) -> np.ndarray:
         """``(X, Y, Z)`` bool mask of ``task``."""
@@ -97,10 +112,7 @@ class SegmentationResult:
 
     def mask_image(self, task: str) -> nib.Nifti1Image:
         """The mask of ``task`` as a uint8 nibabel image with the original affine."""
-        img = nib.Nifti1Image(self.mask(task).astype(np.uint8), self.affine)
-        img.set_qform(self.affine, code=1)
-        img.set_sform(self.affine, code=1)
-        return img
+        return nifti_image(self.mask(task).astype(np.uint8), self.affine, self.nifti_geometry)
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -147,19 +159,70 @@ class SegmentationResult:
         ``{prefix}probabilities/<task>.nii.gz`` (float16->float32, when ``probabilities`` and
         they were computed).
 
+        Earlier outputs of the same names that this call does not rewrite (the preview, masks
+        and probability maps of an earlier save) are removed once the new files are written,
+        so that the folder describes one segmentation. The input image is never written over
+        or removed: a clash raises :class:`FileExistsError` before anything is written.
+
         Returns:
             ``{kind: path}`` of the files written (per-structure files as ``mask:<task>``).
         """
         out = Path(directory)
+        geo = self.nifti_geometry
+        files: list[tuple[str, str, Any]] = [  # (key, name, () -> bytes)
+            ("labels", f"{prefix}labels.nii.gz",
+             lambda: nifti_bytes(self.labels, self.affine, geometry=geo)),
+            ("names", f"{prefix}labels.json", self._names_json),
+            ("statistics_json", f"{prefix}statistics.json", self._statistics_json),
+            ("statistics_csv", f"{prefix}statistics.csv", self._statistics_csv),
+        ]
+        if per_structure:
+            for i, name in enumerate(self.task_names):
+                files.append((f"mask:{name}", f"{prefix}structures/{safe_filename(name)}.nii.gz",
+                              lambda i=i: nifti_bytes(self.masks[i].astype(np.uint8),
+                                                      self.affine, geometry=geo)))
+        if probabilities and self.probabilities is not None:
+            for i, name in enumerate(self.task_names):
+                files.append((f"prob:{name}",
+                              f"{prefix}probabilities/{safe_filename(name)}.nii.gz",
+                              lambda i=i: nifti_bytes(self.probabilities[i].astype(np.float32),
+                                                      self.affine, geometry=geo)))
+        if preview:
+            from hermes.inference.preview import preview_png
+
+            files.append(("preview", f"{prefix}preview.png", lambda: preview_png(self)))
+        stale = [out / f"{prefix}preview.png"]
+        for sub in ("structures", "probabilities"):
+            folder = out / f"{prefix}{sub}"
+            stale += sorted(folder.glob("*.nii.gz")) if folder.is_dir() else []
+        written_paths = {(out / name).resolve() for _, name, _ in files}
+        stale = [p for p in stale if p.resolve() not in written_paths and p.is_file()]
+        self._refuse_input_clash([out / name for _, name, _ in files] + stale)
+
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
+        for key, name, produce in files:
+            atomic_write_bytes(out / name, [produce()])
+            written[key] = out / name
+        for p in stale:
+            p.unlink(missing_ok=True)
+        for sub in ("structures", "probabilities"):
+            folder = out / f"{prefix}{sub}"
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return written
 
-        def put(key: str, name: str, data: bytes) -> None:
-            p = out / name
-            atomic_write_bytes(p, [data])
-            written[key] = p
+    def _refuse_input_clash(self, paths: list[Path]) -> None:
+        """:class:`FileExistsError` if one of ``paths`` is the input image file."""
+        if not self.source or not Path(self.source).exists():
+            return
+        src = Path(self.source).resolve()
+        for p in paths:
+            if p.resolve() == src:
+                raise FileExistsError(f"output {p} would overwrite the input {self.source}; "
+                                      "save to another folder or with another prefix")
 
-        put("labels", f"{prefix}labels.nii.gz", nifti_bytes(self.labels, self.affine))
+    def _names_json(self) -> bytes:
         names = {
             "labels": {"0": "background", **{str(k): v for k, v in self.label_names.items()}},
             "modality": self.modality,
@@ -168,9 +231,13 @@ class SegmentationResult:
             "model": self.model_source,
             "settings": self.settings,
         }
-        put("names", f"{prefix}labels.json", json.dumps(names, indent=1).encode())
+        return json.dumps(names, indent=1).encode()
+
+    def _statistics_json(self) -> bytes:
         stats = {"voxel_volume_ml": self.voxel_volume_ml, "structures": self.statistics}
-        put("statistics_json", f"{prefix}statistics.json", json.dumps(stats, indent=1).encode())
+        return json.dumps(stats, indent=1).encode()
+
+    def _statistics_csv(self) -> bytes:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["label", "task", "voxels", "volume_ml",
                                             "mean_intensity"], lineterminator="\n")
@@ -178,17 +245,4 @@ class SegmentationResult:
         for s in self.statistics:
             w.writerow({**s, "mean_intensity": "" if s["mean_intensity"] is None
                         else s["mean_intensity"]})
-        put("statistics_csv", f"{prefix}statistics.csv", buf.getvalue().encode())
-        if per_structure:
-            for i, name in enumerate(self.task_names):
-                put(f"mask:{name}", f"{prefix}structures/{safe_filename(name)}.nii.gz",
-                    nifti_bytes(self.masks[i].astype(np.uint8), self.affine))
-        if probabilities and self.probabilities is not None:
-            for i, name in enumerate(self.task_names):
-                put(f"prob:{name}", f"{prefix}probabilities/{safe_filename(name)}.nii.gz",
-                    nifti_bytes(self.probabilities[i].astype(np.float32), self.affine))
-        if preview:
-            from hermes.inference.preview import preview_png
-
-            put("preview", f"{prefix}preview.png", preview_png(self))
-        return written
+        return buf.getvalue().encode()

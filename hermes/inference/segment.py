@@ -24,7 +24,13 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 
 from hermes.data.geometry import CANONICAL_AXCODES, crop, separable_resample
-from hermes.data.io import ImageReadError, image_suffix, load_image
+from hermes.data.io import (
+    ImageReadError,
+    image_suffix,
+    load_image,
+    nifti_affine_mm,
+    nifti_geometry,
+)
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
 from hermes.inference.result import SegmentationResult
 
@@ -74,6 +80,21 @@ def _affine_from(affine: Any, spacing: Any) -> np.ndarray:
     )
 
 
+def input_geometry(image: Any, affine: Any = None) -> dict | None:
+    """The NIfTI header geometry (:func:`hermes.data.io.nifti_geometry`) of a NIfTI file or
+    nibabel image given to :func:`segment` without an ``affine`` override, else None: the
+    written results keep the input's qform/sform codes."""
+    if affine is not None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        if image_suffix(image) not in (".nii", ".nii.gz"):
+            return None
+        import nibabel as nib
+
+        return nifti_geometry(nib.load(str(image)))
+    return nifti_geometry(image)
+
+
 def load_input(
     image: Any, affine: Any = None, spacing: Any = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -91,20 +112,20 @@ def load_input(
 
             arr, aff = load_dicom_series(path)
         elif path.is_file() and image_suffix(path) is None:
-            from hermes.data.dicom import is_dicom_file, load_dicom_series
+            from hermes.data.dicom import is_dicom_file, load_dicom_series, series_uid_of
 
             if not is_dicom_file(path):
                 raise ImageReadError(
                     f"{path}: not a recognised image (NIfTI .nii/.nii.gz, NRRD .nrrd/.nhdr, "
                     "or a DICOM series folder)"
                 )
-            arr, aff = load_dicom_series(path.parent)
+            arr, aff = load_dicom_series(path.parent, series_uid=series_uid_of(path))
         else:
             arr, aff = load_image(path, dtype=np.float32)
         desc = str(path)
     elif hasattr(image, "affine") and hasattr(image, "dataobj"):  # nibabel image
         arr = np.asarray(image.get_fdata(dtype=np.float32))
-        aff = np.asarray(image.affine if affine is None else affine, np.float64)
+        aff = nifti_affine_mm(image) if affine is None else _affine_from(affine, None)
         desc = f"{type(image).__name__} {tuple(arr.shape)}"
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
@@ -125,6 +146,11 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int) 
     """``(C, X, Y, Z)`` from ``(X, Y, Z[, C])`` after the checks every input gets."""
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        raise SegmentationInputError(
+            f"{desc}: image of shape {arr.shape} starts with an axis of 1; Hermes takes "
+            "(X, Y, Z) or channel-last (X, Y, Z, C) arrays: for a channel-first (1, X, Y, Z) "
+            "tensor pass image[0]")
     if arr.ndim < 3 or (arr.ndim == 3 and min(arr.shape) == 1) or (
             arr.ndim == 4 and min(arr.shape[:3]) == 1):
         raise SegmentationInputError(
@@ -491,6 +517,7 @@ def segment(
     net, meta = resolve_model(model, dev)
     vocab = net.vocab
     arr, aff, desc = load_input(image, affine=affine, spacing=spacing)
+    header_geometry = input_geometry(image, affine)
     chans = _validate(arr, aff, desc, int(net.config.in_channels))
     del arr
     times["load"] = time.perf_counter() - t0
@@ -582,6 +609,7 @@ def segment(
 
     return SegmentationResult(
         label_map=labels, masks=masks, task_names=task_names, affine=aff,
+        nifti_geometry=header_geometry,
         image=chans[0], probabilities=prob_out, modality=modality, detection=detection,
         source=desc, model_source=getattr(net, "hermes_source", None),
         settings={"threshold": float(threshold), "overlap": ov, "tta": use_tta, "fast": fast,
