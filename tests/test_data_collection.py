@@ -232,6 +232,27 @@ def test_label_values_ok_with_union_map(tmp_path):
     assert c.dataset("d").tasks[0].values == (1, 2) and c.dataset("d").modality == "CT"
 
 
+def test_nnunet_case_ids_ending_in_four_digits(tmp_path):
+    # AMOS-style names: labelsTr/amos_0001, imagesTr/amos_0001_0000 and _0001 (two channels)
+    ds = tmp_path / "amos"
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 1
+    for i in (1, 2):
+        save_image(ds / "labelsTr" / f"amos_{i:04d}.nii.gz", lab, np.eye(4))
+        for ch in (0, 1):
+            save_image(ds / "imagesTr" / f"amos_{i:04d}_{ch:04d}.nii.gz",
+                       lab.astype(np.float32), np.eye(4))
+    (ds / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT", "1": "CT"}, "labels": {"background": 0, "liver": 1},
+        "file_ending": ".nii.gz", "numTraining": 2}))
+    c = Collection.from_dict({"datasets": [{"name": "amos", "path": str(ds)}]})
+    assert c.validate() == []
+    cases = c.dataset("amos").cases
+    assert [x.case_id for x in cases] == ["amos_0001", "amos_0002"]
+    assert [p.name for p in cases[1].images] == ["amos_0002_0000.nii.gz", "amos_0002_0001.nii.gz"]
+    assert cases[1].label.name == "amos_0002.nii.gz"
+
+
 def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):
     ds = tmp_path / "d"
     lab = np.zeros((4, 4, 4), np.uint8)

@@ -182,6 +182,20 @@ def test_resume_after_kill_continues_the_same_run(cache, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_reads_the_checkpoint_on_the_cpu(cache, tmp_path):
+    """The checkpoint's CPU random state must stay on the CPU whatever the training device
+    (torch.set_rng_state takes CPU tensors only): here a trainer whose device is 'meta' stands
+    in for a GPU, as no GPU runs these tests."""
+    from hermes.training.trainer import Trainer
+
+    cfg = _small_cfg(cache, tmp_path / "run", steps=2)
+    Trainer(cfg)._save_state()
+    trainer = Trainer(cfg, resume=True)
+    trainer.device = torch.device("meta")
+    trainer._load_state()
+    assert trainer.step == 0
+
+
 def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_small_cfg(cache, tmp_path / "none"), resume=True)
@@ -203,6 +217,10 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
     assert "batch_size=1 (now 2)" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="--resume"):
         train(_small_cfg(cache, out, batch_size=1, steps=2))
+    (out / "last.ckpt").unlink()  # a finished run kept only its model: still not overwritten
+    with pytest.raises(FileExistsError, match="trained model"):
+        train(_small_cfg(cache, out, batch_size=1, steps=2))
+    assert (out / "model.hermes").read_bytes() == first
     api = tmp_path / "api"  # settings no option sets come from the run too
     train(_small_cfg(cache, api, steps=2, warmup_steps=1, fg_prob=0.5, model_overrides={}))
     assert main(["train", str(cache), "--out", str(api), "--workers", "0", "--quiet",

@@ -191,8 +191,12 @@ def _resolve_listed_image(root: Path, rel: str) -> tuple[Path, ...]:
     return tuple(chans) if chans else (p,)
 
 
-def _scan_images(folder: Path, ending: str | None) -> dict[str, list[Path]]:
-    """Group the images of ``folder`` by case id (stripping nnU-Net ``_XXXX`` channel tags)."""
+def _scan_images(folder: Path, ending: str | None,
+                 case_ids: set[str] | None = None) -> dict[str, list[Path]]:
+    """Group the images of ``folder`` by case id: the file name without its suffix, for
+    images less a nnU-Net ``_XXXX`` channel tag. ``case_ids`` (the label files' ids) keeps
+    whole names that are case ids themselves (``amos_0001`` is a case, not channel 1 of
+    ``amos``); None (scanning labels) strips no tag."""
     out: dict[str, list[Path]] = {}
     if not folder.is_dir():
         return out
@@ -201,7 +205,7 @@ def _scan_images(folder: Path, ending: str | None) -> dict[str, list[Path]]:
         if suffix is None or p.name.startswith(".") or (ending and suffix != ending):
             continue
         stem = _strip(p.name)
-        m = _CHANNEL_RE.match(stem)
+        m = _CHANNEL_RE.match(stem) if case_ids is not None and stem not in case_ids else None
         out.setdefault(m.group("case") if m else stem, []).append(p)
     return out
 
@@ -233,8 +237,8 @@ def _discover_cases(
             )
     else:
         # nnU-Net v2 layout: labelsTr/<case><ending>, imagesTr/<case>_<XXXX><ending>.
-        images = _scan_images(root / "imagesTr", ending)
         labels = _scan_images(root / "labelsTr", ending)
+        images = _scan_images(root / "imagesTr", ending, set(labels))
         for cid in sorted(set(images) | set(labels)):
             if cid not in labels:
                 img = images[cid][0]

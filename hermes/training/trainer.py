@@ -30,6 +30,8 @@ from hermes.training.optim import make_optimizer, warmup_cosine
 from hermes.training.sampling import PatchDataset, StepSampler, collate_partial
 
 STATE_FILE = "last.ckpt"
+#: The exported (EMA) model of a run, in its folder.
+MODEL_FILE = "model.hermes"
 #: TrainConfig fields a resumed run may change (where and how it runs, not what it computes)
 RESUME_MAY_CHANGE = frozenset(
     {"cache_dir", "out_dir", "workers", "checkpoint_every", "device", "progress", "tensorboard"}
@@ -187,6 +189,11 @@ class Trainer:
                 f"{self.out} already holds a training run ({STATE_FILE}): continue it with "
                 "--resume (resume=True) or choose another --out directory"
             )
+        elif (self.out / MODEL_FILE).exists():
+            raise FileExistsError(
+                f"{self.out} already holds a trained model ({MODEL_FILE}); choose another --out "
+                "directory"
+            )
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -224,7 +231,9 @@ class Trainer:
         if not self.state_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.state_path}")
         try:
-            state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+            # on the CPU: torch.set_rng_state takes CPU tensors only (the optimizer, EMA and
+            # model copy their states onto the training device themselves)
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
         except Exception as exc:
             raise RuntimeError(f"cannot read training checkpoint {self.state_path}: {exc}") from exc
         changed = changed_settings(state.get("config", {}), asdict(self.cfg), RESUME_MAY_CHANGE)
@@ -371,7 +380,7 @@ class Trainer:
                     self._save_state()
                 t_data = time.perf_counter()
             self._check_sync()
-            model_path = self.out / "model.hermes"
+            model_path = self.out / MODEL_FILE
             if main:
                 hm.save(self.ema.model, model_path, metadata=self.export_metadata())
             return model_path
