@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -215,6 +216,14 @@ def test_splits_are_seeded_stored_and_reused(synth_copy, tmp_path):
     sp_path.write_text(json.dumps(stored))
     with pytest.raises(SplitError, match="synth_t2.*ghost_case"):
         load_or_create_splits(c, sp_path)
+    # a case declared test after the split was made must not stay in train (leakage)
+    sp_path.write_text(json.dumps(s1))
+    ds = c.dataset("synth_pet")
+    moved = s1["datasets"]["synth_pet"]["train"][0]
+    ds.cases = [replace(x, predefined_split="test") if x.case_id == moved else x
+                for x in ds.cases]
+    with pytest.raises(SplitError, match=f"synth_pet.*declared test \\['{moved}'\\]"):
+        load_or_create_splits(c, sp_path)
 
 
 def test_label_values_ok_with_union_map(tmp_path):
@@ -274,6 +283,22 @@ def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):
     assert pc.datasets["d"].ignore_values == (5,)
     np.testing.assert_array_equal(case.ignore_mask(), np.asarray(case.label) == 5)
     assert case.ignore_mask().sum() == 16
+    # the unannotated voxels travel with training batches (for the loss to skip them) ...
+    from hermes.training.sampling import PatchDataset, collate_partial
+
+    item = PatchDataset(pc, case.shape, augment=False, fg_prob=0.0)[0]
+    np.testing.assert_array_equal(item["ignore"][0].numpy(), case.ignore_mask())
+    assert item["targets"].shape[0] == 1  # one task: the ignore mask is not a target
+    batch = collate_partial([item])
+    assert batch["ignore"].shape == (1, 1, *case.shape)
+    # ... and evaluation does not score predictions there
+    from hermes.training.evaluate import evaluate
+
+    truth = np.isin(np.asarray(case.label), (1,))[None]
+    exact = evaluate(None, pc, "train", predict=lambda c: truth)
+    spill = evaluate(None, pc, "train", predict=lambda c: truth | case.ignore_mask()[None])
+    assert exact.rows[0]["dice"] == spill.rows[0]["dice"] == 1.0
+    assert spill.rows[0]["pred_voxels"] == 1
 
 
 def test_malformed_settings_are_reported(synth_copy):

@@ -59,6 +59,23 @@ def test_partial_label_loss_hand_computed():
     assert bce.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+def test_partial_label_loss_skips_unannotated_voxels():
+    # three voxels, the middle one unannotated (nnU-Net "ignore"): hand-computed on the others
+    logits = torch.tensor([0.0, 3.0, 2.0]).view(1, 1, 3, 1, 1).requires_grad_(True)
+    targets = torch.tensor([0.0, 0.0, 1.0]).view(1, 1, 3, 1, 1)
+    ignore = torch.tensor([False, True, False]).view(1, 1, 3, 1, 1)
+    bce, dice = partial_label_loss(logits, targets, torch.ones(1, 1, dtype=torch.bool),
+                                   smooth=0.0, ignore=ignore)
+    p = 1 / (1 + math.exp(-2.0))
+    assert bce.item() == pytest.approx((math.log(2) - math.log(p)) / 2, rel=1e-6)
+    assert dice.item() == pytest.approx(1 - 2 * p / (0.5 + p + 1), rel=1e-6)
+    (bce + dice).backward()
+    assert logits.grad[0, 0, 1].item() == 0 and logits.grad[0, 0, 2].item() != 0
+    with pytest.raises(ValueError, match="ignore must be"):
+        partial_label_loss(logits, targets, torch.ones(1, 1, dtype=torch.bool),
+                           ignore=ignore[:, :, :2])
+
+
 def test_modality_loss_ignores_unknown():
     logits = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
     ref = torch.nn.functional.cross_entropy(logits[:1], torch.tensor([0]))

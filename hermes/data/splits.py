@@ -4,7 +4,8 @@ Each dataset is split on its own: predefined test cases (dataset.json ``test`` e
 labels, or the YAML's ``test_cases``) go to ``test``; the rest are shuffled with a generator
 seeded by ``(seed, dataset name)`` and ``val_fraction`` of them go to ``val``. The stored file is
 authoritative: adding a *new dataset* to the collection splits only that dataset; changing the
-cases of an already split dataset is an error (delete its entry, or the file, to re-split).
+cases of an already split dataset, or declaring one of them a test case, is an error (delete its
+entry, or the file, to re-split).
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ def load_or_create_splits(collection: Collection, path: str | os.PathLike,
             added, gone = sorted(now - have), sorted(have - now)
             errors.append(f"dataset {ds.name!r}: cases added {added[:5]}, removed {gone[:5]}"
                           f"{' ...' if len(added) > 5 or len(gone) > 5 else ''}")
+            continue
+        # a case declared test (test_cases, dataset.json "test") after the split would
+        # otherwise stay in train or val; the stored test split may hold more (edited by hand)
+        declared = {c.case_id for c in ds.cases if c.predefined_split == "test"}
+        leaked = sorted(declared - set(stored[ds.name].get("test", [])))
+        if leaked:
+            errors.append(f"dataset {ds.name!r}: cases declared test {leaked[:5]} are not in "
+                          "the stored test split")
     if errors:
         raise SplitError(f"stored splits {path} do not match the collection: "
                          + "; ".join(errors) + ". Delete that dataset's entry (or the file) "

@@ -154,10 +154,13 @@ def evaluate(
         gt_label, gt_affine = load_image(label_path)
         gt_label = np.asarray(gt_label).reshape(gt_label.shape[:3])
         back = resample_to_grid(masks, case.affine, np.asarray(orig["affine"]), orig["shape"])
+        # unannotated voxels (nnU-Net "ignore" label) are scored in no metric, as in nnU-Net
+        annotated = ~np.isin(gt_label, case.info.ignore_values)
         pairs = zip(case.info.tasks, case.info.task_values, strict=True)
         for t, (task, values) in enumerate(pairs):
             gt = np.isin(gt_label, values)
-            m = mask_metrics(back[t], gt, orig["spacing"], tolerance_mm)
+            pred = back[t] & annotated
+            m = mask_metrics(pred, gt, orig["spacing"], tolerance_mm)
             rows.append({"dataset": case.dataset, "case": case.case_id, "task": task, **m,
-                         "gt_voxels": int(gt.sum()), "pred_voxels": int(back[t].sum())})
+                         "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum())})
     return EvaluationResult(rows)

@@ -8,7 +8,8 @@ from torch import Tensor
 
 
 def partial_label_loss(
-    logits: Tensor, targets: Tensor, annotated: Tensor, smooth: float = 1e-5
+    logits: Tensor, targets: Tensor, annotated: Tensor, smooth: float = 1e-5,
+    ignore: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """BCE-with-logits + soft Dice over the tasks each image's dataset annotates.
 
@@ -16,6 +17,8 @@ def partial_label_loss(
         logits: B x T x D x H x W, one logit per requested task.
         targets: B x T x D x H x W in {0, 1} (any float/bool dtype).
         annotated: B x T bool; False for null padding and tasks the image is not labelled for.
+        ignore: optional B x 1 x D x H x W bool, True at unannotated voxels (nnU-Net "ignore"
+            label): they count in neither loss (BCE is the mean over the other voxels).
     Returns:
         (bce, dice): means over annotated (image, task) pairs; zero when none is annotated.
     """
@@ -30,10 +33,19 @@ def partial_label_loss(
         return zero, zero
     logits = logits.float()
     targets = targets.float()
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    bce = bce.flatten(2).mean(dim=2)  # B x T
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(2)
     probs = torch.sigmoid(logits).flatten(2)
     tgt = targets.flatten(2)
+    if ignore is None:
+        bce = bce.mean(dim=2)  # B x T
+    else:
+        if ignore.shape != (logits.shape[0], 1, *logits.shape[2:]):
+            want = (logits.shape[0], 1, *logits.shape[2:])
+            raise ValueError(f"ignore must be B x 1 x spatial = {want}, got "
+                             f"{tuple(ignore.shape)}")
+        keep = (~ignore.bool()).flatten(2).to(bce.dtype)  # B x 1 x V
+        bce = (bce * keep).sum(dim=2) / keep.sum(dim=2).clamp_min(1.0)
+        probs, tgt = probs * keep, tgt * keep
     inter = (probs * tgt).sum(dim=2)
     denom = probs.sum(dim=2) + tgt.sum(dim=2)
     dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)

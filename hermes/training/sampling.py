@@ -83,7 +83,9 @@ class PatchDataset(Dataset):
     """Map-style dataset whose item ``i`` is the i-th training sample of the run.
 
     Item: ``{"image": C x D x H x W float32, "targets": T_d x D x H x W uint8,
-    "task_idx": T_d long (collection task indices), "modality_idx": long, "dataset": str}``.
+    "task_idx": T_d long (collection task indices), "modality_idx": long, "dataset": str}``,
+    plus ``"ignore"``: 1 x D x H x W bool (unannotated voxels, the nnU-Net "ignore" label) for
+    datasets that have one.
     """
 
     def __init__(
@@ -124,6 +126,9 @@ class PatchDataset(Dataset):
         start, _ = random_crop_start(case, self.crop, rng, self.fg_prob)
         image, label = case.crop(start, self.crop)
         targets = case.task_targets(label).astype(np.float32)
+        t = targets.shape[0]
+        if case.info.ignore_values:  # unannotated voxels travel as one more target channel
+            targets = np.concatenate([targets, case.ignore_mask(label)[None]]).astype(np.float32)
         if self.augment:
             aug = self._augmentation(case.modality in MRI_MODALITIES)
             aug.set_random_state(seed=int(rng.integers(2**31)))
@@ -133,13 +138,16 @@ class PatchDataset(Dataset):
         else:
             image = torch.from_numpy(image)
             targets = torch.from_numpy(targets).to(torch.uint8)
-        return {
+        item = {
             "image": image,
-            "targets": targets,
+            "targets": targets[:t],
             "task_idx": torch.tensor(case.info.task_indices, dtype=torch.long),
             "modality_idx": torch.tensor(case.info.modality_index, dtype=torch.long),
             "dataset": dataset,
         }
+        if targets.shape[0] > t:
+            item["ignore"] = targets[t:].bool()
+        return item
 
 
 def collate_partial(samples: list[dict], null_tokens: int = 1) -> dict:
@@ -147,7 +155,8 @@ def collate_partial(samples: list[dict], null_tokens: int = 1) -> dict:
 
     Returns ``image`` B x C x ..., ``targets`` B x T x ... (zeros where padded), ``task_idx``
     B x (T + null_tokens) (-1 = null), ``annotated`` B x T bool, ``modality_idx`` B,
-    ``datasets`` list.
+    ``datasets`` list, and ``ignore`` B x 1 x ... bool (unannotated voxels) when a sample has
+    one.
     """
     width = max(len(s["task_idx"]) for s in samples)
     b = len(samples)
@@ -160,7 +169,7 @@ def collate_partial(samples: list[dict], null_tokens: int = 1) -> dict:
         targets[i, :t] = s["targets"]
         task_idx[i, :t] = s["task_idx"]
         annotated[i, :t] = True
-    return {
+    batch = {
         "image": torch.stack([s["image"] for s in samples]),
         "targets": targets,
         "task_idx": task_idx,
@@ -168,6 +177,13 @@ def collate_partial(samples: list[dict], null_tokens: int = 1) -> dict:
         "modality_idx": torch.stack([s["modality_idx"] for s in samples]),
         "datasets": [s["dataset"] for s in samples],
     }
+    if any("ignore" in s for s in samples):
+        ignore = torch.zeros((b, 1, *spatial), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            if "ignore" in s:
+                ignore[i] = s["ignore"]
+        batch["ignore"] = ignore
+    return batch
 
 
 class StepSampler(Sampler[int]):

@@ -320,7 +320,9 @@ class Trainer:
                             enabled=self.amp_dtype is not None):
             out = net(x, task_idx=batch["task_idx"].to(dev), modality_idx=prior_idx)
         t = targets.shape[1]
-        bce, dice = partial_label_loss(out.seg_logits[:, :t], targets, annotated)
+        ignore = batch.get("ignore")
+        bce, dice = partial_label_loss(out.seg_logits[:, :t], targets, annotated,
+                                       ignore=None if ignore is None else ignore.to(dev))
         mod = modality_loss(out.modality_logits, mod_idx)
         loss = bce + dice + self.cfg.modality_loss_weight * mod
         extra_logs: dict[str, float] = {}
