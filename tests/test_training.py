@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,30 @@ def test_samples_are_deterministic_and_partial(cache):
     assert (batch["task_idx"][:, -1] == -1).all()
     # foreground oversampling: with fg_prob=1 every crop holds some foreground
     assert all(ds[i]["targets"].any() for i in range(8))
+
+
+def test_dataset_without_training_cases_is_named(cache):
+    """A dataset whose cases are all held out (e.g. all declared test) is never sampled: a
+    warning names it and the tasks that then stay untrained."""
+    pc = hd.PreprocessedCollection(cache)
+
+    class AllPetHeldOut:
+        datasets, sampling_weights, cache_dir = pc.datasets, pc.sampling_weights, pc.cache_dir
+
+        @staticmethod
+        def split(name):
+            return [c for c in pc.split(name) if c.dataset != "synth_pet"]
+
+    only_pet = sorted(set(pc.datasets["synth_pet"].tasks)
+                      - {t for d in ("synth_ct", "synth_t1") for t in pc.datasets[d].tasks})
+    assert only_pet  # the synthetic PET dataset labels a task of its own
+    with pytest.warns(UserWarning, match="synth_pet have no case in the 'train' split.*"
+                      + ".*".join(only_pet)):
+        ds = PatchDataset(AllPetHeldOut(), (32, 32, 32))
+    assert ds.datasets == ["synth_ct", "synth_t1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PatchDataset(pc, (32, 32, 32))
 
 
 def test_step_sampler_partitions_ranks():

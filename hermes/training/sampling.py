@@ -9,6 +9,7 @@ sampler state needs saving beyond the step counter.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -102,6 +103,8 @@ class PatchDataset(Dataset):
             by_dataset.setdefault(case.dataset, []).append(case)
         if not by_dataset:
             raise ValueError(f"the {split!r} split of {collection.cache_dir} holds no case")
+        if split == "train":
+            _warn_unsampled(collection, split, datasets, by_dataset)
         self.datasets = list(by_dataset)
         self.cases = by_dataset
         w = np.array([collection.sampling_weights.get(d, 1.0) for d in self.datasets], float)
@@ -148,6 +151,22 @@ class PatchDataset(Dataset):
         if targets.shape[0] > t:
             item["ignore"] = targets[t:].bool()
         return item
+
+
+def _warn_unsampled(collection: PreprocessedCollection, split: str,
+                    datasets: Sequence[str] | None, sampled: dict) -> None:
+    """Warn about datasets with no case in ``split`` (e.g. every case declared test): they are
+    never sampled, and the tasks only they label are not trained."""
+    wanted = list(collection.datasets) if datasets is None else list(datasets)
+    idle = [d for d in wanted if d not in sampled]
+    if not idle:
+        return
+    covered = {t for d in sampled for t in collection.datasets[d].tasks}
+    untrained = sorted({t for d in idle for t in collection.datasets[d].tasks} - covered)
+    warnings.warn(
+        f"dataset(s) {', '.join(idle)} have no case in the {split!r} split and are not sampled"
+        + (f"; tasks no other dataset labels stay untrained: {', '.join(untrained)}"
+           if untrained else ""), stacklevel=3)
 
 
 def collate_partial(samples: list[dict], null_tokens: int = 1) -> dict:
