@@ -262,6 +262,34 @@ def test_nnunet_case_ids_ending_in_four_digits(tmp_path):
     assert cases[1].label.name == "amos_0002.nii.gz"
 
 
+def test_datasets_with_different_channel_counts_are_reported(tmp_path):
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 1
+    for name, channels in (("one", 1), ("two", 2)):
+        ds = tmp_path / name
+        save_image(ds / "labelsTr" / "a.nii.gz", lab, np.eye(4))
+        for ch in range(channels):
+            save_image(ds / "imagesTr" / f"a_{ch:04d}.nii.gz", lab.astype(np.float32), np.eye(4))
+        (ds / "dataset.json").write_text(json.dumps({
+            "channel_names": {str(i): "CT" for i in range(channels)},
+            "labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}))
+    # a single 4-D file with three channels counts three
+    save_image(tmp_path / "msd" / "labelsTr" / "a.nii.gz", lab, np.eye(4))
+    save_image(tmp_path / "msd" / "imagesTr" / "a.nii.gz",
+               np.zeros((4, 4, 4, 3), np.float32), np.eye(4))
+    (tmp_path / "msd" / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+    c = Collection.from_dict({"datasets": [{"name": n, "path": str(tmp_path / n)}
+                                           for n in ("one", "two", "msd")]})
+    problems = [p.message for p in c.validate()]
+    assert problems == ["datasets have different numbers of image channels (one: 1, two: 2, "
+                        "msd: 3); one model takes one channel count: train them in separate "
+                        "collections"]
+    assert Collection.from_dict({"datasets": [{"name": "one", "path": str(tmp_path / "one")}]}
+                                ).validate() == []
+
+
 def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):
     ds = tmp_path / "d"
     lab = np.zeros((4, 4, 4), np.uint8)

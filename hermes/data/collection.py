@@ -210,6 +210,18 @@ def _scan_images(folder: Path, ending: str | None,
     return out
 
 
+def _channel_count(case: Case) -> int | None:
+    """Image channels of a case: its files, or the 4th axis of a single 4-D file (None when
+    the header cannot be read: reported by the per-case checks)."""
+    if len(case.images) > 1:
+        return len(case.images)
+    try:
+        shape, _ = load_header(case.images[0])
+    except (ImageReadError, OSError):
+        return None
+    return int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
+
+
 def _discover_cases(
     name: str, root: Path, meta: Mapping, test_ids: set[str], problems: list[Problem]
 ) -> tuple[list[Case], list[Path]]:
@@ -679,12 +691,22 @@ class Collection:
         finally:
             if ex is not None:
                 ex.shutdown()
-        # channel consistency within a dataset
+        # channel consistency within a dataset, then across datasets (one model input)
+        channels: dict[str, int] = {}
         for ds in self.datasets:
             counts = {len(c.images) for c in ds.cases}
             if len(counts) > 1:
                 problems.append(Problem("config", f"cases have different numbers of image "
                                         f"files per case: {sorted(counts)}", ds.name))
+            elif ds.cases:
+                n = _channel_count(ds.cases[0])
+                if n is not None:
+                    channels[ds.name] = n
+        if len(set(channels.values())) > 1:
+            desc = ", ".join(f"{d}: {n}" for d, n in channels.items())
+            problems.append(Problem(
+                "config", f"datasets have different numbers of image channels ({desc}); one "
+                "model takes one channel count: train them in separate collections"))
         return problems
 
     def check(self, deep: bool = True, workers: int = 1, progress: bool = False) -> None:
