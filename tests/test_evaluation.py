@@ -92,3 +92,17 @@ def test_datasets_filter_evaluates_only_those_datasets(cache):
     with pytest.raises(ValueError, match="unknown dataset.*synth_xx"):
         evaluate(None, cache, split="val", progress=False, predict=empty,
                  datasets=["synth_xx"])
+
+
+def test_evaluate_command_refuses_a_cache_on_another_grid(cache, tmp_path, capsys):
+    import hermes.models as hm
+    from hermes.cli import main
+
+    net = hm.build("tiny", tasks=cache.tasks, modalities=cache.modalities)
+    other = {**cache.params, "spacing": [4.0, 4.0, 4.0]}
+    hm.save(net, tmp_path / "m.hermes", metadata={"preprocess": other})
+    rc = main(["evaluate", str(tmp_path / "m.hermes"), str(cache.cache_dir), "--split", "val",
+               "--quiet", "--out", str(tmp_path / "m.csv")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "spacing [4.0, 4.0, 4.0]" in err and "--spacing 4 4 4" in err
+    assert not (tmp_path / "m.csv").exists()

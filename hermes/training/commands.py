@@ -86,15 +86,29 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_same_grid(trained: dict, cached: dict, model: str, cache: Path) -> None:
+    """The cache must be resampled as the model's training data was (spacing, orientation):
+    a model sees other anatomy sizes otherwise and its scores mean nothing."""
+    for key, option in (("spacing", "--spacing"), ("axcodes", None)):
+        want, have = trained.get(key), cached.get(key)
+        if want is not None and have is not None and list(want) != list(have):
+            hint = (f"; preprocess into another cache with {option} "
+                    f"{' '.join(f'{v:g}' for v in want)} --cache-dir DIR" if option else "")
+            raise ValueError(f"{model} was trained on data with {key} {list(want)} but the cache "
+                             f"{cache} has {list(have)}{hint}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import hermes.models as hm
     from hermes.training.evaluate import evaluate
 
     model = hm.load(args.model)
+    meta = hm.read_header(args.model)["metadata"]
     pc = open_cache(args.collection, args.cache_dir, None, not args.quiet)
+    _check_same_grid(meta.get("preprocess") or {}, pc.params, args.model, pc.cache_dir)
     roi = args.roi
     if roi is None:
-        crop = hm.read_header(args.model)["metadata"].get("train_config", {}).get("crop_size")
+        crop = meta.get("train_config", {}).get("crop_size")
         roi = list(crop) if crop else [96]
     roi = tuple(roi) if len(roi) == 3 else (roi[0],) * 3
     res = evaluate(model, pc, split=args.split, roi=roi, overlap=args.overlap,
