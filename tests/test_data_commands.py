@@ -45,3 +45,20 @@ def test_bad_synthetic_name_and_missing_subcommand(tmp_path, capsys):
     args = p.parse_args(["data", "starter", str(tmp_path / "st"), "--sources", "nope"])
     assert args.func(args) == 1
     assert "unknown source" in capsys.readouterr().err
+
+
+def test_train_on_a_yaml_keeps_the_caches_preprocessing(tmp_path):
+    """`hermes train c.yaml` after `hermes preprocess c.yaml --spacing 8 --order 1` trains on
+    that cache (it failed: the cache 'was made with different parameters')."""
+    from hermes.training.commands import open_cache
+
+    p = _parser()
+    args = p.parse_args(["data", "synthetic", str(tmp_path / "s"), "--cases", "2",
+                         "--datasets", "synth_ct"])
+    assert args.func(args) == 0
+    yaml_p = tmp_path / "s" / "collection.yaml"
+    args = p.parse_args(["preprocess", str(yaml_p), "--spacing", "8", "--workers", "1",
+                         "--no-progress", "--order", "1"])
+    assert args.func(args) == 0
+    pc = open_cache(str(yaml_p), None, 1, False)
+    assert pc.params["spacing"] == [8.0, 8.0, 8.0] and pc.params["image_order"] == 1

@@ -405,7 +405,8 @@ def preprocess(
             diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
             raise PreprocessError(
                 f"cache {cache} was made with different parameters ({', '.join(diff)}); "
-                "use another cache folder or overwrite=True (--overwrite)")
+                "use another cache folder, the same settings, or overwrite=True (`hermes "
+                "preprocess --overwrite`)")
     atomic_write_json(header_p, header)
     splits = load_or_create_splits(collection, cache / "splits.json")
 

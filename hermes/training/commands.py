@@ -16,9 +16,19 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
     if path.is_dir() and (path / "collection.json").exists():
         return PreprocessedCollection(path)
     if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
-        from hermes.data.preprocess import preprocess
+        import json
 
-        return preprocess(path, cache_dir=cache_dir, workers=workers, progress=progress)
+        from hermes.data.collection import load_collection
+        from hermes.data.preprocess import preprocess, resolve_cache_dir
+
+        collection = load_collection(path)
+        # a cache made by `hermes preprocess` with other settings (e.g. --spacing) keeps them
+        stored_p = resolve_cache_dir(collection, cache_dir) / "preprocess.json"
+        stored = json.loads(stored_p.read_text()) if stored_p.is_file() else {}
+        kept = {k: stored[k] for k in ("spacing", "image_order", "dtype", "max_fg_samples",
+                                       "crop_nonzero") if k in stored}
+        return preprocess(collection, cache_dir=cache_dir, workers=workers, progress=progress,
+                          **kept)
     raise FileNotFoundError(f"{source} is neither a collection YAML nor a preprocessed cache")
 
 
