@@ -433,6 +433,10 @@ class Collection:
         except (AttributeError, TypeError, ValueError):
             self._bad(f"'splits' must be {{seed: int, val_fraction: [0, 1)}}, got {splits!r}")
             self.val_fraction = 0.2
+        if isinstance(splits, Mapping):
+            for k in splits:
+                if k not in ("seed", "val_fraction"):
+                    self._bad(f"unknown key {k!r} in 'splits' (known: seed, val_fraction)")
         self.cache_dir = cfg.get("cache_dir")
 
         # shared structures: global name -> set of references ("name" or "dataset/name")
