@@ -15,6 +15,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return info_main(["--json"] if args.json else [])
 
 
+def _is_official_weights(path: str) -> bool:
+    """Whether ``path`` is a file other than a Hermes checkpoint (an official ``.pth``), as
+    ``hermes segment --model`` decides."""
+    from hermes.models.checkpoint import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) != MAGIC
+    except OSError:  # missing: read_header names it
+        return False
+
+
 def _cmd_tasks(args: argparse.Namespace) -> int:
     import hermes.models as hm
     from hermes.models.default import default_model_path
@@ -26,6 +38,9 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     if model is None or model == "official":
         vocab = hm.official_vocabulary()
         source = "official Hermes-R index tables"
+    elif _is_official_weights(model):
+        vocab = hm.from_official(model).vocab
+        source = f"{model} (official weights)"
     else:
         header = hm.read_header(model)
         vocab = hm.Vocabulary.from_dict(header["vocab"])

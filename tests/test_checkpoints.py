@@ -95,6 +95,48 @@ def test_corrupted_file(tiny, tmp_path):
         hm.load(path)
 
 
+def test_corrupted_headers_and_trailing_bytes(tiny, tmp_path):
+    import json
+    import struct
+
+    path = tmp_path / "m.hermes"
+    hm.save(tiny, path)
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[len(MAGIC): len(MAGIC) + 8])
+    start = len(MAGIC) + 8
+    header, payload = json.loads(data[start: start + n]), data[start + n:]
+
+    def rewrite(head: bytes, length: int | None = None, tail: bytes = payload) -> None:
+        path.write_bytes(MAGIC + struct.pack("<Q", len(head) if length is None else length)
+                         + head + tail)
+
+    cases = [
+        (lambda: rewrite(json.dumps(header).encode(), length=1 << 62), "exceeds the file size"),
+        (lambda: rewrite(b"[1, 2]"), "not an object"),
+        (lambda: rewrite(json.dumps({k: v for k, v in header.items()
+                                     if k != "payload_sha256"}).encode()), "no payload_sha256"),
+        (lambda: rewrite(json.dumps(header).encode(), tail=payload + b"xy"),
+         "2 unexpected bytes after the weights"),
+    ]
+    for corrupt, words in cases:
+        corrupt()
+        with pytest.raises(hm.CheckpointError, match=words):
+            hm.load(path)
+        if "weights" not in words:  # the header alone is already bad
+            with pytest.raises(hm.CheckpointError, match=words):
+                hm.read_header(path)
+    with pytest.raises(hm.CheckpointError, match="is not a file"):
+        hm.load(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by dynamo
+def test_compiled_and_wrapped_models_save_loadable_checkpoints(tiny, tmp_path):
+    hm.save(torch.compile(tiny), tmp_path / "c.hermes")  # no compilation happens until called
+    loaded = hm.load(tmp_path / "c.hermes")
+    ref = tiny.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+
+
 def test_not_a_checkpoint_and_missing(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"w": torch.zeros(2)}, plain)
@@ -164,6 +206,26 @@ def test_official_importer_errors(official_fixture, tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(hm.CheckpointError, match="cannot read"):
         hm.from_official(bad)
+    level = {k: v for k, v in official_fixture["official_state_dict"].items()
+             if not k.startswith("prior_fuse_6.")}
+    with pytest.raises(hm.CheckpointError, match=r"\('prior_fuse_6.attn_layers.\*' missing\)"):
+        hm.from_official(level)
+    # wrapper prefixes in any order: torch.compile of a DDP model, DDP of a compiled one
+    full = official_fixture["official_state_dict"]
+    for prefix in ("_orig_mod.module.", "module._orig_mod."):
+        model = hm.from_official({prefix + k: v for k, v in full.items()})
+        torch.testing.assert_close(model.task_head.norm.bias, full["out.norm.bias"])
+
+
+def test_tasks_command_reads_official_weights(official_fixture, tmp_path, capsys):
+    from hermes.cli import main
+
+    path = tmp_path / "hermes_r.pth"
+    torch.save({"model_state_dict": official_fixture["official_state_dict"]}, path)
+    assert main(["tasks", str(path)]) == 0
+    out = capsys.readouterr().out
+    n = official_fixture["config"]["tn"]
+    assert out.startswith(f"{path} (official weights): {n} tasks")
 
 
 def test_official_vocabulary_tables():

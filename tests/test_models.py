@@ -103,6 +103,10 @@ def test_modality_head_detects_modality_logits_shape(model):
         (dict(tasks=["liver", "liver"], modality="CT"), ValueError, "more than once"),
         (dict(tasks=["liver"]), ValueError, "both tasks= and modality="),
         (dict(task_idx=torch.tensor([[7]]), modality_idx=torch.tensor([0])), ValueError, "[-1, 5]"),
+        (dict(tasks=["liver", 1], modality="CT"), TypeError, "list of task names"),
+        (dict(tasks=[["liver"], "gm"], modality="CT"), TypeError, "one list of names per"),
+        (dict(tasks=[], modality="CT"), ValueError, "no task requested"),
+        (dict(tasks=["liver"], modality=0), TypeError, "modality_idx="),
     ],
 )
 def test_bad_names_and_indices(model, kwargs, exc, words):
@@ -144,3 +148,15 @@ def test_unknown_preset_and_narrow_width():
         hm.build("huge", tasks=["a"])
     with pytest.raises(ValueError, match="head width"):
         hm.build("tiny", tasks=["a"], base_width=4)
+    with pytest.raises(ValueError, match="head_dim must be positive"):
+        hm.build("tiny", tasks=["a"], head_dim=0)
+
+
+def test_bad_vocabularies_are_refused():
+    with pytest.raises(TypeError, match=r"got the str 'liver' \(for one name: \['liver'\]\)"):
+        hm.build("tiny", tasks="liver")
+    with pytest.raises(TypeError, match="modalities must be a list"):
+        hm.build("tiny", tasks=["liver"], modalities="CT")
+    for spec in ({"tasks": []}, {"modality": "CT"}, {"tasks": "liver"}, ["liver"]):
+        with pytest.raises(ValueError, match="group 'g' must be a mapping with a non-empty"):
+            hm.Vocabulary(["liver"], ["CT"], {"g": spec})

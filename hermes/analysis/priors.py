@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hermes.models.checkpoint import unwrap
+
 __all__ = [
     "SimilarityResult",
     "analyse_priors",
@@ -71,14 +73,14 @@ def _similarity(per_level: list[np.ndarray], names: list[str]) -> SimilarityResu
 
 
 def _fusion_layers(model) -> list:
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     return list(model.fusion)
 
 
 def _task_tables(model) -> list[torch.Tensor]:
     """Per level, the (T + 1) x C task-prior table a task is segmented with: at the decoder
     levels, the rows of tasks owned by a decoder branch come from that branch's tables."""
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     tables = [f.task_priors.detach() for f in model.fusion]
     n = tables[0].shape[0]
     owner = model.decoder_of(torch.arange(n))
@@ -115,7 +117,7 @@ def task_prior_similarity(model, center: str = "none") -> SimilarityResult:
     """
     if center not in ("none", "groups"):
         raise ValueError("center must be 'none' or 'groups'")
-    vocab = getattr(model, "module", model).vocab
+    vocab = unwrap(model).vocab
     names = vocab.usable_tasks()
     rows = [vocab.task_index(n) for n in names]
     with torch.no_grad():
@@ -136,7 +138,7 @@ def modality_prior_similarity(model, reduce: str = "flatten") -> SimilarityResul
     """
     if reduce not in ("flatten", "mean"):
         raise ValueError("reduce must be 'flatten' or 'mean'")
-    vocab = getattr(model, "module", model).vocab
+    vocab = unwrap(model).vocab
     per_level = []
     with torch.no_grad():
         for f in _fusion_layers(model):

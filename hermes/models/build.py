@@ -35,5 +35,5 @@ def build(
     else:
         config = preset_config(preset, in_channels=in_channels, **overrides)
     group_specs = {k: dict(v) for k, v in (groups or {}).items()}
-    vocab = Vocabulary(list(tasks), list(modalities), group_specs)
+    vocab = Vocabulary(tasks, modalities, group_specs)  # type: ignore[arg-type]
     return HermesResUNet(config, vocab)

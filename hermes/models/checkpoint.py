@@ -40,7 +40,7 @@ class CheckpointError(RuntimeError):
 
 def save(model: HermesResUNet, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
     """Write ``model`` (weights, config, vocabularies, package version) to ``path`` atomically."""
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap(model)
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, buf)
@@ -57,9 +57,27 @@ def save(model: HermesResUNet, path: str | os.PathLike, metadata: dict[str, Any]
     atomic_write_bytes(path, [MAGIC, struct.pack("<Q", len(head)), head, payload])
 
 
+def unwrap(model: Any) -> Any:
+    """The model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)
+    wrappers, in any nesting."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+#: Header fields every checkpoint has; read_header checks them as load does.
+_REQUIRED = ("config", "vocab", "payload_bytes", "payload_sha256")
+
+
 def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
@@ -72,6 +90,9 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
         if len(raw_len) != 8:
             raise CheckpointError(f"checkpoint {path} is truncated (header length missing)")
         (head_len,) = struct.unpack("<Q", raw_len)
+        if head_len > path.stat().st_size:  # a corrupted length: do not try to allocate it
+            raise CheckpointError(f"checkpoint {path} is corrupted or truncated: header length "
+                                  f"{head_len} exceeds the file size")
         head = f.read(head_len)
         if len(head) != head_len:
             raise CheckpointError(f"checkpoint {path} is truncated inside its header")
@@ -79,6 +100,12 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
             header = json.loads(head)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"checkpoint {path} has a corrupted header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(f"checkpoint {path} has a corrupted header (not an object)")
+        missing = [k for k in _REQUIRED if k not in header]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} has a corrupted header (no "
+                                  f"{', '.join(missing)})")
         if header.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {path} has format version {header.get('format_version')}, this "
@@ -88,10 +115,13 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
         if with_payload:
             payload = f.read()
             expected = header["payload_bytes"]
-            if len(payload) != expected:
+            if len(payload) < expected:
                 raise CheckpointError(
                     f"checkpoint {path} is truncated: {len(payload)} of {expected} weight bytes"
                 )
+            if len(payload) > expected:
+                raise CheckpointError(f"checkpoint {path} is corrupted: {len(payload) - expected} "
+                                      "unexpected bytes after the weights")
             if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
                 raise CheckpointError(f"checkpoint {path} is corrupted: weight checksum mismatch")
     return header, payload

@@ -51,6 +51,8 @@ class HermesConfig:
             raise ValueError(f"decoder_branches must be ascending task indices >= 1, got {b}")
         if self.null_tokens < 0:
             raise ValueError("null_tokens must be >= 0")
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim must be positive, got {self.head_dim}")
         for level in self.fusion_widths:
             if level < self.head_dim:
                 raise ValueError(

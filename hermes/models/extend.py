@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from hermes.models.checkpoint import unwrap
 from hermes.models.hermes_resunet import HermesResUNet
 from hermes.models.vocabulary import MODALITY_ALIASES, Vocabulary
 
@@ -163,7 +164,7 @@ def extend_vocabulary(
     Returns:
         The extended model, in the old model's dtype/device and training mode.
     """
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     new_tasks, new_modalities = list(new_tasks), list(new_modalities)
     old_vocab = model.vocab
     _check_new(old_vocab, new_tasks, new_modalities)
@@ -264,7 +265,7 @@ def add_decoder_branch(model: HermesResUNet, first_task: int) -> HermesResUNet:
     tasks on the shared encoder. ``first_task`` must follow every existing branch's first task and
     name a task of the vocabulary.
     """
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     branches = model.config.decoder_branches
     n_tasks = len(model.vocab.tasks)
     if not (branches[-1] if branches else 0) < first_task < n_tasks:

@@ -122,10 +122,16 @@ class HermesResUNet(nn.Module):
         if isinstance(tasks, str):
             raise TypeError("tasks must be a list of names (or one list per sample), not a str")
         per_sample: list[list[str]]
-        if len(tasks) and all(isinstance(t, str) for t in tasks):
+        if len(tasks) == 0:
+            raise ValueError("no task requested: give at least one task name per sample")
+        if all(isinstance(t, str) for t in tasks):
             per_sample = [list(tasks)] * batch  # type: ignore[arg-type]
-        else:
+        elif all(not isinstance(t, str) and isinstance(t, Sequence)
+                 and all(isinstance(n, str) for n in t) for t in tasks):
             per_sample = [list(t) for t in tasks]  # type: ignore[union-attr]
+        else:
+            raise TypeError("tasks must be a list of task names (all samples) or one list of "
+                            f"names per sample, got {tasks!r}")
         if len(per_sample) != batch:
             raise ValueError(f"got task lists for {len(per_sample)} samples, batch has {batch}")
         width = max((len(t) for t in per_sample), default=0)
@@ -146,7 +152,11 @@ class HermesResUNet(nn.Module):
 
     def encode_modality(self, modality: str | Sequence[str], batch: int) -> Tensor:
         """Modality name(s) -> B long."""
-        names = [modality] * batch if isinstance(modality, str) else list(modality)
+        names = [modality] * batch if isinstance(modality, str) else modality
+        if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+            raise TypeError("modality must be a name or one name per sample (for indices use "
+                            f"modality_idx=), got {modality!r}")
+        names = list(names)
         if len(names) != batch:
             raise ValueError(f"got {len(names)} modality names for a batch of {batch}")
         return torch.tensor([self.vocab.modality_index(n) for n in names], dtype=torch.long)

@@ -93,9 +93,11 @@ def _unwrap(obj, use_ema: bool) -> dict[str, torch.Tensor]:
         for k, v in obj.items():
             if not isinstance(v, torch.Tensor):
                 continue
-            for prefix in ("module.", "_orig_mod."):
-                while k.startswith(prefix):
-                    k = k[len(prefix):]
+            stripped = None
+            while stripped != k:  # wrapper prefixes in any order (DDP, torch.compile)
+                stripped = k
+                for prefix in ("module.", "_orig_mod."):
+                    k = k.removeprefix(prefix)
             state[k] = v
         if state:
             return state
@@ -112,17 +114,21 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[HermesConfig, int, 
         blocks = []
         for i in range(1, 5):
             idx = {int(m[1]) for k in state if (m := re.match(rf"down{i}\.conv\.(\d+)\.", k))}
+            if not idx:
+                raise KeyError(f"down{i}.conv.*")
             blocks.append(max(idx))
         depths = []
         for name in _FUSION:
             idx = {int(m[1]) for k in state
                    if (m := re.match(rf"{name}\.attn_layers\.(\d+)\.", k))}
+            if not idx:
+                raise KeyError(f"{name}.attn_layers.*")
             depths.append(max(idx) + 1)
         task_rows = int(state["prior_init_fuse_2.task_prior"].shape[0])
         mod_shape = state["prior_init_fuse_2.modality_prior"].shape
-    except (KeyError, ValueError) as exc:
+    except KeyError as exc:
         raise CheckpointError(
-            f"not an official Hermes-ResUNet state_dict ({exc!r} missing)"
+            f"not an official Hermes-ResUNet state_dict ({exc.args[0]!r} missing)"
         ) from exc
     if any(w % base for w in widths):
         raise CheckpointError(f"stage widths {widths} are not multiples of the stem width {base}")
@@ -168,8 +174,8 @@ def from_official(
         vocab = official_vocabulary()
     else:
         vocab = Vocabulary(
-            list(tasks) if tasks is not None else [f"task_{i}" for i in range(n_tasks)],
-            list(modalities) if modalities is not None
+            tasks if tasks is not None else [f"task_{i}" for i in range(n_tasks)],
+            modalities if modalities is not None
             else [f"modality_{j}" for j in range(n_mods)],
         )
     if len(vocab.tasks) != n_tasks or len(vocab.modalities) != n_mods:

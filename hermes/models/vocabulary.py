@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -47,6 +48,10 @@ class Vocabulary:
     reserved: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for kind, names in (("tasks", self.tasks), ("modalities", self.modalities)):
+            if isinstance(names, str):
+                raise TypeError(f"{kind} must be a list of names, got the str {names!r} (for "
+                                f"one name: [{names!r}])")
         self.tasks = [str(t) for t in self.tasks]
         self.modalities = [str(m) for m in self.modalities]
         for kind, names in (("task", self.tasks), ("modality", self.modalities)):
@@ -58,7 +63,12 @@ class Vocabulary:
         self._task_rows = {name: i for i, name in enumerate(self.tasks)}
         self._mod_rows = {name.casefold(): i for i, name in enumerate(self.modalities)}
         for group, spec in self.groups.items():
-            missing = [t for t in spec.get("tasks", []) if t not in self._task_rows]
+            tasks = spec.get("tasks") if isinstance(spec, Mapping) else None
+            if (not isinstance(tasks, Sequence) or isinstance(tasks, str) or not tasks
+                    or not all(isinstance(t, str) for t in tasks)):
+                raise ValueError(f"group {group!r} must be a mapping with a non-empty 'tasks' "
+                                 f"list of task names, got {spec!r}")
+            missing = [t for t in tasks if t not in self._task_rows]
             if missing:
                 raise ValueError(f"group {group!r} names unknown tasks {missing}")
 

@@ -13,7 +13,8 @@ The forward itself goes straight to oneDNN (``torch.mkldnn_convolution``) for fl
 tensors: PyTorch sends batch-1 convolutions of small feature maps (batch x channels x depth x
 height <= 20480) to its generic ``slow_conv3d`` instead, e.g. 53 ms instead of 4 ms for 16
 channels at 32^3 on our 2-core machine, which was 43 % of the embedded model's 64^3 forward.
-``HERMES_ONEDNN_CONV=0`` restores PyTorch's choice.
+``HERMES_ONEDNN_CONV=0`` restores PyTorch's choice, as does tracing by ``torch.compile``
+(dynamo cannot trace ``mkldnn_convolution``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 
 def _use_onednn(x: Tensor, w: Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()  # dynamo cannot trace mkldnn_convolution
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and w.dtype == torch.float32
         and torch.backends.mkldnn.is_available()

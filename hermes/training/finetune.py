@@ -61,6 +61,7 @@ from torch import Tensor, nn
 import hermes.models as hm
 from hermes.data.cache import CachedCase, PreprocessedCollection
 from hermes.files import atomic_write_json
+from hermes.models.checkpoint import unwrap
 from hermes.models.extend import (
     ExtensionPlan,
     add_decoder_branch,
@@ -426,7 +427,7 @@ def finetune(
     if not 0.0 <= rehearsal_fraction < 1.0:
         raise ValueError("rehearsal_fraction must lie in [0, 1)")
     base = hm.load(model) if isinstance(model, (str, os.PathLike)) else model
-    base = getattr(base, "module", base)
+    base = unwrap(base)
     base_src = str(model) if isinstance(model, (str, os.PathLike)) else None
     pc = _open(collection)
     new_tasks, new_mods = new_names(base.vocab, pc)
