@@ -284,6 +284,38 @@ def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup,
         finetune(base, new, tmp_path / "x", mode="full", freeze_shared=True, **TRAIN)
 
 
+def test_refusals_grid_resume_base_and_nothing_new(setup, tmp_path):
+    root, old, new, base = setup
+    # a base trained on another grid than the new cache
+    other_grid = {**new.params, "spacing": [3.0, 3.0, 3.0]}
+    hm.save(base, tmp_path / "b3.hermes", metadata={"preprocess": other_grid})
+    with pytest.raises(ValueError, match=r"spacing \[3.0, 3.0, 3.0\] but the cache .* has "
+                                         r"\[6.0, 6.0, 6.0\]"):
+        finetune(tmp_path / "b3.hermes", new, tmp_path / "g", mode="full", **TRAIN)
+    assert not (tmp_path / "g").exists()
+    # resuming a run with another base model of the same vocabulary
+    finetune(base, new, tmp_path / "r", mode="priors", **TRAIN)
+    torch.manual_seed(1)
+    other = hm.build("tiny", tasks=old.tasks, modalities=old.modalities, groups=old.groups)
+    with pytest.raises(ValueError, match="started with base_weights="):
+        finetune(other, new, tmp_path / "r", mode="priors", resume=True, **TRAIN)
+    # frozen shared weights with nothing new to train
+    with pytest.raises(ValueError, match="brings none"):
+        finetune(base, old, tmp_path / "n", mode="incremental", freeze_shared=True, **TRAIN)
+    with pytest.warns(UserWarning, match="trains only the two heads"):
+        finetune(base, old, tmp_path / "p", mode="priors", **TRAIN)
+
+
+def test_a_dataset_named_like_an_old_group_adds_its_tasks(setup):
+    _, old, new, base = setup
+    groups = {"synth_ct": {"tasks": ["synth_t2/bladder"], "modality": "CT"}}
+    ext = extend_vocabulary(base, ["synth_t2/bladder"], [], groups=groups)
+    assert ext.vocab.group("synth_ct") == [*base.vocab.group("synth_ct"), "synth_t2/bladder"]
+    with pytest.raises(ValueError, match="'synth_ct' of the collection is T2, the model's group"):
+        extend_vocabulary(base, ["synth_t2/bladder"], [],
+                          groups={"synth_ct": {"tasks": ["synth_t2/bladder"], "modality": "T2"}})
+
+
 def test_incremental_new_decoder_trains_a_branch_and_keeps_old_outputs(setup, tmp_path):
     _, old, new, base = setup
     res = finetune(base, new, tmp_path / "nd", mode="incremental", new_decoder=True, **TRAIN)

@@ -134,6 +134,13 @@ def test_nearest_neighbours_and_files(tmp_path):
                for line in text.splitlines())
     assert summary["task_nearest"]["b/liver"][0][0] == "a/liver"
     assert set(summary["cluster_order"]["task"]) == set(TASKS)
+    # a second analysis without heatmaps leaves none of the first one's behind
+    summary = analyse_priors(m, tmp_path, k=2, png=False)
+    assert not list(tmp_path.glob("*.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        summary["files"] + ["summary.json"])
+    with pytest.raises(ValueError, match="at least 1"):
+        analyse_priors(m, tmp_path, k=0)
 
 
 def test_cli_priors(tmp_path, capsys):

@@ -20,7 +20,7 @@ of every task's nearest neighbours and a JSON summary. ``hermes priors MODEL --o
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hermes.files import atomic_write_bytes, atomic_write_json
 from hermes.models.checkpoint import unwrap
 
 __all__ = [
@@ -173,12 +174,14 @@ def nearest_neighbours(result: SimilarityResult, k: int = 3) -> dict[str, list[t
 
 
 def write_matrix_csv(path: str | os.PathLike, names: list[str], matrix: np.ndarray) -> None:
-    """CSV with a header row ``name, n_1, ..., n_N`` and one row per name."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", *names])
-        for name, row in zip(names, matrix, strict=True):
-            w.writerow([name, *(f"{v:.6f}" for v in row)])
+    """CSV with a header row ``name, n_1, ..., n_N`` and one row per name (written
+    atomically)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", *names])
+    for name, row in zip(names, matrix, strict=True):
+        w.writerow([name, *(f"{v:.6f}" for v in row)])
+    atomic_write_bytes(path, [buf.getvalue().encode()])
 
 
 def read_matrix_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -214,8 +217,10 @@ def plot_heatmap(path: str | os.PathLike, names: list[str], matrix: np.ndarray,
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, [png.getvalue()])
     return order
 
 
@@ -229,8 +234,12 @@ def analyse_priors(model, out_dir: str | os.PathLike, k: int = 3, png: bool = Tr
     Files: ``task_similarity_level{1..5}.csv``, ``task_similarity_concat.csv`` and the same for
     ``modality_``; ``*_concat.png`` and (``png_levels``) ``*_level{l}.png`` clustered heatmaps
     (``png=True``);
-    ``nearest_neighbours.txt``; ``summary.json``. Returns the summary dict.
+    ``nearest_neighbours.txt``; ``summary.json``. Every file is written atomically; similarity
+    CSVs and heatmaps of an earlier analysis in ``out_dir`` that this one does not rewrite
+    (e.g. heatmaps, with ``png=False``) are removed. Returns the summary dict.
     """
+    if int(k) < 1:
+        raise ValueError(f"k (neighbours per name) must be at least 1, got {k}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"task": task_prior_similarity(model, center),
@@ -262,7 +271,7 @@ def analyse_priors(model, out_dir: str | os.PathLike, k: int = 3, png: bool = Tr
     width = max(len(n) for n in nn_mods) if nn_mods else 4
     for name, nbrs in nn_mods.items():
         lines.append(f"{name:<{width}}  " + ", ".join(f"{n} ({s:+.3f})" for n, s in nbrs))
-    (out / "nearest_neighbours.txt").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "nearest_neighbours.txt", [("\n".join(lines) + "\n").encode()])
     files.append("nearest_neighbours.txt")
     summary = {
         "tasks": results["task"].names,
@@ -275,5 +284,8 @@ def analyse_priors(model, out_dir: str | os.PathLike, k: int = 3, png: bool = Tr
         "cluster_order": orders,
         "files": files,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "summary.json", summary)
+    for old in (*out.glob("task_similarity_*"), *out.glob("modality_similarity_*")):
+        if old.suffix in (".csv", ".png") and old.name not in files:
+            old.unlink()
     return summary

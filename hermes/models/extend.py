@@ -143,6 +143,26 @@ def _check_new(vocab: Vocabulary, new_tasks: list[str], new_modalities: list[str
 
 
 @torch.no_grad()
+def _merge_groups(old: Mapping[str, dict], new: Mapping[str, Mapping]) -> dict[str, dict]:
+    """The model's dataset groups plus the new ones; a new group named like an old one (the
+    same dataset name in the fine-tuning collection) adds its tasks to the old group's, which
+    keeps its own first (``hermes.segment`` with no task list segments a modality's groups)."""
+    merged = copy.deepcopy(dict(old))
+    for g, spec in new.items():
+        spec = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in spec.items()}
+        if g not in merged:
+            merged[g] = spec
+            continue
+        before = merged[g]
+        m_old, m_new = before.get("modality"), spec.get("modality")
+        if m_old and m_new and str(m_old).casefold() != str(m_new).casefold():
+            raise ValueError(f"dataset {g!r} of the collection is {m_new}, the model's group "
+                             f"{g!r} is {m_old}: rename the dataset")
+        tasks = list(before.get("tasks", []))
+        before["tasks"] = tasks + [t for t in spec.get("tasks", []) if t not in tasks]
+    return merged
+
+
 def extend_vocabulary(
     model: HermesResUNet,
     new_tasks: Sequence[str] = (),
@@ -169,10 +189,7 @@ def extend_vocabulary(
     old_vocab = model.vocab
     _check_new(old_vocab, new_tasks, new_modalities)
     plan = plan_extension(old_vocab, new_tasks, new_modalities, init)
-    merged_groups = copy.deepcopy(old_vocab.groups)
-    for g, spec in (groups or {}).items():
-        merged_groups[g] = {k: (list(v) if isinstance(v, (list, tuple)) else v)
-                            for k, v in spec.items()}
+    merged_groups = _merge_groups(old_vocab.groups, groups or {})
     vocab = Vocabulary(
         tasks=old_vocab.tasks + new_tasks,
         modalities=old_vocab.modalities + new_modalities,

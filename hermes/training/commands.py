@@ -9,9 +9,11 @@ from hermes.data.cache import PreprocessedCollection
 
 
 def open_cache(source: str, cache_dir: str | None, workers: int | None,
-               progress: bool) -> PreprocessedCollection:
+               progress: bool, defaults: dict | None = None) -> PreprocessedCollection:
     """A preprocessed collection from a cache folder, or from a collection YAML (preprocessed
-    first; cases already cached and verified are skipped)."""
+    first; cases already cached and verified are skipped). A YAML's existing cache keeps its
+    settings; a new one takes those of ``defaults`` (a model's ``preprocess`` metadata) where
+    given."""
     path = Path(source)
     if path.is_dir() and (path / "collection.json").exists():
         return PreprocessedCollection(path)
@@ -24,7 +26,7 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
         collection = load_collection(path)
         # a cache made by `hermes preprocess` with other settings (e.g. --spacing) keeps them
         stored_p = resolve_cache_dir(collection, cache_dir) / "preprocess.json"
-        stored = json.loads(stored_p.read_text()) if stored_p.is_file() else {}
+        stored = json.loads(stored_p.read_text()) if stored_p.is_file() else (defaults or {})
         kept = {k: stored[k] for k in ("spacing", "image_order", "dtype", "max_fg_samples",
                                        "crop_nonzero") if k in stored}
         return preprocess(collection, cache_dir=cache_dir, workers=workers, progress=progress,
@@ -96,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_same_grid(trained: dict, cached: dict, model: str, cache: Path) -> None:
+def check_same_grid(trained: dict, cached: dict, model: str, cache: Path) -> None:
     """The cache must be resampled as the model's training data was (spacing, orientation):
     a model sees other anatomy sizes otherwise and its scores mean nothing."""
     for key, option in (("spacing", "--spacing"), ("axcodes", None)):
@@ -115,7 +117,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = hm.load(args.model)
     meta = hm.read_header(args.model)["metadata"]
     pc = open_cache(args.collection, args.cache_dir, None, not args.quiet)
-    _check_same_grid(meta.get("preprocess") or {}, pc.params, args.model, pc.cache_dir)
+    check_same_grid(meta.get("preprocess") or {}, pc.params, args.model, pc.cache_dir)
     roi = args.roi
     if roi is None:
         crop = meta.get("train_config", {}).get("crop_size")

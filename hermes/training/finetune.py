@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,8 @@ class AlignedCollection:
         for pc, share in sources:
             for ds, info in pc.datasets.items():
                 if ds in self.datasets:
+                    warnings.warn(f"dataset {ds!r} of {pc.cache_dir} is not sampled: an earlier "
+                                  "collection has a dataset of that name", stacklevel=2)
                     continue
                 self.datasets[ds] = dataclasses.replace(
                     info, task_indices=tuple(vocab.task_index(t) for t in info.tasks),
@@ -145,12 +149,25 @@ class AlignedCollection:
         return len(self.cases)
 
 
-def _open(collection: str | os.PathLike | PreprocessedCollection) -> PreprocessedCollection:
-    if isinstance(collection, PreprocessedCollection):
-        return collection
-    from hermes.training.commands import open_cache
+def _open(collection: str | os.PathLike | PreprocessedCollection, base_preprocess: dict,
+          base_name: str) -> PreprocessedCollection:
+    """The collection preprocessed as the base model's training data (a YAML without a cache
+    yet is preprocessed with the base model's settings); a cache on another grid is refused."""
+    from hermes.training.commands import check_same_grid, open_cache
 
-    return open_cache(str(collection), None, None, False)
+    pc = collection if isinstance(collection, PreprocessedCollection) else open_cache(
+        str(collection), None, None, False, defaults=base_preprocess)
+    check_same_grid(base_preprocess, pc.params, base_name, pc.cache_dir)
+    return pc
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """Short SHA-256 of a model's weights: which base model a fine-tuning run started from."""
+    h = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
 def new_names(vocab: Vocabulary, pc: PreprocessedCollection) -> tuple[list[str], list[str]]:
@@ -397,7 +414,8 @@ def finetune(
     Args:
         model: a model or checkpoint path (not modified).
         collection: the new data: a preprocessed cache folder, collection YAML or
-            :class:`PreprocessedCollection` (preprocess it with the old model's settings).
+            :class:`PreprocessedCollection`, resampled as the old model's training data (a
+            YAML without a cache is preprocessed so; a cache on another grid is refused).
         out_dir: run folder (``model.hermes``, ``log.csv``, ``last.ckpt``).
         mode: ``full``, ``priors``, ``incremental`` or ``modality``.
         init: new rows from the most ``"similar"`` old prior or ``"random"``.
@@ -413,7 +431,8 @@ def finetune(
         prior_lr_scale: learning-rate multiplier of the prior tables.
         resume: continue an interrupted run in ``out_dir``.
         train_options: :class:`TrainConfig` fields (``steps``, ``crop_size``, ``batch_size``,
-            ``lr``, ``seed``, ``workers``, ...).
+            ``lr``, ``seed``, ``workers``, ...); ``crop_size`` defaults to the old model's
+            training crop (``hermes.segment``'s default window).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -429,8 +448,17 @@ def finetune(
     base = hm.load(model) if isinstance(model, (str, os.PathLike)) else model
     base = unwrap(base)
     base_src = str(model) if isinstance(model, (str, os.PathLike)) else None
-    pc = _open(collection)
+    base_meta = (hm.read_header(model)["metadata"] if base_src is not None
+                 else dict(getattr(base, "hermes_metadata", None) or {}))
+    base_pre = dict(base_meta.get("preprocess") or {})
+    pc = _open(collection, base_pre, base_src or "the base model")
     new_tasks, new_mods = new_names(base.vocab, pc)
+    if freeze_shared and not (new_tasks or new_mods):
+        raise ValueError("freeze_shared trains only the rows of new tasks and modalities: the "
+                         "collection brings none")
+    if mode == "priors" and not (new_tasks or new_mods):
+        warnings.warn("mode 'priors' with a collection that brings no new task or modality "
+                      "trains only the two heads", stacklevel=2)
     options = dict(train_options)
     if mode == "modality":
         if new_tasks or new_mods:
@@ -454,10 +482,14 @@ def finetune(
     sources: list[tuple[PreprocessedCollection, float]] = [(pc, 1.0 - (
         rehearsal_fraction if rehearsal is not None else 0.0))]
     if rehearsal is not None:
-        sources.append((_open(rehearsal), rehearsal_fraction))
+        sources.append((_open(rehearsal, base_pre, base_src or "the base model"),
+                        rehearsal_fraction))
     aligned = AlignedCollection(sources, extended.vocab)
 
     options.setdefault("preset", base.config.preset or "custom")
+    base_crop = (base_meta.get("train_config") or {}).get("crop_size")
+    if base_crop:  # hermes.segment's default window is the training crop: keep the base's
+        options.setdefault("crop_size", tuple(base_crop))
     cfg = TrainConfig(cache_dir=str(pc.cache_dir), out_dir=str(out_dir), **options)
     rows, frozen = frozen_layout(extended, t_old, m_old, mode, freeze_shared, branch)
     counts = (count_trainable(extended, rows, frozen),
@@ -472,7 +504,8 @@ def finetune(
     settings = {
         "mode": mode, "init": init, "distill_weight": weight, "freeze_shared": freeze_shared,
         "new_decoder": new_decoder, "prior_lr_scale": prior_lr_scale,
-        "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0}
+        "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
+        "base_weights": _weights_digest(base)}
     if resume:
         _check_resumed_settings(Path(out_dir), settings)
     trainer = Trainer(cfg, resume=resume, model=extended, collection=aligned,

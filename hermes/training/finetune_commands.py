@@ -7,16 +7,21 @@ from pathlib import Path
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    import hermes.models as hm
     from hermes.training.commands import open_cache
     from hermes.training.finetune import finetune
 
-    pc = open_cache(args.collection, args.cache_dir, args.workers, not args.quiet)
+    # a collection not preprocessed yet is resampled as the base model's training data
+    meta = hm.read_header(args.model)["metadata"]
+    base = meta.get("preprocess") or {}
+    pc = open_cache(args.collection, args.cache_dir, args.workers, not args.quiet, base)
     rehearsal = None
     if args.rehearsal:
-        rehearsal = open_cache(args.rehearsal, None, args.workers, not args.quiet)
+        rehearsal = open_cache(args.rehearsal, None, args.workers, not args.quiet, base)
     variant = "-new-decoder" if args.new_decoder else "-frozen" if args.freeze_shared else ""
     out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode}{variant}-{pc.name}")
-    crop = tuple(args.crop) if len(args.crop) == 3 else (args.crop[0],) * 3
+    crop_arg = args.crop or (meta.get("train_config") or {}).get("crop_size") or [96]
+    crop = tuple(crop_arg) if len(crop_arg) == 3 else (crop_arg[0],) * 3
     res = finetune(
         args.model, pc, out, mode=args.mode, init=args.init, rehearsal=rehearsal,
         rehearsal_fraction=args.rehearsal_fraction, distill=args.distill, resume=args.resume,
@@ -80,7 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
     f.add_argument("--steps", type=int, default=500)
     f.add_argument("--batch-size", type=int, default=2)
-    f.add_argument("--crop", type=int, nargs="+", default=[96], help="crop size (1 or 3 ints)")
+    f.add_argument("--crop", type=int, nargs="+", default=None,
+                   help="crop size (1 or 3 ints; default: the base model's training crop, which "
+                        "hermes segment uses as its window)")
     f.add_argument("--optimizer", default="adamw", choices=["adamw", "lamb"])
     f.add_argument("--lr", type=float, default=None)
     f.add_argument("--ema", type=float, default=0.99, help="EMA decay")
