@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -13,18 +14,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from hermes.info import main as info_main
 
     return info_main(["--json"] if args.json else [])
-
-
-def _is_official_weights(path: str) -> bool:
-    """Whether ``path`` is a file other than a Hermes checkpoint (an official ``.pth``), as
-    ``hermes segment --model`` decides."""
-    from hermes.models.checkpoint import MAGIC
-
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) != MAGIC
-    except OSError:  # missing: read_header names it
-        return False
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
@@ -38,7 +27,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     if model is None or model == "official":
         vocab = hm.official_vocabulary()
         source = "official Hermes-R index tables"
-    elif _is_official_weights(model):
+    elif Path(model).is_file() and not hm.is_hermes_checkpoint(model):  # official .pth
         vocab = hm.from_official(model).vocab
         source = f"{model} (official weights)"
     else:

@@ -127,6 +127,9 @@ def test_corrupted_headers_and_trailing_bytes(tiny, tmp_path):
                 hm.read_header(path)
     with pytest.raises(hm.CheckpointError, match="is not a file"):
         hm.load(tmp_path)
+    rewrite(json.dumps({"format_version": 99}).encode())  # a newer format: not "corrupted"
+    with pytest.raises(hm.CheckpointError, match="upgrade hermes"):
+        hm.read_header(path)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by dynamo

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from hermes.data import CollectionError, load_collection, save_image
@@ -319,6 +320,12 @@ def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):
     assert item["targets"].shape[0] == 1  # one task: the ignore mask is not a target
     batch = collate_partial([item])
     assert batch["ignore"].shape == (1, 1, *case.shape)
+    # augmented crops move the mask with the label (nearest): it still marks no target voxel
+    aug = PatchDataset(pc, case.shape, augment=True, fg_prob=0.0)
+    for i in range(4):
+        it = aug[i]
+        assert it["ignore"].dtype == torch.bool and it["ignore"].shape == (1, *case.shape)
+        assert not (it["ignore"] & it["targets"].bool()).any()
     # ... and evaluation does not score predictions there
     from hermes.training.evaluate import evaluate
 

@@ -62,3 +62,16 @@ def test_train_on_a_yaml_keeps_the_caches_preprocessing(tmp_path):
     assert args.func(args) == 0
     pc = open_cache(str(yaml_p), None, 1, False)
     assert pc.params["spacing"] == [8.0, 8.0, 8.0] and pc.params["image_order"] == 1
+    # a spacing the YAML itself sets is not overridden by the cache's: a change is refused
+    import yaml
+
+    from hermes.data.preprocess import PreprocessError
+
+    cfg = yaml.safe_load(yaml_p.read_text())
+    yaml_p.write_text(yaml.safe_dump({**cfg, "spacing": 6.0}))
+    with pytest.raises(PreprocessError, match="different parameters \\(spacing\\)"):
+        open_cache(str(yaml_p), None, 1, False)
+    # a YAML without a cache yet takes the given defaults (a model's preprocessing)
+    yaml_p.write_text(yaml.safe_dump(cfg))
+    pc = open_cache(str(yaml_p), str(tmp_path / "c2"), 1, False, {"spacing": [10.0] * 3})
+    assert pc.params["spacing"] == [10.0, 10.0, 10.0]

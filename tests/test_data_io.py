@@ -119,6 +119,22 @@ def test_nifti_spatial_units_are_read_as_mm(tmp_path, unit, per_mm):
     np.testing.assert_allclose(geo["qform"], aff_mm, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("code", [0, 5, 7, 66])  # unknown, undefined, bad time bits + mm
+def test_nifti_unknown_or_odd_unit_codes_read_as_mm(tmp_path, code):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), _affine())
+    img.header["xyzt_units"] = code
+    nib.save(img, str(tmp_path / "u.nii.gz"))
+    np.testing.assert_allclose(load_image(tmp_path / "u.nii.gz")[1], _affine(), atol=1e-6)
+
+
+def test_nifti_geometry_follows_an_in_memory_affine():
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), _affine())
+    img.set_qform(_affine(), code=4)
+    assert nifti_geometry(img)["qform_code"] == 4
+    img.affine[:3, 3] += 10.0  # nibabel writes img.affine: the stale header geometry is dropped
+    assert nifti_geometry(img) is None
+
+
 def test_strip_suffix():
     assert strip_image_suffix("case_0001.nii.gz") == "case_0001"
     assert strip_image_suffix("a.b.nrrd") == "a.b"

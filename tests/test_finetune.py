@@ -292,6 +292,8 @@ def test_refusals_grid_resume_base_and_nothing_new(setup, tmp_path):
     with pytest.raises(ValueError, match=r"spacing \[3.0, 3.0, 3.0\] but the cache .* has "
                                          r"\[6.0, 6.0, 6.0\]"):
         finetune(tmp_path / "b3.hermes", new, tmp_path / "g", mode="full", **TRAIN)
+    with pytest.raises(ValueError, match="spacing"):  # a loaded model knows its metadata too
+        finetune(hm.load(tmp_path / "b3.hermes"), new, tmp_path / "g", mode="full", **TRAIN)
     assert not (tmp_path / "g").exists()
     # resuming a run with another base model of the same vocabulary
     finetune(base, new, tmp_path / "r", mode="priors", **TRAIN)

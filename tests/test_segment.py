@@ -299,10 +299,14 @@ def test_save_outputs(tmp_path):
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert left == ["labels.json", "labels.nii.gz", "preview.png", "probabilities",
                     "statistics.csv", "statistics.json", "structures"]
-    # a second save replaces the first: its masks, maps and preview do not stay behind
+    # a second save replaces the first: its masks, maps and preview do not stay behind, files
+    # that are not outputs of the first save do
+    (tmp_path / "out" / "structures" / "manual_liver.nii.gz").write_bytes(b"user file")
     res.save(tmp_path / "out", preview=False)
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert left == ["labels.json", "labels.nii.gz", "statistics.csv", "statistics.json"]
+    assert left == ["labels.json", "labels.nii.gz", "statistics.csv", "statistics.json",
+                    "structures"]
+    assert [p.name for p in (tmp_path / "out" / "structures").iterdir()] == ["manual_liver.nii.gz"]
 
 
 def test_save_never_writes_over_the_input(tmp_path):

@@ -224,18 +224,21 @@ def test_resume_after_kill_continues_the_same_run(cache, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_reads_the_checkpoint_on_the_cpu(cache, tmp_path):
-    """The checkpoint's CPU random state must stay on the CPU whatever the training device
-    (torch.set_rng_state takes CPU tensors only): here a trainer whose device is 'meta' stands
-    in for a GPU, as no GPU runs these tests."""
-    from hermes.training.trainer import Trainer
+def test_resume_reads_the_checkpoint_on_the_cpu(cache, tmp_path, monkeypatch):
+    """The checkpoint is read onto the CPU whatever the training device: torch.set_rng_state
+    takes CPU tensors only (read onto a GPU, a CUDA resume failed there); the model, optimizer
+    and EMA copy their states onto their device. A trainer whose device is 'meta' stands in
+    for a GPU, as no GPU runs these tests."""
+    import hermes.training.trainer as tr
 
     cfg = _small_cfg(cache, tmp_path / "run", steps=2)
-    Trainer(cfg)._save_state()
-    trainer = Trainer(cfg, resume=True)
+    tr.Trainer(cfg)._save_state()
+    seen = []
+    monkeypatch.setattr(tr, "_set_rng_state", lambda state: seen.append(state["torch"].device))
+    trainer = tr.Trainer(cfg, resume=True)
     trainer.device = torch.device("meta")
     trainer._load_state()
-    assert trainer.step == 0
+    assert seen and set(seen) == {torch.device("cpu")} and trainer.step == 0
 
 
 def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):

@@ -54,9 +54,9 @@ _NRRD_SPACES: dict[str, np.ndarray] = {
 }
 
 
-#: Size in mm of each NIfTI spatial unit (``xyzt_units``); "unknown" (0) is read as mm, as ITK
-#: and most tools do.
-_NIFTI_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
+#: Size in mm of the NIfTI spatial units (``xyzt_units & 7``: 1 metre, 2 mm, 3 micrometre); any
+#: other code, "unknown" (0) included, is read as mm, as ITK does.
+_NIFTI_UNIT_MM = {1: 1000.0, 2: 1.0, 3: 1e-3}
 
 
 class ImageReadError(OSError):
@@ -91,13 +91,10 @@ def axcodes(affine: np.ndarray) -> tuple[str, str, str]:
 
 def _nifti_unit_mm(img: Any) -> float:
     """mm per spatial unit of a nibabel image's header (1 for formats without units)."""
-    get_units = getattr(getattr(img, "header", None), "get_xyzt_units", None)
-    if get_units is None:
+    header = getattr(img, "header", None)
+    if header is None or "xyzt_units" not in getattr(header, "keys", lambda: ())():
         return 1.0
-    unit = get_units()[0]
-    if unit not in _NIFTI_UNIT_MM:
-        raise ValueError(f"unsupported NIfTI spatial unit {unit!r}")
-    return _NIFTI_UNIT_MM[unit]
+    return _NIFTI_UNIT_MM.get(int(header["xyzt_units"]) & 0x07, 1.0)
 
 
 def _scaled(affine: np.ndarray, mm_per_unit: float) -> np.ndarray:
@@ -115,7 +112,8 @@ def nifti_affine_mm(img: Any) -> np.ndarray:
 def nifti_geometry(img: Any) -> dict | None:
     """The header geometry of a nibabel NIfTI image, to give results the input's header:
     ``{"qform", "qform_code", "sform", "sform_code"}`` (affines in mm), or None for images
-    without NIfTI qform/sform or with both codes 0."""
+    without NIfTI qform/sform, with both codes 0, or whose header disagrees with
+    ``img.affine`` (nibabel's authority for in-memory images)."""
     get_q, get_s = getattr(img, "get_qform", None), getattr(img, "get_sform", None)
     if get_q is None or get_s is None:
         return None
@@ -123,6 +121,8 @@ def nifti_geometry(img: Any) -> dict | None:
     sform, scode = get_s(coded=True)
     if not qcode and not scode:
         return None
+    if not np.allclose(img.header.get_best_affine(), img.affine, atol=1e-5):
+        return None  # an in-memory image whose affine was changed after its header was made
     mm = _nifti_unit_mm(img)
     return {"qform": None if qform is None else _scaled(qform, mm), "qform_code": int(qcode),
             "sform": None if sform is None else _scaled(sform, mm), "sform_code": int(scode)}

@@ -159,9 +159,10 @@ class SegmentationResult:
         ``{prefix}probabilities/<task>.nii.gz`` (float16->float32, when ``probabilities`` and
         they were computed).
 
-        Earlier outputs of the same names that this call does not rewrite (the preview, masks
-        and probability maps of an earlier save) are removed once the new files are written,
-        so that the folder describes one segmentation. The input image is never written over
+        The preview, masks and probability maps of an earlier save into ``directory`` (the
+        tasks its ``labels.json`` lists) that this call does not rewrite are removed once the
+        new files are written, so that the folder describes one segmentation; other files are
+        left alone. The input image is never written over
         or removed: a clash raises :class:`FileExistsError` before anything is written.
 
         Returns:
@@ -191,10 +192,7 @@ class SegmentationResult:
             from hermes.inference.preview import preview_png
 
             files.append(("preview", f"{prefix}preview.png", lambda: preview_png(self)))
-        stale = [out / f"{prefix}preview.png"]
-        for sub in ("structures", "probabilities"):
-            folder = out / f"{prefix}{sub}"
-            stale += sorted(folder.glob("*.nii.gz")) if folder.is_dir() else []
+        stale = self._earlier_outputs(out, prefix)
         written_paths = {(out / name).resolve() for _, name, _ in files}
         stale = [p for p in stale if p.resolve() not in written_paths and p.is_file()]
         self._refuse_input_clash([out / name for _, name, _ in files] + stale)
@@ -211,6 +209,19 @@ class SegmentationResult:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         return written
+
+    @staticmethod
+    def _earlier_outputs(out: Path, prefix: str) -> list[Path]:
+        """Files an earlier :meth:`save` with ``prefix`` wrote into ``out``: its preview and the
+        masks and maps of the tasks its ``labels.json`` lists (nothing else is touched)."""
+        try:
+            names = json.loads((out / f"{prefix}labels.json").read_text())["labels"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        tasks = [n for k, n in names.items() if k != "0"] if isinstance(names, dict) else []
+        return [out / f"{prefix}preview.png"] + [
+            out / f"{prefix}{sub}" / f"{safe_filename(str(t))}.nii.gz"
+            for sub in ("structures", "probabilities") for t in tasks]
 
     def _refuse_input_clash(self, paths: list[Path]) -> None:
         """:class:`FileExistsError` if one of ``paths`` is the input image file."""

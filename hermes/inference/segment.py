@@ -194,12 +194,8 @@ def resolve_model(model: Any, device: torch.device) -> tuple[Any, dict]:
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
-        with open(path, "rb") as f:
-            magic = f.read(12)
-        if magic == b"HERMES-CKPT\n":
-            meta = dict(hm.read_header(path).get("metadata", {}))
-            model = hm.load(path)
-            model.hermes_metadata = meta
+        if hm.is_hermes_checkpoint(path):
+            model = hm.load(path)  # sets hermes_metadata
         else:
             model = hm.from_official(path)
             model.hermes_metadata = {"source": "official"}

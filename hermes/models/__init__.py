@@ -1,7 +1,13 @@
 """Hermes models: ResUNet backbone, context priors, heads, presets and checkpoints."""
 
 from hermes.models.build import build
-from hermes.models.checkpoint import CheckpointError, load, read_header, save
+from hermes.models.checkpoint import (
+    CheckpointError,
+    is_hermes_checkpoint,
+    load,
+    read_header,
+    save,
+)
 from hermes.models.config import PRESETS, HermesConfig, preset_config
 from hermes.models.hermes_resunet import HermesOutput, HermesResUNet
 from hermes.models.official import from_official
@@ -17,6 +23,7 @@ __all__ = [
     "Vocabulary",
     "build",
     "from_official",
+    "is_hermes_checkpoint",
     "load",
     "official_vocabulary",
     "preset_config",

@@ -102,15 +102,15 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
             raise CheckpointError(f"checkpoint {path} has a corrupted header: {exc}") from exc
         if not isinstance(header, dict):
             raise CheckpointError(f"checkpoint {path} has a corrupted header (not an object)")
-        missing = [k for k in _REQUIRED if k not in header]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} has a corrupted header (no "
-                                  f"{', '.join(missing)})")
         if header.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {path} has format version {header.get('format_version')}, this "
                 f"hermes ({__version__}) reads up to {FORMAT_VERSION}: upgrade hermes"
             )
+        missing = [k for k in _REQUIRED if k not in header]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} has a corrupted header (no "
+                                  f"{', '.join(missing)})")
         payload = None
         if with_payload:
             payload = f.read()
@@ -127,13 +127,23 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
     return header, payload
 
 
+def is_hermes_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a Hermes checkpoint (else, e.g., official ``.pth`` weights);
+    False for files that cannot be opened."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """Config, vocabulary, version and metadata of a checkpoint, without loading weights."""
     return _read(Path(path), with_payload=False)[0]
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> HermesResUNet:
-    """Rebuild the model stored at ``path``.
+    """Rebuild the model stored at ``path``; its header metadata is ``model.hermes_metadata``.
 
     Raises:
         CheckpointError: saying what is wrong with the file.
@@ -148,6 +158,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> H
     state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     model = HermesResUNet(config, vocab)
     load_state_checked(model, state, f"checkpoint {path}")
+    model.hermes_metadata = dict(header.get("metadata") or {})
     return model.to(map_location).eval()
 
 

@@ -31,7 +31,7 @@ def default_model(map_location: str | torch.device = "cpu"):
     Raises:
         DefaultModelMissingError: the package was installed without the model file.
     """
-    from hermes.models.checkpoint import load, read_header
+    from hermes.models.checkpoint import load
 
     path = default_model_path()
     if not path.is_file():
@@ -41,7 +41,6 @@ def default_model(map_location: str | torch.device = "cpu"):
             "(hermes.segment(..., model='model.hermes' or 'hermes_r.pth'); on the command line "
             "--model PATH)"
         )
-    model = load(path, map_location=map_location)
-    model.hermes_metadata = dict(read_header(path).get("metadata", {}))
+    model = load(path, map_location=map_location)  # sets hermes_metadata
     model.hermes_source = str(path)
     return model

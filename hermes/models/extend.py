@@ -142,7 +142,6 @@ def _check_new(vocab: Vocabulary, new_tasks: list[str], new_modalities: list[str
             raise ValueError(f"{kind} names already in the model: {clash}")
 
 
-@torch.no_grad()
 def _merge_groups(old: Mapping[str, dict], new: Mapping[str, Mapping]) -> dict[str, dict]:
     """The model's dataset groups plus the new ones; a new group named like an old one (the
     same dataset name in the fine-tuning collection) adds its tasks to the old group's, which
@@ -163,6 +162,7 @@ def _merge_groups(old: Mapping[str, dict], new: Mapping[str, Mapping]) -> dict[s
     return merged
 
 
+@torch.no_grad()
 def extend_vocabulary(
     model: HermesResUNet,
     new_tasks: Sequence[str] = (),
@@ -178,7 +178,8 @@ def extend_vocabulary(
         new_tasks: task names to add (must not exist yet); rows go before the null row.
         new_modalities: modality names to add (an alias of an existing one is refused).
         init: ``"similar"`` (copy the most similar old row, see module doc) or ``"random"``.
-        groups: dataset groups to add or replace, ``{name: {"tasks": [...], "modality": m}}``
+        groups: dataset groups to add, ``{name: {"tasks": [...], "modality": m}}``; one named
+            like an existing group adds its tasks to it (same modality, else ValueError)
             (may name old and new tasks).
         generator: random generator for randomly initialised rows (default: torch's global).
     Returns:

@@ -24,11 +24,14 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
         from hermes.data.preprocess import preprocess, resolve_cache_dir
 
         collection = load_collection(path)
-        # a cache made by `hermes preprocess` with other settings (e.g. --spacing) keeps them
+        # a cache made by `hermes preprocess` with other settings (e.g. --spacing) keeps them,
+        # except what the YAML itself sets (a changed `spacing:` is refused by preprocess)
         stored_p = resolve_cache_dir(collection, cache_dir) / "preprocess.json"
         stored = json.loads(stored_p.read_text()) if stored_p.is_file() else (defaults or {})
-        kept = {k: stored[k] for k in ("spacing", "image_order", "dtype", "max_fg_samples",
-                                       "crop_nonzero") if k in stored}
+        keys = ["image_order", "dtype", "max_fg_samples", "crop_nonzero"]
+        if collection.spacing is None:
+            keys.append("spacing")
+        kept = {k: stored[k] for k in keys if k in stored}
         return preprocess(collection, cache_dir=cache_dir, workers=workers, progress=progress,
                           **kept)
     raise FileNotFoundError(f"{source} is neither a collection YAML nor a preprocessed cache")
@@ -115,8 +118,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from hermes.training.evaluate import evaluate
 
     model = hm.load(args.model)
-    meta = hm.read_header(args.model)["metadata"]
-    pc = open_cache(args.collection, args.cache_dir, None, not args.quiet)
+    meta = model.hermes_metadata
+    # a collection not preprocessed yet is resampled as the model's training data
+    pc = open_cache(args.collection, args.cache_dir, None, not args.quiet,
+                    meta.get("preprocess"))
     check_same_grid(meta.get("preprocess") or {}, pc.params, args.model, pc.cache_dir)
     roi = args.roi
     if roi is None:

@@ -448,8 +448,7 @@ def finetune(
     base = hm.load(model) if isinstance(model, (str, os.PathLike)) else model
     base = unwrap(base)
     base_src = str(model) if isinstance(model, (str, os.PathLike)) else None
-    base_meta = (hm.read_header(model)["metadata"] if base_src is not None
-                 else dict(getattr(base, "hermes_metadata", None) or {}))
+    base_meta = dict(getattr(base, "hermes_metadata", None) or {})  # set by hm.load
     base_pre = dict(base_meta.get("preprocess") or {})
     pc = _open(collection, base_pre, base_src or "the base model")
     new_tasks, new_mods = new_names(base.vocab, pc)
