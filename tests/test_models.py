@@ -160,3 +160,16 @@ def test_bad_vocabularies_are_refused():
     for spec in ({"tasks": []}, {"modality": "CT"}, {"tasks": "liver"}, ["liver"]):
         with pytest.raises(ValueError, match="group 'g' must be a mapping with a non-empty"):
             hm.Vocabulary(["liver"], ["CT"], {"g": spec})
+
+
+@pytest.mark.filterwarnings("ignore")  # dynamo's graph-break and torch.jit notices
+def test_torch_compile_traces_the_model_on_cpu():
+    """Dynamo traces the whole forward (it could not trace the oneDNN convolution); the
+    eager backend keeps the test fast while running dynamo's tracing."""
+    torch.manual_seed(0)
+    m = hm.build("tiny", tasks=["a", "b"], modalities=["CT"]).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref = m(x, tasks=["a"], modality="CT").seg_logits
+        out = torch.compile(m, backend="eager")(x, tasks=["a"], modality="CT").seg_logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
