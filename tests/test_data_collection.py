@@ -346,6 +346,10 @@ def test_malformed_settings_are_reported(synth_copy):
     assert any("'spacing' must be" in m for m in msgs)
     assert any("'splits' must be" in m for m in msgs)
     assert any("normalization for CT: unknown key 'window'" in m for m in msgs)
+    _rewrite_yaml(synth_copy, lambda c: c.update(normalization={"TI": {"percentiles": [1, 99]}}))
+    msgs = [str(p) for p in load_collection(synth_copy).validate(deep=False)]
+    assert any("normalization: unknown modality 'TI'" in m for m in msgs)
+    _rewrite_yaml(synth_copy, lambda c: c.update(normalization={}))
     _rewrite_yaml(synth_copy, lambda c: c.update(splits={"sed": 3, "val_fraction": 0.5}))
     msgs = [str(p) for p in load_collection(synth_copy).validate(deep=False)]
     assert "config: unknown key 'sed' in 'splits' (known: seed, val_fraction)" in msgs

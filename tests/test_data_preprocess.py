@@ -138,6 +138,26 @@ def test_normalisation_overrides():
     assert normalization_for("PET", {"PET": {"percentiles": [1, 99]}}).percentiles == (1, 99)
     with pytest.raises(ValueError, match="unknown key 'window'"):
         normalization_for("CT", {"CT": {"window": 3}})
+    # aliases name the modality; a clip window for MRI keeps the non-zero statistics
+    t1 = normalization_for("T1", {"T1w": {"clip": [0, 600]}})
+    assert t1.kind == "window" and t1.clip == (0, 600)
+
+
+def test_narrow_ct_window_keeps_the_body_mask_of_raw_hu():
+    # air at -1000 must not become "body" because the window clips it to -200
+    x = np.array([-1000.0, -1000, 0, 100, 400], np.float32).reshape(1, 5, 1, 1)
+    out, stats = normalize(x, normalization_for("CT", {"CT": {"clip": [-200, 300]}}))
+    clipped = np.array([-200, -200, 0, 100, 300.0])
+    body = clipped[2:]
+    np.testing.assert_allclose(out.ravel(), (clipped - body.mean()) / body.std(), rtol=1e-5)
+
+
+def test_mri_window_uses_nonzero_voxels():
+    x = np.array([0.0, 0, 200, 400, 900], np.float32).reshape(1, 5, 1, 1)
+    out, _ = normalize(x, normalization_for("T2", {"T2": {"clip": [0, 600]}}))
+    clipped = np.array([0, 0, 200, 400, 600.0])
+    nz = clipped[2:]
+    np.testing.assert_allclose(out.ravel(), (clipped - nz.mean()) / nz.std(), rtol=1e-5)
 
 
 # ------------------------------------------------------------------ cache

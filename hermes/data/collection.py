@@ -482,6 +482,11 @@ class Collection:
                 normalization_for(ds.modality, self.normalization)
             except (TypeError, ValueError) as exc:
                 self._bad(str(exc), ds.name)
+        for key in self.normalization:  # a mistyped modality would be silently ignored
+            try:
+                canonical_modality(str(key), self.extra_modalities)
+            except UnknownModalityError as exc:
+                self._bad(f"normalization: {exc}")
 
     def _parse_dataset(self, i: int, dcfg: object) -> DatasetSpec | None:
         if not isinstance(dcfg, Mapping):

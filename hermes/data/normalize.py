@@ -4,10 +4,13 @@
   soft tissue and bone distinguishable across body regions), then z-score with the mean and
   standard deviation of the clipped voxels inside the body (HU above ``body_threshold``).
 - MRI (T1, T2, CINE), PET and user-declared modalities: clip to the 0.5 / 99.5 percentiles of
-  the non-zero voxels, then z-score with the non-zero voxels' mean and standard deviation.
+  the non-zero voxels, then z-score with the non-zero voxels' mean and standard deviation. A
+  ``clip`` override gives them a fixed window instead (kind ``"window"``), still z-scored over
+  the non-zero voxels.
 
 Statistics are per image (per channel). Settings can be overridden per modality in the
-collection YAML, e.g. ``normalization: {CT: {clip: [-200, 300]}, T2: {percentiles: [1, 99]}}``.
+collection YAML, e.g. ``normalization: {CT: {clip: [-200, 300]}, T2: {percentiles: [1, 99]}}``
+(keys are modality names or their aliases, e.g. ``T1w``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ __all__ = ["NormalizationSpec", "default_normalization", "normalization_for", "n
 class NormalizationSpec:
     """How to normalise one modality.
 
-    ``kind``: ``"ct"`` (fixed clip window in ``clip``), ``"percentile"`` (clip to
-    ``percentiles`` of the non-zero voxels) or ``"none"``.
+    ``kind``: ``"ct"`` (fixed clip window in ``clip``; statistics over the body, raw values
+    above ``body_threshold``), ``"window"`` (fixed ``clip`` window; statistics over the non-zero
+    voxels), ``"percentile"`` (clip to ``percentiles`` of the non-zero voxels) or ``"none"``.
     """
 
     kind: str = "percentile"
@@ -35,6 +39,19 @@ class NormalizationSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+KINDS = ("ct", "window", "percentile", "none")
+
+
+def _same_modality(key: object, modality: str) -> bool:
+    """Whether a ``normalization:`` key names ``modality`` (aliases such as ``T1w`` count)."""
+    from hermes.data.modalities import UnknownModalityError, canonical_modality
+
+    try:
+        return canonical_modality(str(key)) == canonical_modality(modality)
+    except UnknownModalityError:  # a modality the collection declares itself
+        return str(key).strip().upper() == modality.strip().upper()
 
 
 def default_normalization(modality: str) -> NormalizationSpec:
@@ -53,7 +70,7 @@ def normalization_for(modality: str, overrides: Mapping | None = None) -> Normal
         return spec
     o = None
     for k, v in overrides.items():
-        if str(k).strip().upper() == modality.upper():
+        if _same_modality(k, modality):
             o = v
     if o is None:
         return spec
@@ -62,7 +79,8 @@ def normalization_for(modality: str, overrides: Mapping | None = None) -> Normal
     kw = asdict(spec)
     for key, val in o.items():
         if key == "clip":
-            kw["kind"] = "ct" if o.get("kind") is None else o["kind"]
+            fixed = "ct" if spec.kind == "ct" else "window"
+            kw["kind"] = fixed if o.get("kind") is None else o["kind"]
             kw["clip"] = tuple(float(x) for x in val)
         elif key == "percentiles":
             kw["kind"] = "percentile" if o.get("kind") is None else o["kind"]
@@ -71,7 +89,7 @@ def normalization_for(modality: str, overrides: Mapping | None = None) -> Normal
             kw[key] = val if key == "kind" else float(val)
         else:
             raise ValueError(f"normalization for {modality}: unknown key {key!r}")
-    if kw["kind"] not in ("ct", "percentile", "none"):
+    if kw["kind"] not in KINDS:
         raise ValueError(f"normalization for {modality}: unknown kind {kw['kind']!r}")
     for pair in ("clip", "percentiles"):
         if len(kw[pair]) != 2 or kw[pair][0] >= kw[pair][1]:
@@ -103,9 +121,13 @@ def normalize(image: np.ndarray, spec: NormalizationSpec) -> tuple[np.ndarray, l
             stats.append({"clip": None, "mean": 0.0, "std": 1.0})
             continue
         if spec.kind == "ct":
+            sel = x > spec.body_threshold  # on raw HU: a narrow window must not make air body
             lo, hi = spec.clip
             x = np.clip(x, lo, hi)
-            sel = x > spec.body_threshold
+        elif spec.kind == "window":
+            sel = x != 0
+            lo, hi = spec.clip
+            x = np.clip(x, lo, hi)
         else:
             nz = x != 0
             vals = x[nz] if nz.any() else x.ravel()
