@@ -121,6 +121,27 @@ def test_window_enlarged_for_axes_barely_longer_than_the_roi():
     np.testing.assert_array_equal(plain.masks[0], img > 100)
 
 
+def test_grids_smaller_than_the_window_are_padded_as_in_training(monkeypatch):
+    """A model grid shorter than the window is padded with the image minimum (training crops
+    pad with each channel's minimum), not with the sliding window's 0 (the z-scored mean)."""
+    from hermes.inference import sliding_window as sw
+
+    seen, original = [], sw.sliding_window_inference
+
+    def spy(x, *a, **k):
+        seen.append(x.clone())
+        return original(x, *a, **k)
+
+    monkeypatch.setattr(sw, "sliding_window_inference", spy)
+    img = np.random.default_rng(1).uniform(1, 200, (20, 40, 24)).astype(np.float32)
+    res = _run(img, np.diag([1.5, 1.5, 1.5, 1.0]), tasks=["left_blob"])
+    x = seen[0][0, 0].numpy()
+    assert x.shape == (32, 40, 32)
+    np.testing.assert_array_equal(x[6:26, :, 4:28], img)  # centred
+    assert (x[:6] == img.min()).all() and (x[:, :, 28:] == img.min()).all()
+    np.testing.assert_array_equal(res.masks[0], img > 100)
+
+
 def test_inputs_nifti_nibabel_spacing_and_torch(tmp_path):
     linear, shape = EXACT_GRIDS["flipped"]
     aff = grid(linear, shape)

@@ -41,3 +41,24 @@ def resample_to_grid(
         ndimage.affine_transform(src, m[:3, :3], m[:3, 3], output_shape=shape, output=out[c],
                                  order=order, mode="constant", cval=cval)
     return out if array.ndim == 4 else out[0]
+
+
+def pad_to_window(image: np.ndarray, roi: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Pad a ``(C, X, Y, Z)`` image to at least ``roi`` voxels per axis, centred, with each
+    channel's minimum: what the model saw outside the volume in training (the cache's crops pad
+    so), where the sliding window would pad with 0 (the z-scored mean: mid-grey).
+
+    Returns:
+        ``(padded image, slices of the original voxels in the padded grid)``; the image itself
+        and full slices when no axis is shorter than ``roi``.
+    """
+    shape = image.shape[1:]
+    pads = [max(int(r) - s, 0) for s, r in zip(shape, roi, strict=True)]
+    inside = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape, strict=True))
+    if not any(pads):
+        return image, inside
+    out = np.empty((image.shape[0], *(s + p for s, p in zip(shape, pads, strict=True))),
+                   image.dtype)
+    out[:] = image.reshape(image.shape[0], -1).min(axis=1)[:, None, None, None]
+    out[(slice(None), *inside)] = image
+    return out, inside

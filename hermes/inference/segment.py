@@ -32,6 +32,7 @@ from hermes.data.io import (
     nifti_geometry,
 )
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
+from hermes.inference.geometry import pad_to_window
 from hermes.inference.result import SegmentationResult
 
 __all__ = [
@@ -557,6 +558,7 @@ def segment(
     n_windows = len(window_starts([max(s, r) for s, r in zip(grid_shape, roi, strict=True)],
                                   roi, [ov] * 3))
     t0 = time.perf_counter()
+    img, inside = pad_to_window(img, roi)  # padded as the training crops are
     x = torch.from_numpy(np.ascontiguousarray(img))[None]
     del img
 
@@ -570,7 +572,7 @@ def segment(
             x, roi, sw_batch_size, predictor, overlap=ov, mode="gaussian", sw_device=dev,
             device="cpu", progress=progress, output="probs", output_dtype=torch.float32,
             tta=use_tta, streaming=True, stream_axis="auto", reuse_buffers=False,
-        )[0].numpy()
+        )[0].numpy()[(slice(None), *inside)]
     del x
     times["inference"] = time.perf_counter() - t0
 

@@ -21,7 +21,7 @@ import torch
 from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 from hermes.data.io import load_image
 from hermes.files import atomic_write_bytes
-from hermes.inference.geometry import resample_to_grid
+from hermes.inference.geometry import pad_to_window, resample_to_grid
 from hermes.inference.sliding_window import sliding_window_inference
 from hermes.models.hermes_resunet import HermesResUNet
 
@@ -63,7 +63,9 @@ def predict_case(
     dev = torch.device(device)
     tasks = list(case.info.tasks)
     modality = case.modality
-    x = torch.from_numpy(np.array(case.image, dtype=np.float32))[None]  # writable copy
+    # padded (where shorter than the window) with each channel's minimum, as training crops
+    image, inside = pad_to_window(np.array(case.image, dtype=np.float32), roi)
+    x = torch.from_numpy(np.ascontiguousarray(image))[None]
 
     def predictor(w: torch.Tensor) -> torch.Tensor:
         return model(w.to(dev), tasks=tasks, modality=modality).seg_logits
@@ -74,7 +76,7 @@ def predict_case(
             output="masks", threshold=threshold, sw_device=dev, device="cpu",
             streaming=True, stream_axis="auto",
         )
-    return masks[0].numpy().astype(bool)
+    return masks[0].numpy()[(slice(None), *inside)].astype(bool)
 
 
 @dataclass
