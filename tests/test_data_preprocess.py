@@ -263,6 +263,9 @@ def test_cached_case_api(synth, tmp_path):
 def test_preprocess_refuses_cache_inside_sources_and_reports_problems(synth, tmp_path):
     with pytest.raises(PreprocessError, match="inside the source folder"):
         hd.preprocess(synth, cache_dir=synth.parent / "synth_ct" / "cache", progress=False)
+    # the cache would hold <cache>/synth_ct: the dataset's own folder
+    with pytest.raises(PreprocessError, match="would write dataset 'synth_ct' into its source"):
+        hd.preprocess(synth, cache_dir=synth.parent, progress=False)
     shutil.copytree(synth.parent, tmp_path / "s")
     (tmp_path / "s" / "synth_t1" / "labelsTr" / "synth_t1_001.nii.gz").unlink()
     with pytest.raises(hd.CollectionError, match="synth_t1"):
@@ -336,6 +339,46 @@ def test_non_finite_image_is_an_error_naming_the_file(tmp_path):
     hd.save_image(tmp_path / "nan.nii.gz", data, np.eye(4))
     with pytest.raises(ValueError, match=r"nan.nii.gz: image has 1 non-finite"):
         prepare_image(tmp_path / "nan.nii.gz", "T1")
+    hd.save_image(tmp_path / "blank.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(ValueError, match=r"blank.nii.gz: image is empty"):  # as segment()
+        prepare_image(tmp_path / "blank.nii.gz", "T1")
+
+
+@pytest.mark.parametrize("spacing", [float("nan"), [1.0, 2.0], [1, 1, float("inf")], "a"])
+def test_bad_spacing_is_named(spacing):
+    from hermes.data.preprocess import PreprocessParams
+
+    with pytest.raises(ValueError, match="spacing must be one positive number or three"):
+        PreprocessParams(spacing)
+
+
+def test_broken_cache_files_are_named_and_half_cases_not_served(synth, tmp_path, monkeypatch):
+    import importlib
+
+    pp = importlib.import_module("hermes.data.preprocess")  # hermes.data.preprocess: a function
+    pc = hd.preprocess(synth, cache_dir=tmp_path / "c", spacing=10.0, workers=1, progress=False)
+    case = pc.case("synth_ct/synth_ct_000")
+    data = case.image_path.read_bytes()
+    case.image_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"synth_ct_000_image.npy: cached array unreadable.*"
+                                      r"hermes preprocess"):
+        _ = hd.PreprocessedCollection(tmp_path / "c").case("synth_ct/synth_ct_000").image
+    # a case whose rewrite fails half-way has no JSON: the cache does not serve it
+    coll = hd.load_collection(synth)
+    src = next(c for c in coll.cases() if c.key == "synth_ct/synth_ct_000")
+    real = pp._atomic_save_npy
+
+    def fail_on_label(path, array):
+        if path.name.endswith("_label.npy"):
+            raise OSError(28, "No space left on device")
+        return real(path, array)
+
+    monkeypatch.setattr(pp, "_atomic_save_npy", fail_on_label)
+    with pytest.raises(OSError, match="No space left"):
+        pp.preprocess_case(src, "CT", pp.PreprocessParams(10.0), (tmp_path / "c").resolve())
+    assert not (tmp_path / "c" / "synth_ct" / "synth_ct_000.json").exists()
+    with pytest.raises(FileNotFoundError, match="synth_ct_000.json: cached case missing"):
+        hd.PreprocessedCollection(tmp_path / "c")
 
 
 @pytest.mark.parametrize("order", [1, 3])

@@ -38,6 +38,15 @@ class DatasetInfo:
     ignore_values: tuple[int, ...] = ()
 
 
+def _open_array(path: Path) -> np.ndarray:
+    """Read-only memory map of a cached array; an error naming the file and the fix."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise OSError(f"{path}: cached array unreadable ({exc}); run `hermes preprocess` "
+                      "again to rebuild the case") from exc
+
+
 class CachedCase:
     """One preprocessed case.
 
@@ -74,14 +83,14 @@ class CachedCase:
     def image(self) -> np.ndarray:
         """Read-only memory map, ``(C, X, Y, Z)`` float32/float16, axes R, A, S."""
         if self._image is None:
-            self._image = np.load(self.image_path, mmap_mode="r")
+            self._image = _open_array(self.image_path)
         return self._image
 
     @property
     def label(self) -> np.ndarray:
         """Read-only memory map, ``(X, Y, Z)`` uint8/uint16 with the dataset's label values."""
         if self._label is None:
-            self._label = np.load(self.label_path, mmap_mode="r")
+            self._label = _open_array(self.label_path)
         return self._label
 
     @property

@@ -52,9 +52,14 @@ class PreprocessParams:
     def __init__(self, spacing: float | Sequence[float] = 1.5, image_order: int = 3,
                  dtype: str = "float32", max_fg_samples: int = 500,
                  crop_nonzero: bool = True, normalization: dict | None = None):
-        sp = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
-        if np.any(sp <= 0):
-            raise ValueError(f"spacing must be positive, got {spacing}")
+        try:
+            sp = np.asarray(spacing, np.float64).ravel()
+        except (TypeError, ValueError):
+            sp = np.zeros(0)
+        if sp.size not in (1, 3) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+            raise ValueError(f"spacing must be one positive number or three (X, Y, Z), in mm; "
+                             f"got {spacing!r}")
+        sp = np.broadcast_to(sp, (3,))
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
         if image_order not in (0, 1, 2, 3, 4, 5):
@@ -161,7 +166,11 @@ def _load_channels(case: Case) -> tuple[np.ndarray, np.ndarray]:
             chans.append(arr)
         else:
             chans.extend(np.moveaxis(arr.reshape(arr.shape[:3] + (-1,)), -1, 0))
-    return np.stack(chans), affine  # type: ignore[return-value]
+    image = np.stack(chans)
+    if float(image.max()) == float(image.min()):  # refused by hermes.segment too
+        raise ValueError(f"{case.images[0]}: image is empty (every voxel equals "
+                         f"{float(image.min()):g})")
+    return image, affine  # type: ignore[return-value]
 
 
 def _foreground_samples(label: np.ndarray, n: int, seed: int) -> tuple[dict, dict]:
@@ -289,6 +298,9 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
 
     img_p, lab_p, meta_p = case_paths(cache_dir, case.dataset, case.case_id)
     img_p.parent.mkdir(parents=True, exist_ok=True)
+    # the JSON marks a finished case: gone while its arrays are replaced, so that a failure
+    # half-way leaves no case that looks complete with mismatched arrays (re-run to redo it)
+    meta_p.unlink(missing_ok=True)
     files = {}
     for key, p, arr in (("image", img_p, image), ("label", lab_p, label)):
         digest = _atomic_save_npy(p, arr)
@@ -342,6 +354,11 @@ def resolve_cache_dir(collection: Collection, cache_dir: str | os.PathLike | Non
         if p == ds.root or ds.root in p.parents:
             raise PreprocessError(f"cache folder {p} is inside the source folder of dataset "
                                   f"{ds.name!r} ({ds.root}); choose a folder outside it")
+        # each dataset is cached in <cache>/<name>: that must not be (or hold) a source folder
+        target = p / ds.name
+        if target == ds.root or target in ds.root.parents:
+            raise PreprocessError(f"cache folder {p} would write dataset {ds.name!r} into its "
+                                  f"source folder {ds.root}; choose another cache folder")
     return p
 
 
