@@ -137,3 +137,12 @@ def test_entry_point_exit_code_and_one_line_reason(tmp_path):
     assert proc.stderr.strip() == (f"hermes segment: error: input {tmp_path / 'nope.nii.gz'} "
                                    "does not exist")
     assert not (tmp_path / "out").exists()
+
+
+def test_output_piped_into_a_closed_reader_is_not_an_error():
+    """`hermes tasks official | head -1`: the reader goes away before hermes writes."""
+    proc = subprocess.Popen([sys.executable, "-m", "hermes", "tasks", "official"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the interpreter has started and written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Broken pipe" not in err and "Traceback" not in err

@@ -16,6 +16,14 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     _C = None
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isfile(os.path.join(_CHECKOUT, "pyproject.toml")):
+        # `python -m ...` or a script run inside a clone imports the clone, not the install
+        warnings.warn(
+            f"hermes is imported from the source checkout {_CHECKOUT}, which has no compiled "
+            "extension: the slower pure-PyTorch paths run. Run from another folder (the "
+            "installed package has the extension) or install in place (`pip install -e .`).",
+            stacklevel=2)
 
 
 def extension():
