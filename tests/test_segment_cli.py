@@ -132,17 +132,18 @@ def test_demo_command(tmp_path, ckpt, capsys):
 def test_entry_point_exit_code_and_one_line_reason(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "hermes.cli", "segment", "-i", str(tmp_path / "nope.nii.gz"),
-         "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+         "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+        cwd=tmp_path)  # not the source tree: the installed package
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"hermes segment: error: input {tmp_path / 'nope.nii.gz'} "
                                    "does not exist")
     assert not (tmp_path / "out").exists()
 
 
-def test_output_piped_into_a_closed_reader_is_not_an_error():
+def test_output_piped_into_a_closed_reader_is_not_an_error(tmp_path):
     """`hermes tasks official | head -1`: the reader goes away before hermes writes."""
     proc = subprocess.Popen([sys.executable, "-m", "hermes", "tasks", "official"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     proc.stdout.close()  # long before the interpreter has started and written anything
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 0 and "Broken pipe" not in err and "Traceback" not in err
+    assert proc.wait(timeout=120) == 0 and err == ""
