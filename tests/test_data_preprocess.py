@@ -399,3 +399,24 @@ def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, ord
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
     with pytest.raises(ValueError, match="order"):
         separable_resample(arr, scale, offset, out_shape, 2)
+
+
+def test_label_values_lost_in_resampling_are_recorded_and_named(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.uniform(100, 200, (30, 30, 30)).astype(np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[5:15, 5:15, 5:15] = 1
+    lab[20, 20, 20] = 2  # a 1 mm^3 lesion: no voxel of a 3 mm grid keeps it
+    ds = tmp_path / "ds"
+    hd.save_image(ds / "imagesTr" / "c0.nii.gz", img, np.eye(4))
+    hd.save_image(ds / "labelsTr" / "c0.nii.gz", lab, np.eye(4))
+    (ds / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "T1"}, "labels": {"0": "background", "1": "organ", "2": "lesion"},
+        "training": [{"image": "./imagesTr/c0.nii.gz", "label": "./labelsTr/c0.nii.gz"}]}))
+    coll = hd.Collection.from_dict({"datasets": [{"name": "ds", "path": str(ds)}]})
+    with pytest.warns(UserWarning, match=r"vanish when resampled to \[3.0, 3.0, 3.0\] mm.*"
+                                         r"ds/c0: \[2\]"):
+        pc = hd.preprocess(coll, cache_dir=tmp_path / "c", spacing=3.0, workers=1,
+                           progress=False)
+    case = pc.case("ds/c0")
+    assert case.meta["lost_label_values"] == [2] and 2 not in case.present_values

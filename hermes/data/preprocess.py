@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -292,9 +293,12 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
     label = label.astype(np.uint16 if label.max() > 255 else np.uint8)
     if image.shape[1:] != label.shape:
         raise ValueError(f"{case.key}: image shape {image.shape[1:]} != label {label.shape}")
+    before = np.flatnonzero(np.bincount(label.ravel()))
     image, label, geom = prepare_arrays(image, img_aff, modality, params, label)
     seed = zlib.crc32(case.key.encode())
     fg, counts = _foreground_samples(label, params.max_fg_samples, seed)
+    # structures smaller than a voxel of the new grid vanish in nearest resampling
+    lost = [int(v) for v in before if v and str(int(v)) not in counts]
 
     img_p, lab_p, meta_p = case_paths(cache_dir, case.dataset, case.case_id)
     img_p.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +319,7 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
         "sources": _source_fingerprint(case),
         **geom,
         "label_counts": counts,
+        "lost_label_values": lost,
         "foreground": fg,
         "files": files,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -466,4 +471,17 @@ def preprocess(
     info["stats"] = {**status, "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_json(cache / "collection.json", info)
     del splits
-    return PreprocessedCollection(cache)
+    pc = PreprocessedCollection(cache)
+    _warn_lost_labels(pc, params.spacing)
+    return pc
+
+
+def _warn_lost_labels(pc, spacing: list[float]) -> None:
+    """Warn about label values that no voxel keeps after resampling (structures smaller than
+    a voxel at ``spacing``): they teach nothing and evaluate as misses."""
+    lost = [f"{c.key}: {c.meta['lost_label_values']}" for c in pc.cases
+            if c.meta.get("lost_label_values")]
+    if lost:
+        more = f" (and {len(lost) - 5} more cases)" if len(lost) > 5 else ""
+        warnings.warn(f"label values that vanish when resampled to {spacing} mm (structures "
+                      f"smaller than a voxel): {'; '.join(lost[:5])}{more}", stacklevel=3)
