@@ -46,6 +46,13 @@ EXACT_GRIDS = {
 }
 
 
+def _on_grid(name: str, small_blob: bool = False):
+    """``(affine, image, {structure: mask})``: the phantom on one of :data:`EXACT_GRIDS`."""
+    linear, shape = EXACT_GRIDS[name]
+    aff = grid(linear, shape)
+    return (aff, *phantom(aff, shape, small_blob=small_blob))
+
+
 def _run(img, aff, **kw):
     kw.setdefault("model", oracle_model())
     kw.setdefault("modality", "T1")
@@ -58,15 +65,13 @@ def _run(img, aff, **kw):
 def test_exact_round_trip_at_model_spacing(name):
     """At the model's spacing no interpolation happens: reorientation/crop/back-mapping must
     return exactly the ground truth, in the original axis order, for any orientation."""
-    linear, shape = EXACT_GRIDS[name]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape)
+    aff, img, gt = _on_grid(name)
     res = _run(img, aff)
-    assert res.labels.shape == shape and res.masks.shape == (2, *shape)
+    assert res.labels.shape == img.shape and res.masks.shape == (2, *img.shape)
     np.testing.assert_array_equal(res.affine, aff)
     for t, task in enumerate(BLOBS):
         np.testing.assert_array_equal(res.masks[t], gt[task], err_msg=f"{name}: {task}")
-    expected = np.zeros(shape, np.uint8)
+    expected = np.zeros(img.shape, np.uint8)
     expected[gt["left_blob"]] = 1
     expected[gt["right_blob"]] = 2
     np.testing.assert_array_equal(res.labels, expected)
@@ -143,9 +148,7 @@ def test_grids_smaller_than_the_window_are_padded_as_in_training(monkeypatch):
 
 
 def test_inputs_nifti_nibabel_spacing_and_torch(tmp_path):
-    linear, shape = EXACT_GRIDS["flipped"]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape)
+    aff, img, gt = _on_grid("flipped")
     path = save_image(tmp_path / "img.nii.gz", img, aff)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     a = _run(str(path), None)
@@ -163,9 +166,7 @@ def test_inputs_nifti_nibabel_spacing_and_torch(tmp_path):
 
 
 def test_nrrd_lps_input_matches_nifti(tmp_path):
-    linear, shape = EXACT_GRIDS["permuted"]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape)
+    aff, img, gt = _on_grid("permuted")
     nrrd_path = save_image(tmp_path / "img.nrrd", img, aff)  # written in LPS space
     assert "left-posterior-superior" in nrrd_path.read_bytes()[:2000].decode("latin1")
     res = _run(str(nrrd_path), None)
@@ -193,9 +194,7 @@ def test_tasks_of_modality_and_groups():
 
 
 def test_only_requested_tasks_are_computed():
-    linear, shape = EXACT_GRIDS["ras"]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape)
+    aff, img, gt = _on_grid("ras")
     seen = []
     net = oracle_model()
     forward = net.forward
@@ -212,9 +211,7 @@ def test_only_requested_tasks_are_computed():
 
 
 def test_modality_auto_detection_and_low_confidence():
-    linear, shape = EXACT_GRIDS["ras"]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape)
+    aff, img, gt = _on_grid("ras")
     res = _run(img, aff, modality="auto", tasks=None)  # oracle head says T1 with p ~ 0.9
     assert res.modality == "T1" and res.detection["modality"] == "T1"
     assert 0.85 < res.detection["confidence"] < 0.95
@@ -226,9 +223,7 @@ def test_modality_auto_detection_and_low_confidence():
 
 
 def test_postprocessing_largest_component_and_min_volume():
-    linear, shape = EXACT_GRIDS["ras"]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape, small_blob=True)
+    aff, img, gt = _on_grid("ras", small_blob=True)
     raw = _run(img, aff)
     np.testing.assert_array_equal(raw.masks[1], gt["right_blob"] | gt["small"])
     big = _run(img, aff, postprocess={"right_blob": "largest"})
@@ -245,9 +240,7 @@ def test_postprocessing_largest_component_and_min_volume():
 
 
 def test_bad_inputs_are_named(tmp_path):
-    linear, shape = EXACT_GRIDS["ras"]
-    aff = grid(linear, shape)
-    img, _ = phantom(aff, shape)
+    aff, img, _ = _on_grid("ras")
     with pytest.raises(hm.UnknownNameError, match="unknown task 'kidney'"):
         _run(img, aff, tasks=["kidney"])
     with pytest.raises(hm.UnknownNameError, match="unknown modality 'XR'"):
@@ -261,7 +254,7 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(SegmentationInputError, match="1 non-finite"):
         _run(bad, aff)
     with pytest.raises(SegmentationInputError, match="empty"):
-        _run(np.zeros(shape, np.float32), aff)
+        _run(np.zeros(img.shape, np.float32), aff)
     with pytest.raises(SegmentationInputError, match="affine= .* or spacing="):
         _run(img, None)
     corrupt = tmp_path / "corrupt.nii.gz"
@@ -281,9 +274,7 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 def test_save_outputs(tmp_path):
-    linear, shape = EXACT_GRIDS["oblique"]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape)
+    aff, img, gt = _on_grid("oblique")
     res = _run(img, aff, probabilities=True)
     written = res.save(tmp_path / "out", per_structure=True, probabilities=True)
     lab, lab_aff = load_image(written["labels"])
@@ -331,9 +322,7 @@ def test_save_outputs(tmp_path):
 
 
 def test_save_never_writes_over_the_input(tmp_path):
-    linear, shape = EXACT_GRIDS["ras"]
-    aff = grid(linear, shape)
-    img, _ = phantom(aff, shape)
+    aff, img, _ = _on_grid("ras")
     src = save_image(tmp_path / "labels.nii.gz", img, aff)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     res = _run(str(src), None)
@@ -348,9 +337,7 @@ def test_save_never_writes_over_the_input(tmp_path):
 def test_results_keep_the_input_nifti_header_geometry(tmp_path):
     """qform/sform and their codes (MNI 4, aligned 2) come back as in the input, also when the
     qform differs from the sform; the spatial unit is written as mm."""
-    linear, shape = EXACT_GRIDS["oblique"]
-    aff = grid(linear, shape)
-    img, gt = phantom(aff, shape)
+    aff, img, gt = _on_grid("oblique")
     qform = aff.copy()
     qform[:3, 3] += 0.25  # a (slightly) different qform: the sform defines the grid
     nimg = nib.Nifti1Image(img, aff)
@@ -446,5 +433,5 @@ def test_official_checkpoint_path(tmp_path, official_fixture):
                          device="cpu", affine=aff, roi_size=32, model_spacing=3.0)
     off = hm.official_vocabulary()
     assert res.task_names == off.group("kits") == ["kits/kidney", "kits/kidney_tumor"]
-    assert res.labels.shape == shape and res.masks.shape == (2, *shape)
+    assert res.labels.shape == img.shape and res.masks.shape == (2, *img.shape)
     assert res.model_source == str(path)
