@@ -91,10 +91,11 @@ def axcodes(affine: np.ndarray) -> tuple[str, str, str]:
 
 def _nifti_unit_mm(img: Any) -> float:
     """mm per spatial unit of a nibabel image's header (1 for formats without units)."""
-    header = getattr(img, "header", None)
-    if header is None or "xyzt_units" not in getattr(header, "keys", lambda: ())():
+    try:
+        code = int(img.header["xyzt_units"])
+    except (AttributeError, KeyError, ValueError):  # no NIfTI header (e.g. MGH, Analyze)
         return 1.0
-    return _NIFTI_UNIT_MM.get(int(header["xyzt_units"]) & 0x07, 1.0)
+    return _NIFTI_UNIT_MM.get(code & 0x07, 1.0)
 
 
 def _scaled(affine: np.ndarray, mm_per_unit: float) -> np.ndarray:

@@ -120,12 +120,9 @@ def normalize(image: np.ndarray, spec: NormalizationSpec) -> tuple[np.ndarray, l
             out[c] = x
             stats.append({"clip": None, "mean": 0.0, "std": 1.0})
             continue
-        if spec.kind == "ct":
-            sel = x > spec.body_threshold  # on raw HU: a narrow window must not make air body
-            lo, hi = spec.clip
-            x = np.clip(x, lo, hi)
-        elif spec.kind == "window":
-            sel = x != 0
+        if spec.kind in ("ct", "window"):
+            # CT: the body in raw HU (a narrow window must not make air body); else non-zero
+            sel = x > spec.body_threshold if spec.kind == "ct" else x != 0
             lo, hi = spec.clip
             x = np.clip(x, lo, hi)
         else:

@@ -162,8 +162,8 @@ class SegmentationResult:
         The preview, masks and probability maps of an earlier save into ``directory`` (the
         tasks its ``labels.json`` lists) that this call does not rewrite are removed once the
         new files are written, so that the folder describes one segmentation; other files are
-        left alone. The input image is never written over
-        or removed: a clash raises :class:`FileExistsError` before anything is written.
+        left alone. The input image is never written over or removed: a clash raises
+        :class:`FileExistsError` before anything is written.
 
         Returns:
             ``{kind: path}`` of the files written (per-structure files as ``mask:<task>``).

@@ -37,6 +37,11 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
     raise FileNotFoundError(f"{source} is neither a collection YAML nor a preprocessed cache")
 
 
+def triple(values: list[int]) -> tuple[int, int, int]:
+    """A size option given as 1 or 3 ints, as 3."""
+    return tuple(values) if len(values) == 3 else (values[0],) * 3  # type: ignore[return-value]
+
+
 def _names(text: str | None) -> list[str] | None:
     """``"a,b"`` -> ``["a", "b"]``; None stays None."""
     return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
@@ -71,7 +76,7 @@ def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
                 continue
             value = default
         if option == "crop":
-            value = tuple(value) if len(value) == 3 else (value[0],) * 3
+            value = triple(value)
         elif option == "no_augment":
             value = not value
         elif option == "datasets":
@@ -127,7 +132,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if roi is None:
         crop = meta.get("train_config", {}).get("crop_size")
         roi = list(crop) if crop else [96]
-    roi = tuple(roi) if len(roi) == 3 else (roi[0],) * 3
+    roi = triple(roi)
     res = evaluate(model, pc, split=args.split, roi=roi, overlap=args.overlap,
                    tolerance_mm=args.tolerance, device=args.device, progress=not args.quiet,
                    datasets=_names(args.datasets))

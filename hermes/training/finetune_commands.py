@@ -8,26 +8,25 @@ from pathlib import Path
 
 def _finetune(args: argparse.Namespace) -> int:
     import hermes.models as hm
-    from hermes.training.commands import open_cache
+    from hermes.training.commands import open_cache, triple
     from hermes.training.finetune import finetune
 
     # a collection not preprocessed yet is resampled as the base model's training data
-    meta = hm.read_header(args.model)["metadata"]
-    base = meta.get("preprocess") or {}
+    base = hm.read_header(args.model)["metadata"].get("preprocess") or {}
     pc = open_cache(args.collection, args.cache_dir, args.workers, not args.quiet, base)
     rehearsal = None
     if args.rehearsal:
         rehearsal = open_cache(args.rehearsal, None, args.workers, not args.quiet, base)
     variant = "-new-decoder" if args.new_decoder else "-frozen" if args.freeze_shared else ""
     out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode}{variant}-{pc.name}")
-    crop_arg = args.crop or (meta.get("train_config") or {}).get("crop_size") or [96]
-    crop = tuple(crop_arg) if len(crop_arg) == 3 else (crop_arg[0],) * 3
+    # without --crop, finetune() takes the base model's training crop
+    crop = {"crop_size": triple(args.crop)} if args.crop else {}
     res = finetune(
         args.model, pc, out, mode=args.mode, init=args.init, rehearsal=rehearsal,
         rehearsal_fraction=args.rehearsal_fraction, distill=args.distill, resume=args.resume,
         freeze_shared=args.freeze_shared, new_decoder=args.new_decoder,
         prior_lr_scale=args.prior_lr_scale,
-        crop_size=crop, batch_size=args.batch_size, steps=args.steps, optimizer=args.optimizer,
+        **crop, batch_size=args.batch_size, steps=args.steps, optimizer=args.optimizer,
         lr=args.lr, seed=args.seed, workers=args.workers if args.workers is not None else 2,
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
         ema_decay=args.ema, augment=not args.no_augment,
