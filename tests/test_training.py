@@ -272,6 +272,42 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
                  "--resume"]) == 0
 
 
+_CLI_RUNNER = textwrap.dedent("""
+    import importlib, os, sys
+    from hermes.cli import main
+    pre = importlib.import_module("hermes.data.preprocess")  # the module, not the function
+    original = pre.preprocess_case
+
+    def logged(case, *args, **kwargs):  # which rank preprocessed which case
+        with open(sys.argv[2], "a") as f:
+            f.write(f"{os.environ['RANK']} {case.key}\\n")
+        return original(case, *args, **kwargs)
+
+    pre.preprocess_case = logged
+    sys.exit(main(["train", sys.argv[1], "--out", sys.argv[3], "--steps", "1", "--crop", "32",
+                   "--batch-size", "1", "--workers", "0", "--device", "cpu"]))
+""")
+
+
+def test_ddp_cli_preprocesses_a_new_cache_on_rank_zero_only(tmp_path):
+    yaml_path = generate_collection(tmp_path / "src", seed=5, cases_per_dataset=2,
+                                    datasets=("synth_ct",), size=(24, 28))
+    script = tmp_path / "cli_ddp.py"
+    script.write_text(_CLI_RUNNER)
+    log = tmp_path / "preprocessed.txt"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(yaml_path), str(log), str(tmp_path / "run")],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        cwd=tmp_path, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [line.split()[0] for line in log.read_text().splitlines()]
+    assert ranks == ["0", "0"]  # both cases, by rank 0 alone
+    assert out.stdout.count("model written to") == 1
+    assert (tmp_path / "run" / "model.hermes").exists()
+
+
 def test_ddp_gloo_two_processes(cache, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(_RUNNER)

@@ -37,6 +37,45 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
     raise FileNotFoundError(f"{source} is neither a collection YAML nor a preprocessed cache")
 
 
+def open_cache_once(source: str, cache_dir: str | None, workers: int | None, progress: bool,
+                    defaults: dict | None = None, device: str = "auto") -> PreprocessedCollection:
+    """:func:`open_cache` in every process of a ``torchrun`` launch: rank 0 preprocesses what
+    is missing while the other ranks wait (else every rank would preprocess the same cases at
+    once), then they open the finished cache; a single process just opens it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from hermes.training.trainer import init_distributed
+
+    world, rank = init_distributed(device)
+    if world == 1:
+        return open_cache(source, cache_dir, workers, progress, defaults)
+    # a gloo group without the default timeout: preprocessing may take hours
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    failed: list[object] = [None]
+    if rank == 0:
+        try:
+            pc = open_cache(source, cache_dir, workers, progress, defaults)
+        except BaseException as exc:
+            failed[0] = f"{type(exc).__name__}: {exc}"
+            dist.broadcast_object_list(failed, src=0, group=waiting)
+            raise
+        dist.broadcast_object_list(failed, src=0, group=waiting)
+        return pc
+    dist.broadcast_object_list(failed, src=0, group=waiting)
+    if failed[0] is not None:
+        raise RuntimeError(f"rank 0 could not prepare {source}: {failed[0]}")
+    return open_cache(source, cache_dir, workers, False, defaults)
+
+
+def _rank() -> int:
+    """This process's rank in a ``torchrun`` launch (0 without one)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
 def triple(values: list[int]) -> tuple[int, int, int]:
     """A size option given as 1 or 3 ints, as 3."""
     return tuple(values) if len(values) == 3 else (values[0],) * 3  # type: ignore[return-value]
@@ -90,7 +129,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from hermes.training.trainer import TrainConfig, train
 
-    pc = open_cache(args.collection, args.cache_dir, args.workers, not args.quiet)
+    pc = open_cache_once(args.collection, args.cache_dir, args.workers, not args.quiet,
+                         device=args.device)
     out = args.out or str(Path("runs") / f"{pc.name}-{args.preset or 'tiny'}")
     saved = None
     if args.resume and (Path(out) / "config.json").is_file():
@@ -101,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
     )
     path = train(cfg, resume=args.resume)
-    if not args.quiet:
+    if not args.quiet and _rank() == 0:
         print(f"model written to {path}")
     return 0
 

@@ -8,15 +8,17 @@ from pathlib import Path
 
 def _finetune(args: argparse.Namespace) -> int:
     import hermes.models as hm
-    from hermes.training.commands import open_cache, triple
+    from hermes.training.commands import _rank, open_cache_once, triple
     from hermes.training.finetune import finetune
 
     # a collection not preprocessed yet is resampled as the base model's training data
     base = hm.read_header(args.model)["metadata"].get("preprocess") or {}
-    pc = open_cache(args.collection, args.cache_dir, args.workers, not args.quiet, base)
+    pc = open_cache_once(args.collection, args.cache_dir, args.workers, not args.quiet, base,
+                         args.device)
     rehearsal = None
     if args.rehearsal:
-        rehearsal = open_cache(args.rehearsal, None, args.workers, not args.quiet, base)
+        rehearsal = open_cache_once(args.rehearsal, None, args.workers, not args.quiet, base,
+                                    args.device)
     variant = "-new-decoder" if args.new_decoder else "-frozen" if args.freeze_shared else ""
     out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode}{variant}-{pc.name}")
     # without --crop, finetune() takes the base model's training crop
@@ -31,7 +33,7 @@ def _finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
         ema_decay=args.ema, augment=not args.no_augment,
     )
-    if not args.quiet:
+    if not args.quiet and _rank() == 0:
         for name, src in res.plan["tasks"].items():
             print(f"new task {name}: prior initialised from {src or 'random'}")
         for name, src in res.plan["modalities"].items():

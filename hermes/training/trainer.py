@@ -100,6 +100,16 @@ def _dist_info() -> tuple[int, int, int]:
     return world, rank, local
 
 
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the ``torchrun`` process group (NCCL for CUDA training, gloo otherwise) unless
+    joined already or launched as one process; returns (world size, rank)."""
+    world, rank, _ = _dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu"
+                                else "gloo")
+    return world, rank
+
+
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     if cfg.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -150,10 +160,8 @@ class Trainer:
         """
         self.cfg = cfg
         self.extra_loss = extra_loss
-        self.world, self.rank, local = _dist_info()
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-            dist.init_process_group(backend)
+        self.world, self.rank = init_distributed(cfg.device)
+        local = _dist_info()[2]
         self.device = _device(cfg, local)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
