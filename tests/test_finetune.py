@@ -284,6 +284,28 @@ def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup,
         finetune(base, new, tmp_path / "x", mode="full", freeze_shared=True, **TRAIN)
 
 
+def test_cli_finetune_resume_takes_the_runs_own_options(setup, tmp_path, capsys):
+    from hermes.cli import main
+
+    root, _, new, _ = setup
+    common = [str(root / "base.hermes"), str(new.cache_dir), "--out", str(tmp_path / "r"),
+              "--workers", "0", "--device", "cpu"]
+    assert main(["finetune", *common, "--mode", "incremental", "--freeze-shared", "--init",
+                 "random", "--steps", "2", "--crop", "32", "24", "24", "--seed", "3",
+                 "--lr", "1e-3", "--no-augment", "--quiet"]) == 0
+    first = hm.load(tmp_path / "r" / "model.hermes")
+    # --resume alone continues with the run's settings (mode, flags, steps, crop, seed, lr)
+    assert main(["finetune", *common, "--resume", "--quiet"]) == 0
+    again = hm.load(tmp_path / "r" / "model.hermes")
+    meta = again.hermes_metadata["finetune"]
+    assert meta["mode"] == "incremental" and meta["freeze_shared"] is True
+    assert all(_same(a, b) for a, b in zip(first.state_dict().values(),
+                                           again.state_dict().values(), strict=True))
+    # an option given with another value is still refused by name
+    assert main(["finetune", *common, "--resume", "--seed", "4"]) != 0
+    assert "seed=3 (now 4)" in capsys.readouterr().err
+
+
 def test_refusals_grid_resume_base_and_nothing_new(setup, tmp_path):
     root, old, new, base = setup
     # a base trained on another grid than the new cache

@@ -5,6 +5,44 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: ``hermes finetune`` options that define a run: option -> (key in the run's finetune.json or
+#: config.json, default). Left out on ``--resume``, they are the run's.
+_SETTING_OPTIONS: dict[str, tuple[str, object]] = {
+    "mode": ("mode", "full"), "init": ("init", "similar"),
+    "rehearsal_fraction": ("rehearsal_fraction", 0.5), "distill": ("distill_weight", None),
+    "freeze_shared": ("freeze_shared", False), "new_decoder": ("new_decoder", False),
+    "prior_lr_scale": ("prior_lr_scale", 1.0),
+}
+_TRAIN_OPTIONS: dict[str, tuple[str, object]] = {
+    "steps": ("steps", 500), "batch_size": ("batch_size", 2), "crop": ("crop_size", None),
+    "optimizer": ("optimizer", "adamw"), "lr": ("lr", None), "ema": ("ema_decay", 0.99),
+    "seed": ("seed", 0), "no_augment": ("augment", False),
+}
+
+
+def _fill_options(args: argparse.Namespace, out: Path) -> None:
+    """Set the run options left out (None): on ``--resume``, the run's own (from ``out``),
+    else the defaults."""
+    import json
+
+    saved: dict = {}
+    if args.resume:
+        for name in ("config.json", "finetune.json"):
+            if (out / name).is_file():
+                saved.update(json.loads((out / name).read_text()))
+    for option, (key, default) in {**_SETTING_OPTIONS, **_TRAIN_OPTIONS}.items():
+        if getattr(args, option) is not None:
+            continue
+        if key in saved:
+            value = saved[key]
+            if option == "no_augment":
+                value = not value
+            elif option == "crop" and value is not None:
+                value = list(value)
+            setattr(args, option, value)
+        else:
+            setattr(args, option, default)
+
 
 def _finetune(args: argparse.Namespace) -> int:
     import hermes.models as hm
@@ -20,7 +58,9 @@ def _finetune(args: argparse.Namespace) -> int:
         rehearsal = open_cache_once(args.rehearsal, None, args.workers, not args.quiet, base,
                                     args.device)
     variant = "-new-decoder" if args.new_decoder else "-frozen" if args.freeze_shared else ""
-    out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode}{variant}-{pc.name}")
+    out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode or 'full'}"
+                                         f"{variant}-{pc.name}")
+    _fill_options(args, Path(out))
     # without --crop, finetune() takes the base model's training crop
     crop = {"crop_size": triple(args.crop)} if args.crop else {}
     res = finetune(
@@ -63,41 +103,44 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "fine-tune (transfer / incremental learning)")
     f.add_argument("model", help="a trained Hermes checkpoint (.hermes)")
     f.add_argument("collection", help="collection YAML (preprocessed first) or a cache folder")
-    f.add_argument("--mode", default="full", choices=["full", "priors", "incremental", "modality"],
+    f.add_argument("--mode", choices=["full", "priors", "incremental", "modality"],
                    help="full: all weights train; priors: only new priors and heads; "
                         "incremental: old priors frozen, old tasks distilled/rehearsed; "
-                        "modality: only the modality head, trained to detect the modality")
-    f.add_argument("--init", default="similar", choices=["similar", "random"],
-                   help="new prior rows from the most similar old prior, or random")
+                        "modality: only the modality head, trained to detect the modality "
+                        "(default full)")
+    f.add_argument("--init", choices=["similar", "random"],
+                   help="new prior rows from the most similar old prior (default), or random")
     f.add_argument("--rehearsal", help="old collection (YAML or cache) to rehearse on")
-    f.add_argument("--rehearsal-fraction", type=float, default=0.5,
-                   help="fraction of samples drawn from --rehearsal")
+    f.add_argument("--rehearsal-fraction", type=float,
+                   help="fraction of samples drawn from --rehearsal (default 0.5)")
     f.add_argument("--distill", type=float, default=None,
                    help="distillation weight (default 1 in incremental mode, else 0)")
-    f.add_argument("--freeze-shared", action="store_true",
+    f.add_argument("--freeze-shared", action="store_true", default=None,
                    help="incremental: train only the new prior rows (old tasks stay exact)")
-    f.add_argument("--new-decoder", action="store_true",
+    f.add_argument("--new-decoder", action="store_true", default=None,
                    help="incremental: new tasks get their own trainable decoder on the frozen "
                         "encoder (old tasks stay exact)")
-    f.add_argument("--prior-lr-scale", type=float, default=1.0,
-                   help="learning-rate multiplier of the prior tables")
+    f.add_argument("--prior-lr-scale", type=float,
+                   help="learning-rate multiplier of the prior tables (default 1)")
     f.add_argument("--out", help="run folder (default runs/<model>-<mode>[-new-decoder|-frozen]-"
                                  "<collection>)")
     f.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
-    f.add_argument("--steps", type=int, default=500)
-    f.add_argument("--batch-size", type=int, default=2)
-    f.add_argument("--crop", type=int, nargs="+", default=None,
+    f.add_argument("--steps", type=int, help="optimiser steps (default 500)")
+    f.add_argument("--batch-size", type=int, help="default 2")
+    f.add_argument("--crop", type=int, nargs="+",
                    help="crop size (1 or 3 ints; default: the base model's training crop, which "
                         "hermes segment uses as its window)")
-    f.add_argument("--optimizer", default="adamw", choices=["adamw", "lamb"])
-    f.add_argument("--lr", type=float, default=None)
-    f.add_argument("--ema", type=float, default=0.99, help="EMA decay")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--optimizer", choices=["adamw", "lamb"], help="default adamw")
+    f.add_argument("--lr", type=float, help="default 3e-4 (AdamW) / 2e-3 (LAMB)")
+    f.add_argument("--ema", type=float, help="EMA decay (default 0.99)")
+    f.add_argument("--seed", type=int, help="default 0")
     f.add_argument("--workers", type=int, default=None)
     f.add_argument("--checkpoint-every", type=int, default=100)
     f.add_argument("--device", default="auto")
-    f.add_argument("--no-augment", action="store_true")
-    f.add_argument("--resume", action="store_true", help="continue the run in --out")
+    f.add_argument("--no-augment", action="store_true", default=None)
+    f.add_argument("--resume", action="store_true",
+                   help="continue the run in --out with its own settings (options left out "
+                        "are the run's; changed ones are refused)")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(handler=_finetune)
 
