@@ -321,3 +321,12 @@ def test_ddp_gloo_two_processes(cache, tmp_path):
     assert "ddp: parameters in sync across 2 ranks" in out.stdout
     rows = _log(tmp_path / "ddp")
     assert len(rows) == 6 and (tmp_path / "ddp" / "model.hermes").exists()
+
+
+def test_train_config_refuses_crops_the_network_cannot_take():
+    # 16^3 pools to one voxel, where instance norm has nothing to normalise over: refused when
+    # the run is configured, not at its first step
+    for crop in ((16, 16, 16), (8, 64, 64), (32, 32)):
+        with pytest.raises(ValueError, match="crop_size"):
+            TrainConfig(cache_dir="c", out_dir="o", crop_size=crop)
+    assert TrainConfig(cache_dir="c", out_dir="o", crop_size=(16, 16, 32)).crop_size == (16, 16, 32)

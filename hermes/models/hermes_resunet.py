@@ -17,6 +17,16 @@ from hermes.models.vocabulary import Vocabulary
 MIN_SIZE = 16  # four 2x poolings must leave at least one voxel
 
 
+def check_spatial_size(size: tuple[int, ...], what: str = "spatial size") -> None:
+    """Refuse a D x H x W input (or crop/window) size the network cannot take: four 2x poolings
+    must leave at least one voxel per side and two in all (instance norm at the bottleneck)."""
+    bottleneck = [s // MIN_SIZE for s in size]
+    if min(bottleneck) < 1 or bottleneck[0] * bottleneck[1] * bottleneck[2] < 2:
+        raise ValueError(
+            f"{what} {tuple(size)} too small: each side needs >= {MIN_SIZE} and one side >= "
+            f"{2 * MIN_SIZE} (instance norm needs 2+ voxels at the bottleneck)")
+
+
 class HermesOutput:
     """Result of a forward pass; unpacks as ``seg_logits, modality_logits``.
 
@@ -175,12 +185,7 @@ class HermesResUNet(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
-        bottleneck = [s // MIN_SIZE for s in x.shape[2:]]
-        if min(bottleneck) < 1 or bottleneck[0] * bottleneck[1] * bottleneck[2] < 2:
-            raise ValueError(
-                f"spatial size {tuple(x.shape[2:])} too small: each side needs >= {MIN_SIZE} and "
-                f"one side >= {2 * MIN_SIZE} (instance norm needs 2+ voxels at the bottleneck)"
-            )
+        check_spatial_size(tuple(x.shape[2:]))
         if not torch.isfinite(x).all():
             raise ValueError("input contains NaN or infinite values")
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 import hermes.models as hm
 from hermes.data.cache import PreprocessedCollection
 from hermes.files import atomic_write_bytes
+from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.ema import EMA
 from hermes.training.losses import modality_loss, partial_label_loss
 from hermes.training.optim import make_optimizer, warmup_cosine
@@ -83,8 +84,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.crop_size = tuple(int(c) for c in self.crop_size)  # type: ignore[assignment]
-        if len(self.crop_size) != 3 or min(self.crop_size) < 16:
-            raise ValueError("crop_size needs three sizes >= 16")
+        if len(self.crop_size) != 3:
+            raise ValueError(f"crop_size needs three sizes, got {self.crop_size}")
+        check_spatial_size(self.crop_size, "crop_size")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be positive")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
