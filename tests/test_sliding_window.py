@@ -154,19 +154,85 @@ def test_labels_uint16_with_many_tasks():
 
 
 def test_predictor_output_structures():
-    x = _inputs((1, 1, 16, 16, 16))
+    x = _inputs((2, 1, 16, 16, 16))
     conv = ConvPredictor(1, 2)
     ref = monai_swi(x, 8, 2, conv, overlap=0.5)
     for wrap in (
-        lambda t: (t, t * 2),
         lambda t: [t],
-        lambda t: SimpleNamespace(seg_logits=t, other=None),
+        lambda t: SimpleNamespace(seg_logits=t, other=None),  # the Hermes model's output
         lambda t: {"seg_logits": t},
     ):
         ours = sliding_window_inference(x, 8, 2, lambda w, f=wrap: f(conv(w)), overlap=0.5)
         _close(ours, ref)
+    # several outputs come back aggregated each, in the predictor's structure, as in MONAI
+    for wrap in (lambda t: (t, t[:, :1] * 2), lambda t: {"b": t[:, :1] * 2, "a": t}):
+        def predictor(w, f=wrap):
+            return f(conv(w))
+
+        ours = sliding_window_inference(x, 8, 2, predictor, overlap=0.5, mode="gaussian")
+        ref = monai_swi(x, 8, 2, predictor, overlap=0.5, mode="gaussian")
+        assert type(ours) is type(ref)
+        for key in (ref.keys() if isinstance(ref, dict) else range(len(ref))):
+            _close(ours[key], ref[key])
+        masks = sliding_window_inference(x, 8, 2, predictor, overlap=0.5, output="masks",
+                                         tta=True)
+        assert type(masks) is type(ref) and all(
+            masks[key].dtype == torch.bool
+            for key in (ref.keys() if isinstance(ref, dict) else range(len(ref))))
     with pytest.raises(TypeError, match="predictor must return"):
         sliding_window_inference(x, 8, 2, lambda w: "nope")
+
+
+def test_metatensor_dtype_device_and_gradients_as_in_monai():
+    from monai.data import MetaTensor
+
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.0, 1.0], dtype=torch.float64))
+    conv = ConvPredictor(1, 2)
+    x = MetaTensor(_inputs((1, 1, 12, 14, 16)), affine=affine, meta={"filename_or_obj": "a.nii"})
+    ours = sliding_window_inference(x, 8, 2, conv, overlap=0.5, mode="gaussian")
+    ref = monai_swi(x, 8, 2, conv, overlap=0.5, mode="gaussian")
+    assert isinstance(ours, MetaTensor) and torch.equal(ours.affine, ref.affine)
+    assert ours.meta["filename_or_obj"] == "a.nii"
+    _close(ours.as_tensor(), ref.as_tensor())
+    # float64 in, float64 out (accumulated in float32); "cpu:0" is the CPU
+    x64 = _inputs((1, 1, 12, 14, 16)).double()
+    ours = sliding_window_inference(x64, 8, 2, lambda w: w * 2, overlap=0.5, device="cpu:0",
+                                    sw_device=torch.device("cpu", 0))
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, x64 * 2, rtol=1e-6, atol=1e-6)  # float32 sums
+    # predictor outputs that require grad: the result does too, with MONAI's gradients
+    lin = torch.nn.Conv3d(1, 2, 3, padding=1)
+    xg = _inputs((1, 1, 12, 14, 16))
+    for output in ("logits", "probs"):
+        ours = sliding_window_inference(xg, 8, 2, lin, overlap=0.5, mode="gaussian",
+                                        output=output, output_dtype=torch.float32)
+        ref = monai_swi(xg, 8, 2, lin, overlap=0.5, mode="gaussian")
+        ref = torch.sigmoid(ref) if output == "probs" else ref
+        _close(ours.detach(), ref.detach())
+        g_ours = torch.autograd.grad(ours.square().sum(), lin.weight)[0]
+        g_ref = torch.autograd.grad(ref.square().sum(), lin.weight)[0]
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert not sliding_window_inference(xg, 8, 2, lin, overlap=0.5).requires_grad
+
+
+def test_reduction_arguments_are_checked_before_the_predictor_runs():
+    calls = []
+
+    def predictor(w):
+        calls.append(1)
+        return w
+
+    x = _inputs((1, 1, 12, 12, 12))
+    for kwargs in ({"output": "masks", "threshold": 1.5},
+                   {"output": "probs", "output_dtype": torch.int8},
+                   {"output": "labels", "output_dtype": torch.float16}):
+        with pytest.raises(ValueError):
+            sliding_window_inference(x, 8, 1, predictor, **kwargs)
+    assert not calls
+    # sigma_scale is not looked at in constant mode, as in MONAI
+    out = sliding_window_inference(x, 8, 1, predictor, sigma_scale=(0.1, 0.2))
+    torch.testing.assert_close(out, x)
 
 
 def test_predictor_args_and_with_coord():
@@ -460,6 +526,22 @@ def test_aggregator_errors():
     for kw in (dict(output="probs", output_dtype=torch.float32), {}):  # in place and not
         with pytest.raises(ValueError, match=r"shape \(2, 10, 6, 8\)"):
             PatchAggregator((10, 6, 8), 2, 4, out=torch.zeros(2, 8, 6, 10), **kw)
+    with pytest.raises(ValueError, match="integer voxel coordinates"):
+        PatchAggregator((10, 10, 10), 2, 4).add_batch(torch.zeros(1, 2, 4, 4, 4),
+                                                       torch.tensor([[1.9, 0.0, 0.0]]))
+
+
+def test_aggregator_takes_numpy_sizes_and_reports_its_output_shape():
+    import numpy as np
+
+    for shape, roi in (((9, 7), (4, 4)), ((9, 7, 6), (4, 4, 4))):
+        aggr = PatchAggregator(shape, np.int64(2), tuple(np.array(roi)),
+                               sigma_scale=np.float32(0.2), device="cpu:0")
+        for start in itertools.product(*[(0, s - r) for s, r in zip(shape, roi, strict=True)]):
+            aggr.add_batch(torch.ones(1, 2, *roi), torch.tensor([start], dtype=torch.float64))
+        expected = aggr.output_shape
+        out = aggr.finalize()
+        assert tuple(out.shape) == expected == (2, *shape)
 
 
 @pytest.mark.cuda

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -18,13 +19,20 @@ __all__ = ["OUTPUT_KINDS", "PatchAggregator", "best_stream_axis", "resolve_devic
 OUTPUT_KINDS = ("logits", "probs", "masks", "labels")
 
 
+def _is_int(value: object) -> bool:
+    """An integer (Python, NumPy or a 0-d integer tensor), not a bool."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _spatial_tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        value = (value,) * ndim
-    out = tuple(value)
-    if len(out) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+    if _is_int(value):
+        value = (value,) * ndim  # type: ignore[assignment]
+    out = tuple(value)  # type: ignore[arg-type]
+    if len(out) != ndim or not all(_is_int(v) for v in out):
         raise ValueError(f"{name} must be an int or {ndim} ints, got {value!r}")
-    return out
+    return tuple(int(v) for v in out)
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
@@ -36,6 +44,8 @@ def resolve_device(device: torch.device | str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type == "cpu":
+        dev = torch.device("cpu")  # "cpu:0": CPU tensors report plain "cpu"
     return dev
 
 
@@ -115,8 +125,9 @@ class PatchAggregator:
                 f"spatial_shape must be 2 or 3 positive sizes ((H, W) or (D, H, W)), got {shape}"
             )
         self.spatial_ndim = len(shape)
-        if not isinstance(channels, int) or channels < 1:
+        if not _is_int(channels) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels = int(channels)
         roi = _spatial_tuple(roi_size, self.spatial_ndim, "roi_size")
         for r, s in zip(roi, shape, strict=True):
             if r < 1 or r > s:
@@ -150,7 +161,9 @@ class PatchAggregator:
                 raise ValueError(f"crop must be one (lo, hi) per axis inside {shape}, got {crop}")
             crop3 = crop if len(crop) == 3 else ((0, 1), *crop)
         self._crop3: tuple[tuple[int, int], ...] = tuple(crop3)
-        if isinstance(sigma_scale, (int, float)):
+        if isinstance(sigma_scale, numbers.Real) or (
+            isinstance(sigma_scale, torch.Tensor) and sigma_scale.dim() == 0
+        ):
             sig3 = (float(sigma_scale),) * 3
         else:
             sig3 = tuple(float(v) for v in sigma_scale)
@@ -180,7 +193,7 @@ class PatchAggregator:
                 self._kind = ops.OUTPUT_LABEL_U8 if channels < 256 else ops.OUTPUT_LABEL_U16
                 out_channels = 1
         self.output_dtype = ops._OUTPUT_DTYPES[self._kind]
-        crop_shape = tuple(hi - lo for lo, hi in self._crop3)
+        crop_shape = tuple(hi - lo for lo, hi in self._crop3)[3 - self.spatial_ndim :]
         self.output_shape: tuple[int, ...] = (out_channels, *crop_shape)
 
         D, H, W = self._shape3
@@ -277,7 +290,12 @@ class PatchAggregator:
             )
         if not patches.is_floating_point():
             raise TypeError(f"patches must be floating point, got {patches.dtype}")
-        loc = torch.as_tensor(locations, dtype=torch.int64, device="cpu")
+        loc = torch.as_tensor(locations, device="cpu")
+        if loc.dtype == torch.bool or loc.is_complex() or (
+            loc.is_floating_point() and not bool((loc == loc.round()).all())
+        ):
+            raise ValueError(f"locations must be integer voxel coordinates, got {locations}")
+        loc = loc.to(torch.int64)
         B = int(patches.shape[0])
         if loc.dim() != 2 or loc.shape[0] != B or loc.shape[1] not in (nd, 2 * nd):
             raise ValueError(

@@ -24,6 +24,7 @@ from hermes.inference.aggregator import (
     best_stream_axis,
     resolve_device,
 )
+from hermes.ops import aggregate as agg_ops
 
 __all__ = ["sliding_window_inference", "window_starts", "extract_logits"]
 
@@ -85,6 +86,37 @@ def extract_logits(output: Any) -> torch.Tensor:
     )
 
 
+def _flatten_outputs(output: Any) -> tuple[list[Any] | None, list[torch.Tensor]]:
+    """A predictor's output as (dict keys or None, tensors), as MONAI flattens it: a tensor, an
+    object with ``seg_logits`` or a mapping with key ``"seg_logits"`` (the Hermes model's logits)
+    are one output; any other mapping is one output per key (sorted) and a tuple/list of
+    tensors one per element."""
+    if isinstance(output, torch.Tensor) or hasattr(output, "seg_logits"):
+        return None, [extract_logits(output)]
+    if isinstance(output, Mapping):
+        if "seg_logits" in output:
+            return None, [extract_logits(output)]
+        keys = sorted(output)
+        if keys and all(isinstance(output[k], torch.Tensor) for k in keys):
+            return keys, [extract_logits(output[k]) for k in keys]
+    elif (
+        isinstance(output, (tuple, list)) and output
+        and all(isinstance(t, torch.Tensor) for t in output)
+    ):  # fmt: skip
+        return None, [extract_logits(t) for t in output]
+    raise TypeError(
+        "predictor must return a tensor, a tuple/list or mapping of tensors, or an object with "
+        f".seg_logits; got {type(output).__name__}"
+    )
+
+
+def _pack_outputs(keys: list[Any] | None, tensors: list[torch.Tensor]) -> Any:
+    """The inverse of :func:`_flatten_outputs` (one output: the tensor itself, as in MONAI)."""
+    if keys is not None:
+        return dict(zip(keys, tensors, strict=True))
+    return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
 def _scalar(value: Any) -> Any:
     """Torch scalars (0-d tensors) as Python numbers; NumPy scalars are kept, so that window
     steps are computed in their precision, as MONAI does."""
@@ -112,30 +144,30 @@ def _per_axis(value: Any, ndim: int, name: str) -> tuple:
     return seq
 
 
-def _mirror_predictor(
-    predictor: Callable[..., Any], axes: Sequence[int]
-) -> Callable[..., torch.Tensor]:
-    """Averages the predictor's logits over all mirrorings along ``axes`` (tensor dims); a
-    ``condition`` keyword tensor (windowed like the image) is mirrored with the windows."""
+def _mirror_predictor(predictor: Callable[..., Any], axes: Sequence[int]) -> Callable[..., Any]:
+    """Averages each of the predictor's outputs over all mirrorings along ``axes`` (tensor
+    dims); a ``condition`` keyword tensor (windowed like the image) is mirrored with the
+    windows."""
     combos = [c for k in range(len(axes) + 1) for c in itertools.combinations(axes, k)]
 
-    def predict(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        total: torch.Tensor | None = None
+    def predict(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        totals: list[torch.Tensor] = []
+        keys = None
         condition = kwargs.get("condition")
         for dims in combos:
             xi = torch.flip(x, dims) if dims else x
             if dims and isinstance(condition, torch.Tensor):
                 kwargs["condition"] = torch.flip(condition, dims)
-            yi = extract_logits(predictor(xi, *args, **kwargs)).detach()
-            yi = torch.flip(yi, dims) if dims else yi
-            if total is None:
-                # a copy: the predictor's output may be its input, a reused buffer or an
-                # inference tensor, none of which may be summed into in place
-                total = yi.to(torch.float32, copy=True)
-            else:
-                total.add_(yi)
-        assert total is not None
-        return total.div_(len(combos))
+            keys, outs = _flatten_outputs(predictor(xi, *args, **kwargs))
+            for k, yi in enumerate(outs):
+                yi = torch.flip(yi.detach(), dims) if dims else yi.detach()
+                if k == len(totals):
+                    # a copy: the predictor's output may be its input, a reused buffer or an
+                    # inference tensor, none of which may be summed into in place
+                    totals.append(yi.to(torch.float32, copy=True))
+                else:
+                    totals[k].add_(yi)
+        return _pack_outputs(keys, [t.div_(len(combos)) for t in totals])
 
     return predict
 
@@ -167,11 +199,15 @@ def sliding_window_inference(
     tta: bool | Sequence[int] = False,
     reuse_buffers: bool = True,
     **kwargs: Any,
-) -> torch.Tensor:
+) -> Any:
     """Sliding-window inference of ``predictor`` over ``inputs``, aggregated natively.
 
     Arguments up to ``with_coord`` are MONAI's (same meaning, order and defaults); the default
-    result equals ``monai.inferers.sliding_window_inference`` (averaged logits, float32).
+    result equals ``monai.inferers.sliding_window_inference``: averaged logits (accumulated in
+    float32) in the predictor's output structure, of the inputs' floating dtype, a MetaTensor
+    with the inputs' metadata for a MetaTensor input, and differentiable when the predictor's
+    outputs require gradients (then accumulated with autograd, as MONAI does: slower, the
+    whole volume, ``streaming`` ignored; masks and labels are never differentiable).
 
     Args:
         inputs: ``N x C_in x D x H x W`` (or ``N x C_in x H x W``) image batch.
@@ -181,8 +217,9 @@ def sliding_window_inference(
         sw_batch_size: windows per predictor call (>= 1); windows of consecutive images of the
             batch may share a call, as in MONAI.
         predictor: called as ``predictor(windows, *args, **kwargs)`` with ``b x C_in x roi``
-            windows on ``sw_device``; returns ``b x C x roi`` logits as a tensor, a tuple/list
-            (first element), or an object with ``.seg_logits``.
+            windows on ``sw_device``; returns ``b x C x roi`` logits as a tensor, an object
+            with ``.seg_logits`` (the Hermes model), or several as a tuple/list or mapping of
+            tensors (each aggregated; returned in the same structure).
         overlap: window overlap fraction in [0, 1), one value or one per axis.
         mode: ``"constant"`` (uniform) or ``"gaussian"`` blending.
         sigma_scale: Gaussian sigma as a fraction of the window size.
@@ -198,10 +235,11 @@ def sliding_window_inference(
             spatial``) is padded and windowed like the inputs, as in MONAI. The keywords below
             are ours and never reach the predictor (bind such arguments with
             ``functools.partial``).
-        output: ``"logits"`` (default; averaged logits), ``"probs"`` (sigmoid, float16 unless
-            ``output_dtype``), ``"masks"`` (bool per task, probability >= ``threshold``) or
-            ``"labels"`` (``N x 1 x ...`` uint8, uint16 for >= 256 tasks: 1 + argmax over tasks
-            where the top probability is >= ``threshold``, else 0).
+        output: ``"logits"`` (default; averaged logits, float32 for integer inputs),
+            ``"probs"`` (sigmoid, float16 unless ``output_dtype``), ``"masks"`` (bool per
+            task, probability >= ``threshold``) or ``"labels"`` (``N x 1 x ...`` uint8, uint16
+            for >= 256 tasks: 1 + argmax over tasks where the top probability is
+            >= ``threshold``, else 0).
         threshold: probability threshold of masks/labels, in (0, 1).
         output_dtype: float32 or float16 for logits/probs.
         streaming: visit windows slab by slab along ``stream_axis`` and finalise each slab
@@ -220,12 +258,17 @@ def sliding_window_inference(
             (``hermes.inference.clear_workspace()`` frees them).
 
     Returns:
-        ``N x C x spatial`` (``N x 1 x spatial`` for labels) on ``device``.
+        ``N x C x spatial`` (``N x 1 x spatial`` for labels) on ``device``; a tuple or dict of
+        them for predictors with several outputs.
     """
     # ---- validation -----------------------------------------------------------------------
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    if hasattr(inputs, "as_tensor"):  # MONAI MetaTensor
+    meta_source = None
+    if hasattr(inputs, "as_tensor"):  # MONAI MetaTensor: the result gets its metadata
+        from monai.data import MetaTensor
+
+        meta_source = MetaTensor([]).copy_meta_from(inputs, copy_attr=False)
         inputs = inputs.as_tensor()
     if inputs.dim() not in (4, 5):
         raise ValueError(
@@ -260,12 +303,20 @@ def sliding_window_inference(
     pad_s = _as_str(padding_mode)
     if pad_s not in _PAD_MODES:
         raise ValueError(f"padding_mode must be one of {_PAD_MODES}, got {padding_mode!r}")
-    sigmas = _per_axis(sigma_scale, nd, "sigma_scale")
-    if mode_s == "gaussian" and not all(
-        isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sigmas
-    ):  # unused in constant mode (MONAI ignores it there too)
-        raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
-    sigma_arg = tuple(float(s) for s in sigmas) if mode_s == "gaussian" else 1.0
+    sigma_arg: float | tuple[float, ...] = 1.0  # unused in constant mode (MONAI ignores it)
+    if mode_s == "gaussian":
+        sigmas = _per_axis(sigma_scale, nd, "sigma_scale")
+        if not all(isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in sigmas):
+            raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
+        sigma_arg = tuple(float(s) for s in sigmas)
+    # the reduction's arguments, checked before the first predictor call
+    if output in ("logits", "probs"):
+        if output_dtype not in (None, torch.float32, torch.float16):
+            raise ValueError(f"output_dtype must be float32 or float16, got {output_dtype}")
+    elif output_dtype is not None:
+        raise ValueError(f"output_dtype applies to logits/probs, not {output!r}")
+    else:
+        agg_ops.logit_threshold(threshold)
     if stream_axis != "auto":
         if not _is_int(stream_axis) or not 0 <= stream_axis < nd:
             raise ValueError(
@@ -347,9 +398,11 @@ def sliding_window_inference(
     total = num_win * N
     run = _mirror_predictor(predictor, [a + 2 for a in tta_axes]) if tta_axes else predictor
 
-    aggregators: dict[int, PatchAggregator] = {}
-    results: torch.Tensor | None = None
-    channels: int | None = None
+    aggregators: dict[tuple[int, int], PatchAggregator | _AutogradAggregator] = {}
+    results: list[Any] = []  # per output: the batch tensor, or per image (autograd)
+    channels: list[int] = []
+    keys: list[Any] | None = None
+    differentiable = False
     batches = range(0, total, sw_batch_size)
     if progress:
         from tqdm import tqdm
@@ -373,26 +426,35 @@ def sliding_window_inference(
             raw = run(windows, [list(s) for s in slices], *args, **kwargs)
         else:
             raw = run(windows, *args, **kwargs)
-        logits = extract_logits(raw)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != nd + 2:
+        batch_keys, outs = _flatten_outputs(raw)
+        for logits in outs:
+            if logits.dim() != nd + 2:
+                raise ValueError(
+                    f"predictor output must be b x C x roi ({nd + 2}-D), got {tuple(logits.shape)}"
+                )
+            if logits.shape[0] != len(idx) or tuple(logits.shape[2:]) != tuple(roi):
+                raise ValueError(
+                    f"predictor output must have shape ({len(idx)}, C, "
+                    f"{', '.join(map(str, roi))}) for a batch of {len(idx)} windows, got "
+                    f"{tuple(logits.shape)} (outputs at another resolution than the window are "
+                    "not supported)"
+                )
+        if not channels:
+            keys = batch_keys
+            channels = [int(t.shape[1]) for t in outs]
+            # MONAI keeps gradients: with them, a differentiable (slower) accumulation
+            differentiable = (
+                torch.is_grad_enabled() and output in ("logits", "probs")
+                and any(t.requires_grad for t in outs)
+            )  # fmt: skip
+            for c in channels:
+                results.append([None] * N if differentiable else _allocate_results(
+                    N, c, image_size, crop, output, output_dtype, streaming, device))
+        elif batch_keys != keys or [int(t.shape[1]) for t in outs] != channels:
             raise ValueError(
-                f"predictor output must be b x C x roi ({nd + 2}-D), got "
-                f"{getattr(logits, 'shape', type(logits))}"
+                f"predictor returned {len(outs)} output(s) with {[t.shape[1] for t in outs]} "
+                f"channels, earlier {len(channels)} with {channels}"
             )
-        if logits.shape[0] != len(idx) or tuple(logits.shape[2:]) != tuple(roi):
-            raise ValueError(
-                f"predictor output must have shape ({len(idx)}, C, {', '.join(map(str, roi))}) "
-                f"for a batch of {len(idx)} windows, got {tuple(logits.shape)} (outputs at "
-                "another resolution than the window are not supported)"
-            )
-        if channels is None:
-            channels = int(logits.shape[1])
-            results = _allocate_results(
-                N, channels, image_size, crop, output, output_dtype, streaming, device
-            )
-        elif logits.shape[1] != channels:
-            raise ValueError(f"predictor returned {logits.shape[1]} channels, earlier {channels}")
-        assert results is not None
         # windows of image n form one run of consecutive indices
         j = 0
         while j < len(idx):
@@ -400,28 +462,86 @@ def sliding_window_inference(
             k = j
             while k < len(idx) and idx[k] // num_win == n:
                 k += 1
-            agg = aggregators.get(n)
-            if agg is None:
-                agg = PatchAggregator(
-                    image_size, channels, tuple(roi), mode=mode_s, sigma_scale=sigma_arg,
-                    output=output, threshold=threshold, output_dtype=output_dtype,
-                    streaming=streaming, stream_axis=axis, device=device, crop=crop,
-                    out=results[n], reuse_buffers=reuse_buffers,
-                )  # fmt: skip
-                aggregators[n] = agg
             locs = torch.tensor([starts[i % num_win] for i in idx[j:k]], dtype=torch.int64)
-            agg.add_batch(logits[j:k], locs)
-            if idx[k - 1] % num_win == num_win - 1:  # last window of image n
-                agg.finalize()
-                del aggregators[n]
+            last = idx[k - 1] % num_win == num_win - 1  # last window of image n
+            for o, logits in enumerate(outs):
+                agg = aggregators.get((n, o))
+                if agg is None:
+                    if differentiable:
+                        agg = _AutogradAggregator(image_size, tuple(roi), mode_s, sigma_arg,
+                                                  device)
+                    else:
+                        agg = PatchAggregator(
+                            image_size, channels[o], tuple(roi), mode=mode_s,
+                            sigma_scale=sigma_arg, output=output, threshold=threshold,
+                            output_dtype=output_dtype, streaming=streaming, stream_axis=axis,
+                            device=device, crop=crop, out=results[o][n],
+                            reuse_buffers=reuse_buffers,
+                        )  # fmt: skip
+                    aggregators[(n, o)] = agg
+                agg.add_batch(logits[j:k], locs)
+                if last:
+                    if differentiable:
+                        results[o][n] = agg.finalize(crop, output, output_dtype)
+                    else:
+                        agg.finalize()
+                    del aggregators[(n, o)]
             j = k
         # drop this batch before the next predictor call: only one batch of predictions alive
-        del raw, logits, windows
-    assert results is not None
-    if output == "logits" and (output_dtype in (None, torch.float32)) and not streaming:
-        # the accumulators were the results (full padded size): crop like MONAI (a view)
-        results = results[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in crop))]
-    return results
+        del raw, outs, windows
+    final = []
+    for res in results:
+        if differentiable:
+            res = torch.stack(res)
+        elif output == "logits" and output_dtype in (None, torch.float32) and not streaming:
+            # the accumulators were the results (full padded size): crop like MONAI (a view)
+            res = res[(slice(None), slice(None), *(slice(lo, hi) for lo, hi in crop))]
+        if output == "logits" and output_dtype is None and inputs.dtype.is_floating_point:
+            res = res.to(inputs.dtype)  # MONAI returns the inputs' dtype (float32 here)
+        if meta_source is not None:
+            from monai.utils import convert_to_dst_type
+
+            res = convert_to_dst_type(res, meta_source, dtype=res.dtype, device=res.device)[0]
+        final.append(res)
+    return _pack_outputs(keys, final)
+
+
+class _AutogradAggregator:
+    """Weighted accumulation of one image's patches with autograd (as MONAI: slice additions),
+    for predictor outputs that require gradients; float32, the whole (padded) volume."""
+
+    def __init__(self, image_size: Sequence[int], roi: tuple[int, ...], mode: str,
+                 sigma: float | tuple[float, ...], device: torch.device) -> None:
+        nd = len(roi)
+        sig3 = (1.0, *sigma) if isinstance(sigma, tuple) and nd == 2 else sigma
+        if not isinstance(sig3, tuple):
+            sig3 = (float(sig3),) * 3
+        roi3 = roi if nd == 3 else (1, *roi)
+        weight = agg_ops.weight_map(agg_ops.window_tables(roi3, mode, sig3, device=device))
+        self._weight = weight if nd == 3 else weight[0]
+        self._roi = roi
+        self._acc: torch.Tensor | None = None
+        self._wsum = torch.zeros(tuple(image_size), dtype=torch.float32, device=device)
+
+    def add_batch(self, patches: torch.Tensor, locations: torch.Tensor) -> None:
+        device = self._wsum.device
+        for patch, start in zip(patches, locations.tolist(), strict=True):
+            box = tuple(slice(a, a + r) for a, r in zip(start, self._roi, strict=True))
+            if self._acc is None:
+                self._acc = torch.zeros((patch.shape[0], *self._wsum.shape),
+                                        dtype=torch.float32, device=device)
+            self._acc[(slice(None), *box)] += patch.to(device, torch.float32) * self._weight
+            self._wsum[box] += self._weight
+
+    def finalize(self, crop: Sequence[tuple[int, int]], output: str,
+                 output_dtype: torch.dtype | None) -> torch.Tensor:
+        assert self._acc is not None
+        res = (self._acc / self._wsum)[(slice(None), *(slice(lo, hi) for lo, hi in crop))]
+        if output == "probs":
+            res = torch.sigmoid(res).to(output_dtype or torch.float16)
+        elif output_dtype is not None:
+            res = res.to(output_dtype)
+        return res
 
 
 def _allocate_results(
