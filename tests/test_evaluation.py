@@ -79,6 +79,11 @@ def test_empty_prediction_scores_zero(cache):
     res = evaluate(None, cache, split="val", progress=False,
                    predict=lambda c: np.zeros((len(c.info.tasks), *c.shape), bool))
     assert all(r["dice"] == (1.0 if r["gt_voxels"] == 0 else 0.0) for r in res.rows)
+    # missed structures have no HD95: the summary and table say how many cases its mean covers
+    for s in res.summary():
+        rows = [r for r in res.rows if (r["dataset"], r["task"]) == (s["dataset"], s["task"])]
+        assert s["hd95_cases"] == sum(r["gt_voxels"] == 0 for r in rows) < s["cases"]
+    assert "n HD95" in res.table().splitlines()[0]
 
 
 def test_datasets_filter_evaluates_only_those_datasets(cache):

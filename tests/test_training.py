@@ -174,11 +174,23 @@ def _log(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_training_runs_and_exports_model(cache, tmp_path):
-    path = train(_small_cfg(cache, tmp_path / "run", steps=3))
+def test_training_runs_and_exports_model(cache, tmp_path, monkeypatch):
+    from hermes.training.trainer import Trainer
+
+    used = []  # the learning rate each step's optimiser update applies
+    original = Trainer.train_step
+
+    def recording(self, batch):
+        used.append(self.optimizer.param_groups[0]["lr"])
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    path = train(_small_cfg(cache, tmp_path / "run", steps=3, warmup_steps=2))
     rows = _log(tmp_path / "run")
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert [float(r["lr"]) for r in rows] == pytest.approx(used, rel=1e-5)
+    assert used[0] < used[1]  # the first warm-up step is logged as used
     model = hm.load(path)
     pc = hd.PreprocessedCollection(cache)
     assert model.vocab.tasks == pc.tasks and model.vocab.modalities == pc.modalities
@@ -330,3 +342,14 @@ def test_train_config_refuses_crops_the_network_cannot_take():
         with pytest.raises(ValueError, match="crop_size"):
             TrainConfig(cache_dir="c", out_dir="o", crop_size=crop)
     assert TrainConfig(cache_dir="c", out_dir="o", crop_size=(16, 16, 32)).crop_size == (16, 16, 32)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainConfig(cache_dir="c", out_dir="o", checkpoint_every=0)
+
+
+def test_size_options_take_one_or_three_values():
+    from hermes.training.commands import triple
+
+    assert triple([32]) == (32, 32, 32) and triple([16, 32, 48]) == (16, 32, 48)
+    for values in ([32, 64], [1, 2, 3, 4]):
+        with pytest.raises(ValueError, match="1 or 3 values"):
+            triple(values)

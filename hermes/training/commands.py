@@ -78,6 +78,8 @@ def _rank() -> int:
 
 def triple(values: list[int]) -> tuple[int, int, int]:
     """A size option given as 1 or 3 ints, as 3."""
+    if len(values) not in (1, 3):
+        raise ValueError(f"a size takes 1 or 3 values, got {len(values)}: {values}")
     return tuple(values) if len(values) == 3 else (values[0],) * 3  # type: ignore[return-value]
 
 

@@ -84,7 +84,9 @@ class EvaluationResult:
     rows: list[dict]
 
     def summary(self) -> list[dict]:
-        """Mean Dice/NSD/HD95 per (dataset, task) over cases (HD95 over finite values)."""
+        """Mean Dice/NSD/HD95 per (dataset, task) over cases. HD95 is undefined where exactly
+        one mask is empty (a missed structure or a false positive; its Dice and NSD are 0):
+        its mean is over the ``hd95_cases`` cases where it is defined."""
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for r in self.rows:
             groups[(r["dataset"], r["task"])].append(r)
@@ -95,15 +97,19 @@ class EvaluationResult:
                 "dataset": ds, "task": task, "cases": len(rows),
                 "dice": float(np.mean([r["dice"] for r in rows])),
                 "nsd": float(np.mean([r["nsd"] for r in rows])),
-                "hd95": float(np.mean(hd)) if hd else math.nan,
+                "hd95": float(np.mean(hd)) if hd else math.nan, "hd95_cases": len(hd),
             })
         return out
 
     def table(self) -> str:
-        lines = [f"{'dataset':<16} {'task':<28} {'n':>3} {'Dice':>7} {'NSD':>7} {'HD95':>8}"]
+        """The summary as text; ``n HD95``: the cases in the HD95 mean (the others missed the
+        structure or found one the label does not have)."""
+        lines = [f"{'dataset':<16} {'task':<28} {'n':>3} {'Dice':>7} {'NSD':>7} {'HD95':>8} "
+                 f"{'n HD95':>6}"]
         for s in self.summary():
             lines.append(f"{s['dataset']:<16} {s['task']:<28} {s['cases']:>3} "
-                         f"{s['dice']:7.4f} {s['nsd']:7.4f} {s['hd95']:8.2f}")
+                         f"{s['dice']:7.4f} {s['nsd']:7.4f} {s['hd95']:8.2f} "
+                         f"{s['hd95_cases']:>6}")
         return "\n".join(lines)
 
     def write_csv(self, path: str | Path) -> None:

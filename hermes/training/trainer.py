@@ -91,6 +91,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be positive")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError("amp must be auto, bf16, fp16 or off")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
         if not 0.0 <= self.modality_shuffle <= 1.0:
             raise ValueError(f"modality_shuffle must lie in [0, 1], got {self.modality_shuffle}")
 
@@ -373,10 +375,11 @@ class Trainer:
             for batch in self._loader():
                 data_s = time.perf_counter() - t_data
                 t0 = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
                 losses = self.train_step(batch)
                 self.step += 1
                 row = {"step": self.step, **{k: f"{v:.6g}" for k, v in losses.items()},
-                       "lr": f"{self.scheduler.get_last_lr()[0]:.6g}",
+                       "lr": f"{lr:.6g}",
                        "seconds": f"{time.perf_counter() - t0:.4f}",
                        "data_seconds": f"{data_s:.4f}"}
                 if main:
