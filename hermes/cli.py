@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hermes", description="Universal 3D medical image segmentation with context priors."
     )
+    from hermes import __version__
+
+    parser.add_argument("--version", action="version", version=f"hermes {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="what this installation can run (extension, OpenMP, CUDA)")
     info.add_argument("--json", action="store_true", help="machine-readable output")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -38,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     info = capabilities()
-    if "--json" in argv:
-        print(json.dumps(info, indent=2))
-    else:
-        print(format_capabilities(info))
+    try:
+        print(json.dumps(info, indent=2) if "--json" in argv else format_capabilities(info))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `python -m hermes.info | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

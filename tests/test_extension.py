@@ -53,6 +53,20 @@ def test_info_module_prints_report(tmp_path):
     assert cli == out
 
 
+def test_version_flag_and_a_missing_extension_is_announced(tmp_path, capsys):
+    from hermes.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hermes {hermes.__version__}"
+    # an extension that does not load is said once at import (the fallbacks are much slower)
+    code = "import sys; sys.modules['hermes._C'] = None; import hermes.ops"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stderr
+    assert "pure-PyTorch paths run" in err
+
+
 class _FakeExtension:
     """An extension compiled with CUDA whose runtime sees no device (driver too old)."""
 

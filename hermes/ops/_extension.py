@@ -24,6 +24,11 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
             "extension: the slower pure-PyTorch paths run. Run from another folder (the "
             "installed package has the extension) or install in place (`pip install -e .`).",
             stacklevel=2)
+    else:
+        warnings.warn(
+            f"hermes' native extension hermes._C did not load ({_LOAD_ERROR}): the slower "
+            "pure-PyTorch paths run. Reinstall hermes (`pip install --force-reinstall "
+            "--no-deps hermes-seg`, or `pip install .` in its source folder).", stacklevel=2)
 
 
 def extension():
