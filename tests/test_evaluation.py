@@ -111,3 +111,16 @@ def test_evaluate_command_refuses_a_cache_on_another_grid(cache, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 1 and "spacing [4.0, 4.0, 4.0]" in err and "--spacing 4 4 4" in err
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_tasks_the_model_lacks_are_refused_before_inference(cache, monkeypatch):
+    import hermes.models as hm
+    import hermes.training.evaluate as ev
+
+    known = [t for t in cache.tasks if not t.endswith("liver")]
+    net = hm.build("tiny", tasks=known, modalities=cache.modalities)
+    ran = []
+    monkeypatch.setattr(ev, "predict_case", lambda *a, **k: ran.append(1))
+    with pytest.raises(KeyError, match="unknown task .*liver"):
+        evaluate(net, cache, split="val", progress=False)
+    assert not ran

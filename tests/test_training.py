@@ -353,3 +353,9 @@ def test_size_options_take_one_or_three_values():
     for values in ([32, 64], [1, 2, 3, 4]):
         with pytest.raises(ValueError, match="1 or 3 values"):
             triple(values)
+
+
+def test_unknown_dataset_is_refused_before_the_run_folder_is_written(cache, tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset"):
+        train(_small_cfg(cache, tmp_path / "run", datasets=["nope"]))
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -148,6 +148,10 @@ def evaluate(
     roi = tuple(roi or (96, 96, 96))  # type: ignore[assignment]
     if predict is None:
         model = model.to(device).eval()
+        for case in cases:  # every task and modality known, before any inference runs
+            for task in case.info.tasks:
+                model.vocab.task_index(task)
+            model.vocab.modality_index(case.modality)
     rows = []
     iterator = cases
     if progress:

@@ -360,6 +360,7 @@ class Trainer:
     def run(self) -> Path:
         cfg = self.cfg
         main = self.rank == 0
+        loader = self._loader()  # checks the dataset names before the run folder is written
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -372,7 +373,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
         try:
             t_data = time.perf_counter()
-            for batch in self._loader():
+            for batch in loader:
                 data_s = time.perf_counter() - t_data
                 t0 = time.perf_counter()
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
