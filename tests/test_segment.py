@@ -180,7 +180,8 @@ def test_tasks_of_modality_and_groups():
     assert resolve_tasks(vocab, None, "T1") == ["left_blob", "right_blob"]
     assert resolve_tasks(vocab, None, "CT") == ["liver"]
     assert resolve_tasks(vocab, "right_blob, left_blob", "T1") == ["right_blob", "left_blob"]
-    assert resolve_tasks(vocab, ["blobs", "liver"], "CT") == [*BLOBS, "liver"]
+    with pytest.warns(UserWarning, match="other modalities than CT"):  # the blobs are T1's
+        assert resolve_tasks(vocab, ["blobs", "liver"], "CT") == [*BLOBS, "liver"]
     with pytest.raises(hm.UnknownNameError, match="left_blb.*left_blob"):
         resolve_tasks(vocab, ["left_blb"], "T1")
     # groups without modality: every usable task
@@ -435,3 +436,76 @@ def test_official_checkpoint_path(tmp_path, official_fixture):
     assert res.task_names == off.group("kits") == ["kits/kidney", "kits/kidney_tumor"]
     assert res.labels.shape == img.shape and res.masks.shape == (2, *img.shape)
     assert res.model_source == str(path)
+
+
+def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
+    aff, img, _ = _on_grid("ras")
+    ref = _run(img, aff)
+    path = save_image(tmp_path / "img.nii.gz", img, aff)
+    # a file's geometry is its header's: affine=/spacing= refused, not silently ignored
+    for kw in ({"affine": np.eye(4)}, {"spacing": 2.0}):
+        with pytest.raises(SegmentationInputError, match="array input"):
+            hermes.segment(str(path), modality="T1", tasks=BLOBS, model=oracle_model(), **kw)
+    with pytest.raises(SegmentationInputError, match="spacing= .* nibabel"):
+        hermes.segment(nib.load(str(path)), modality="T1", tasks=BLOBS, model=oracle_model(),
+                       spacing=2.0)
+    with pytest.raises(SegmentationInputError, match="1 or 3 values"):
+        _run(img, None, spacing=(1.5, 1.5))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    save_image(folder / "a.nii.gz", img, aff)
+    with pytest.raises(SegmentationInputError, match="no DICOM series but image files"):
+        _run(str(folder), None)
+    # bfloat16 tensors (no NumPy dtype) are read as float32
+    bf = _run(torch.from_numpy(img).bfloat16(), aff)
+    np.testing.assert_array_equal(bf.labels, _run(torch.from_numpy(img).bfloat16().float(),
+                                                  aff).labels)
+    # device names as users type them; argument types and ranges checked before inference
+    np.testing.assert_array_equal(_run(img, aff, device="CPU").labels, ref.labels)
+    with pytest.raises(SegmentationInputError, match="device must be"):
+        _run(img, aff, device="gpu")
+    with pytest.raises(ValueError, match="threshold"):
+        _run(img, aff, threshold="0.5")
+    for roi in (0, (48, 48)):
+        with pytest.raises(ValueError, match="roi_size"):
+            _run(img, aff, roi_size=roi)
+    with pytest.raises(ValueError, match="min_volume_ml must be >= 0"):
+        _run(img, aff, postprocess={"min_volume_ml": -5})
+    # names in a list are stripped as in the comma-separated form
+    assert _run(img, aff, tasks=[" left_blob", "right_blob "]).task_names == list(BLOBS)
+    # the user's model keeps its mode (and device)
+    net = oracle_model().train()
+    _run(img, aff, model=net)
+    assert net.training
+
+
+def test_tasks_of_another_modality_are_warned_about():
+    vocab = oracle_model().vocab  # the blobs are T1 tasks, liver a CT task
+    with pytest.warns(UserWarning, match=r"other modalities than T1: liver \(CT\)"):
+        assert resolve_tasks(vocab, ["left_blob", "liver"], "T1") == ["left_blob", "liver"]
+
+
+def test_save_with_colliding_names_and_many_tasks(tmp_path):
+    from hermes.inference.result import SegmentationResult, unique_filenames
+
+    assert unique_filenames(["a/b", "a_b", "A b", "c"]) == ["a_b", "a_b_2", "A_b_3", "c"]
+    names = ["kidney/left", "kidney_left"] + [f"structure_{i}" for i in range(83)]
+    shape = (12, 10, 8)
+    masks = np.zeros((len(names), *shape), bool)
+    for i in range(len(names)):
+        masks[i].flat[i] = True
+    labels = np.zeros(shape, np.uint8)
+    for i in range(len(names)):
+        labels[masks[i]] = i + 1
+    res = SegmentationResult(label_map=labels, masks=masks, task_names=names,
+                             affine=np.diag([2.0, 2.0, 2.0, 1.0]), modality="CT",
+                             image=np.random.default_rng(0).random(shape, np.float32))
+    written = res.save(tmp_path / "o", per_structure=True)  # 85 tasks: the preview draws
+    assert written["preview"].read_bytes()[:4] == b"\x89PNG"
+    first, second = written["mask:kidney/left"], written["mask:kidney_left"]
+    assert first != second
+    assert load_image(first)[0].astype(bool).sum() == 1
+    assert load_image(second)[0].astype(bool).flat[1]
+    # a second save finds the first's files by the same names
+    res.save(tmp_path / "o", preview=False)
+    assert not (tmp_path / "o" / "structures").exists()

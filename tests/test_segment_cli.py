@@ -109,6 +109,12 @@ def test_segment_command_errors(tmp_path, ckpt, capsys, argv, message):
     assert not (tmp_path / "o" / "labels.nii.gz").exists()
 
 
+def test_segment_command_takes_one_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse kept the last of repeated -i
+        main(["segment", "-i", "a.nii.gz", "-i", "b.nii.gz", "-o", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "-i given twice" in capsys.readouterr().err
+
+
 def test_demo_command(tmp_path, ckpt, capsys):
     out = tmp_path / "demo"
     rc = main(["demo", "-o", str(out), "--model", str(ckpt), "--device", "cpu", "--fast"])

@@ -140,12 +140,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary output")
 
 
+class _Once(argparse.Action):
+    """An option that may be given once (argparse keeps the last of repeated ones)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice: one image per `hermes segment` (run it "
+                         "once per image, e.g. in a shell loop)")
+        setattr(namespace, self.dest, values)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``segment`` and ``demo`` to the ``hermes`` command."""
     seg = subparsers.add_parser(
         "segment", help="segment an image (NIfTI, NRRD or DICOM folder)",
         description="Segment a 3-D image; outputs lie on the input's original grid.")
-    seg.add_argument("-i", "--input", required=True,
+    seg.add_argument("-i", "--input", required=True, action=_Once,
                      help="image file (.nii, .nii.gz, .nrrd, .nhdr) or DICOM series folder")
     seg.add_argument("-o", "--output", required=True, help="output folder")
     seg.add_argument("--tasks", default=None,

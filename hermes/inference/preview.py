@@ -58,7 +58,13 @@ def preview_png(result: SegmentationResult, dpi: int = 100) -> bytes:
     colors = np.concatenate([np.zeros((1, 3)), label_colors(n)])
     lo, hi = _window(image) if image is not None else (0.0, 1.0)
 
-    fig = Figure(figsize=(12, 4.6), dpi=dpi)
+    # the legend below the slices: 5 columns (8 from 41 names, smaller type), its rows add to
+    # the figure's height so the slices keep theirs
+    ncol = 5 if n <= 40 else 8
+    font = 8 if n <= 40 else 6
+    legend_in = 0.3 + ((n + ncol - 1) // ncol) * font / 46  # inches
+    height = 4.2 + legend_in
+    fig = Figure(figsize=(12, height), dpi=dpi)
     axes = fig.subplots(1, 3)
     # (title, sliced axis, (left, right, bottom, top) directions, pixel aspect)
     views = [("sagittal", 0, "PAIS", sp[2] / sp[1]), ("coronal", 1, "LRIS", sp[2] / sp[0]),
@@ -84,12 +90,13 @@ def preview_png(result: SegmentationResult, dpi: int = 100) -> bytes:
     handles = [Patch(color=colors[i + 1], label=f"{name} ({vols[name]:.1f} ml)")
                for i, name in enumerate(result.task_names)]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8,
-                   frameon=False)
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), ncol),
+                   fontsize=font, frameon=False)
     mod = result.modality + (f" (detected, confidence {result.detection['confidence']:.2f})"
                              if result.detection else "")
     fig.suptitle(f"Hermes segmentation, {mod}", fontsize=11)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.05 + 0.05 * ((n + 4) // 5))
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.55 / height,
+                        bottom=(legend_in + 0.1) / height)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()

@@ -16,7 +16,8 @@ import numpy as np
 
 from hermes.files import atomic_write_bytes
 
-__all__ = ["SegmentationResult", "nifti_image", "nifti_bytes", "safe_filename"]
+__all__ = ["SegmentationResult", "nifti_image", "nifti_bytes", "safe_filename",
+           "unique_filenames"]
 
 
 def nifti_image(array: np.ndarray, affine: np.ndarray,
@@ -45,6 +46,21 @@ def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True,
 def safe_filename(name: str) -> str:
     """A file-name-safe version of a task name (``'bcv/liver' -> 'bcv_liver'``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "structure"
+
+
+def unique_filenames(names: list[str]) -> list[str]:
+    """:func:`safe_filename` of each task name, a name that collides with an earlier one (also
+    by case only, for case-insensitive file systems) suffixed with its label value
+    (``'a/b'``, ``'a_b'`` -> ``'a_b'``, ``'a_b_2'``)."""
+    out: list[str] = []
+    taken: set[str] = set()
+    for label, name in enumerate(names, start=1):
+        base = candidate = safe_filename(name)
+        while candidate.casefold() in taken:
+            candidate = f"{base}_{label}" if candidate == base else f"{candidate}_{label}"
+        taken.add(candidate.casefold())
+        out.append(candidate)
+    return out
 
 
 class SegmentationResult:
@@ -177,21 +193,19 @@ class SegmentationResult:
             ("statistics_json", f"{prefix}statistics.json", self._statistics_json),
             ("statistics_csv", f"{prefix}statistics.csv", self._statistics_csv),
         ]
+        stems = unique_filenames(list(self.task_names))
         if per_structure:
             for i, name in enumerate(self.task_names):
-                files.append((f"mask:{name}", f"{prefix}structures/{safe_filename(name)}.nii.gz",
+                files.append((f"mask:{name}", f"{prefix}structures/{stems[i]}.nii.gz",
                               lambda i=i: nifti_bytes(self.masks[i].astype(np.uint8),
                                                       self.affine, geometry=geo)))
         if probabilities and self.probabilities is not None:
             for i, name in enumerate(self.task_names):
-                files.append((f"prob:{name}",
-                              f"{prefix}probabilities/{safe_filename(name)}.nii.gz",
+                files.append((f"prob:{name}", f"{prefix}probabilities/{stems[i]}.nii.gz",
                               lambda i=i: nifti_bytes(self.probabilities[i].astype(np.float32),
                                                       self.affine, geometry=geo)))
         if preview:
-            from hermes.inference.preview import preview_png
-
-            files.append(("preview", f"{prefix}preview.png", lambda: preview_png(self)))
+            files.append(("preview", f"{prefix}preview.png", self._preview_or_nothing))
         stale = self._earlier_outputs(out, prefix)
         written_paths = {(out / name).resolve() for _, name, _ in files}
         stale = [p for p in stale if p.resolve() not in written_paths and p.is_file()]
@@ -200,7 +214,10 @@ class SegmentationResult:
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
         for key, name, produce in files:
-            atomic_write_bytes(out / name, [produce()])
+            data = produce()
+            if data is None:  # a preview that could not be drawn
+                continue
+            atomic_write_bytes(out / name, [data])
             written[key] = out / name
         for p in stale:
             p.unlink(missing_ok=True)
@@ -218,10 +235,25 @@ class SegmentationResult:
             names = json.loads((out / f"{prefix}labels.json").read_text())["labels"]
         except (OSError, ValueError, KeyError, TypeError):
             return []
-        tasks = [n for k, n in names.items() if k != "0"] if isinstance(names, dict) else []
+        if not isinstance(names, dict):
+            return []
+        keys = sorted(int(k) for k in names if str(k).isdigit() and k != "0")
+        stems = unique_filenames([str(names[str(k)]) for k in keys])
         return [out / f"{prefix}preview.png"] + [
-            out / f"{prefix}{sub}" / f"{safe_filename(str(t))}.nii.gz"
-            for sub in ("structures", "probabilities") for t in tasks]
+            out / f"{prefix}{sub}" / f"{stem}.nii.gz"
+            for sub in ("structures", "probabilities") for stem in stems]
+
+    def _preview_or_nothing(self) -> bytes | None:
+        """The preview PNG; a failure to draw it is a warning, never a failed save."""
+        from hermes.inference.preview import preview_png
+
+        try:
+            return preview_png(self)
+        except Exception as exc:  # noqa: BLE001 - the segmentation files matter, not the picture
+            import warnings
+
+            warnings.warn(f"preview.png not written: {type(exc).__name__}: {exc}", stacklevel=3)
+            return None
 
     def _refuse_input_clash(self, paths: list[Path]) -> None:
         """:class:`FileExistsError` if one of ``paths`` is the input image file."""

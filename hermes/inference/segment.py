@@ -12,6 +12,7 @@ volumes and intensities.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -72,7 +73,10 @@ def _affine_from(affine: Any, spacing: Any) -> np.ndarray:
             raise SegmentationInputError(f"affine must be 4x4, got shape {a.shape}")
         return a
     if spacing is not None:
-        sp = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
+        sp = np.asarray(spacing, np.float64)
+        if sp.size not in (1, 3):
+            raise SegmentationInputError(f"spacing must be 1 or 3 values (mm), got {spacing}")
+        sp = np.broadcast_to(sp.reshape(-1), (3,))
         if np.any(~np.isfinite(sp)) or np.any(sp <= 0):
             raise SegmentationInputError(f"spacing must be 3 positive values, got {spacing}")
         return np.diag([*sp, 1.0])
@@ -101,17 +105,30 @@ def load_input(
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Read any supported input as ``(array (X, Y, Z[, C]) float32, affine 4x4, description)``.
 
-    ``image``: a path to a NIfTI/NRRD file or a DICOM series folder, a nibabel image, or a
-    numpy array / torch tensor ``(X, Y, Z[, C])`` with ``affine`` or ``spacing`` (mm). Arrays
-    are copied, never modified. Raises :class:`SegmentationInputError` or
-    :class:`hermes.data.io.ImageReadError` naming the problem.
+    ``image``: a path to a NIfTI/NRRD file or a DICOM series folder, a nibabel image (its
+    affine, or ``affine`` instead), or a numpy array / torch tensor ``(X, Y, Z[, C])`` with
+    ``affine`` or ``spacing`` (mm). Arrays are copied, never modified. Raises
+    :class:`SegmentationInputError` or :class:`hermes.data.io.ImageReadError` naming the
+    problem.
     """
     if isinstance(image, (str, os.PathLike)):
+        if affine is not None or spacing is not None:
+            raise SegmentationInputError(
+                f"affine=/spacing= give the geometry of an array input; the file {image} has "
+                "its own (edit the file's header, or load it and pass the array)")
         path = Path(image)
         if path.is_dir():
-            from hermes.data.dicom import load_dicom_series
+            from hermes.data.dicom import DicomError, load_dicom_series
 
-            arr, aff = load_dicom_series(path)
+            try:
+                arr, aff = load_dicom_series(path)
+            except DicomError as exc:
+                images = sorted(p.name for p in path.iterdir() if image_suffix(p) is not None)
+                if not images:
+                    raise
+                raise SegmentationInputError(  # a folder is read as one DICOM series
+                    f"{path} holds no DICOM series but image files ({', '.join(images[:3])}"
+                    f"{' ...' if len(images) > 3 else ''}): give one of them") from exc
         elif path.is_file() and image_suffix(path) is None:
             from hermes.data.dicom import is_dicom_file, load_dicom_series, series_uid_of
 
@@ -125,11 +142,21 @@ def load_input(
             arr, aff = load_image(path, dtype=np.float32)
         desc = str(path)
     elif hasattr(image, "affine") and hasattr(image, "dataobj"):  # nibabel image
+        if spacing is not None:
+            raise SegmentationInputError(
+                "spacing= gives the geometry of an array input; a nibabel image has its affine "
+                "(pass affine= to override it)")
         arr = np.asarray(image.get_fdata(dtype=np.float32))
         aff = nifti_affine_mm(image) if affine is None else _affine_from(affine, None)
         desc = f"{type(image).__name__} {tuple(arr.shape)}"
     elif isinstance(image, (np.ndarray, torch.Tensor)):
-        arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+        if isinstance(image, torch.Tensor):
+            t = image.detach().cpu()
+            if t.is_floating_point() and t.dtype not in (torch.float16, torch.float64):
+                t = t.float()  # bfloat16, float8: no NumPy dtype
+            arr = t.numpy()
+        else:
+            arr = image
         arr = np.array(arr, dtype=np.float32)  # copy: the caller's array is never modified
         aff = _affine_from(affine, spacing)
         desc = f"array {tuple(arr.shape)}"
@@ -241,7 +268,8 @@ def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> li
                 f"the model has no task for modality {modality}; its groups cover "
                 f"{sorted({str(s['modality']) for s in with_mod.values()})} (pass tasks=)")
         return out
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = [n.strip() if isinstance(n, str) else n for n in names]
     out = []
     for name in names:
         if not name:
@@ -254,7 +282,25 @@ def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> li
         out.extend(t for t in expanded if t not in out)
     if not out:
         raise SegmentationInputError("no task requested (tasks is empty)")
+    _warn_other_modality(vocab, out, modality)
     return out
+
+
+def _warn_other_modality(vocab, tasks: list[str], modality: str) -> None:
+    """Warn about requested tasks that only dataset groups of other modalities annotate (the
+    model never saw them in such images: results may mean nothing)."""
+    foreign: dict[str, set[str]] = {}
+    for task in tasks:
+        mods = {str(g["modality"]) for g in vocab.groups.values()
+                if task in g.get("tasks", ()) and g.get("modality")}
+        if mods and not any(_group_matches(m, modality, vocab) for m in mods):
+            foreign[task] = mods
+    if foreign:
+        import warnings
+
+        listed = ", ".join(f"{t} ({'/'.join(sorted(m))})" for t, m in foreign.items())
+        warnings.warn(f"tasks trained on other modalities than {modality}: {listed}; their "
+                      "masks in this image may mean nothing", stacklevel=3)
 
 
 def _center_crop(x: np.ndarray, size: int, fill: float) -> np.ndarray:
@@ -394,7 +440,10 @@ def _postprocess_spec(postprocess: Any, tasks: list[str]) -> dict[str, tuple[boo
             if unknown:
                 raise ValueError(f"postprocess for {where}: unknown keys {sorted(unknown)} "
                                  "(use 'largest', 'min_volume_ml')")
-            return bool(spec.get("largest", False)), float(spec.get("min_volume_ml", 0.0))
+            ml = float(spec.get("min_volume_ml", 0.0))
+            if not ml >= 0.0:
+                raise ValueError(f"postprocess for {where}: min_volume_ml must be >= 0, got {ml}")
+            return bool(spec.get("largest", False)), ml
         raise ValueError(f"postprocess for {where}: expected 'largest', True or a mapping "
                          f"{{'largest': bool, 'min_volume_ml': float}}, got {spec!r}")
 
@@ -415,10 +464,14 @@ def _postprocess_spec(postprocess: Any, tasks: list[str]) -> dict[str, tuple[boo
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError) as exc:
+        raise SegmentationInputError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SegmentationInputError("device 'cuda' requested but no CUDA device is usable")
     return dev
@@ -435,6 +488,33 @@ def _preprocess_params(meta: dict, spacing: Any, fast: bool) -> PreprocessParams
                             pre["normalization"])
 
 
+def _keeps_user_model(fn: Callable[..., SegmentationResult]) -> Callable[..., SegmentationResult]:
+    """A model object passed to ``fn`` gets its training mode and device back afterwards
+    (inference switches it to eval mode on the inference device)."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> SegmentationResult:
+        model = signature.bind(*args, **kwargs).arguments.get("model")
+        if not isinstance(model, torch.nn.Module):
+            return fn(*args, **kwargs)
+        training = model.training
+        first = next(model.parameters(), None)
+        device = None if first is None else first.device
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            model.train(training)
+            if device is not None:
+                model.to(device)
+
+    return wrapper
+
+
+@_keeps_user_model
 def segment(
     image: Any,
     tasks: str | Sequence[str] | None = None,
@@ -472,9 +552,12 @@ def segment(
         model: None (the embedded default model), a ``.hermes`` checkpoint path, an official
             Hermes ``.pth`` path, or a :class:`hermes.models.HermesResUNet`.
         device: ``"auto"`` (CUDA when usable), ``"cpu"``, ``"cuda"``...
-        affine, spacing: geometry of an array input.
+        affine, spacing: geometry of an array input (``affine`` also replaces a nibabel
+            image's; a file's geometry is its header's).
         threshold: probability threshold of the masks, in (0, 1).
-        probabilities: also return per-task probabilities (float16, original grid).
+        probabilities: also return per-task probabilities (float16, original grid; the masks
+            threshold the float32 values, so re-thresholding the float16 ones can differ in a
+            few voxels whose probability rounds onto the threshold).
         postprocess: per-task clean-up: ``"largest"`` / True (keep the largest connected
             component), ``{"largest": bool, "min_volume_ml": float}`` (also drop components
             under that volume), one of those for every task, or ``{task: spec}``.
@@ -504,8 +587,13 @@ def segment(
         hermes.models.UnknownNameError: unknown task or modality.
         ModalityDetectionError: automatic detection below ``modality_threshold``.
     """
-    if not 0.0 < float(threshold) < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    if roi_size is not None:
+        sizes = np.asarray(roi_size).reshape(-1)
+        if sizes.size not in (1, 3) or not np.issubdtype(sizes.dtype, np.integer) or (
+                sizes < 1).any():
+            raise ValueError(f"roi_size must be 1 or 3 positive ints (voxels), got {roi_size!r}")
     t_all = time.perf_counter()
     times: dict[str, float] = {} if timings is None else timings
     dev = _resolve_device(device)
