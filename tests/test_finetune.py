@@ -206,8 +206,9 @@ def test_priors_mode_trains_only_new_rows_and_heads(setup, tmp_path):
     import hermes
 
     img = np.random.default_rng(0).normal(size=(40, 36, 40)).astype(np.float32)
-    seg = hermes.segment(img, tasks=["synth_ct/liver", "synth_t2/bladder"], modality="T2",
-                         model=str(res.path), spacing=(6.0, 6.0, 6.0), device="cpu")
+    with pytest.warns(UserWarning, match="other modalities than T2: synth_ct/liver"):
+        seg = hermes.segment(img, tasks=["synth_ct/liver", "synth_t2/bladder"], modality="T2",
+                             model=str(res.path), spacing=(6.0, 6.0, 6.0), device="cpu")
     assert seg.task_names == ["synth_ct/liver", "synth_t2/bladder"]
     assert seg.masks.shape == (2, 40, 36, 40)
     seg = hermes.segment(img, modality="T2", model=str(res.path), spacing=(6.0, 6.0, 6.0),
@@ -366,8 +367,9 @@ def test_incremental_new_decoder_trains_a_branch_and_keeps_old_outputs(setup, tm
     import hermes
 
     img = np.random.default_rng(0).normal(size=(40, 36, 40)).astype(np.float32)
-    seg = hermes.segment(img, tasks=["synth_ct/liver", "synth_t2/bladder"], modality="T2",
-                         model=str(res.path), spacing=(6.0, 6.0, 6.0), device="cpu")
+    with pytest.warns(UserWarning, match="other modalities than T2: synth_ct/liver"):
+        seg = hermes.segment(img, tasks=["synth_ct/liver", "synth_t2/bladder"], modality="T2",
+                             model=str(res.path), spacing=(6.0, 6.0, 6.0), device="cpu")
     assert seg.task_names == ["synth_ct/liver", "synth_t2/bladder"]
     with pytest.raises(ValueError, match="not both"):
         finetune(base, new, tmp_path / "x", mode="incremental", new_decoder=True,
