@@ -426,3 +426,24 @@ def test_modality_shuffle_replaces_priors_not_targets(setup, tmp_path):
     assert not torch.equal(first, tr._shuffled_modalities(mod))
     with pytest.raises(ValueError, match="modality_shuffle"):
         TrainConfig(cache_dir=str(old.cache_dir), out_dir="x", modality_shuffle=1.5)
+
+
+def test_resume_fills_options_from_the_run_except_a_rehearsal_it_lacked(tmp_path):
+    import argparse
+    import json
+
+    from hermes.training.finetune_commands import _fill_options
+
+    (tmp_path / "finetune.json").write_text(json.dumps(
+        {"mode": "priors", "rehearsal_fraction": 0.0, "distill_weight": 0.0}))
+    (tmp_path / "config.json").write_text(json.dumps({"steps": 7, "augment": False}))
+    names = ["mode", "init", "rehearsal_fraction", "distill", "freeze_shared", "new_decoder",
+             "prior_lr_scale", "steps", "batch_size", "crop", "optimizer", "lr", "ema", "seed",
+             "no_augment"]
+    args = argparse.Namespace(resume=True, rehearsal="old.yaml", **dict.fromkeys(names))
+    args.seed = 4  # given: kept
+    _fill_options(args, tmp_path)
+    assert (args.mode, args.steps, args.no_augment, args.seed) == ("priors", 7, True, 4)
+    # the run had no rehearsal: --rehearsal now takes the default fraction (and the resume is
+    # then refused by name), not the run's 0
+    assert args.rehearsal_fraction == 0.5

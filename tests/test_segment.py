@@ -473,19 +473,28 @@ def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
         _run(img, aff, postprocess={"min_volume_ml": -5})
     # names in a list are stripped as in the comma-separated form
     assert _run(img, aff, tasks=[" left_blob", "right_blob "]).task_names == list(BLOBS)
-    # the user's model keeps its mode (and device)
+    # the user's model keeps its modes (and device)
     net = oracle_model().train()
-    _run(img, aff, model=net)
-    assert net.training
+    first = next(net.children()).eval()
+    _run(img, aff, model=net, threshold=torch.tensor(0.5))
+    assert net.training and not first.training
 
 
 def test_tasks_of_another_modality_are_warned_about():
+    import warnings
+
     vocab = oracle_model().vocab  # the blobs are T1 tasks, liver a CT task
     with pytest.warns(UserWarning, match=r"other modalities than T1: liver \(CT\)"):
         assert resolve_tasks(vocab, ["left_blob", "liver"], "T1") == ["left_blob", "liver"]
+    # a task also in a group without a recorded modality: no warning
+    mixed = hm.build("tiny", tasks=TASKS, modalities=MODALITIES, groups={
+        "mixed": {"tasks": ["liver"]}, "ct": {"tasks": ["liver"], "modality": "CT"}}).vocab
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_tasks(mixed, ["liver"], "T1") == ["liver"]
 
 
-def test_save_with_colliding_names_and_many_tasks(tmp_path):
+def test_save_with_colliding_names_and_many_tasks(tmp_path, monkeypatch):
     from hermes.inference.result import SegmentationResult, unique_filenames
 
     assert unique_filenames(["a/b", "a_b", "A b", "c"]) == ["a_b", "a_b_2", "A_b_3", "c"]
@@ -509,3 +518,15 @@ def test_save_with_colliding_names_and_many_tasks(tmp_path):
     # a second save finds the first's files by the same names
     res.save(tmp_path / "o", preview=False)
     assert not (tmp_path / "o" / "structures").exists()
+    # a preview that fails to draw is a warning; the earlier preview does not stay behind
+    res.save(tmp_path / "p")
+    assert (tmp_path / "p" / "preview.png").exists()
+    import hermes.inference.preview as preview
+
+    def broken(result):
+        raise ValueError("cannot draw")
+
+    monkeypatch.setattr(preview, "preview_png", broken)
+    with pytest.warns(UserWarning, match="preview.png not written: ValueError: cannot draw"):
+        written = res.save(tmp_path / "p")
+    assert "preview" not in written and not (tmp_path / "p" / "preview.png").exists()

@@ -181,6 +181,32 @@ def test_predictor_output_structures():
             for key in (ref.keys() if isinstance(ref, dict) else range(len(ref))))
     with pytest.raises(TypeError, match="predictor must return"):
         sliding_window_inference(x, 8, 2, lambda w: "nope")
+    # a tuple whose other elements are no windows (deep supervision at half resolution, None):
+    # its first element, with a warning
+    plain = monai_swi(x, 8, 2, conv, overlap=0.5)
+    for extra in (lambda t: t[:, :, ::2, ::2, ::2], lambda t: None):
+        with pytest.warns(UserWarning, match="only its first element"):
+            ours = sliding_window_inference(x, 8, 2, lambda w, f=extra: (conv(w), f(conv(w))),
+                                            overlap=0.5)
+        _close(ours, plain)
+
+
+def test_one_batch_of_predictions_alive_at_a_time():
+    import gc
+    import weakref
+
+    alive, refs = [], []
+    conv = ConvPredictor(1, 2)
+
+    def predictor(w):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        out = conv(w)
+        refs.append(weakref.ref(out))
+        return out
+
+    sliding_window_inference(_inputs((1, 1, 16, 16, 16)), 8, 2, predictor, overlap=0.5)
+    assert len(alive) > 2 and max(alive) == 0
 
 
 def test_metatensor_dtype_device_and_gradients_as_in_monai():

@@ -359,3 +359,14 @@ def test_unknown_dataset_is_refused_before_the_run_folder_is_written(cache, tmp_
     with pytest.raises(ValueError, match="unknown dataset"):
         train(_small_cfg(cache, tmp_path / "run", datasets=["nope"]))
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_cli_size_options_are_checked_before_preprocessing(tmp_path, monkeypatch, capsys):
+    import hermes.training.commands as commands
+    from hermes.cli import main
+
+    monkeypatch.setattr(commands, "open_cache_once", lambda *a, **k: pytest.fail("preprocessed"))
+    assert main(["train", str(tmp_path / "c.yaml"), "--crop", "16"]) == 1
+    assert "--crop (16, 16, 16) too small" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "c.yaml"), "--crop", "32", "64"]) == 1
+    assert "1 or 3 values" in capsys.readouterr().err

@@ -206,16 +206,17 @@ class SegmentationResult:
                                                       self.affine, geometry=geo)))
         if preview:
             files.append(("preview", f"{prefix}preview.png", self._preview_or_nothing))
-        stale = self._earlier_outputs(out, prefix)
+        earlier = self._earlier_outputs(out, prefix)
         written_paths = {(out / name).resolve() for _, name, _ in files}
-        stale = [p for p in stale if p.resolve() not in written_paths and p.is_file()]
+        stale = [p for p in earlier if p.resolve() not in written_paths and p.is_file()]
         self._refuse_input_clash([out / name for _, name, _ in files] + stale)
 
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
         for key, name, produce in files:
             data = produce()
-            if data is None:  # a preview that could not be drawn
+            if data is None:  # a preview that could not be drawn: no earlier one stays either
+                stale += [out / name] if (out / name) in earlier else []
                 continue
             atomic_write_bytes(out / name, [data])
             written[key] = out / name

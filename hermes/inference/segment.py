@@ -291,9 +291,11 @@ def _warn_other_modality(vocab, tasks: list[str], modality: str) -> None:
     model never saw them in such images: results may mean nothing)."""
     foreign: dict[str, set[str]] = {}
     for task in tasks:
-        mods = {str(g["modality"]) for g in vocab.groups.values()
-                if task in g.get("tasks", ()) and g.get("modality")}
-        if mods and not any(_group_matches(m, modality, vocab) for m in mods):
+        groups = [g for g in vocab.groups.values() if task in g.get("tasks", ())]
+        if not groups or not all(g.get("modality") for g in groups):
+            continue  # a group without a recorded modality may hold any
+        mods = {str(g["modality"]) for g in groups}
+        if not any(_group_matches(m, modality, vocab) for m in mods):
             foreign[task] = mods
     if foreign:
         import warnings
@@ -501,13 +503,14 @@ def _keeps_user_model(fn: Callable[..., SegmentationResult]) -> Callable[..., Se
         model = signature.bind(*args, **kwargs).arguments.get("model")
         if not isinstance(model, torch.nn.Module):
             return fn(*args, **kwargs)
-        training = model.training
+        modes = [(m, m.training) for m in model.modules()]
         first = next(model.parameters(), None)
         device = None if first is None else first.device
         try:
             return fn(*args, **kwargs)
         finally:
-            model.train(training)
+            for m, training in modes:
+                m.training = training
             if device is not None:
                 model.to(device)
 
@@ -587,6 +590,8 @@ def segment(
         hermes.models.UnknownNameError: unknown task or modality.
         ModalityDetectionError: automatic detection below ``modality_threshold``.
     """
+    if isinstance(threshold, torch.Tensor) and threshold.dim() == 0:
+        threshold = threshold.item()
     if not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
     if roi_size is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -87,10 +88,10 @@ def extract_logits(output: Any) -> torch.Tensor:
 
 
 def _flatten_outputs(output: Any) -> tuple[list[Any] | None, list[torch.Tensor]]:
-    """A predictor's output as (dict keys or None, tensors), as MONAI flattens it: a tensor, an
+    """A predictor's output as (dict keys or None, outputs), as MONAI flattens it: a tensor, an
     object with ``seg_logits`` or a mapping with key ``"seg_logits"`` (the Hermes model's logits)
-    are one output; any other mapping is one output per key (sorted) and a tuple/list of
-    tensors one per element."""
+    are one output; any other mapping is one output per key (sorted) and a tuple/list starting
+    with a tensor one per element."""
     if isinstance(output, torch.Tensor) or hasattr(output, "seg_logits"):
         return None, [extract_logits(output)]
     if isinstance(output, Mapping):
@@ -99,15 +100,19 @@ def _flatten_outputs(output: Any) -> tuple[list[Any] | None, list[torch.Tensor]]
         keys = sorted(output)
         if keys and all(isinstance(output[k], torch.Tensor) for k in keys):
             return keys, [extract_logits(output[k]) for k in keys]
-    elif (
-        isinstance(output, (tuple, list)) and output
-        and all(isinstance(t, torch.Tensor) for t in output)
-    ):  # fmt: skip
-        return None, [extract_logits(t) for t in output]
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        # other elements that are no tensors (None, numbers) are dropped by the caller
+        return None, [extract_logits(t) if isinstance(t, torch.Tensor) else t for t in output]
     raise TypeError(
         "predictor must return a tensor, a tuple/list or mapping of tensors, or an object with "
         f".seg_logits; got {type(output).__name__}"
     )
+
+
+def _window_shaped(t: Any, batch: int, roi: Sequence[int]) -> bool:
+    """Whether ``t`` is a ``batch x C x roi`` tensor (an output the windows can be added from)."""
+    return (isinstance(t, torch.Tensor) and t.dim() == len(roi) + 2 and t.shape[0] == batch
+            and tuple(t.shape[2:]) == tuple(roi))
 
 
 def _pack_outputs(keys: list[Any] | None, tensors: list[torch.Tensor]) -> Any:
@@ -159,6 +164,7 @@ def _mirror_predictor(predictor: Callable[..., Any], axes: Sequence[int]) -> Cal
             if dims and isinstance(condition, torch.Tensor):
                 kwargs["condition"] = torch.flip(condition, dims)
             keys, outs = _flatten_outputs(predictor(xi, *args, **kwargs))
+            outs = [o for o in outs if isinstance(o, torch.Tensor)]
             for k, yi in enumerate(outs):
                 yi = torch.flip(yi.detach(), dims) if dims else yi.detach()
                 if k == len(totals):
@@ -427,6 +433,14 @@ def sliding_window_inference(
         else:
             raw = run(windows, *args, **kwargs)
         batch_keys, outs = _flatten_outputs(raw)
+        if batch_keys is None and len(outs) > 1 and not all(
+            _window_shaped(t, len(idx), roi) for t in outs[1:]
+        ):  # e.g. deep supervision at lower resolutions: not aggregated (MONAI zooms them)
+            if not channels:
+                warnings.warn(
+                    "the predictor's tuple holds outputs that are not b x C x roi windows; only "
+                    "its first element is aggregated", stacklevel=2)
+            outs = outs[:1]
         for logits in outs:
             if logits.dim() != nd + 2:
                 raise ValueError(
@@ -488,7 +502,7 @@ def sliding_window_inference(
                     del aggregators[(n, o)]
             j = k
         # drop this batch before the next predictor call: only one batch of predictions alive
-        del raw, outs, windows
+        del raw, outs, logits, windows
     final = []
     for res in results:
         if differentiable:
@@ -559,14 +573,10 @@ def _allocate_results(
     if output == "logits" and output_dtype in (None, torch.float32) and not streaming:
         # the aggregators' accumulators (each zeroes its image's part)
         return torch.empty((N, channels, *image_size), dtype=torch.float32, device=device)
-    if output in ("logits", "probs"):
+    if output in ("logits", "probs"):  # output_dtype checked by the caller
         default = torch.float32 if output == "logits" else torch.float16
         dtype = default if output_dtype is None else output_dtype
-        if dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"output_dtype must be float32 or float16, got {dtype}")
         return torch.empty((N, channels, *cropped), dtype=dtype, device=device)
-    if output_dtype is not None:
-        raise ValueError(f"output_dtype applies to logits/probs, not {output!r}")
     if output == "masks":
         return torch.empty((N, channels, *cropped), dtype=torch.bool, device=device)
     dtype = torch.uint8 if channels < 256 else torch.uint16

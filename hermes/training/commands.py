@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from hermes.data.cache import PreprocessedCollection
+from hermes.models.hermes_resunet import check_spatial_size
 
 
 def open_cache(source: str, cache_dir: str | None, workers: int | None,
@@ -54,16 +55,19 @@ def open_cache_once(source: str, cache_dir: str | None, workers: int | None, pro
     # a gloo group without the default timeout: preprocessing may take hours
     waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     failed: list[object] = [None]
-    if rank == 0:
-        try:
-            pc = open_cache(source, cache_dir, workers, progress, defaults)
-        except BaseException as exc:
-            failed[0] = f"{type(exc).__name__}: {exc}"
-            dist.broadcast_object_list(failed, src=0, group=waiting)
-            raise
+    try:
+        if rank == 0:
+            try:
+                pc = open_cache(source, cache_dir, workers, progress, defaults)
+            except BaseException as exc:
+                failed[0] = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                dist.broadcast_object_list(failed, src=0, group=waiting)
+            return pc
         dist.broadcast_object_list(failed, src=0, group=waiting)
-        return pc
-    dist.broadcast_object_list(failed, src=0, group=waiting)
+    finally:
+        dist.destroy_process_group(waiting)
     if failed[0] is not None:
         raise RuntimeError(f"rank 0 could not prepare {source}: {failed[0]}")
     return open_cache(source, cache_dir, workers, False, defaults)
@@ -131,6 +135,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from hermes.training.trainer import TrainConfig, train
 
+    if args.crop is not None:  # refused before any preprocessing
+        check_spatial_size(triple(args.crop), "--crop")
     pc = open_cache_once(args.collection, args.cache_dir, args.workers, not args.quiet,
                          device=args.device)
     out = args.out or str(Path("runs") / f"{pc.name}-{args.preset or 'tiny'}")
@@ -164,17 +170,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     import hermes.models as hm
     from hermes.training.evaluate import evaluate
 
+    roi = None if args.roi is None else triple(args.roi)  # refused before any preprocessing
     model = hm.load(args.model)
     meta = model.hermes_metadata
     # a collection not preprocessed yet is resampled as the model's training data
     pc = open_cache(args.collection, args.cache_dir, None, not args.quiet,
                     meta.get("preprocess"))
     check_same_grid(meta.get("preprocess") or {}, pc.params, args.model, pc.cache_dir)
-    roi = args.roi
     if roi is None:
         crop = meta.get("train_config", {}).get("crop_size")
-        roi = list(crop) if crop else [96]
-    roi = triple(roi)
+        roi = triple(list(crop) if crop else [96])
     res = evaluate(model, pc, split=args.split, roi=roi, overlap=args.overlap,
                    tolerance_mm=args.tolerance, device=args.device, progress=not args.quiet,
                    datasets=_names(args.datasets))

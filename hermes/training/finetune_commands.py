@@ -33,7 +33,8 @@ def _fill_options(args: argparse.Namespace, out: Path) -> None:
     for option, (key, default) in {**_SETTING_OPTIONS, **_TRAIN_OPTIONS}.items():
         if getattr(args, option) is not None:
             continue
-        if key in saved:
+        if key in saved and not (option == "rehearsal_fraction" and args.rehearsal
+                                 and not saved[key]):  # the run had no rehearsal
             value = saved[key]
             if option == "no_augment":
                 value = not value
@@ -46,9 +47,12 @@ def _fill_options(args: argparse.Namespace, out: Path) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     import hermes.models as hm
+    from hermes.models.hermes_resunet import check_spatial_size
     from hermes.training.commands import _rank, open_cache_once, triple
     from hermes.training.finetune import finetune
 
+    if args.crop is not None:  # refused before any preprocessing
+        check_spatial_size(triple(args.crop), "--crop")
     # a collection not preprocessed yet is resampled as the base model's training data
     base = hm.read_header(args.model)["metadata"].get("preprocess") or {}
     pc = open_cache_once(args.collection, args.cache_dir, args.workers, not args.quiet, base,
