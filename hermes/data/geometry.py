@@ -222,7 +222,13 @@ def separable_resample(
             lo = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
             frac = (coord - lo).astype(np.float32).reshape(shape)
             a = np.take(vol, lo, axis=axis)
-            vol = a + (np.take(vol, np.minimum(lo + 1, n - 1), axis=axis) - a) * frac
+            b = np.take(vol, np.minimum(lo + 1, n - 1), axis=axis)
+            del vol  # in place from here: two output-sized arrays at a time, not four
+            b -= a
+            b *= frac
+            a += b
+            del b
+            vol = a
             continue
         pad = [(0, 0)] * 3
         pad[axis] = (_SPLINE_PAD, _SPLINE_PAD)

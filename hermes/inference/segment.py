@@ -381,12 +381,14 @@ class _BackMapper:
         if not np.allclose(m[:3, :3], np.diag(self.matrix), atol=1e-6):
             raise AssertionError("model grid is not axis-aligned with the canonical grid")
         self.identity = np.allclose(self.matrix, 1) and np.allclose(self.offset, 0)
-        self.ornt = ornt_transform(axcodes2ornt(CANONICAL_AXCODES), io_orientation(
-            self.orig_affine))
+        self.inverse_ornt = ornt_transform(io_orientation(self.orig_affine),
+                                           axcodes2ornt(CANONICAL_AXCODES))
 
-    def __call__(self, arr: np.ndarray, order: int = 1) -> np.ndarray:
+    def __call__(self, arr: np.ndarray, order: int = 1, out: np.ndarray | None = None
+                 ) -> np.ndarray:
         """``arr`` (X', Y', Z') float or bool on the model grid -> original grid (float32 for
-        ``order=1``, the input dtype for ``order=0``)."""
+        ``order=1``, the input dtype for ``order=0``), written into ``out`` (of the original
+        shape) when given, without a canonical-grid copy."""
         if self.identity and tuple(arr.shape) == self.crop_shape:
             cropped = arr.astype(np.float32) if order else arr
         elif order == 1:
@@ -401,10 +403,15 @@ class _BackMapper:
                                      prefilter=False)
             if arr.dtype == bool:
                 cropped = cropped.view(bool)
-        full = np.zeros(self.canon_shape, cropped.dtype)
-        full[tuple(slice(a, b) for a, b in self.bbox)] = cropped
-        out = apply_orientation(full, self.ornt)
-        return np.ascontiguousarray(out)
+        if out is None:
+            out = np.empty(self.orig_shape, cropped.dtype)
+        # the original-grid array seen in canonical axes (flips and a transpose: a view)
+        canon = apply_orientation(out, self.inverse_ornt)
+        assert canon.shape == self.canon_shape
+        inside = tuple(slice(a, b) for a, b in self.bbox)
+        canon[...] = 0
+        canon[inside] = cropped
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,15 +688,17 @@ def segment(
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="map back", unit="task")
+    p = np.empty(shape, np.float32)  # one task's probabilities on the original grid, reused
     for t in iterator:
-        p = back(probs[t], order=1)
-        m = p >= threshold
+        back(probs[t], order=1, out=p)
+        np.greater_equal(p, threshold, out=masks[t])
         largest, min_ml = pp.get(task_names[t], (False, 0.0))
         if largest or min_ml > 0:
-            m = _postprocess(m, largest, int(np.ceil(min_ml / vox_ml)) if min_ml > 0 else 0)
-        masks[t] = m
+            masks[t] = _postprocess(masks[t], largest,
+                                    int(np.ceil(min_ml / vox_ml)) if min_ml > 0 else 0)
         if prob_out is not None:
             prob_out[t] = p
+    del p
     # label map: where masks overlap the smaller structure wins (grey matter drawn over brain),
     # so nested structures stay visible; painted from the largest volume to the smallest
     for t in sorted(range(len(task_names)), key=lambda i: (-int(masks[i].sum()), i)):
