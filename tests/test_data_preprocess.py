@@ -387,7 +387,8 @@ def test_broken_cache_files_are_named_and_half_cases_not_served(synth, tmp_path,
     ((30, 26, 12), (1.5, 2.0, 0.75), (0.2, -1.0, 3.5), (22, 15, 14)),  # down, past the end
     ((5, 1, 8), (0.4, 0.3, 1.0), (0.0, 0.0, -2.0), (12, 4, 8)),        # a one-voxel axis
 ])
-def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, order):
+def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, order,
+                                            monkeypatch):
     from scipy import ndimage
 
     arr = np.random.default_rng(3).random(shape).astype(np.float32)
@@ -397,6 +398,15 @@ def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, ord
     got = separable_resample(arr, scale, offset, out_shape, order)
     assert got.dtype == np.float32 and got.shape == out_shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+    # into a flipped, transposed view of a larger array, slab by slab: the same values
+    big = np.full((out_shape[2] + 2, out_shape[1], out_shape[0] + 3), -7.0, np.float32)
+    view = big[1:-1, ::-1, 3:].transpose(2, 1, 0)[:, :, ::-1]
+    from hermes.data import geometry
+
+    monkeypatch.setattr(geometry, "SLAB_BYTES", 64)  # tiny slabs: many of them
+    assert separable_resample(arr, scale, offset, out_shape, order, out=view) is view
+    np.testing.assert_array_equal(view, got)
+    assert (big[0] == -7).all() and (big[:, :, :3] == -7).all()
     with pytest.raises(ValueError, match="order"):
         separable_resample(arr, scale, offset, out_shape, 2)
 

@@ -187,7 +187,7 @@ def _bspline3_weights(t: np.ndarray) -> np.ndarray:
 
 def separable_resample(
     array: np.ndarray, scale: Sequence[float], offset: Sequence[float],
-    out_shape: Sequence[int], order: int,
+    out_shape: Sequence[int], order: int, out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Spline interpolation (order 1 or 3) of a 3-D array under an axis-aligned map.
 
@@ -200,8 +200,13 @@ def separable_resample(
     4 taps per axis instead of 8 or 64 per voxel. NumPy/SciPy only, so it is safe in forked
     worker processes.
 
+    Args:
+        out: optional ``out_shape`` array (any strides, e.g. a flipped view of a larger array)
+            to write into; linear interpolation then fills it slab by slab along the last
+            axis processed, with two slab-sized temporaries instead of two output-sized ones.
+
     Returns:
-        ``out_shape`` float32.
+        ``out_shape`` float32 (``out`` when given).
     """
     if order not in (1, 3):
         raise ValueError(f"order must be 1 or 3, got {order}")
@@ -209,20 +214,27 @@ def separable_resample(
     vol = np.asarray(array, dtype=np.float32)
     if vol.ndim != 3 or len(out_shape) != 3:
         raise ValueError(f"need a 3-D array and 3 output sizes, got {vol.shape} -> {out_shape}")
-    for axis in sorted(range(3), key=lambda a: out_shape[a] / max(vol.shape[a], 1)):
+    if out is not None and tuple(out.shape) != out_shape:
+        raise ValueError(f"out has shape {out.shape}, expected {out_shape}")
+    axes = [a for a in sorted(range(3), key=lambda a: out_shape[a] / max(vol.shape[a], 1))
+            if not (vol.shape[a] == out_shape[a] and float(scale[a]) == 1.0
+                    and float(offset[a]) == 0.0)]
+    for axis in axes:
         n, m = vol.shape[axis], out_shape[axis]
         s, o = float(scale[axis]), float(offset[axis])
-        if n == m and s == 1.0 and o == 0.0:
-            continue
         coord = s * np.arange(m) + o
         shape = [1, 1, 1]
         shape[axis] = m
         if order == 1:
             coord = np.clip(coord, 0, n - 1)
             lo = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
+            hi = np.minimum(lo + 1, n - 1)
             frac = (coord - lo).astype(np.float32).reshape(shape)
+            if out is not None and axis == axes[-1]:
+                _lerp_into(vol, lo, hi, frac, axis, out)
+                return out
             a = np.take(vol, lo, axis=axis)
-            b = np.take(vol, np.minimum(lo + 1, n - 1), axis=axis)
+            b = np.take(vol, hi, axis=axis)
             del vol  # in place from here: two output-sized arrays at a time, not four
             b -= a
             b *= frac
@@ -243,4 +255,30 @@ def separable_resample(
             term = np.take(coef, idx, axis=axis) * weights[k].reshape(shape)
             acc = term if acc is None else acc + term
         vol = acc
+    if out is not None:
+        out[...] = vol
+        return out
     return np.ascontiguousarray(vol, dtype=np.float32)
+
+
+#: Bytes of output per slab of :func:`_lerp_into` (two float32 temporaries of this size).
+SLAB_BYTES = 1 << 25
+
+
+def _lerp_into(vol: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, axis: int,
+               out: np.ndarray) -> None:
+    """``out = vol[lo] + (vol[hi] - vol[lo]) * frac`` along ``axis`` (the same float32
+    operations as the whole-array form), computed in slabs along another axis."""
+    along = 0 if axis != 0 else 1
+    plane = out.size // max(out.shape[along], 1) * 4
+    step = max(1, SLAB_BYTES // max(plane, 1))
+    for start in range(0, out.shape[along], step):
+        sl = [slice(None)] * 3
+        sl[along] = slice(start, start + step)
+        part = vol[tuple(sl)]
+        a = np.take(part, lo, axis=axis)
+        b = np.take(part, hi, axis=axis)
+        b -= a
+        b *= frac
+        a += b
+        out[tuple(sl)] = a

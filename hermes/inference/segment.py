@@ -389,10 +389,19 @@ class _BackMapper:
         """``arr`` (X', Y', Z') float or bool on the model grid -> original grid (float32 for
         ``order=1``, the input dtype for ``order=0``), written into ``out`` (of the original
         shape) when given, without a canonical-grid copy."""
+        if out is None:
+            out = np.empty(self.orig_shape, np.float32 if order else arr.dtype)
+        # the original-grid array seen in canonical axes (flips and a transpose: a view)
+        canon = apply_orientation(out, self.inverse_ornt)
+        assert canon.shape == self.canon_shape
+        inside = tuple(slice(a, b) for a, b in self.bbox)
         if self.identity and tuple(arr.shape) == self.crop_shape:
-            cropped = arr.astype(np.float32) if order else arr
+            cropped = arr
         elif order == 1:
-            cropped = separable_resample(arr, self.matrix, self.offset, self.crop_shape, 1)
+            canon[...] = 0
+            separable_resample(arr, self.matrix, self.offset, self.crop_shape, 1,
+                               out=canon[inside])
+            return out
         else:
             src = arr
             cropped = np.empty(self.crop_shape, src.dtype)
@@ -403,12 +412,6 @@ class _BackMapper:
                                      prefilter=False)
             if arr.dtype == bool:
                 cropped = cropped.view(bool)
-        if out is None:
-            out = np.empty(self.orig_shape, cropped.dtype)
-        # the original-grid array seen in canonical axes (flips and a transpose: a view)
-        canon = apply_orientation(out, self.inverse_ornt)
-        assert canon.shape == self.canon_shape
-        inside = tuple(slice(a, b) for a, b in self.bbox)
         canon[...] = 0
         canon[inside] = cropped
         return out
