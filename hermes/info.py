@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
@@ -39,13 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     info = capabilities()
-    try:
-        print(json.dumps(info, indent=2) if "--json" in argv else format_capabilities(info))
-        sys.stdout.flush()
-    except BrokenPipeError:  # `python -m hermes.info | head -1`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print(json.dumps(info, indent=2) if "--json" in argv else format_capabilities(info))
+    sys.stdout.flush()  # a closed pipe raises here, where `hermes.cli.main` catches it
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # through the CLI: its handling of errors and closed pipes
+    from hermes.cli import main as cli_main
+
+    raise SystemExit(cli_main(["info", *sys.argv[1:]]))

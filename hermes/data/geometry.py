@@ -233,14 +233,7 @@ def separable_resample(
             if out is not None and axis == axes[-1]:
                 _lerp_into(vol, lo, hi, frac, axis, out)
                 return out
-            a = np.take(vol, lo, axis=axis)
-            b = np.take(vol, hi, axis=axis)
-            del vol  # in place from here: two output-sized arrays at a time, not four
-            b -= a
-            b *= frac
-            a += b
-            del b
-            vol = a
+            vol = _lerp(vol, lo, hi, frac, axis)
             continue
         pad = [(0, 0)] * 3
         pad[axis] = (_SPLINE_PAD, _SPLINE_PAD)
@@ -265,20 +258,25 @@ def separable_resample(
 SLAB_BYTES = 1 << 25
 
 
+def _lerp(vol: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray,
+          axis: int) -> np.ndarray:
+    """``vol[lo] + (vol[hi] - vol[lo]) * frac`` along ``axis``, in place on the two taken
+    arrays (two output-sized arrays at a time, not four)."""
+    a = np.take(vol, lo, axis=axis)
+    b = np.take(vol, hi, axis=axis)
+    b -= a
+    b *= frac
+    a += b
+    return a
+
+
 def _lerp_into(vol: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, axis: int,
                out: np.ndarray) -> None:
-    """``out = vol[lo] + (vol[hi] - vol[lo]) * frac`` along ``axis`` (the same float32
-    operations as the whole-array form), computed in slabs along another axis."""
+    """:func:`_lerp` into ``out``, computed in slabs along another axis."""
     along = 0 if axis != 0 else 1
     plane = out.size // max(out.shape[along], 1) * 4
     step = max(1, SLAB_BYTES // max(plane, 1))
     for start in range(0, out.shape[along], step):
         sl = [slice(None)] * 3
         sl[along] = slice(start, start + step)
-        part = vol[tuple(sl)]
-        a = np.take(part, lo, axis=axis)
-        b = np.take(part, hi, axis=axis)
-        b -= a
-        b *= frac
-        a += b
-        out[tuple(sl)] = a
+        out[tuple(sl)] = _lerp(vol[tuple(sl)], lo, hi, frac, axis)

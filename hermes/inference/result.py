@@ -204,21 +204,18 @@ class SegmentationResult:
                 files.append((f"prob:{name}", f"{prefix}probabilities/{stems[i]}.nii.gz",
                               lambda i=i: nifti_bytes(self.probabilities[i].astype(np.float32),
                                                       self.affine, geometry=geo)))
-        if preview:
-            files.append(("preview", f"{prefix}preview.png", self._preview_or_nothing))
-        earlier = self._earlier_outputs(out, prefix)
+        png = self._preview_or_nothing() if preview else None
+        if png is not None:  # else an earlier preview is stale like any unwritten output
+            files.append(("preview", f"{prefix}preview.png", lambda: png))
         written_paths = {(out / name).resolve() for _, name, _ in files}
-        stale = [p for p in earlier if p.resolve() not in written_paths and p.is_file()]
+        stale = [p for p in self._earlier_outputs(out, prefix)
+                 if p.resolve() not in written_paths and p.is_file()]
         self._refuse_input_clash([out / name for _, name, _ in files] + stale)
 
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, Path] = {}
         for key, name, produce in files:
-            data = produce()
-            if data is None:  # a preview that could not be drawn: no earlier one stays either
-                stale += [out / name] if (out / name) in earlier else []
-                continue
-            atomic_write_bytes(out / name, [data])
+            atomic_write_bytes(out / name, [produce()])
             written[key] = out / name
         for p in stale:
             p.unlink(missing_ok=True)

@@ -395,10 +395,10 @@ class _BackMapper:
         canon = apply_orientation(out, self.inverse_ornt)
         assert canon.shape == self.canon_shape
         inside = tuple(slice(a, b) for a, b in self.bbox)
+        canon[...] = 0
         if self.identity and tuple(arr.shape) == self.crop_shape:
             cropped = arr
         elif order == 1:
-            canon[...] = 0
             separable_resample(arr, self.matrix, self.offset, self.crop_shape, 1,
                                out=canon[inside])
             return out
@@ -412,7 +412,6 @@ class _BackMapper:
                                      prefilter=False)
             if arr.dtype == bool:
                 cropped = cropped.view(bool)
-        canon[...] = 0
         canon[inside] = cropped
         return out
 

@@ -73,18 +73,18 @@ def open_cache_once(source: str, cache_dir: str | None, workers: int | None, pro
     return open_cache(source, cache_dir, workers, False, defaults)
 
 
-def _rank() -> int:
-    """This process's rank in a ``torchrun`` launch (0 without one)."""
-    import os
-
-    return int(os.environ.get("RANK", "0"))
-
-
 def triple(values: list[int]) -> tuple[int, int, int]:
     """A size option given as 1 or 3 ints, as 3."""
     if len(values) not in (1, 3):
         raise ValueError(f"a size takes 1 or 3 values, got {len(values)}: {values}")
     return tuple(values) if len(values) == 3 else (values[0],) * 3  # type: ignore[return-value]
+
+
+def crop_option(values: list[int]) -> tuple[int, int, int]:
+    """``--crop`` as 3 sizes the network can take (checked before any preprocessing)."""
+    crop = triple(values)
+    check_spatial_size(crop, "--crop")
+    return crop
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -133,10 +133,10 @@ def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
 def _train(args: argparse.Namespace) -> int:
     import json
 
-    from hermes.training.trainer import TrainConfig, train
+    from hermes.training.trainer import TrainConfig, _dist_info, train
 
-    if args.crop is not None:  # refused before any preprocessing
-        check_spatial_size(triple(args.crop), "--crop")
+    if args.crop is not None:
+        crop_option(args.crop)
     pc = open_cache_once(args.collection, args.cache_dir, args.workers, not args.quiet,
                          device=args.device)
     out = args.out or str(Path("runs") / f"{pc.name}-{args.preset or 'tiny'}")
@@ -149,7 +149,7 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
     )
     path = train(cfg, resume=args.resume)
-    if not args.quiet and _rank() == 0:
+    if not args.quiet and _dist_info()[1] == 0:
         print(f"model written to {path}")
     return 0
 

@@ -47,12 +47,12 @@ def _fill_options(args: argparse.Namespace, out: Path) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     import hermes.models as hm
-    from hermes.models.hermes_resunet import check_spatial_size
-    from hermes.training.commands import _rank, open_cache_once, triple
+    from hermes.training.commands import crop_option, open_cache_once
     from hermes.training.finetune import finetune
+    from hermes.training.trainer import _dist_info
 
-    if args.crop is not None:  # refused before any preprocessing
-        check_spatial_size(triple(args.crop), "--crop")
+    if args.crop is not None:
+        crop_option(args.crop)
     # a collection not preprocessed yet is resampled as the base model's training data
     base = hm.read_header(args.model)["metadata"].get("preprocess") or {}
     pc = open_cache_once(args.collection, args.cache_dir, args.workers, not args.quiet, base,
@@ -66,7 +66,7 @@ def _finetune(args: argparse.Namespace) -> int:
                                          f"{variant}-{pc.name}")
     _fill_options(args, Path(out))
     # without --crop, finetune() takes the base model's training crop
-    crop = {"crop_size": triple(args.crop)} if args.crop else {}
+    crop = {"crop_size": crop_option(args.crop)} if args.crop else {}
     res = finetune(
         args.model, pc, out, mode=args.mode, init=args.init, rehearsal=rehearsal,
         rehearsal_fraction=args.rehearsal_fraction, distill=args.distill, resume=args.resume,
@@ -77,7 +77,7 @@ def _finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
         ema_decay=args.ema, augment=not args.no_augment,
     )
-    if not args.quiet and _rank() == 0:
+    if not args.quiet and _dist_info()[1] == 0:
         for name, src in res.plan["tasks"].items():
             print(f"new task {name}: prior initialised from {src or 'random'}")
         for name, src in res.plan["modalities"].items():
