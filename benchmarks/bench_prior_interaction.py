@@ -159,8 +159,11 @@ def _sync(device: str) -> None:
 
 
 def time_all(configs, device: str, dtype: torch.dtype, repeats: int,
-             clock: str = "wall") -> dict:
+             clock: str = "wall", inner: int = 1) -> dict:
     """Median seconds per (level, n, scope, mode, impl), impls interleaved within each repeat.
+
+    Each sample times ``inner`` back-to-back calls (GPU: launches queue up as in a training
+    loop, so the per-call host overhead overlaps the device work) and divides by ``inner``.
 
     ``clock="cpu"`` measures process CPU time instead of wall time: with one thread this is the
     work done, robust against other jobs on a shared host (with several threads it would count
@@ -180,9 +183,10 @@ def time_all(configs, device: str, dtype: torch.dtype, repeats: int,
                     for impl in IMPLS:
                         _sync(device)
                         t0 = timer()
-                        step(impl, scope, mode, f, pr, p, grads)
+                        for _ in range(inner):
+                            step(impl, scope, mode, f, pr, p, grads)
                         _sync(device)
-                        samples[impl].append(timer() - t0)
+                        samples[impl].append((timer() - t0) / inner)
                 print(f"level {level} N={n} {scope} {mode}: " + ", ".join(
                     f"{i} {statistics.median(samples[i]) * 1e3:.1f} ms" for i in IMPLS),
                     file=sys.stderr, flush=True)
@@ -209,18 +213,25 @@ def gemm_floor_flops(c: int, length: int, n: int, scope: str, mode: str) -> floa
 
 
 def gemm_rate(device: str, dtype: torch.dtype, clock: str = "wall") -> float:
-    """Best measured ``torch.mm`` rate (FLOP/s) on a 1024^3 product: the floor's GEMM speed."""
+    """Best measured ``torch.mm`` rate (FLOP/s): the floor's GEMM speed.
+
+    A 1024^3 product on the CPU; on a GPU ten back-to-back 4096^3 products per sample, so that
+    launch latency does not count.
+    """
     timer = time.process_time if clock == "cpu" else time.perf_counter
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
-    b = torch.randn(1024, 1024, device=device, dtype=dtype)
+    gpu = device.startswith("cuda")
+    size, inner = (4096, 10) if gpu else (1024, 1)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     best = math.inf
     for _ in range(6):
         _sync(device)
         t0 = timer()
-        torch.mm(a, b)
+        for _ in range(inner):
+            torch.mm(a, b)
         _sync(device)
-        best = min(best, timer() - t0)
-    return 2 * 1024**3 / best
+        best = min(best, (timer() - t0) / inner)
+    return 2 * size**3 / best
 
 
 def _peak_rss_bytes() -> int:
@@ -311,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--inner", type=int, default=None,
+                    help="calls per timed sample (default 1 on the CPU, 10 on a GPU)")
     ap.add_argument("--levels", default="2,3,4")
     ap.add_argument("--priors", default="26,82")
     ap.add_argument("--no-memory", action="store_true")
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         mems = memory_all(configs, device, dtype)
         Path(args.memory_json).write_text(json.dumps([[*k, v] for k, v in mems.items()]))
         return 0
-    times = time_all(configs, device, dtype, repeats, args.clock)
+    inner = args.inner or (10 if device.startswith("cuda") else 1)
+    times = time_all(configs, device, dtype, repeats, args.clock, inner)
     rate = gemm_rate(device, dtype, args.clock)
     floors = {(lv, n, s, m): gemm_floor_flops(c, length, n, s, m) / rate
               for lv, c, length, n in configs for s in ("xattn", "block")
@@ -366,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
          "floor_seconds": floors[(lv, n, s, m)]}
         for (lv, n, s, m, i), v in times.items()
     ]
-    meta = {"device": device_name, "dtype": args.dtype, "repeats": repeats, "clock": args.clock,
+    meta = {"device": device_name, "dtype": args.dtype, "repeats": repeats, "inner": inner,
+            "clock": args.clock,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gemm_flops_per_s": rate,
             "configs": [{"level": lv, "C": c, "L": length, "N": n} for lv, c, length, n in configs]}

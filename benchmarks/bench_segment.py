@@ -15,12 +15,18 @@ configuration runs in its own process after one warm-up forward (the first forwa
 pays one-off lazy imports, reported as ``first_forward``); peak memory is the process'
 resident-set high-water mark (``VmHWM``), also given above the resident set before the run.
 
+``--device cuda``: the network on the GPU (preprocessing and write-back stay on the CPU); the
+modes are then standard, two windows per forward and standard with the reference (unfused)
+prior attention (``HERMES_PRIOR_IMPL=reference``), whose label map is compared voxel by voxel
+with the standard one's (the fused CUDA kernels against PyTorch on a whole volume); peak memory
+adds ``torch.cuda.max_memory_allocated``.
+
 Model: ``--model PATH`` or the embedded default model; when that is absent, a randomly
 initialised ``--preset`` (default ``tiny``) with a CT and a T1 group stands in (timings do not
 depend on the weights).
 
-Usage: ``python benchmarks/bench_segment.py [--quick] [--threads N]``; writes
-``benchmarks/results/segment_cpu[_quick].json`` and ``.md``.
+Usage: ``python benchmarks/bench_segment.py [--quick] [--threads N] [--device cuda]``; writes
+``benchmarks/results/segment_<device>[_quick].json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -94,23 +100,29 @@ def run_one(cfg: dict) -> dict:
     import hermes
     import hermes.models as hm
 
-    model = cfg["model"]
+    model, device = cfg["model"], torch.device(cfg["device"])
     t0 = time.perf_counter()
-    net = hm.load(model) if model else None
-    if net is not None:
-        net.hermes_metadata = dict(hm.read_header(model).get("metadata", {}))
+    net = hm.load(model).to(device)
+    net.hermes_metadata = dict(hm.read_header(model).get("metadata", {}))
     t_model = time.perf_counter() - t0
-    # first forward of the process: one-off lazy imports, kept out of the step timings
+    # first forward of the process: one-off lazy imports (CUDA context, cuBLAS), kept out of
+    # the step timings
     t0 = time.perf_counter()
     with torch.inference_mode():
-        net(torch.zeros(1, 1, 32, 32, 32), tasks=[net.vocab.usable_tasks()[0]],
+        net(torch.zeros(1, 1, 32, 32, 32, device=device), tasks=[net.vocab.usable_tasks()[0]],
             modality=net.vocab.modalities[0])
     first = time.perf_counter() - t0
     rss0 = status_bytes("VmRSS") or 0
     exact = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     timings: dict = {}
-    res = hermes.segment(cfg["image"], modality=cfg["modality"], model=net, device="cpu",
+    res = hermes.segment(cfg["image"], modality=cfg["modality"], model=net, device=device,
                          fast=cfg["fast"], sw_batch_size=cfg["sw_batch_size"], timings=timings)
+    gpu_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    if cfg.get("labels_to"):
+        np.save(cfg["labels_to"], res.labels)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         res.save(d)
@@ -119,9 +131,18 @@ def run_one(cfg: dict) -> dict:
     timings["total"] += t_model + timings["save"]
     peak = status_bytes("VmHWM") or 0
     return {"timings": timings, "first_forward_s": first, "peak_rss_bytes": peak,
+            "peak_gpu_bytes": gpu_peak,
             "peak_above_start_bytes": peak - rss0 if exact else None,
             "windows": res.settings["windows"], "model_grid": res.settings["model_grid_shape"],
             "image_shape": list(res.shape), "tasks": len(res.task_names)}
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.4f} %"
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -147,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ct-slices", type=int, default=60)
     ap.add_argument("--quick", action="store_true", help="small CT (24 slices)")
     ap.add_argument("--inputs", default="head_t1,chest_ct", help="comma-separated subset")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]: where the network runs")
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))))
@@ -177,13 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     modes = [("standard", False, 1, {}), ("fast", True, 1, {}),
              ("standard, sw_batch 2", False, 2, {}),
              ("standard, PyTorch conv/norm paths", False, 1, pytorch_paths)]
+    gpu = args.device.startswith("cuda")
+    if gpu:  # those paths are CPU ones; on a GPU the fused prior attention is compared instead
+        modes = [("standard", False, 1, {}), ("standard, sw_batch 2", False, 2, {}),
+                 ("standard, reference prior attention", False, 1,
+                  {"HERMES_PRIOR_IMPL": "reference"})]
     rows = []
     for name, (path, modality) in inputs.items():
         if name not in args.inputs.split(","):
             continue
         for mode, fast, swb, extra_env in modes:
             cfg = {"image": str(path), "modality": modality, "model": model, "fast": fast,
-                   "sw_batch_size": swb, "threads": args.threads}
+                   "sw_batch_size": swb, "threads": args.threads, "device": args.device,
+                   "labels_to": str(work / f"{name}_{len(rows)}.npy")}
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **extra_env)
             proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)],
                                   capture_output=True, text=True, env=env)
@@ -193,29 +221,40 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{name} {mode} failed")
             r = json.loads(line[0][7:])
             r.update(input=name, mode=mode)
+            if mode != "standard":  # label agreement with the standard mode of this input
+                ref = next(x for x in rows if x["input"] == name and x["mode"] == "standard")
+                a, b = np.load(cfg["labels_to"]), np.load(ref["labels_to"])
+                r["label_agreement"] = float((a == b).mean())
+            r["labels_to"] = cfg["labels_to"]
             rows.append(r)
             t = r["timings"]
             print(f"{name:<9} {mode:<21} total {t['total']:7.2f} s  load {t['load']:6.2f}  "
                   f"pre {t['preprocess']:6.2f}  inf {t['inference']:7.2f}  back "
                   f"{t['writeback']:6.2f}  save {t['save']:5.2f}  windows {r['windows']:3d}  "
-                  f"peak {r['peak_rss_bytes'] / 2**30:5.2f} GiB", flush=True)
+                  f"peak {r['peak_rss_bytes'] / 2**30:5.2f} GiB"
+                  + (f"  GPU {r['peak_gpu_bytes'] / 2**30:5.2f} GiB" if gpu else "")
+                  + (f"  labels = standard's in {100 * r['label_agreement']:.4f} %"
+                     if "label_agreement" in r else ""), flush=True)
 
     import torch
 
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "device": torch.cuda.get_device_name(args.device) if gpu else "cpu",
             "threads": args.threads, "torch": torch.__version__, "model": model_desc,
             "inputs": desc, "quick": args.quick, "roi_tolerance": 0.125,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     subset = "" if set(args.inputs.split(",")) >= set(inputs) else "_" + "_".join(
         n for n in inputs if n in args.inputs.split(","))
-    out = HERE / "results" / f"segment_cpu{'_quick' if args.quick else ''}{subset}"
+    dev = "cuda" if gpu else "cpu"
+    out = HERE / "results" / f"segment_{dev}{'_quick' if args.quick else ''}{subset}"
     out.parent.mkdir(exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# hermes.segment on CPU ({args.threads} threads, {meta['date']})", "",
+    where = f"{meta['device']} + CPU" if gpu else "CPU"
+    lines = [f"# hermes.segment on {where} ({args.threads} threads, {meta['date']})", "",
              f"Model: {model_desc}. Inputs: " + "; ".join(f"{k}: {v}" for k, v in desc.items()),
              "", "| input | mode | windows | load s | preprocess s | inference s | write-back s "
-             "| save s | total s | peak RSS GiB | peak above start GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| save s | total s | peak RSS GiB | peak above start GiB | GPU peak GiB "
+             "| labels = standard's |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["timings"]
         above = r["peak_above_start_bytes"]
@@ -223,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['input']} | {r['mode']} | {r['windows']} | {t['load']:.2f} | "
             f"{t['preprocess']:.2f} | {t['inference']:.2f} | {t['writeback']:.2f} | "
             f"{t['save']:.2f} | {t['total']:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-            f"{'-' if above is None else f'{above / 2**30:.2f}'} |")
+            f"{'-' if above is None else f'{above / 2**30:.2f}'} | "
+            f"{_gib(r['peak_gpu_bytes'])} | {_percent(r.get('label_agreement'))} |")
     first = np.median([r["first_forward_s"] for r in rows])
     lines += ["", f"First forward of a process (one-off lazy imports, not in the rows): "
               f"{first:.1f} s (median)."]
