@@ -346,6 +346,87 @@ def test_fold_choice_matches_reference(fold, one_thread):
         paf.use_fold(4, 3, 64, "sometimes")
 
 
+def _form(side, length, n=26, c=128, dev="cpu", dtype=torch.float32, grad=False, fold="auto"):
+    return paf.choose_formulation(side, length, n, c, c // 32, device_type=dev, dtype=dtype,
+                                  needs_grad=grad, fold=fold)
+
+
+def test_choose_formulation_per_device():
+    """GPUs (auto): SDPA, or explicit attention in float32/64, with gradients from
+    ``GPU_MATH_MIN_VOXELS``, without from ``GPU_MATH_MIN_VOXELS_FORWARD`` for priors <- features;
+    ``always``/``never`` as on the CPU. CPU: folded where :func:`use_fold` says so, else
+    streamed from ``STREAM_MIN_VOXELS`` voxels, else SDPA."""
+    big, small = paf.GPU_MATH_MIN_VOXELS, paf.GPU_MATH_MIN_VOXELS - 1
+    fwd = paf.GPU_MATH_MIN_VOXELS_FORWARD
+    for dtype in (torch.float32, torch.float64):
+        for side in ("prior", "feature"):
+            assert _form(side, big, dev="cuda", dtype=dtype, grad=True) == "math"
+            assert _form(side, small, dev="cuda", dtype=dtype, grad=True) == "sdpa"
+        assert _form("prior", fwd, dev="cuda", dtype=dtype) == "math"
+        assert _form("prior", fwd - 1, dev="cuda", dtype=dtype) == "sdpa"
+        assert _form("feature", 10 * big, dev="cuda", dtype=dtype) == "sdpa"
+    for dtype in (torch.float16, torch.bfloat16):
+        for side in ("prior", "feature"):
+            assert _form(side, big, dev="cuda", dtype=dtype, grad=True) == "sdpa"
+    assert _form("prior", 512, dev="cuda", fold="always") == "fold"
+    assert _form("prior", paf.STREAM_MIN_VOXELS, n=82, dev="cuda", fold="never") == "stream"
+    assert _form("prior", paf.STREAM_MIN_VOXELS, dev="cuda", grad=True, fold="never") == "sdpa"
+    assert _form("prior", 32768) == "fold"  # level 2, N = 26
+    assert _form("feature", 32768, n=82, grad=True) == "stream"  # CPU training streams too
+    assert _form("feature", 4096, n=82) == "sdpa"
+    with pytest.raises(ValueError, match="side must be"):
+        _form("voxels", 100)
+    with pytest.raises(ValueError, match="fold must be"):
+        _form("prior", 100, fold="sometimes")
+
+
+@pytest.mark.parametrize("direction", ["prior", "feature"])
+def test_explicit_attention_core(direction, one_thread):
+    """The ``math`` core (the GPUs' float32 choice) equals the reference sublayer and SDPA in
+    values and gradients (float64), and passes gradcheck; an unknown core is refused."""
+    prm = make_block(64, head_dim=16).params()
+    a = prm.prior_attn if direction == "prior" else prm.feat_attn
+    f = torch.randn(2, 23, 64, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+    q, kv = (p, f) if direction == "prior" else (f, p)
+    g = torch.randn_like(q)
+    outs = []
+    for fn in (lambda x, y: paf._projected_cross_attention(x, y, a, "math"),
+               lambda x, y: paf._projected_cross_attention(x, y, a, "sdpa"),
+               lambda x, y: cross_attention_sublayer(x, y, a)):
+        out = fn(q, kv)
+        outs.append((out, *torch.autograd.grad(out, [q, kv, a.w_q, a.norm_kv_weight], g)))
+    for ours, other in zip(outs[0], outs[2], strict=True):
+        torch.testing.assert_close(ours, other, rtol=1e-10, atol=1e-10)
+    for ours, other in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(ours, other, rtol=1e-10, atol=1e-10)
+    small = (q[:1, :4, :].detach().requires_grad_(), kv[:1, :6, :].detach().requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, y: paf._projected_cross_attention(x, y, a, "math"),
+                                    small)
+    with pytest.raises(ValueError, match="core must be"):
+        paf._projected_cross_attention(q, kv, a, "flash")
+
+
+def test_plain_feature_mlp_and_streamed_default(monkeypatch, one_thread):
+    """``streamed_mlp=False`` (the GPUs' default) runs PyTorch's layers and equals the
+    reference; ``fold="always"`` streams the MLP too."""
+    blk = make_block(64)
+    f = torch.randn(2, 29, 64, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(2, 4, 64, dtype=torch.float64, requires_grad=True)
+    gf, gp = torch.randn_like(f), torch.randn_like(p)
+    ref = _grads(prior_attention_block_reference, f, p, blk, gf, gp)
+    calls = []
+    streamed = paf.feature_mlp
+    monkeypatch.setattr(paf, "feature_mlp", lambda *a: (calls.append(1), streamed(*a))[1])
+    out = _grads(lambda *a: paf.prior_attention_block_fused(*a, streamed_mlp=False), f, p, blk,
+                 gf, gp)
+    assert not calls
+    for g_out, g_ref in zip([out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]], strict=True):
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-10)
+    paf.prior_attention_block_fused(f, p, blk.params(), fold="always")
+    assert calls == [1]
+
+
 def test_fold_needs_enough_voxels(monkeypatch, one_thread):
     """``auto`` folds from ``FOLD_MIN_VOXELS`` voxels only (level 4 of a 128^3 crop, 512 voxels,
     runs projected); ``always`` folds any volume. Both equal the reference."""
@@ -719,8 +800,15 @@ def test_cpu_autocast_bfloat16_rule(fold, one_thread, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_matches_cpu_reference_float32():
+@pytest.mark.parametrize("fold, math_from", [("always", None), ("auto", None), ("auto", 1)])
+def test_cuda_matches_cpu_reference_float32(fold, math_from, monkeypatch):
+    """The fused kernels (``always``) and the GPU's default formulations (``auto``: SDPA, and
+    explicit attention from ``GPU_MATH_MIN_VOXELS[_FORWARD]``, lowered here) against the CPU
+    reference."""
     assert native_available(torch.device("cuda"), torch.float32), "built without CUDA kernels"
+    if math_from is not None:
+        monkeypatch.setattr(paf, "GPU_MATH_MIN_VOXELS", math_from)
+        monkeypatch.setattr(paf, "GPU_MATH_MIN_VOXELS_FORWARD", math_from)
     blk = make_block(128, dtype=torch.float32)
     f = torch.randn(2, 3000, 128, requires_grad=True)
     p = torch.randn(2, 26, 128, requires_grad=True)
@@ -728,8 +816,8 @@ def test_cuda_matches_cpu_reference_float32():
     ref = _grads(prior_attention_block_reference, f, p, blk, gf, gp)
     blk_c = blk.cuda()
     fc, pc = f.detach().cuda().requires_grad_(), p.detach().cuda().requires_grad_()
-    out = _grads(lambda *a: paf.prior_attention_block_fused(*a, chunk=1000), fc, pc, blk_c,
-                 gf.cuda(), gp.cuda())
+    out = _grads(lambda *a: paf.prior_attention_block_fused(*a, chunk=1000, fold=fold), fc, pc,
+                 blk_c, gf.cuda(), gp.cuda())
     torch.testing.assert_close(out[0].cpu(), ref[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(out[1].cpu(), ref[1], rtol=2e-3, atol=2e-3)
     for g_out, g_ref in zip(out[2], ref[2], strict=True):
@@ -738,8 +826,9 @@ def test_cuda_matches_cpu_reference_float32():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fold", ["always", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_precision_rule(dtype):
+def test_cuda_half_precision_rule(dtype, fold):
     """|kernel - fp32 ref| <= 2 |PyTorch same dtype - fp32 ref| + eps (outputs and grads)."""
     assert native_available(torch.device("cuda"), dtype), "built without CUDA kernels"
     blk = make_block(128, dtype=torch.float32).cuda()
@@ -756,7 +845,7 @@ def test_cuda_half_precision_rule(dtype):
               torch.float32)
     same = run(prior_attention_block_reference, make_block(128, torch.float32).cuda(), dtype)
     # chunks of 1000 voxels: the online softmax rescales across chunks in half precision too
-    ours = run(lambda *a: paf.prior_attention_block_fused(*a, chunk=1000),
+    ours = run(lambda *a: paf.prior_attention_block_fused(*a, chunk=1000, fold=fold),
                make_block(128, torch.float32).cuda(), dtype)
     eps = 1e-2 if dtype == torch.bfloat16 else 2e-3
     flat = lambda o: [o[0], o[1], *o[2]]  # noqa: E731

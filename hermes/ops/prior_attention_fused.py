@@ -30,7 +30,10 @@ Cost per voxel and sublayer: the folded GEMMs cost ``2 * H * N * C`` multiply-ad
 (every level at N = 26; not at N = 82, where the official GEMM count is lower: every level
 at N = 82 takes the projected form, see :func:`use_fold`: streamed over the voxels by
 :mod:`hermes.ops.prior_attention_projected`, or PyTorch's SDPA for training where that is
-faster, see :func:`_streamed`). Memory: the
+faster). On GPUs these streaming ops lose to single-pass PyTorch attention at Hermes' shapes
+(their kernels take microseconds, the host time per op call far more), so there the sublayers
+run through SDPA or explicit attention and the feature MLP through PyTorch's layers: see
+:func:`choose_formulation`. Memory (streaming ops): the
 saved tensors are the block inputs plus B x (H*N) x C folds, Z and its log-sum-exp; scratch is
 one chunk (``default_chunk``) per buffer. First-order gradients only (no double backward).
 
@@ -72,6 +75,7 @@ __all__ = [
     "resolve_impl",
     "default_chunk",
     "use_fold",
+    "choose_formulation",
 ]
 
 IMPLS = ("fused", "reference")
@@ -702,7 +706,7 @@ def use_fold(heads: int, n: int, c: int, fold: str = "auto", length: int | None 
     voxels; ``always`` / ``never`` force it.
     Without folding the sublayer runs the projected form: q/k/v projections and PyTorch's
     ``scaled_dot_product_attention`` or streamed over the voxels
-    (:mod:`hermes.ops.prior_attention_projected`; :func:`_streamed` chooses).
+    (:mod:`hermes.ops.prior_attention_projected`; :func:`choose_formulation` chooses).
     """
     if fold not in FOLDS:
         raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
@@ -713,8 +717,14 @@ def use_fold(heads: int, n: int, c: int, fold: str = "auto", length: int | None 
     return heads * n <= 1.2 * (c + n)
 
 
-def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParams) -> Tensor:
-    """``x_q + CrossAttn(LN(x_q), LN(x_kv))`` through projections and SDPA (no folding)."""
+ATTENTION_CORES = ("sdpa", "math")
+
+
+def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParams,
+                               core: str = "sdpa") -> Tensor:
+    """``x_q + CrossAttn(LN(x_q), LN(x_kv))`` through projections (no folding) and ``core``:
+    PyTorch's ``scaled_dot_product_attention`` or ``math`` (explicit scores, softmax, values:
+    the official formulation)."""
     c = x_q.shape[-1]
     heads, d = _split_heads(p, c)
     q = F.linear(F.layer_norm(x_q, (c,), p.norm_q_weight, p.norm_q_bias, p.eps), p.w_q)
@@ -722,8 +732,13 @@ def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParam
     b, lq, lk = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
     q = q.view(b, lq, heads, d).transpose(1, 2)
     k, v = kv.view(b, lk, 2, heads, d).permute(2, 0, 3, 1, 4)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, lq, heads * d)
-    return x_q + F.linear(out, p.w_out, p.b_out)
+    if core == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)
+    elif core == "math":
+        out = ((q * d**-0.5) @ k.transpose(-1, -2)).softmax(-1) @ v
+    else:
+        raise ValueError(f"core must be one of {ATTENTION_CORES}, got {core!r}")
+    return x_q + F.linear(out.transpose(1, 2).reshape(b, lq, heads * d), p.w_out, p.b_out)
 
 
 #: Voxels from which unfolded sublayers stream (:mod:`hermes.ops.prior_attention_projected`)
@@ -733,26 +748,83 @@ def _projected_cross_attention(x_q: Tensor, x_kv: Tensor, p: CrossAttentionParam
 #: 0.9x / 0.8x: small volumes keep SDPA (their projections are small anyway).
 STREAM_MIN_VOXELS = 16384
 
+#: GPUs, float32/float64, with gradients: voxels from which both sublayers use explicit
+#: attention (``math``) rather than SDPA, whose float32 kernels slow down with the voxel count
+#: at these shapes. H200, C = 128, ms, N = 26 (benchmarks/bench_prior_formulations.py),
+#: forward + backward, math / SDPA: priors <- features 2.29 / 2.02 at 8,192 voxels, 2.24 / 3.08
+#: at 13,824, 3.15 / 8.81 at 32,768; features <- priors 2.19 / 1.91, 1.82 / 2.84, 3.08 / 6.74
+#: (N = 82 alike). The folded and streamed ops: 2.7-4.4 ms at these sizes.
+GPU_MATH_MIN_VOXELS = 12288
 
-def _streamed(features: Tensor, priors: Tensor, p: CrossAttentionParams) -> bool:
-    """Whether an unfolded sublayer streams rather than running through SDPA: from
-    ``STREAM_MIN_VOXELS`` voxels, without gradients or on the CPU (GPUs keep SDPA's fused
-    attention for training)."""
-    if features.shape[1] < STREAM_MIN_VOXELS:
-        return False
+#: The same without gradients, for priors <- features only (features <- priors keeps SDPA, the
+#: faster there at every size: 0.17-0.40 against 0.24-0.55 ms). H200, C = 128, N = 26, math /
+#: SDPA: 0.26 / 0.62 ms at 6,144 voxels, 0.50 / 1.33 at 13,824, 1.45 / 3.26 at 32,768; at C =
+#: 256 and 4,096 voxels SDPA wins, 0.49 / 0.63.
+GPU_MATH_MIN_VOXELS_FORWARD = 6144
+
+FORMULATIONS = ("fold", "stream") + ATTENTION_CORES
+
+
+def choose_formulation(side: str, length: int, n: int, c: int, heads: int, *,
+                       device_type: str, dtype: torch.dtype, needs_grad: bool,
+                       fold: str = "auto") -> str:
+    """How a cross-attention sublayer runs: ``fold`` (:func:`prior_gather` /
+    :func:`feature_scatter`), ``stream`` (:mod:`hermes.ops.prior_attention_projected`), ``sdpa``
+    or ``math`` (projections, then PyTorch's SDPA or explicit attention).
+
+    Args:
+        side: ``"prior"`` (priors <- features) or ``"feature"`` (features <- priors).
+        length, n, c, heads: voxels, priors, width and heads.
+        device_type, dtype: of the features.
+        needs_grad: whether any input or weight requires gradients.
+        fold: ``auto`` (the measured choice), ``always`` (the folded op) or ``never``
+            (projected: streamed from ``STREAM_MIN_VOXELS`` voxels without gradients or on the
+            CPU, else SDPA).
+
+    ``auto`` on the CPU folds where :func:`use_fold` says so, else as ``never``. On GPUs every
+    streaming op is bound by host time at Hermes' shapes (H200: each sublayer's kernels take
+    microseconds, the op's calls 0.6-1.7 ms forward and 2.8-5.9 ms forward + backward at every
+    level, against SDPA's 0.2-0.5 / 1.5-2.5 ms, float32 at level 2 aside), so ``auto`` takes
+    SDPA, or ``math`` in float32 and float64 where SDPA's kernels are slower: with gradients from
+    ``GPU_MATH_MIN_VOXELS`` voxels, without from ``GPU_MATH_MIN_VOXELS_FORWARD`` for priors <-
+    features.
+    """
+    if side not in ("prior", "feature"):
+        raise ValueError(f"side must be 'prior' or 'feature', got {side!r}")
+    if fold not in FOLDS:
+        raise ValueError(f"fold must be one of {FOLDS}, got {fold!r}")
+    if fold == "auto" and device_type == "cuda":
+        if dtype not in (torch.float32, torch.float64):
+            return "sdpa"
+        if needs_grad:
+            return "math" if length >= GPU_MATH_MIN_VOXELS else "sdpa"
+        if side == "prior" and length >= GPU_MATH_MIN_VOXELS_FORWARD:
+            return "math"
+        return "sdpa"
+    if use_fold(heads, n, c, fold, length):
+        return "fold"
+    if length >= STREAM_MIN_VOXELS and (not needs_grad or device_type == "cpu"):
+        return "stream"
+    return "sdpa"
+
+
+def _formulation(side: str, features: Tensor, priors: Tensor, p: CrossAttentionParams,
+                 fold: str) -> str:
     weights = (v for v in vars(p).values() if isinstance(v, Tensor))
-    return not _needs_grad(features, priors, *weights) or features.device.type == "cpu"
+    return choose_formulation(side, features.shape[1], priors.shape[1], priors.shape[2],
+                              p.heads, device_type=features.device.type, dtype=features.dtype,
+                              needs_grad=_needs_grad(features, priors, *weights), fold=fold)
 
 
 def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
                                 chunk: int | None = None, fold: str = "auto") -> Tensor:
-    """``priors + CrossAttn(LN(priors), LN(features))`` -> B x N x C (fused; see
-    :func:`use_fold` for ``fold``; unfolded, :func:`_streamed` chooses between SDPA and
-    :mod:`hermes.ops.prior_attention_projected`)."""
+    """``priors + CrossAttn(LN(priors), LN(features))`` -> B x N x C, formulated as
+    :func:`choose_formulation` says for ``fold``."""
     check_block_inputs(features, priors)
-    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold, features.shape[1]):
-        if not _streamed(features, priors, p):
-            return _projected_cross_attention(priors, features, p)
+    form = _formulation("prior", features, priors, p, fold)
+    if form in ATTENTION_CORES:
+        return _projected_cross_attention(priors, features, p, form)
+    if form == "stream":
         return _projected.prior_cross_attention_projected(features, priors, p, chunk)
     dt = features.dtype  # folds and norms follow the features (autocast runs F.linear in half)
     a = fold_prior_queries(priors, p).to(dt)
@@ -762,13 +834,13 @@ def prior_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttent
 
 def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAttentionParams,
                                   chunk: int | None = None, fold: str = "auto") -> Tensor:
-    """``features + CrossAttn(LN(features), LN(priors))`` -> B x L x C (fused; see
-    :func:`use_fold` for ``fold``; unfolded, :func:`_streamed` chooses between SDPA and
-    :mod:`hermes.ops.prior_attention_projected`)."""
+    """``features + CrossAttn(LN(features), LN(priors))`` -> B x L x C, formulated as
+    :func:`choose_formulation` says for ``fold``."""
     check_block_inputs(features, priors)
-    if not use_fold(p.heads, priors.shape[1], priors.shape[2], fold, features.shape[1]):
-        if not _streamed(features, priors, p):
-            return _projected_cross_attention(features, priors, p)
+    form = _formulation("feature", features, priors, p, fold)
+    if form in ATTENTION_CORES:
+        return _projected_cross_attention(features, priors, p, form)
+    if form == "stream":
         return _projected.feature_cross_attention_projected(features, priors, p, chunk)
     dt = features.dtype
     a, v = fold_feature_keys_values(priors, p)
@@ -776,14 +848,22 @@ def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAtte
                            p.norm_q_bias.to(dt), p.b_out.to(dt), p.heads, p.eps, chunk)
 
 
-def feature_mlp_fused(features: Tensor, p: MLPParams, chunk: int | None = None) -> Tensor:
-    """``features + MLP(LN(features))`` -> B x L x C (fused; see :func:`feature_mlp`)."""
-    return feature_mlp(features, p, chunk)
+def feature_mlp_fused(features: Tensor, p: MLPParams, chunk: int | None = None,
+                      streamed: bool | None = None) -> Tensor:
+    """``features + MLP(LN(features))`` -> B x L x C: the streaming op (:func:`feature_mlp`)
+    or, with ``streamed=False``, PyTorch's layers (the hidden layer kept for backward). None:
+    streaming on the CPU, PyTorch's layers on GPUs, 1.4-2.6x faster there (H200, levels 2-4,
+    float32 and bfloat16: forward 0.11-0.33 against 0.24-0.48 ms, forward + backward 0.74-1.59
+    against 1.68-3.30 ms; benchmarks/bench_prior_formulations.py), where memory is rarely short:
+    the hidden layer of a 128^3 crop's level 2 is 64 MiB in float32."""
+    if streamed is None:
+        streamed = features.device.type != "cuda"
+    return feature_mlp(features, p, chunk) if streamed else mlp_sublayer(features, p)
 
 
 def prior_attention_block_fused(features: Tensor, priors: Tensor, p: PriorBlockParams,
-                                chunk: int | None = None,
-                                fold: str | None = None) -> tuple[Tensor, Tensor]:
+                                chunk: int | None = None, fold: str | None = None,
+                                streamed_mlp: bool | None = None) -> tuple[Tensor, Tensor]:
     """One Hermes attention block, fused; same contract as the reference.
 
     Args:
@@ -791,17 +871,22 @@ def prior_attention_block_fused(features: Tensor, priors: Tensor, p: PriorBlockP
         priors: B x N x C prior tokens.
         p: the block's weights.
         chunk: voxels per streaming chunk (default: :func:`default_chunk`).
-        fold: formulation of the cross-attention sublayers (:func:`use_fold`); default
-            ``$HERMES_PRIOR_FOLD`` or ``auto``.
+        fold: formulation of the cross-attention sublayers (:func:`choose_formulation`);
+            default ``$HERMES_PRIOR_FOLD`` or ``auto``.
+        streamed_mlp: the feature MLP as the streaming op or PyTorch's layers
+            (:func:`feature_mlp_fused`); None: streaming where ``fold`` is ``always``, else the
+            device's default.
     Returns:
         (features, priors) updated, B x L x C and B x N x C.
     """
     check_block_inputs(features, priors)
     fold = fold if fold is not None else os.environ.get("HERMES_PRIOR_FOLD", "auto")
+    if streamed_mlp is None and fold == "always":
+        streamed_mlp = True
     priors = prior_cross_attention_fused(features, priors, p.prior_attn, chunk, fold)
     priors = mlp_sublayer(priors, p.prior_mlp)
     features = feature_cross_attention_fused(features, priors, p.feat_attn, chunk, fold)
-    features = feature_mlp_fused(features, p.feat_mlp, chunk)
+    features = feature_mlp_fused(features, p.feat_mlp, chunk, streamed_mlp)
     return features, priors
 
 
