@@ -36,32 +36,29 @@ from hermes.ops.prior_attention import mlp_sublayer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _prior_side(form: str):
+def _sublayer(side: str, form: str):
+    """One formulation of priors <- features (``side="prior"``) or features <- priors."""
+    prior = side == "prior"
+
     def run(f, pr, p):
-        a = p.prior_attn
+        a = p.prior_attn if prior else p.feat_attn
         if form == "fold":
-            return paf.prior_cross_attention_fused(f, pr, a, fold="always")
+            op = paf.prior_cross_attention_fused if prior else paf.feature_cross_attention_fused
+            return op(f, pr, a, fold="always")
         if form == "stream":
-            return pap.prior_cross_attention_projected(f, pr, a)
-        return paf._projected_cross_attention(pr, f, a, core=form)
+            op = pap.prior_cross_attention_projected if prior \
+                else pap.feature_cross_attention_projected
+            return op(f, pr, a)
+        return paf._projected_cross_attention(*((pr, f) if prior else (f, pr)), a, core=form)
     return run
 
 
-def _feature_side(form: str):
-    def run(f, pr, p):
-        a = p.feat_attn
-        if form == "fold":
-            return paf.feature_cross_attention_fused(f, pr, a, fold="always")
-        if form == "stream":
-            return pap.feature_cross_attention_projected(f, pr, a)
-        return paf._projected_cross_attention(f, pr, a, core=form)
-    return run
-
+FORMS = ("fold", "stream", "sdpa", "math")
 
 CASES = {
-    "prior_attn": {form: _prior_side(form) for form in ("fold", "stream", "sdpa", "math")},
-    "feat_attn": {form: _feature_side(form) for form in ("fold", "stream", "sdpa", "math")},
-    "feat_mlp": {"fused": lambda f, pr, p: paf.feature_mlp_fused(f, p.feat_mlp),
+    "prior_attn": {form: _sublayer("prior", form) for form in FORMS},
+    "feat_attn": {form: _sublayer("feature", form) for form in FORMS},
+    "feat_mlp": {"fused": lambda f, pr, p: paf.feature_mlp_fused(f, p.feat_mlp, streamed=True),
                  "plain": lambda f, pr, p: mlp_sublayer(f, p.feat_mlp)},
     "block": {"auto": lambda f, pr, p: paf.prior_attention_block_fused(f, pr, p)[0]},
 }

@@ -381,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         for (lv, n, s, m, i), v in times.items()
     ]
     meta = {"device": device_name, "dtype": args.dtype, "repeats": repeats, "inner": inner,
-            "clock": args.clock,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "clock": args.clock, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gemm_flops_per_s": rate,
             "configs": [{"level": lv, "C": c, "L": length, "N": n} for lv, c, length, n in configs]}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": records}, indent=1))

@@ -18,8 +18,8 @@ resident-set high-water mark (``VmHWM``), also given above the resident set befo
 ``--device cuda``: the network on the GPU (preprocessing and write-back stay on the CPU); the
 modes are then standard, two windows per forward and standard with the reference (unfused)
 prior attention (``HERMES_PRIOR_IMPL=reference``), whose label map is compared voxel by voxel
-with the standard one's (the fused CUDA kernels against PyTorch on a whole volume); peak memory
-adds ``torch.cuda.max_memory_allocated``.
+with the standard one's (the fused op's GPU formulations against the reference on a whole
+volume); peak memory adds ``torch.cuda.max_memory_allocated``.
 
 Model: ``--model PATH`` or the embedded default model; when that is absent, a randomly
 initialised ``--preset`` (default ``tiny``) with a CT and a T1 group stands in (timings do not

@@ -762,9 +762,6 @@ GPU_MATH_MIN_VOXELS = 12288
 #: 256 and 4,096 voxels SDPA wins, 0.49 / 0.63.
 GPU_MATH_MIN_VOXELS_FORWARD = 6144
 
-FORMULATIONS = ("fold", "stream") + ATTENTION_CORES
-
-
 def choose_formulation(side: str, length: int, n: int, c: int, heads: int, *,
                        device_type: str, dtype: torch.dtype, needs_grad: bool,
                        fold: str = "auto") -> str:
