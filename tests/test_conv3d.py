@@ -29,6 +29,16 @@ def test_matches_torch_conv_float32(k):
     torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("cin, cout", [(1, 8), (8, 1), (3, 4)])
+def test_weight_gradient_has_the_weights_strides(cin, cout):
+    """DDP's gradient buckets take the weight's layout: another one (the swapped-axes gradient of
+    a one-channel input had strides 27, 216, ...) costs a copy and a warning every step."""
+    x = torch.randn(2, cin, 6, 5, 4)
+    w = torch.randn(cout, cin, 3, 3, 3, requires_grad=True)
+    conv3d_same(x, w).sum().backward()
+    assert w.grad.stride() == w.stride()
+
+
 def test_module_keeps_conv3d_parameters():
     m = Conv3dSame(4, 6)
     assert list(m.state_dict()) == ["weight"] and m.weight.shape == (6, 4, 3, 3, 3)

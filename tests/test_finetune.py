@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -305,6 +308,35 @@ def test_cli_finetune_resume_takes_the_runs_own_options(setup, tmp_path, capsys)
     # an option given with another value is still refused by name
     assert main(["finetune", *common, "--resume", "--seed", "4"]) != 0
     assert "seed=3 (now 4)" in capsys.readouterr().err
+
+
+def test_cli_finetune_under_torchrun(setup, tmp_path):
+    """Two gloo processes, incremental with rehearsal: ranks in sync, one model written by
+    rank 0 with the new tasks, no DDP gradient-layout warnings, the process group left."""
+    root, old, new, _ = setup
+    out = tmp_path / "ddp"
+    script = tmp_path / "finetune_ddp.py"
+    script.write_text("import sys, torch.distributed as dist\n"
+                      "from hermes.cli import main\n"
+                      "code = main(sys.argv[1:])\n"
+                      "print('process group left:', not dist.is_initialized())\n"
+                      "sys.exit(code)\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), "finetune", str(root / "base.hermes"), str(new.cache_dir),
+         "--rehearsal", str(old.cache_dir), "--out", str(out), "--workers", "0",
+         "--mode", "incremental", "--device", "cpu", "--steps", "2", "--crop", "32", "24", "24",
+         "--no-augment"],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, cwd=tmp_path,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("process group left: True") == 2
+    assert "ddp: parameters in sync across 2 ranks" in proc.stdout
+    assert proc.stdout.count("model written to") == 1
+    assert "Grad strides do not match" not in proc.stderr
+    model = hm.load(out / "model.hermes")
+    assert {"synth_t2/kidney", "synth_t2/bladder"} <= set(model.vocab.tasks)
+    assert model.hermes_metadata["finetune"]["mode"] == "incremental"
 
 
 def test_refusals_grid_resume_base_and_nothing_new(setup, tmp_path):

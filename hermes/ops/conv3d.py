@@ -62,7 +62,9 @@ class _Conv3dSame(torch.autograd.Function):
             grad_x = F.conv_transpose3d(grad, w, padding=ctx.padding)
         if ctx.needs_input_grad[1]:
             grad_w = F.conv3d(x.transpose(0, 1), grad.transpose(0, 1), padding=ctx.padding)
-            grad_w = grad_w.transpose(0, 1)
+            # in the weight's own strides: DDP's gradient buckets copy (and warn about) any other
+            # layout, and .contiguous() keeps the transposed strides of a size-1 axis
+            grad_w = grad_w.transpose(0, 1).clone(memory_format=torch.contiguous_format)
         return grad_x, grad_w, None
 
 

@@ -71,7 +71,7 @@ from hermes.models.extend import (
     plan_extension,
 )
 from hermes.models.vocabulary import UnknownNameError, Vocabulary
-from hermes.training.trainer import TrainConfig, Trainer, changed_settings
+from hermes.training.trainer import TrainConfig, Trainer, changed_settings, leave_distributed
 
 __all__ = [
     "MODES",
@@ -513,7 +513,10 @@ def finetune(
                       extra_loss=extra)
     if trainer.rank == 0:
         atomic_write_json(trainer.out / SETTINGS_FILE, settings)
-    path = trainer.run()
+    try:
+        path = trainer.run()
+    finally:
+        leave_distributed(trainer.world)
     if trainer.rank != 0:
         return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode, *counts)
     # export: the EMA model with frozen values restored exactly (EMA arithmetic rounds)

@@ -114,6 +114,13 @@ def init_distributed(device: str) -> tuple[int, int]:
     return world, rank
 
 
+def leave_distributed(world: int) -> None:
+    """Destroy the ``torchrun`` process group (``world`` > 1) at the end of a run, so that the
+    process exits without NCCL's "process group not destroyed" warnings."""
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     if cfg.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -448,5 +455,4 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     try:
         return trainer.run()
     finally:
-        if trainer.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed(trainer.world)
