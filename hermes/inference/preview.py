@@ -29,8 +29,9 @@ def label_colors(n: int) -> np.ndarray:
     return np.concatenate([base, extra])
 
 
-def _window(img: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.percentile(img, [0.5, 99.5])
+def _window(pixels: np.ndarray) -> tuple[float, float]:
+    """Grey-level window: the 0.5 and 99.5 percentiles of the shown pixels."""
+    lo, hi = np.percentile(pixels, [0.5, 99.5])
     return float(lo), float(hi) if hi > lo else float(lo) + 1.0
 
 
@@ -56,7 +57,18 @@ def preview_png(result: SegmentationResult, dpi: int = 100) -> bytes:
         centre.append(int(np.argmax(counts)) if counts.any() else labels.shape[axis] // 2)
     n = len(result.task_names)
     colors = np.concatenate([np.zeros((1, 3)), label_colors(n)])
-    lo, hi = _window(image) if image is not None else (0.0, 1.0)
+    # (title, sliced axis, (left, right, bottom, top) directions, pixel aspect)
+    views = [("sagittal", 0, "PAIS", sp[2] / sp[1]), ("coronal", 1, "LRIS", sp[2] / sp[0]),
+             ("axial", 2, "LRPA", sp[1] / sp[0])]
+    cuts = []  # per view: (slice index, labels, image) with rows = second remaining axis
+    for _, axis, _, _ in views:
+        idx = [slice(None)] * 3
+        idx[axis] = int(np.clip(centre[axis], 0, labels.shape[axis] - 1))
+        grey = None if image is None else image[tuple(idx)].T
+        cuts.append((idx[axis], labels[tuple(idx)].T, grey))
+    # window from the shown slices (a percentile of a whole CT costs seconds)
+    lo, hi = (0.0, 1.0) if image is None else _window(np.concatenate(
+        [grey.ravel() for _, _, grey in cuts]))
 
     # the legend below the slices: 5 columns (8 from 41 names, smaller type), its rows add to
     # the figure's height so the slices keep theirs
@@ -66,20 +78,13 @@ def preview_png(result: SegmentationResult, dpi: int = 100) -> bytes:
     height = 4.2 + legend_in
     fig = Figure(figsize=(12, height), dpi=dpi)
     axes = fig.subplots(1, 3)
-    # (title, sliced axis, (left, right, bottom, top) directions, pixel aspect)
-    views = [("sagittal", 0, "PAIS", sp[2] / sp[1]), ("coronal", 1, "LRIS", sp[2] / sp[0]),
-             ("axial", 2, "LRPA", sp[1] / sp[0])]
-    for ax, (title, axis, dirs, aspect) in zip(axes, views, strict=True):
-        idx = [slice(None)] * 3
-        idx[axis] = int(np.clip(centre[axis], 0, labels.shape[axis] - 1))
-        lab = labels[tuple(idx)].T  # rows = second remaining axis (up = superior/anterior)
-        grey = np.zeros(lab.shape) if image is None else image[tuple(idx)].T
-        grey = np.clip((grey - lo) / (hi - lo), 0, 1)
+    for ax, (title, _, dirs, aspect), (at, lab, grey) in zip(axes, views, cuts, strict=True):
+        grey = np.zeros(lab.shape) if grey is None else np.clip((grey - lo) / (hi - lo), 0, 1)
         rgb = np.repeat(grey[..., None], 3, axis=-1)
         over = lab > 0
         rgb[over] = 0.45 * rgb[over] + 0.55 * colors[lab[over].astype(int)]
         ax.imshow(rgb, origin="lower", aspect=aspect, interpolation="nearest")
-        ax.set_title(f"{title} (slice {idx[axis]})", fontsize=10)
+        ax.set_title(f"{title} (slice {at})", fontsize=10)
         kw = {"transform": ax.transAxes, "color": "yellow", "fontsize": 9}
         ax.text(0.01, 0.5, dirs[0], ha="left", va="center", **kw)
         ax.text(0.99, 0.5, dirs[1], ha="right", va="center", **kw)
