@@ -12,7 +12,7 @@ forward + backward) this times, interleaved in one process:
 * the whole fused block as the op chooses (``auto``), for reference.
 
 Times are medians over ``--repeats`` samples of ``--inner`` back-to-back calls. Writes a table
-and ``benchmarks/results/prior_formulations_<device>.json``.
+and ``benchmarks/results/prior_formulations_<device>[_quick].json``.
 
 Usage: ``python benchmarks/bench_prior_formulations.py [--device cuda] [--dtypes float32,bfloat16]``
 """
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "N": n, "part": part, "mode": mode, "form": k,
                                      "seconds": v} for k, v in times.items()]
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    out = args.out or RESULTS / f"prior_formulations_{'cuda' if gpu else 'cpu'}.json"
+    out = args.out or RESULTS / (f"prior_formulations_{'cuda' if gpu else 'cpu'}"
+                                 f"{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": {"device": device, "torch": torch.__version__,
                                         "repeats": repeats, "inner": inner},
