@@ -29,8 +29,10 @@ import hermes.models as hm  # noqa: E402
 from hermes.data.io import ImageReadError, load_image, save_image  # noqa: E402
 from hermes.inference._workspace import cached_bytes, clear_workspace  # noqa: E402
 from hermes.inference.segment import (  # noqa: E402
+    DEFAULT_SW_BATCH,
     ModalityDetectionError,
     SegmentationInputError,
+    _sw_batch,
     resolve_tasks,
 )
 
@@ -471,6 +473,13 @@ def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
             _run(img, aff, roi_size=roi)
     with pytest.raises(ValueError, match="min_volume_ml must be >= 0"):
         _run(img, aff, postprocess={"min_volume_ml": -5})
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="sw_batch_size must be a positive int"):
+            _run(img, aff, sw_batch_size=bad)
+    # windows per forward: 1 on the CPU, 2 on GPUs unless given
+    assert ref.settings["sw_batch_size"] == 1
+    assert _run(img, aff, sw_batch_size=np.int64(3)).settings["sw_batch_size"] == 3
+    assert _sw_batch(None, torch.device("cuda", 1)) == DEFAULT_SW_BATCH["cuda"] == 2
     # names in a list are stripped as in the comma-separated form
     assert _run(img, aff, tasks=[" left_blob", "right_blob "]).task_names == list(BLOBS)
     # the user's model keeps its modes (and device)

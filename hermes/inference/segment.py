@@ -488,6 +488,24 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+#: Windows per forward pass by device when ``sw_batch_size`` is None. CPU: 1 (batch-1
+#: convolutions run through oneDNN, see :mod:`hermes.ops.conv3d`; two windows were no faster,
+#: 16.6 against 14.2 s for a 512 x 512 x 60 CT on 2 cores, and need more memory). GPUs: 2
+#: (the window loop is bound by host time there: network time 0.48-0.82 against 1.14-1.63 s
+#: for that CT on an H200, embedded model, benchmarks/bench_segment.py --device cuda).
+DEFAULT_SW_BATCH = {"cpu": 1, "cuda": 2}
+
+
+def _sw_batch(sw_batch_size: Any, dev: torch.device) -> int:
+    """``sw_batch_size`` checked, or the device's default (:data:`DEFAULT_SW_BATCH`)."""
+    if sw_batch_size is None:
+        return DEFAULT_SW_BATCH.get(dev.type, 1)
+    if not isinstance(sw_batch_size, numbers.Integral) or isinstance(sw_batch_size, bool) or (
+            sw_batch_size < 1):
+        raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
+    return int(sw_batch_size)
+
+
 def _preprocess_params(meta: dict, spacing: Any, fast: bool) -> PreprocessParams:
     pre = dict(DEFAULT_PREPROCESS)
     pre.update({k: v for k, v in dict(meta.get("preprocess") or {}).items()
@@ -543,7 +561,7 @@ def segment(
     overlap: float | None = None,
     tta: bool | None = None,
     roi_size: int | Sequence[int] | None = None,
-    sw_batch_size: int = 1,
+    sw_batch_size: int | None = None,
     roi_tolerance: float = 0.125,
     model_spacing: float | Sequence[float] | None = None,
     modality_threshold: float = 0.6,
@@ -582,8 +600,9 @@ def segment(
         roi_tolerance: along an axis of the model grid longer than the window by at most this
             fraction (e.g. 97-108 voxels for a 96 window), one window of the axis' length is
             used instead of two overlapping ones (the network accepts any size; 0 disables).
-        sw_batch_size: windows per forward pass (batch-1 convolutions run through oneDNN on
-            the CPU too, see :mod:`hermes.ops.conv3d`, so 1 is as fast and needs least memory).
+        sw_batch_size: windows per forward pass; None: 1 on the CPU (batch-1 convolutions run
+            through oneDNN, see :mod:`hermes.ops.conv3d`, so 1 is as fast and needs least
+            memory), 2 on GPUs (faster: see :data:`DEFAULT_SW_BATCH`).
         model_spacing: override the model grid spacing (mm); default from the checkpoint
             metadata ``preprocess.spacing``, else 1.5 mm.
         modality_threshold: minimum confidence of automatic modality detection.
@@ -611,6 +630,7 @@ def segment(
     t_all = time.perf_counter()
     times: dict[str, float] = {} if timings is None else timings
     dev = _resolve_device(device)
+    sw_batch_size = _sw_batch(sw_batch_size, dev)
 
     t0 = time.perf_counter()
     net, meta = resolve_model(model, dev)
