@@ -22,6 +22,7 @@ from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 from hermes.data.io import load_image
 from hermes.files import atomic_write_bytes
 from hermes.inference.geometry import pad_to_window, resample_to_grid
+from hermes.inference.segment import DEFAULT_SW_BATCH
 from hermes.inference.sliding_window import sliding_window_inference
 from hermes.models.hermes_resunet import HermesResUNet
 
@@ -57,10 +58,13 @@ def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float)
 
 def predict_case(
     model: HermesResUNet, case: CachedCase, roi: tuple[int, int, int], overlap: float = 0.5,
-    threshold: float = 0.5, device: str | torch.device = "cpu", sw_batch_size: int = 1,
+    threshold: float = 0.5, device: str | torch.device = "cpu", sw_batch_size: int | None = None,
 ) -> np.ndarray:
-    """Per-task masks ``(T, X, Y, Z)`` bool on the case's cached grid, tasks of its dataset."""
+    """Per-task masks ``(T, X, Y, Z)`` bool on the case's cached grid, tasks of its dataset
+    (``sw_batch_size`` None: ``hermes.segment``'s default for the device)."""
     dev = torch.device(device)
+    if sw_batch_size is None:
+        sw_batch_size = DEFAULT_SW_BATCH.get(dev.type, 1)
     tasks = list(case.info.tasks)
     modality = case.modality
     # padded (where shorter than the window) with each channel's minimum, as training crops
