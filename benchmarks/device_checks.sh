@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks in one run, for a session that is lent a GPU machine: build the CUDA kernels, run
 # the CUDA tests, then the benchmarks on the GPU (the tables issues 3 and 4 ask for, and
-# hermes.segment end to end with the fused prior attention checked against the reference), and
-# a compute-sanitizer pass over small fused calls. Steps share a time budget (BUDGET seconds,
+# hermes.segment end to end with the fused prior attention checked against the reference), a
+# short training + evaluate + segment run on the GPU, and a compute-sanitizer pass over small
+# fused calls. Steps share a time budget (BUDGET seconds,
 # default 450): each gets at most what is left, so the run ends within it; later steps are
 # skipped when too little is left; SKIP (names, space-separated) leaves steps out, e.g.
 # SKIP="sliding_window sanitizer". Writes at most 8 files under $OUT (default ./device_out):
@@ -17,7 +18,7 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #     monai==1.6.1 nibabel==5.4.2 pynrrd==1.1.3 pydicom==3.0.2 importlib-resources==7.1.0
-# and run:  bash benchmarks/device_checks.sh   (about 5 minutes on an H200).
+# and run:  bash benchmarks/device_checks.sh   (4-5 minutes on an H200).
 set -u
 OUT=${OUT:-device_out}
 BUDGET=${BUDGET:-450}
@@ -91,6 +92,20 @@ run sliding_window 120 python3 benchmarks/bench_sliding_window.py --device cuda 
 run segment 120 python3 benchmarks/bench_segment.py --device cuda --inputs chest_ct \
   --threads "$(nproc)" >> "$B" 2>&1
 cp benchmarks/results/segment_cuda_chest_ct.json "$OUT/segment_cuda.json" 2> /dev/null
+# Training on the GPU end to end (bf16 autocast, the GPU formulations with gradients, a few
+# steps on a small synthetic collection), then evaluate and segment with the trained model.
+cat > "$TMP/train_smoke.sh" << 'EOF'
+set -e
+cd "$1"
+python3 -m hermes.cli data synthetic synth --cases 3 --datasets synth_ct synth_t1
+python3 -m hermes.cli train synth/collection.yaml --out run --steps 20 --crop 64 --batch-size 2 \
+  --device cuda --amp bf16 --quiet
+python3 -m hermes.cli evaluate run/model.hermes synth/collection.yaml --split val \
+  --device cuda --out eval.csv
+python3 -m hermes.cli segment -i synth/synth_ct/imagesTr/synth_ct_000.nii.gz -o seg \
+  --model run/model.hermes --modality CT --device cuda
+EOF
+run train_smoke 150 bash "$TMP/train_smoke.sh" "$TMP" >> "$B" 2>&1
 run prior_bf16 60 python3 benchmarks/bench_prior_interaction.py --device cuda --dtype bfloat16 \
   --no-memory --out "$TMP/prior_interaction_cuda_bfloat16" >> "$B" 2>&1
 cp "$TMP/prior_interaction_cuda_bfloat16.json" "$OUT/" 2> /dev/null
