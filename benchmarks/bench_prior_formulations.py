@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                         records += [{"dtype": dtype_name, "level": level, "C": c, "L": length,
                                      "N": n, "part": part, "mode": mode, "form": k,
                                      "seconds": v} for k, v in times.items()]
-    device = torch.cuda.get_device_name() if gpu else "cpu"
+    device = torch.cuda.get_device_name(args.device) if gpu else "cpu"
     out = args.out or RESULTS / (f"prior_formulations_{'cuda' if gpu else 'cpu'}"
                                  f"{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,10 @@ pays one-off lazy imports, reported as ``first_forward``); peak memory is the pr
 resident-set high-water mark (``VmHWM``), also given above the resident set before the run.
 
 ``--device cuda``: the network on the GPU (preprocessing and write-back stay on the CPU); the
-modes are then standard, two windows per forward and standard with the reference (unfused)
-prior attention (``HERMES_PRIOR_IMPL=reference``), whose label map is compared voxel by voxel
-with the standard one's (the fused op's GPU formulations against the reference on a whole
-volume); peak memory adds ``torch.cuda.max_memory_allocated``.
+modes are then standard (two windows per forward there), one window per forward and standard
+with the reference (unfused) prior attention (``HERMES_PRIOR_IMPL=reference``), whose label map
+is compared voxel by voxel with the standard one's (the fused op's GPU formulations against the
+reference on a whole volume); peak memory adds ``torch.cuda.max_memory_allocated``.
 
 Model: ``--model PATH`` or the embedded default model; when that is absent, a randomly
 initialised ``--preset`` (default ``tiny``) with a CT and a T1 group stands in (timings do not
@@ -115,12 +115,12 @@ def run_one(cfg: dict) -> dict:
     rss0 = status_bytes("VmRSS") or 0
     exact = reset_peak_rss()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     timings: dict = {}
     res = hermes.segment(cfg["image"], modality=cfg["modality"], model=net, device=device,
                          fast=cfg["fast"], sw_batch_size=cfg["sw_batch_size"], timings=timings)
-    gpu_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    gpu_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if cfg.get("labels_to"):
         np.save(cfg["labels_to"], res.labels)
     t0 = time.perf_counter()
@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
              ("standard, PyTorch conv/norm paths", False, 1, pytorch_paths)]
     gpu = args.device.startswith("cuda")
     if gpu:  # those paths are CPU ones; on a GPU the fused prior attention is compared instead
-        modes = [("standard", False, 1, {}), ("standard, sw_batch 2", False, 2, {}),
-                 ("standard, reference prior attention", False, 1,
+        modes = [("standard", False, None, {}), ("standard, sw_batch 1", False, 1, {}),
+                 ("standard, reference prior attention", False, None,
                   {"HERMES_PRIOR_IMPL": "reference"})]
     rows = []
     for name, (path, modality) in inputs.items():

@@ -39,6 +39,23 @@ def test_weight_gradient_has_the_weights_strides(cin, cout):
     assert w.grad.stride() == w.stride()
 
 
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_backward_under_cpu_autocast(onednn, monkeypatch):
+    """Under bfloat16 autocast (PyTorch's path computes the forward in bfloat16) the backward
+    returns float32 gradients for float32 tensors, close to the float32 ones."""
+    monkeypatch.setenv("HERMES_ONEDNN_CONV", onednn)
+    x = torch.randn(2, 3, 6, 5, 4, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    g = torch.randn(2, 4, 6, 5, 4)
+    ref = torch.autograd.grad(F.conv3d(x, w, padding=1), (x, w), g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv3d_same(x, w)
+    got = torch.autograd.grad(y, (x, w), g.to(y.dtype))
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.1 * b.abs().max().item())
+
+
 def test_module_keeps_conv3d_parameters():
     m = Conv3dSame(4, 6)
     assert list(m.state_dict()) == ["weight"] and m.weight.shape == (6, 4, 3, 3, 3)

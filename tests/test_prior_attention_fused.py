@@ -409,7 +409,8 @@ def test_explicit_attention_core(direction, one_thread):
 
 def test_plain_feature_mlp_and_streamed_default(monkeypatch, one_thread):
     """``streamed_mlp=False`` (the GPUs' default) runs PyTorch's layers and equals the
-    reference; ``fold="always"`` streams the MLP too."""
+    reference; the block asks for the streaming MLP with ``fold="always"`` and leaves the
+    device's default otherwise, which streams on the CPU."""
     blk = make_block(64)
     f = torch.randn(2, 29, 64, dtype=torch.float64, requires_grad=True)
     p = torch.randn(2, 4, 64, dtype=torch.float64, requires_grad=True)
@@ -423,8 +424,23 @@ def test_plain_feature_mlp_and_streamed_default(monkeypatch, one_thread):
     assert not calls
     for g_out, g_ref in zip([out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]], strict=True):
         torch.testing.assert_close(g_out, g_ref, rtol=1e-10, atol=1e-10)
-    paf.prior_attention_block_fused(f, p, blk.params(), fold="always")
-    assert calls == [1]
+    asked = []
+    mlp_fused = paf.feature_mlp_fused
+    monkeypatch.setattr(paf, "feature_mlp_fused",
+                        lambda *a: (asked.append(a[3]), mlp_fused(*a))[1])
+    for fold in ("always", "auto", "never"):
+        paf.prior_attention_block_fused(f, p, blk.params(), fold=fold)
+    assert asked == [True, None, None] and calls == [1, 1, 1]
+
+
+def test_formulation_follows_autocast():
+    """Float32 tokens under autocast compute their projections in autocast's dtype: that is the
+    dtype the per-device choice sees."""
+    f = torch.randn(1, 8, 64)
+    assert paf._compute_dtype(f) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert paf._compute_dtype(f) == torch.bfloat16
+        assert paf._compute_dtype(torch.zeros(3, dtype=torch.int64)) == torch.int64
 
 
 def test_fold_needs_enough_voxels(monkeypatch, one_thread):

@@ -32,7 +32,7 @@ from hermes.inference.segment import (  # noqa: E402
     DEFAULT_SW_BATCH,
     ModalityDetectionError,
     SegmentationInputError,
-    _sw_batch,
+    resolve_sw_batch,
     resolve_tasks,
 )
 
@@ -479,7 +479,7 @@ def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
     # windows per forward: 1 on the CPU, 2 on GPUs unless given
     assert ref.settings["sw_batch_size"] == 1
     assert _run(img, aff, sw_batch_size=np.int64(3)).settings["sw_batch_size"] == 3
-    assert _sw_batch(None, torch.device("cuda", 1)) == DEFAULT_SW_BATCH["cuda"] == 2
+    assert resolve_sw_batch(None, torch.device("cuda", 1)) == DEFAULT_SW_BATCH["cuda"] == 2
     # names in a list are stripped as in the comma-separated form
     assert _run(img, aff, tasks=[" left_blob", "right_blob "]).task_names == list(BLOBS)
     # the user's model keeps its modes (and device)

@@ -335,6 +335,24 @@ def test_ddp_gloo_two_processes(cache, tmp_path):
     assert len(rows) == 6 and (tmp_path / "ddp" / "model.hermes").exists()
 
 
+def test_a_callers_own_process_group_is_left_alone(tmp_path, monkeypatch):
+    """train()/finetune() destroy only the process group they created; one the caller set up
+    before (Python API inside their own distributed program) stays theirs."""
+    import torch.distributed as dist
+
+    from hermes.training.trainer import init_distributed, leave_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
+        assert init_distributed("cpu") == (2, 0)
+        leave_distributed()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_train_config_refuses_crops_the_network_cannot_take():
     # 16^3 pools to one voxel, where instance norm has nothing to normalise over: refused when
     # the run is configured, not at its first step

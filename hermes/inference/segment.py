@@ -496,7 +496,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 DEFAULT_SW_BATCH = {"cpu": 1, "cuda": 2}
 
 
-def _sw_batch(sw_batch_size: Any, dev: torch.device) -> int:
+def resolve_sw_batch(sw_batch_size: Any, dev: torch.device) -> int:
     """``sw_batch_size`` checked, or the device's default (:data:`DEFAULT_SW_BATCH`)."""
     if sw_batch_size is None:
         return DEFAULT_SW_BATCH.get(dev.type, 1)
@@ -602,7 +602,8 @@ def segment(
             used instead of two overlapping ones (the network accepts any size; 0 disables).
         sw_batch_size: windows per forward pass; None: 1 on the CPU (batch-1 convolutions run
             through oneDNN, see :mod:`hermes.ops.conv3d`, so 1 is as fast and needs least
-            memory), 2 on GPUs (faster: see :data:`DEFAULT_SW_BATCH`).
+            memory), 2 on GPUs (faster: see :data:`DEFAULT_SW_BATCH`; 1 where GPU memory is
+            short).
         model_spacing: override the model grid spacing (mm); default from the checkpoint
             metadata ``preprocess.spacing``, else 1.5 mm.
         modality_threshold: minimum confidence of automatic modality detection.
@@ -630,7 +631,7 @@ def segment(
     t_all = time.perf_counter()
     times: dict[str, float] = {} if timings is None else timings
     dev = _resolve_device(device)
-    sw_batch_size = _sw_batch(sw_batch_size, dev)
+    sw_batch_size = resolve_sw_batch(sw_batch_size, dev)
 
     t0 = time.perf_counter()
     net, meta = resolve_model(model, dev)

@@ -57,14 +57,17 @@ class _Conv3dSame(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, w = ctx.saved_tensors
+        # in the weight's dtype: under autocast the forward ran in half precision and its
+        # gradient arrives so, while x and w are kept in theirs
+        grad = grad.to(w.dtype)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv_transpose3d(grad, w, padding=ctx.padding)
+            grad_x = F.conv_transpose3d(grad, w, padding=ctx.padding).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = F.conv3d(x.transpose(0, 1), grad.transpose(0, 1), padding=ctx.padding)
-            # in the weight's own strides: DDP's gradient buckets copy (and warn about) any other
-            # layout, and .contiguous() keeps the transposed strides of a size-1 axis
-            grad_w = grad_w.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+            grad_w = F.conv3d(x.to(grad.dtype).transpose(0, 1), grad.transpose(0, 1),
+                              padding=ctx.padding).transpose(0, 1)
+            if grad_w.stride() != w.stride():  # DDP's gradient buckets take the weight's layout
+                grad_w = torch.empty_like(w).copy_(grad_w)
         return grad_x, grad_w, None
 
 

@@ -1,9 +1,11 @@
 """Fused prior-feature interaction: one Hermes attention block without per-voxel Q/K/V.
 
-Same mathematics as :func:`hermes.ops.prior_attention.prior_attention_block_reference`, organised
-so that nothing of size L x C (besides the features themselves), L x 4C or L x N x heads is kept
-for backward. Notation: L voxels, N priors, C width, H heads of width d, I = H * d,
-``s = d ** -0.5``; x = LayerNorm of one voxel's features.
+Same mathematics as :func:`hermes.ops.prior_attention.prior_attention_block_reference`. The
+streaming ops below are organised so that nothing of size L x C (besides the features
+themselves), L x 4C or L x N x heads is kept for backward; GPUs run PyTorch's formulations by
+default instead (faster there, keeping those tensors: :func:`choose_formulation`). Notation:
+L voxels, N priors, C width, H heads of width d, I = H * d, ``s = d ** -0.5``; x = LayerNorm
+of one voxel's features.
 
 **priors <- features** (:func:`prior_gather`). With q_hj the query of prior j in head h, the
 score of voxel l is ``q_hj . (W_k,h x_l) * s = x_l . a_hj`` with ``a_hj = s * W_k,h^T q_hj``:
@@ -762,6 +764,7 @@ GPU_MATH_MIN_VOXELS = 12288
 #: 256 and 4,096 voxels SDPA wins, 0.49 / 0.63.
 GPU_MATH_MIN_VOXELS_FORWARD = 6144
 
+
 def choose_formulation(side: str, length: int, n: int, c: int, heads: int, *,
                        device_type: str, dtype: torch.dtype, needs_grad: bool,
                        fold: str = "auto") -> str:
@@ -784,7 +787,8 @@ def choose_formulation(side: str, length: int, n: int, c: int, heads: int, *,
     level, against SDPA's 0.2-0.5 / 1.5-2.5 ms, float32 at level 2 aside), so ``auto`` takes
     SDPA, or ``math`` in float32 and float64 where SDPA's kernels are slower: with gradients from
     ``GPU_MATH_MIN_VOXELS`` voxels, without from ``GPU_MATH_MIN_VOXELS_FORWARD`` for priors <-
-    features.
+    features. These thresholds were measured on one H200 and apply to every ``cuda`` device.
+    ``dtype`` is the one the sublayer computes in (autocast's, where enabled).
     """
     if side not in ("prior", "feature"):
         raise ValueError(f"side must be 'prior' or 'feature', got {side!r}")
@@ -805,11 +809,22 @@ def choose_formulation(side: str, length: int, n: int, c: int, heads: int, *,
     return "sdpa"
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the projections of ``t`` compute in: autocast's where it is on for ``t``'s
+    device (float32 tokens then run their GEMMs in bfloat16/float16), else ``t``'s."""
+    device = t.device.type
+    if (t.is_floating_point() and torch.amp.is_autocast_available(device)
+            and torch.is_autocast_enabled(device)):
+        return torch.get_autocast_dtype(device)
+    return t.dtype
+
+
 def _formulation(side: str, features: Tensor, priors: Tensor, p: CrossAttentionParams,
                  fold: str) -> str:
     weights = (v for v in vars(p).values() if isinstance(v, Tensor))
     return choose_formulation(side, features.shape[1], priors.shape[1], priors.shape[2],
-                              p.heads, device_type=features.device.type, dtype=features.dtype,
+                              p.heads, device_type=features.device.type,
+                              dtype=_compute_dtype(features),
                               needs_grad=_needs_grad(features, priors, *weights), fold=fold)
 
 

@@ -8,7 +8,8 @@ per-head value GEMMs, so no L x 2I key/value or L x I query/output tensor is eve
 the backward recomputes them per chunk from the saved log-sum-exp (flash-style). CPU, level 2,
 N = 82: forward 1.1-1.4x and forward + backward 1.1x faster than the SDPA formulation, with a
 fraction of its memory; at small L (levels 3 and 4) SDPA is as fast or faster, so
-:func:`hermes.ops.prior_attention_fused.choose_formulation` keeps it there (and on GPUs).
+:func:`hermes.ops.prior_attention_fused.choose_formulation` keeps it there (GPUs run SDPA or
+explicit attention).
 
 Notation as in :mod:`hermes.ops.prior_attention_fused`: L voxels, N priors, C width, H heads of
 width d, I = H d, M = H N; queries are pre-scaled by ``d ** -0.5``.

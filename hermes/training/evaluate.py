@@ -22,7 +22,7 @@ from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 from hermes.data.io import load_image
 from hermes.files import atomic_write_bytes
 from hermes.inference.geometry import pad_to_window, resample_to_grid
-from hermes.inference.segment import DEFAULT_SW_BATCH
+from hermes.inference.segment import resolve_sw_batch
 from hermes.inference.sliding_window import sliding_window_inference
 from hermes.models.hermes_resunet import HermesResUNet
 
@@ -63,8 +63,7 @@ def predict_case(
     """Per-task masks ``(T, X, Y, Z)`` bool on the case's cached grid, tasks of its dataset
     (``sw_batch_size`` None: ``hermes.segment``'s default for the device)."""
     dev = torch.device(device)
-    if sw_batch_size is None:
-        sw_batch_size = DEFAULT_SW_BATCH.get(dev.type, 1)
+    sw_batch_size = resolve_sw_batch(sw_batch_size, dev)
     tasks = list(case.info.tasks)
     modality = case.modality
     # padded (where shorter than the window) with each channel's minimum, as training crops

@@ -516,7 +516,7 @@ def finetune(
     try:
         path = trainer.run()
     finally:
-        leave_distributed(trainer.world)
+        leave_distributed()
     if trainer.rank != 0:
         return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode, *counts)
     # export: the EMA model with frozen values restored exactly (EMA arithmetic rounds)

@@ -104,21 +104,30 @@ def _dist_info() -> tuple[int, int, int]:
     return world, rank, local
 
 
+#: Whether :func:`init_distributed` created the default process group (a caller's own group
+#: is left to the caller).
+_OWN_GROUP = False
+
+
 def init_distributed(device: str) -> tuple[int, int]:
     """Join the ``torchrun`` process group (NCCL for CUDA training, gloo otherwise) unless
     joined already or launched as one process; returns (world size, rank)."""
+    global _OWN_GROUP
     world, rank, _ = _dist_info()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu"
                                 else "gloo")
+        _OWN_GROUP = True
     return world, rank
 
 
-def leave_distributed(world: int) -> None:
-    """Destroy the ``torchrun`` process group (``world`` > 1) at the end of a run, so that the
-    process exits without NCCL's "process group not destroyed" warnings."""
-    if world > 1 and dist.is_initialized():
+def leave_distributed() -> None:
+    """Destroy the process group :func:`init_distributed` created, at the end of a run, so that
+    the process exits without NCCL's "process group not destroyed" warnings."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
@@ -455,4 +464,4 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     try:
         return trainer.run()
     finally:
-        leave_distributed(trainer.world)
+        leave_distributed()
