@@ -231,5 +231,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="cpu")
     e.add_argument("--datasets", help="evaluate these datasets only (comma-separated)")
     e.add_argument("--out", help="per-case CSV (default metrics_<split>.csv)")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true",
+                   help="no progress bars (the results table is still printed)")
     e.set_defaults(handler=_evaluate)
