@@ -297,6 +297,57 @@ def test_failed_case_is_reported_and_the_rest_resumes(synth, tmp_path):
     assert stats == {**stats, "done": 1, "skipped": 7, "failed": 0}
 
 
+def test_interrupted_overwrite_and_mixed_caches_are_refused(synth, tmp_path, monkeypatch):
+    """A re-run with other settings that stops half-way leaves a cache that does not open
+    (before, the old collection.json served cases of two spacings); a case cached with other
+    settings than its cache records is refused by name."""
+    import importlib
+
+    from hermes.training.commands import open_cache
+
+    pp = importlib.import_module("hermes.data.preprocess")
+    cache = tmp_path / "c"
+    hd.preprocess(synth, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+    real, calls = pp.preprocess_case, []
+
+    def stop_after_one(*args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(pp, "preprocess_case", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        hd.preprocess(synth, cache_dir=cache, spacing=8.0, workers=1, progress=False,
+                      overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        hd.PreprocessedCollection(cache)
+    with pytest.raises(FileNotFoundError, match="preprocessing did not finish"):
+        open_cache(str(cache), None, 1, False)
+    pc = hd.preprocess(synth, cache_dir=cache, spacing=8.0, workers=1, progress=False)
+    assert all(np.allclose(c.spacing, 8.0) for c in pc.cases)
+    # one case rewritten with other settings behind the cache's back
+    src = next(c for c in hd.load_collection(synth).cases() if c.dataset == "synth_t1")
+    pp.preprocess_case(src, "T1", pp.PreprocessParams(10.0), cache.resolve())
+    with pytest.raises(hd.CacheMismatchError, match=f"{src.case_id}.json: cached with other"):
+        hd.PreprocessedCollection(cache)
+
+
+def test_changed_modality_is_recached(synth, tmp_path):
+    """T1 and T2 share a normalisation (same parameters hash): a dataset whose modality changes
+    in the YAML is still re-cached, so its cases carry the new one."""
+    shutil.copytree(synth.parent, tmp_path / "s")
+    y = tmp_path / "s" / "collection.yaml"
+    pc = hd.preprocess(y, cache_dir=tmp_path / "c", spacing=10.0, workers=1, progress=False)
+    n_t1 = len([c for c in pc.cases if c.dataset == "synth_t1"])
+    y.write_text(y.read_text().replace("modality: T1", "modality: T2"))
+    pc = hd.preprocess(y, cache_dir=tmp_path / "c", spacing=10.0, workers=1, progress=False)
+    assert {c.modality for c in pc.cases if c.dataset == "synth_t1"} == {"T2"}
+    stats = json.loads((tmp_path / "c" / "collection.json").read_text())["stats"]
+    assert stats["done"] == n_t1 and stats["skipped"] == len(pc) - n_t1
+
+
 def _to_grid(arr, src_aff, dst_aff, dst_shape):
     """Oracle: nearest-neighbour pull of ``arr`` onto another grid of the same world space."""
     from scipy import ndimage

@@ -19,7 +19,12 @@ Modules: ``io`` (NIfTI/NRRD readers), ``modalities``, ``labels``, ``collection``
 ``synthetic``, ``starter``, ``commands`` (CLI subcommands).
 """
 
-from hermes.data.cache import CachedCase, DatasetInfo, PreprocessedCollection
+from hermes.data.cache import (
+    CachedCase,
+    CacheMismatchError,
+    DatasetInfo,
+    PreprocessedCollection,
+)
 from hermes.data.collection import (
     Case,
     Collection,
@@ -37,6 +42,7 @@ from hermes.data.splits import SplitError, load_or_create_splits, make_splits
 __all__ = [
     "CANONICAL_MODALITIES",
     "CachedCase",
+    "CacheMismatchError",
     "Case",
     "Collection",
     "CollectionError",

@@ -38,6 +38,24 @@ class DatasetInfo:
     ignore_values: tuple[int, ...] = ()
 
 
+class CacheMismatchError(ValueError):
+    """A cached case was made with other settings than its cache records."""
+
+
+def _case_hashes(params: dict, modalities: set[str]) -> dict[str, str]:
+    """``{modality: params_hash}`` that cases of a cache with ``params`` must carry ({} for a
+    header these settings cannot be rebuilt from)."""
+    from hermes.data.preprocess import PreprocessParams
+
+    try:
+        pp = PreprocessParams(params["spacing"], params["image_order"], params["dtype"],
+                              params["max_fg_samples"], params["crop_nonzero"],
+                              params.get("normalization"))
+        return {m: pp.case_hash(m) for m in modalities}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
 def _open_array(path: Path) -> np.ndarray:
     """Read-only memory map of a cached array; an error naming the file and the fix."""
     try:
@@ -223,7 +241,9 @@ class PreprocessedCollection:
             )
         self.cases: list[CachedCase] = []
         self._by_key: dict[str, CachedCase] = {}
+        expected = _case_hashes(self.params, {d.modality for d in self.datasets.values()})
         for ds, ids in info["cases"].items():
+            modality = self.datasets[ds].modality
             for cid in ids:
                 meta_p = self.cache_dir / ds / f"{cid}.json"
                 try:
@@ -231,6 +251,13 @@ class PreprocessedCollection:
                 except (OSError, ValueError) as exc:
                     raise FileNotFoundError(f"{meta_p}: cached case missing or corrupt ({exc});"
                                             " re-run `hermes preprocess`") from exc
+                why = (f"cached as {meta.get('modality')!r}, its dataset is {modality!r}"
+                       if meta.get("modality") != modality else
+                       f"cached with other settings than {info_p.name} records"
+                       if expected and meta.get("params_hash") != expected[modality] else None)
+                if why:
+                    raise CacheMismatchError(f"{meta_p}: {why}; re-run `hermes preprocess` "
+                                             "on this cache")
                 case = CachedCase(self.cache_dir, meta, self.datasets[ds])
                 self.cases.append(case)
                 self._by_key[case.key] = case

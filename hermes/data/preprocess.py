@@ -120,16 +120,20 @@ def case_paths(cache_dir: Path, dataset: str, case_id: str) -> tuple[Path, Path,
 
 
 def verify_case(cache_dir: Path, case: Case, params_hash: str, full: bool = False,
-                check_sources: bool = True) -> dict | None:
+                check_sources: bool = True, modality: str | None = None) -> dict | None:
     """The case's metadata if its cache entry is complete and current, else None.
 
-    Quick verification: JSON readable, same parameters, same source files (size, mtime),
-    arrays present with the recorded size, shape and dtype. ``full`` also re-hashes the arrays.
+    Quick verification: JSON readable, same parameters (and ``modality``, where given: MRI
+    modalities share a normalisation, so the parameters alone miss a changed one), same source
+    files (size, mtime), arrays present with the recorded size, shape and dtype. ``full`` also
+    re-hashes the arrays.
     """
     img_p, lab_p, meta_p = case_paths(cache_dir, case.dataset, case.case_id)
     try:
         meta = json.loads(meta_p.read_text())
         if meta.get("params_hash") != params_hash:
+            return None
+        if modality is not None and meta.get("modality") != modality:
             return None
         if check_sources and meta.get("sources") != _source_fingerprint(case):
             return None
@@ -331,7 +335,7 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
 def _work(args: tuple) -> tuple[str, str, str | None]:
     case, modality, params, cache_dir, verify_full = args
     h = params.case_hash(modality)
-    if verify_case(cache_dir, case, h, full=verify_full) is not None:
+    if verify_case(cache_dir, case, h, full=verify_full, modality=modality) is not None:
         return case.key, "skipped", None
     try:
         preprocess_case(case, modality, params, cache_dir)
@@ -429,6 +433,10 @@ def preprocess(
                 f"cache {cache} was made with different parameters ({', '.join(diff)}); "
                 "use another cache folder, the same settings, or overwrite=True (`hermes "
                 "preprocess --overwrite`)")
+    # collection.json marks a finished run: gone while cases may change, so that an interrupted
+    # run (e.g. --overwrite with another spacing) leaves a cache that refuses to open until a
+    # re-run finishes, not one mixing two settings
+    (cache / "collection.json").unlink(missing_ok=True)
     atomic_write_json(header_p, header)
     splits = load_or_create_splits(collection, cache / "splits.json")
 

@@ -35,6 +35,9 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
         kept = {k: stored[k] for k in keys if k in stored}
         return preprocess(collection, cache_dir=cache_dir, workers=workers, progress=progress,
                           **kept)
+    if path.is_dir() and (path / "preprocess.json").exists():
+        raise FileNotFoundError(f"{source}: preprocessing did not finish (no collection.json); "
+                                "re-run `hermes preprocess` on its collection YAML")
     raise FileNotFoundError(f"{source} is neither a collection YAML nor a preprocessed cache")
 
 
