@@ -35,6 +35,32 @@ def test_synthetic_validate_preprocess_round_trip(tmp_path, capsys):
     assert "synth_t2_000" in capsys.readouterr().err
 
 
+def test_generators_do_not_write_over_an_existing_collection(tmp_path, capsys):
+    """`data synthetic` / `data starter` into a folder that holds a collection.yaml (or the
+    dataset folders to write) refuse by name; --force replaces them, leaving no case of the
+    earlier run behind."""
+    p = _parser()
+    mine = tmp_path / "proj" / "collection.yaml"
+    mine.parent.mkdir()
+    mine.write_text("name: my_precious_collection\n")
+    for cmd in (["synthetic", "--cases", "1", "--datasets", "synth_ct"],
+                ["starter", "--sources", "nope"]):
+        args = p.parse_args(["data", cmd[0], str(mine.parent), *cmd[1:]])
+        assert args.func(args) == 1
+        assert "already holds collection.yaml" in capsys.readouterr().err
+    assert mine.read_text() == "name: my_precious_collection\n"
+    synth = ["data", "synthetic", str(tmp_path / "s"), "--datasets", "synth_ct", "--cases"]
+    assert p.parse_args([*synth, "3"]).func(p.parse_args([*synth, "3"])) == 0
+    args = p.parse_args([*synth, "2"])
+    assert args.func(args) == 1 and "synth_ct" in capsys.readouterr().err
+    args = p.parse_args([*synth, "2", "--force"])
+    assert args.func(args) == 0
+    assert len(list((tmp_path / "s" / "synth_ct" / "labelsTr").iterdir())) == 2
+    args = p.parse_args(["data", "validate", str(tmp_path / "s" / "collection.yaml"),
+                         "--no-progress"])
+    assert args.func(args) == 0
+
+
 def test_bad_synthetic_name_and_missing_subcommand(tmp_path, capsys):
     p = _parser()
     args = p.parse_args(["data", "synthetic", str(tmp_path), "--datasets", "synth_xray"])

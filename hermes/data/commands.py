@@ -14,7 +14,9 @@ Each parser sets ``func``: call ``args.func(args)``; it returns the process exit
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 
 __all__ = ["register"]
 
@@ -59,6 +61,20 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_outputs(out: Path, names: list[str], force: bool) -> str | None:
+    """An error naming what ``out`` already holds of a collection about to be written there
+    (``collection.yaml``, the dataset folders ``names``), unless ``force``: then the dataset
+    folders are removed so that no case of an earlier run stays behind."""
+    clash = [p for p in (out / "collection.yaml", *(out / n for n in names)) if p.exists()]
+    if clash and not force:
+        return (f"{out} already holds {', '.join(p.name for p in clash)}: choose another "
+                "folder, or pass --force to replace them")
+    for p in clash:
+        if p.is_dir():
+            shutil.rmtree(p)
+    return None
+
+
 def _synthetic(args: argparse.Namespace) -> int:
     from hermes.data.synthetic import ALL_DATASETS, DEFAULT_DATASETS, generate_collection
 
@@ -68,6 +84,10 @@ def _synthetic(args: argparse.Namespace) -> int:
         print(f"error: unknown synthetic dataset(s) {unknown}; choose from "
               f"{', '.join(ALL_DATASETS)}", file=sys.stderr)
         return 2
+    error = _existing_outputs(Path(args.dir), names, args.force)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     path = generate_collection(args.dir, seed=args.seed, cases_per_dataset=args.cases,
                                datasets=names)
     print(f"wrote synthetic collection {path}")
@@ -77,6 +97,10 @@ def _synthetic(args: argparse.Namespace) -> int:
 def _starter(args: argparse.Namespace) -> int:
     from hermes.data.starter import StarterError, build_starter_collection
 
+    error = _existing_outputs(Path(args.dir), [], args.force)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     try:
         path = build_starter_collection(args.dir, simulated=not args.no_simulated,
                                         keep_downloads=args.keep_downloads,
@@ -127,6 +151,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--cases", type=int, default=3, help="cases per dataset")
     s.add_argument("--datasets", nargs="+", default=None,
                    help="synth_ct synth_t1 synth_t2 synth_pet synth_cine")
+    s.add_argument("--force", action="store_true",
+                   help="replace a collection.yaml and dataset folders already in DIR")
     s.set_defaults(func=_synthetic)
 
     st = ds.add_parser(
@@ -140,4 +166,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="keep the downloaded packages in DIR/downloads")
     st.add_argument("--sources", nargs="+", default=None,
                     help="subset of sources (default: all)")
+    st.add_argument("--force", action="store_true",
+                    help="replace a collection.yaml already in DIR")
     st.set_defaults(func=_starter)
