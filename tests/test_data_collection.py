@@ -279,7 +279,8 @@ def test_datasets_with_different_channel_counts_are_reported(tmp_path):
     save_image(tmp_path / "msd" / "imagesTr" / "a.nii.gz",
                np.zeros((4, 4, 4, 3), np.float32), np.eye(4))
     (tmp_path / "msd" / "dataset.json").write_text(json.dumps({
-        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},
+        "modality": {"0": "CT", "1": "CT", "2": "CT"},
+        "labels": {"0": "background", "1": "liver"},
         "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
     c = Collection.from_dict({"datasets": [{"name": n, "path": str(tmp_path / n)}
                                            for n in ("one", "two", "msd")]})
@@ -289,6 +290,29 @@ def test_datasets_with_different_channel_counts_are_reported(tmp_path):
                         "collections"]
     assert Collection.from_dict({"datasets": [{"name": "one", "path": str(tmp_path / "one")}]}
                                 ).validate() == []
+
+
+def test_cases_whose_channels_differ_within_a_dataset_are_named(tmp_path):
+    """A case with another channel count than its dataset.json declares (or than the others),
+    and a stray copy of a channel file in another format, are reported by case: both were
+    cached as extra channels and failed only when training sampled the case."""
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 1
+    ds = tmp_path / "d"
+    for cid in ("a", "b", "c"):
+        save_image(ds / "labelsTr" / f"{cid}.nii.gz", lab, np.eye(4))
+        save_image(ds / "imagesTr" / f"{cid}_0000.nii.gz", lab.astype(np.float32), np.eye(4))
+    save_image(ds / "imagesTr" / "b_0001.nii.gz", lab.astype(np.float32), np.eye(4))
+    save_image(ds / "imagesTr" / "c_0000.nrrd", lab.astype(np.float32), np.eye(4))
+    (ds / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}}))
+    problems = Collection.from_dict({"datasets": [{"name": "d", "path": str(ds)}]}).validate()
+    msgs = sorted(p.message for p in problems)
+    assert len(msgs) == 2
+    assert msgs[0].startswith("2 case(s) with another number of image channels than 1 "
+                              "(dataset.json's channel names): b (2), c (2)")
+    assert msgs[1].startswith("several files for one image channel (c_0000.nii.gz, "
+                              "c_0000.nrrd)")
 
 
 def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):

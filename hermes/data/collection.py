@@ -263,6 +263,12 @@ def _discover_cases(
             if not imgs:
                 sfx = image_suffix(lab) or ".nii.gz"
                 imgs = [root / "imagesTr" / f"{cid}_0000{sfx}"]  # reported as missing later
+            stems = [_strip(p.name) for p in imgs]
+            twins = [p.name for p, st in zip(imgs, stems, strict=True) if stems.count(st) > 1]
+            if twins:  # e.g. a .nrrd copy beside each .nii.gz: read as one more channel
+                problems.append(Problem(
+                    "config", f"several files for one image channel ({', '.join(twins)}): "
+                    "keep one per channel, or set file_ending in dataset.json", name, cid))
             cases.append(Case(name, cid, tuple(imgs), lab, "test" if cid in test_ids else None))
         n = meta.get("numTraining")
         if isinstance(n, int) and n != len(cases) and cases:
@@ -703,14 +709,19 @@ class Collection:
         # channel consistency within a dataset, then across datasets (one model input)
         channels: dict[str, int] = {}
         for ds in self.datasets:
-            counts = {len(c.images) for c in ds.cases}
-            if len(counts) > 1:
-                problems.append(Problem("config", f"cases have different numbers of image "
-                                        f"files per case: {sorted(counts)}", ds.name))
-            elif ds.cases:
-                n = _channel_count(ds.cases[0])
-                if n is not None:
-                    channels[ds.name] = n
+            per_case = {c.case_id: _channel_count(c) for c in ds.cases}
+            known = [n for n in per_case.values() if n is not None]
+            declared = len(ds.channel_names)
+            expected = declared or (max(set(known), key=known.count) if known else 0)
+            odd = [f"{cid} ({n})" for cid, n in per_case.items() if n not in (None, expected)]
+            if odd:  # one model input: every case needs the same channels
+                source = " (dataset.json's channel names)" if declared else ""
+                problems.append(Problem(
+                    "config", f"{len(odd)} case(s) with another number of image channels than "
+                    f"{expected}{source}: {', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}",
+                    ds.name))
+            elif known:
+                channels[ds.name] = expected
         if len(set(channels.values())) > 1:
             desc = ", ".join(f"{d}: {n}" for d, n in channels.items())
             problems.append(Problem(
