@@ -198,6 +198,29 @@ def test_official_checkpoint_file_and_ema_preference(official_fixture, tmp_path)
     assert hm.load(tmp_path / "converted.hermes").config == ema.config
 
 
+def test_files_that_are_no_official_weights_are_named(tmp_path):
+    """What users pass by mistake gets a reason, not torch's unpickling advice: a run's training
+    state, an empty file, a failed download (HTML), a torch file holding other objects."""
+    import numpy as np
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.hermes").write_bytes(b"x")
+    torch.save({"step": 1, "rng": np.random.get_state()}, run / "last.ckpt")
+    with pytest.raises(hm.CheckpointError, match="training state .*use .*model.hermes"):
+        hm.from_official(run / "last.ckpt")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(hm.CheckpointError, match="is an empty file"):
+        hm.from_official(tmp_path / "empty.pth")
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html>Not Found</html>")
+    with pytest.raises(hm.CheckpointError, match="no Hermes model"):
+        hm.from_official(tmp_path / "page.pth")
+    torch.save({"rng": np.random.get_state()}, tmp_path / "other.pth")
+    with pytest.raises(hm.CheckpointError, match="holds Python objects besides tensors") as err:
+        hm.from_official(tmp_path / "other.pth")
+    assert "weights_only=False" not in str(err.value) and "\x1b" not in str(err.value)
+
+
 def test_official_importer_errors(official_fixture, tmp_path):
     sd = dict(official_fixture["official_state_dict"])
     with pytest.raises(hm.CheckpointError, match="task and"):
@@ -207,7 +230,7 @@ def test_official_importer_errors(official_fixture, tmp_path):
         hm.from_official(sd)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"garbage")
-    with pytest.raises(hm.CheckpointError, match="cannot read"):
+    with pytest.raises(hm.CheckpointError, match="no Hermes model .* no PyTorch file"):
         hm.from_official(bad)
     level = {k: v for k, v in official_fixture["official_state_dict"].items()
              if not k.startswith("prior_fuse_6.")}

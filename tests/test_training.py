@@ -278,6 +278,12 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="trained model"):
         train(_small_cfg(cache, out, batch_size=1, steps=2))
     assert (out / "model.hermes").read_bytes() == first
+    mine = tmp_path / "mine"  # a user's folder with files of the names a run writes
+    mine.mkdir()
+    (mine / "config.json").write_text('{"experiment": "my notes"}')
+    with pytest.raises(FileExistsError, match="holds config.json, which a run writes"):
+        train(_small_cfg(cache, mine, batch_size=1, steps=2))
+    assert (mine / "config.json").read_text() == '{"experiment": "my notes"}'
     api = tmp_path / "api"  # settings no option sets come from the run too
     train(_small_cfg(cache, api, steps=2, warmup_steps=1, fg_prob=0.5, model_overrides={}))
     assert main(["train", str(cache), "--out", str(api), "--workers", "0", "--quiet",

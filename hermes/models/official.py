@@ -140,6 +140,24 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[HermesConfig, int, 
     return config, task_rows - 1, int(mod_shape[0])
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``path`` cannot be read as official weights, for a user who may have passed a run's
+    training state, a failed download or another file."""
+    if path.suffix == ".ckpt" and (path.parent / "model.hermes").is_file():
+        return (f"{path} is a Hermes training state (for --resume), not a model: use "
+                f"{path.parent / 'model.hermes'}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # a zip (torch.save) or a legacy pickle
+        what = "an empty file" if not head else "no Hermes model (.hermes) and no PyTorch file"
+        return f"{path} is {what} (official Hermes weights are a .pth saved by torch.save)"
+    if "Weights only load failed" in str(exc):
+        return (f"cannot read {path} as official Hermes weights: it holds Python objects besides "
+                "tensors, which are not loaded (torch.load weights_only=True)")
+    first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return f"cannot read official checkpoint {path}: {first[0] if first else type(exc).__name__}"
+
+
 def from_official(
     source: str | os.PathLike | Mapping,
     tasks: Sequence[str] | None = None,
@@ -167,7 +185,7 @@ def from_official(
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for broken files
-            raise CheckpointError(f"cannot read official checkpoint {path}: {exc}") from exc
+            raise CheckpointError(_unreadable(path, exc)) from exc
     state = _unwrap(obj, use_ema)
     config, n_tasks, n_mods = infer_config(state)
     if tasks is None and modalities is None and (n_tasks, n_mods) == (72, 6):

@@ -222,6 +222,11 @@ class Trainer:
                 f"{self.out} already holds a trained model ({MODEL_FILE}); choose another --out "
                 "directory"
             )
+        elif taken := [n for n in ("config.json", "log.csv") if (self.out / n).exists()]:
+            raise FileExistsError(  # a user's own files of these common names
+                f"{self.out} holds {' and '.join(taken)}, which a run writes; choose another "
+                "--out directory"
+            )
         self.ddp = (
             torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
