@@ -480,6 +480,10 @@ def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
     assert ref.settings["sw_batch_size"] == 1
     assert _run(img, aff, sw_batch_size=np.int64(3)).settings["sw_batch_size"] == 3
     assert resolve_sw_batch(None, torch.device("cuda", 1)) == DEFAULT_SW_BATCH["cuda"] == 2
+    # a model in another dtype gets its inputs in that dtype (raised "expected scalar type")
+    for dtype in (torch.float64, torch.bfloat16):
+        np.testing.assert_array_equal(_run(img, aff, model=oracle_model().to(dtype)).labels,
+                                      ref.labels)
     # names in a list are stripped as in the comma-separated form
     assert _run(img, aff, tasks=[" left_blob", "right_blob "]).task_names == list(BLOBS)
     # the user's model keeps its modes (and device)

@@ -343,7 +343,8 @@ def detect_modality(
             if key not in prepared:
                 img, _, _ = prepare_arrays(chans, affine, m, fast)
                 prepared[key] = _center_crop(img, crop_size, float(img.min()))
-            x = torch.from_numpy(np.ascontiguousarray(prepared[key]))[None].to(device)
+            x = torch.from_numpy(np.ascontiguousarray(prepared[key]))[None].to(
+                device, _model_dtype(model))
             out = model(x, tasks=[probe], modality=m)
             total += torch.softmax(out.modality_logits.float(), -1)[0].double().cpu()
     mean = total / len(vocab.modalities)
@@ -473,6 +474,12 @@ def _postprocess_spec(postprocess: Any, tasks: list[str]) -> dict[str, tuple[boo
 # --------------------------------------------------------------------------------------------
 # segment
 # --------------------------------------------------------------------------------------------
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of a model's weights (inputs are cast to it: a float64 or bfloat16
+    model raised "expected scalar type ...")."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -685,8 +692,10 @@ def segment(
     x = torch.from_numpy(np.ascontiguousarray(img))[None]
     del img
 
-    def predictor(w: torch.Tensor) -> torch.Tensor:
-        return net(w, tasks=task_names, modality=modality).seg_logits
+    dtype = _model_dtype(net)
+
+    def predictor(w: torch.Tensor) -> torch.Tensor:  # float32 logits of a model of any dtype
+        return net(w.to(dtype), tasks=task_names, modality=modality).seg_logits.float()
 
     # streamed along the axis needing the least accumulator memory (a ring of window depth, not
     # a second C x D x H x W volume), in fresh memory that is freed before the write-back
