@@ -152,6 +152,12 @@ def test_unknown_preset_and_narrow_width():
         hm.build("tiny", tasks=["a"], head_dim=0)
 
 
+def test_modality_names_differing_in_case_are_one_name():
+    """Modalities are looked up ignoring case, so 'T1' and 't1' would share one prior row."""
+    with pytest.raises(ValueError, match="duplicate modality names: .*'T1'.*'t1'"):
+        hm.Vocabulary(["a"], ["T1", "t1", "CT"])
+
+
 def test_bad_vocabularies_are_refused():
     with pytest.raises(TypeError, match=r"got the str 'liver' \(for one name: \['liver'\]\)"):
         hm.build("tiny", tasks="liver")

@@ -193,6 +193,10 @@ def test_tasks_of_modality_and_groups():
     off = hm.official_vocabulary()
     t2 = resolve_tasks(off, None, "T2")
     assert t2 == off.group("chaos")
+    # group names as users write the datasets ('BCV', 'KiTS'); unknown names list the groups
+    assert resolve_tasks(off, "BCV", "CT") == off.group("bcv") == off.group("Bcv")
+    with pytest.raises(hm.UnknownNameError, match="dataset groups: .*bcv"):
+        resolve_tasks(off, "bcv_nope", "CT")
     assert set(off.group("brain_structure")) < set(resolve_tasks(off, None, "T1"))
 
 

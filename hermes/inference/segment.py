@@ -274,7 +274,7 @@ def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> li
     for name in names:
         if not name:
             continue
-        if name not in vocab.tasks and name in vocab.groups:
+        if name not in vocab.tasks and vocab.group_name(name) is not None:
             expanded = vocab.group(name)
         else:
             vocab.task_index(name)  # raises UnknownNameError with suggestions

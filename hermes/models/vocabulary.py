@@ -57,7 +57,9 @@ class Vocabulary:
         for kind, names in (("task", self.tasks), ("modality", self.modalities)):
             if not names:
                 raise ValueError(f"a model needs at least one {kind} name")
-            dup = sorted({n for n in names if names.count(n) > 1})
+            # modalities are looked up case-insensitively: 'T1' and 't1' would share a row
+            keys = [n.casefold() if kind == "modality" else n for n in names]
+            dup = sorted({n for n, k in zip(names, keys, strict=True) if keys.count(k) > 1})
             if dup:
                 raise ValueError(f"duplicate {kind} names: {dup}")
         self._task_rows = {name: i for i, name in enumerate(self.tasks)}
@@ -80,10 +82,23 @@ class Vocabulary:
             hint = _suggest(name, usable) or (
                 f"; known tasks include {', '.join(usable[:8])}{' ...' if len(usable) > 8 else ''}"
             )
-            if name in self.groups:
-                hint = f"; {name!r} is a dataset group: pass model.vocab.group({name!r})"
+            group = self.group_name(name) if isinstance(name, str) else None
+            if group is not None:
+                hint = f"; {group!r} is a dataset group: pass model.vocab.group({group!r})"
+            elif self.groups:
+                names = sorted(self.groups)
+                hint += (f"; dataset groups: {', '.join(names[:8])}"
+                         f"{' ...' if len(names) > 8 else ''}")
             raise UnknownNameError(f"unknown task {name!r}{hint}")
         return row
+
+    def group_name(self, name: str) -> str | None:
+        """The dataset group ``name`` refers to: itself, or the one group whose name equals it
+        ignoring case ('BCV' for 'bcv'); None when there is none."""
+        if name in self.groups:
+            return name
+        folded = [g for g in self.groups if g.casefold() == name.casefold()]
+        return folded[0] if len(folded) == 1 else None
 
     def modality_index(self, name: str) -> int:
         """Row of modality ``name`` (case-insensitive; common aliases like 'T1w' accepted)."""
@@ -102,12 +117,13 @@ class Vocabulary:
         return self.modalities[self.modality_index(name)]
 
     def group(self, name: str) -> list[str]:
-        """Task names of dataset group ``name``."""
-        if name not in self.groups:
+        """Task names of dataset group ``name`` (case-insensitive where that is unambiguous)."""
+        group = self.group_name(name)
+        if group is None:
             raise UnknownNameError(
                 f"unknown dataset group {name!r}{_suggest(name, list(self.groups))}"
             )
-        return list(self.groups[name]["tasks"])
+        return list(self.groups[group]["tasks"])
 
     def usable_tasks(self) -> list[str]:
         """Task names that may be requested (reserved rows excluded)."""
