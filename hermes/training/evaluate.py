@@ -25,6 +25,7 @@ from hermes.inference.geometry import pad_to_window, resample_to_grid
 from hermes.inference.segment import resolve_sw_batch
 from hermes.inference.sliding_window import sliding_window_inference
 from hermes.models.hermes_resunet import HermesResUNet
+from hermes.models.vocabulary import UnknownNameError
 
 METRIC_FIELDS = ["dataset", "case", "task", "dice", "nsd", "hd95", "gt_voxels", "pred_voxels"]
 
@@ -151,10 +152,18 @@ def evaluate(
     roi = tuple(roi or (96, 96, 96))  # type: ignore[assignment]
     if predict is None:
         model = model.to(device).eval()
-        for case in cases:  # every task and modality known, before any inference runs
-            for task in case.info.tasks:
-                model.vocab.task_index(task)
-            model.vocab.modality_index(case.modality)
+        vocab = model.vocab
+        unknown = sorted({(c.dataset, t) for c in cases for t in c.info.tasks
+                          if t not in vocab.tasks or t in vocab.reserved})
+        if unknown:  # every task and modality known, before any inference runs
+            desc = ", ".join(f"{t!r} of {d}" for d, t in unknown[:6])
+            raise UnknownNameError(
+                f"the model does not know {len(unknown)} task(s) of this collection ({desc}"
+                f"{' ...' if len(unknown) > 6 else ''}): it was trained on other data; "
+                "evaluate it on datasets of its own tasks (--datasets), or teach it these with "
+                "`hermes finetune`")
+        for case in cases:
+            vocab.modality_index(case.modality)
     rows = []
     iterator = cases
     if progress:
