@@ -153,9 +153,17 @@ def test_unknown_preset_and_narrow_width():
 
 
 def test_modality_names_differing_in_case_are_one_name():
-    """Modalities are looked up ignoring case, so 'T1' and 't1' would share one prior row."""
+    """Modalities are looked up ignoring case, so 'T1' and 't1' would share one prior row;
+    aliases of the collection YAMLs resolve."""
     with pytest.raises(ValueError, match="duplicate modality names: .*'T1'.*'t1'"):
         hm.Vocabulary(["a"], ["T1", "t1", "CT"])
+    # the spellings collection YAMLs accept are accepted at inference too
+    vocab = hm.Vocabulary(["a"], ["CT", "T1", "T2", "CINE"])
+    for name, canonical in (("T1ce", "T1"), ("MPRAGE", "T1"), ("cine-MRI", "CINE"),
+                            ("T2-weighted", "T2"), ("mr t1", "T1")):
+        assert vocab.canonical_modality(name) == canonical
+    with pytest.raises(hm.UnknownNameError, match="unknown modality 'PET'"):
+        vocab.modality_index("PET")
 
 
 def test_bad_vocabularies_are_refused():

@@ -155,6 +155,17 @@ def test_cli_priors(tmp_path, capsys):
     assert not list((tmp_path / "o").glob("*.png"))
 
 
+def test_cli_priors_of_official_weights(official_fixture, tmp_path, capsys):
+    """Official Hermes-R .pth weights are analysed as `hermes tasks` and `segment` read them
+    (priors refused them as "not a Hermes checkpoint")."""
+    from hermes.cli import main
+
+    torch.save(official_fixture["official_state_dict"], tmp_path / "hermes_r.pth")
+    assert main(["priors", str(tmp_path / "hermes_r.pth"), "--out", str(tmp_path / "o"),
+                 "--no-png", "--top", "1"]) == 0
+    assert "files written" in capsys.readouterr().out
+
+
 def test_shared_structure_is_nearest_neighbour_after_training(tmp_path):
     """CT and T1 datasets both label the liver (as separate tasks). After a short joint run the
     two liver priors are mutual nearest neighbours (dataset-centred similarity).

@@ -106,6 +106,13 @@ class Vocabulary:
         row = self._mod_rows.get(key)
         if row is None and key in MODALITY_ALIASES:
             row = self._mod_rows.get(MODALITY_ALIASES[key].casefold())
+        if row is None:  # the spellings collection YAMLs accept ('T1ce', 'MPRAGE', 'cine-MRI')
+            from hermes.data.modalities import UnknownModalityError, canonical_modality
+
+            try:
+                row = self._mod_rows.get(canonical_modality(str(name)).casefold())
+            except UnknownModalityError:
+                row = None
         if row is None:
             raise UnknownNameError(
                 f"unknown modality {name!r}; this model knows {', '.join(self.modalities)}"
