@@ -209,6 +209,8 @@ def test_files_that_are_no_official_weights_are_named(tmp_path):
     torch.save({"step": 1, "rng": np.random.get_state()}, run / "last.ckpt")
     with pytest.raises(hm.CheckpointError, match="training state .*use .*model.hermes"):
         hm.from_official(run / "last.ckpt")
+    with pytest.raises(hm.CheckpointError, match="is a folder"):
+        hm.from_official(run)
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(hm.CheckpointError, match="is an empty file"):
         hm.from_official(tmp_path / "empty.pth")

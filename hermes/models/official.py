@@ -143,6 +143,8 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[HermesConfig, int, 
 def _unreadable(path: Path, exc: Exception) -> str:
     """Why ``path`` cannot be read as official weights, for a user who may have passed a run's
     training state, a failed download or another file."""
+    if path.is_dir():
+        return f"{path} is a folder, not a checkpoint file"
     if path.suffix == ".ckpt" and (path.parent / "model.hermes").is_file():
         return (f"{path} is a Hermes training state (for --resume), not a model: use "
                 f"{path.parent / 'model.hermes'}")
