@@ -42,6 +42,20 @@ def test_round_trip_restores_everything(tiny, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no temp file left
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_models_of_other_dtypes_load_as_saved(tiny, tmp_path, dtype):
+    """A float64 or half model comes back in its dtype with its exact weights (it was cast to
+    float32 without a word)."""
+    import copy
+
+    model = copy.deepcopy(tiny).to(dtype)
+    hm.save(model, tmp_path / "m.hermes")
+    loaded = hm.load(tmp_path / "m.hermes")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(),
+                            strict=True):
+        assert b.dtype == a.dtype and torch.equal(a, b), name
+
+
 def test_save_is_atomic_and_keeps_old_file_on_failure(tiny, tmp_path, monkeypatch):
     path = tmp_path / "model.hermes"
     hm.save(tiny, path)

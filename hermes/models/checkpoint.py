@@ -157,6 +157,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> H
         raise CheckpointError(f"checkpoint {path} has an invalid architecture: {exc}") from exc
     state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     model = HermesResUNet(config, vocab)
+    dtypes = {v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point()}
+    if len(dtypes) == 1:  # a float64 or half model comes back as saved, not cast to float32
+        model = model.to(dtypes.pop())
     load_state_checked(model, state, f"checkpoint {path}")
     model.hermes_metadata = dict(header.get("metadata") or {})
     return model.to(map_location).eval()
