@@ -35,6 +35,7 @@ from hermes.data.io import (
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
 from hermes.inference.geometry import pad_to_window
 from hermes.inference.result import SegmentationResult
+from hermes.inference.sliding_window import _is_int
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -222,11 +223,7 @@ def resolve_model(model: Any, device: torch.device) -> tuple[Any, dict]:
         path = Path(model)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
-        if hm.is_hermes_checkpoint(path):
-            model = hm.load(path)  # sets hermes_metadata
-        else:
-            model = hm.from_official(path)
-            model.hermes_metadata = {"source": "official"}
+        model = hm.load_model_file(path)
         model.hermes_source = str(path)
     if not isinstance(model, hm.HermesResUNet):
         raise TypeError(f"model must be a HermesResUNet, a path or None, got "
@@ -507,8 +504,7 @@ def resolve_sw_batch(sw_batch_size: Any, dev: torch.device) -> int:
     """``sw_batch_size`` checked, or the device's default (:data:`DEFAULT_SW_BATCH`)."""
     if sw_batch_size is None:
         return DEFAULT_SW_BATCH.get(dev.type, 1)
-    if not isinstance(sw_batch_size, numbers.Integral) or isinstance(sw_batch_size, bool) or (
-            sw_batch_size < 1):
+    if not _is_int(sw_batch_size) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive int, got {sw_batch_size!r}")
     return int(sw_batch_size)
 

@@ -10,7 +10,7 @@ from hermes.models.checkpoint import (
 )
 from hermes.models.config import PRESETS, HermesConfig, preset_config
 from hermes.models.hermes_resunet import HermesOutput, HermesResUNet
-from hermes.models.official import from_official
+from hermes.models.official import from_official, load_model_file
 from hermes.models.vocabulary import UnknownNameError, Vocabulary, official_vocabulary
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "from_official",
     "is_hermes_checkpoint",
     "load",
+    "load_model_file",
     "official_vocabulary",
     "preset_config",
     "read_header",

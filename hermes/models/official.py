@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hermes.models.checkpoint import CheckpointError, load_state_checked
+from hermes.models.checkpoint import CheckpointError, is_hermes_checkpoint, load, load_state_checked
 from hermes.models.config import HermesConfig
 from hermes.models.hermes_resunet import HermesResUNet
 from hermes.models.vocabulary import Vocabulary, official_vocabulary
@@ -138,6 +138,16 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[HermesConfig, int, 
         modality_tokens=int(mod_shape[1]), head_dim=32, null_tokens=1, preset=None,
     )
     return config, task_rows - 1, int(mod_shape[0])
+
+
+def load_model_file(path: str | os.PathLike) -> HermesResUNet:
+    """The model in ``path``, a ``.hermes`` checkpoint or official Hermes-R ``.pth`` weights
+    (told apart by content; the latter's ``hermes_metadata`` is ``{"source": "official"}``)."""
+    if is_hermes_checkpoint(path):
+        return load(path)  # sets hermes_metadata
+    model = from_official(path)
+    model.hermes_metadata = {"source": "official"}
+    return model
 
 
 def _unreadable(path: Path, exc: Exception) -> str:

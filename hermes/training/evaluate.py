@@ -153,8 +153,9 @@ def evaluate(
     if predict is None:
         model = model.to(device).eval()
         vocab = model.vocab
+        usable = set(vocab.usable_tasks())
         unknown = sorted({(c.dataset, t) for c in cases for t in c.info.tasks
-                          if t not in vocab.tasks or t in vocab.reserved})
+                          if t not in usable})
         if unknown:  # every task and modality known, before any inference runs
             desc = ", ".join(f"{t!r} of {d}" for d, t in unknown[:6])
             raise UnknownNameError(

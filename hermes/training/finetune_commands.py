@@ -93,8 +93,7 @@ def _priors(args: argparse.Namespace) -> int:
     import hermes.models as hm
     from hermes.analysis.priors import analyse_priors
 
-    model = (hm.load(args.model) if hm.is_hermes_checkpoint(args.model)
-             else hm.from_official(args.model))  # official Hermes-R weights, as `hermes tasks`
+    model = hm.load_model_file(args.model)  # official Hermes-R weights too, as `hermes tasks`
     summary = analyse_priors(model, args.out, k=args.top, png=not args.no_png,
                              modality_reduce=args.modality_reduce, center=args.center,
                              png_levels=not args.no_level_png)
