@@ -132,6 +132,32 @@ def test_percentile_normalisation_uses_nonzero_voxels():
     assert abs(out[0][nz].mean()) < 1e-4 and abs(out[0][nz].std() - 1) < 1e-4
 
 
+@pytest.mark.parametrize("modality,dtype", [("CT", np.int16), ("T1", np.float32),
+                                             ("PET", np.float64)])
+def test_normalisation_in_slabs_leaves_the_input_alone(modality, dtype, monkeypatch):
+    from hermes.data import normalize as norm
+
+    rng = np.random.default_rng(5)
+    x = (rng.normal(0, 1, (2, 13, 11, 7)) * (400 if modality == "CT" else 90)).astype(dtype)
+    x[:, :3] = 0
+    before = x.copy()
+    whole, stats = normalize(x, normalization_for(modality))
+    monkeypatch.setattr(norm, "_STATS_SLAB", 37)  # statistics summed over 28 slabs per channel
+    slabs, stats_slabs = normalize(x, normalization_for(modality))
+    np.testing.assert_array_equal(x, before)
+    assert whole.dtype == np.float32
+    for c in range(2):
+        v = x[c].astype(np.float32)  # clipped in float32, statistics in float64
+        sel = v > -500 if modality == "CT" else v != 0
+        lo, hi = stats[c]["clip"]
+        clipped = np.clip(v, np.float32(lo), np.float32(hi)).astype(np.float64)
+        mean, std = clipped[sel].mean(), clipped[sel].std()
+        for got, st in ((whole, stats), (slabs, stats_slabs)):
+            assert st[c]["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-9)
+            assert st[c]["std"] == pytest.approx(std, rel=1e-12)
+            np.testing.assert_allclose(got[c], (clipped - mean) / std, rtol=1e-5, atol=1e-5)
+
+
 def test_normalisation_overrides():
     s = normalization_for("CT", {"ct": {"clip": [-200, 300]}})
     assert s.kind == "ct" and s.clip == (-200, 300)
@@ -449,12 +475,13 @@ def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, ord
     got = separable_resample(arr, scale, offset, out_shape, order)
     assert got.dtype == np.float32 and got.shape == out_shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
-    # into a flipped, transposed view of a larger array, slab by slab: the same values
-    big = np.full((out_shape[2] + 2, out_shape[1], out_shape[0] + 3), -7.0, np.float32)
-    view = big[1:-1, ::-1, 3:].transpose(2, 1, 0)[:, :, ::-1]
     from hermes.data import geometry
 
-    monkeypatch.setattr(geometry, "SLAB_BYTES", 64)  # tiny slabs: many of them
+    monkeypatch.setattr(geometry, "SLAB_BYTES", 64)  # tiny slabs on every axis: many of them
+    np.testing.assert_array_equal(separable_resample(arr, scale, offset, out_shape, order), got)
+    # into a flipped, transposed view of a larger array: the same values
+    big = np.full((out_shape[2] + 2, out_shape[1], out_shape[0] + 3), -7.0, np.float32)
+    view = big[1:-1, ::-1, 3:].transpose(2, 1, 0)[:, :, ::-1]
     assert separable_resample(arr, scale, offset, out_shape, order, out=view) is view
     np.testing.assert_array_equal(view, got)
     assert (big[0] == -7).all() and (big[:, :, :3] == -7).all()

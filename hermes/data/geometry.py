@@ -120,20 +120,21 @@ def resampled_grid(
 
 def _resample_3d(
     vol: np.ndarray, new_shape: Sequence[int], step: np.ndarray, offset: np.ndarray, order: int,
-    axes: Sequence[int] = (0, 1, 2),
+    axes: Sequence[int] = (0, 1, 2), out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Resample only ``axes`` of a 3D volume (the others must already have their new size)."""
+    """Resample only ``axes`` of a 3D volume (the others must already have their new size),
+    into ``out`` when given (float32, or the volume's integer dtype for order 0)."""
     m = np.ones(3)
     o = np.zeros(3)
     for a in axes:
         m[a], o[a] = step[a], offset[a]
     out_shape = [vol.shape[a] if a not in axes else new_shape[a] for a in range(3)]
     if order in (1, 3):
-        return separable_resample(vol, m, o, out_shape, order)
-    if order == 0 and vol.dtype.kind in "uib":
-        out = np.empty(out_shape, dtype=vol.dtype)
-    else:
-        out = np.empty(out_shape, dtype=np.float32)
+        return separable_resample(vol, m, o, out_shape, order, out=out)
+    if out is None:
+        out = np.empty(out_shape, vol.dtype if order == 0 and vol.dtype.kind in "uib"
+                       else np.float32)
+    if out.dtype == np.float32:
         vol = vol.astype(np.float32, copy=False)
     ndimage.affine_transform(vol, m, offset=o, output_shape=tuple(out_shape), output=out,
                              order=order, mode="nearest", prefilter=order > 1)
@@ -162,16 +163,16 @@ def resample(
         return (out if channel_first else out[0]), new_affine
     sp = np.asarray(spacing_from_affine(affine))
     anisotropic = order > 1 and sp.max() / sp.min() > anisotropy_threshold
-    chans = []
+    kind = vol.dtype if order == 0 and vol.dtype.kind in "uib" else np.float32
+    out = np.empty((vol.shape[0], *new_shape), kind)
     for c in range(vol.shape[0]):
         if anisotropic:
             coarse = int(np.argmax(sp))
             fine_axes = [a for a in range(3) if a != coarse]
             tmp = _resample_3d(vol[c], new_shape, step, offset, order, fine_axes)
-            chans.append(_resample_3d(tmp, new_shape, step, offset, 1, [coarse]))
+            _resample_3d(tmp, new_shape, step, offset, 1, [coarse], out=out[c])
         else:
-            chans.append(_resample_3d(vol[c], new_shape, step, offset, order))
-    out = np.stack(chans)
+            _resample_3d(vol[c], new_shape, step, offset, order, out=out[c])
     return (out if channel_first else out[0]), new_affine
 
 
@@ -197,13 +198,14 @@ def separable_resample(
     (cubic: with its spline prefilter) to float32 rounding (for sample points less than 10
     voxels outside the array; farther ones take the edge), computed one axis at a time (the
     axes that shrink the volume first; axes with the identity map are skipped), which costs 2 or
-    4 taps per axis instead of 8 or 64 per voxel. NumPy/SciPy only, so it is safe in forked
-    worker processes.
+    4 taps per axis instead of 8 or 64 per voxel. Each axis is computed in slabs along another
+    axis (``SLAB_BYTES`` of output each), so the temporaries (edge padding, spline
+    coefficients, taps) are slab-sized: memory is the input, the axis' result and a few slabs.
+    NumPy/SciPy only, so it is safe in forked worker processes.
 
     Args:
         out: optional ``out_shape`` array (any strides, e.g. a flipped view of a larger array)
-            to write into; linear interpolation then fills it slab by slab along the last
-            axis processed, with two slab-sized temporaries instead of two output-sized ones.
+            to write into; the last axis processed is written into it directly.
 
     Returns:
         ``out_shape`` float32 (``out`` when given).
@@ -219,43 +221,68 @@ def separable_resample(
     axes = [a for a in sorted(range(3), key=lambda a: out_shape[a] / max(vol.shape[a], 1))
             if not (vol.shape[a] == out_shape[a] and float(scale[a]) == 1.0
                     and float(offset[a]) == 0.0)]
-    for axis in axes:
-        n, m = vol.shape[axis], out_shape[axis]
-        s, o = float(scale[axis]), float(offset[axis])
-        coord = s * np.arange(m) + o
-        shape = [1, 1, 1]
-        shape[axis] = m
-        if order == 1:
-            coord = np.clip(coord, 0, n - 1)
-            lo = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
-            hi = np.minimum(lo + 1, n - 1)
-            frac = (coord - lo).astype(np.float32).reshape(shape)
-            if out is not None and axis == axes[-1]:
-                _lerp_into(vol, lo, hi, frac, axis, out)
-                return out
-            vol = _lerp(vol, lo, hi, frac, axis)
-            continue
-        pad = [(0, 0)] * 3
-        pad[axis] = (_SPLINE_PAD, _SPLINE_PAD)
-        coef = ndimage.spline_filter1d(np.pad(vol, pad, mode="edge"), order=3, axis=axis,
-                                       mode="mirror", output=np.float32)
-        coord = coord + _SPLINE_PAD
-        base = np.floor(coord).astype(np.int64)
-        weights = _bspline3_weights(coord - base).astype(np.float32)
-        acc = None
-        for k in range(4):
-            idx = np.clip(base - 1 + k, 0, n + 2 * _SPLINE_PAD - 1)
-            term = np.take(coef, idx, axis=axis) * weights[k].reshape(shape)
-            acc = term if acc is None else acc + term
-        vol = acc
+    for i, axis in enumerate(axes):
+        shape = list(vol.shape)
+        shape[axis] = out_shape[axis]
+        last = i == len(axes) - 1
+        dest = out if last and out is not None else np.empty(shape, np.float32)
+        taps = _axis_taps(vol.shape[axis], out_shape[axis], float(scale[axis]),
+                          float(offset[axis]), order)
+        along = 0 if axis != 0 else 1
+        plane = dest.size // max(dest.shape[along], 1) * 4
+        step = max(1, SLAB_BYTES // max(plane, 1))
+        for start in range(0, dest.shape[along], step):
+            sl = [slice(None)] * 3
+            sl[along] = slice(start, start + step)
+            dest[tuple(sl)] = _interpolate_axis(vol[tuple(sl)], taps, axis, order)
+        vol = dest
     if out is not None:
-        out[...] = vol
+        if not axes:
+            out[...] = vol
         return out
     return np.ascontiguousarray(vol, dtype=np.float32)
 
 
-#: Bytes of output per slab of :func:`_lerp_into` (two float32 temporaries of this size).
-SLAB_BYTES = 1 << 25
+#: Bytes of output per slab of :func:`separable_resample` (its temporaries are a few slabs).
+SLAB_BYTES = 1 << 23
+
+
+def _axis_taps(n: int, m: int, scale: float, offset: float,
+               order: int) -> tuple[np.ndarray, ...]:
+    """Sample indices and weights of one axis (``n`` -> ``m`` voxels) for
+    :func:`_interpolate_axis`: linear ``(lo, hi, frac)``, cubic ``(base, weights 4 x m)``."""
+    coord = scale * np.arange(m) + offset
+    if order == 1:
+        coord = np.clip(coord, 0, n - 1)
+        lo = np.minimum(np.floor(coord).astype(np.int64), max(n - 2, 0))
+        hi = np.minimum(lo + 1, n - 1)
+        return lo, hi, (coord - lo).astype(np.float32)
+    coord = coord + _SPLINE_PAD
+    base = np.floor(coord).astype(np.int64)
+    return base, _bspline3_weights(coord - base).astype(np.float32)
+
+
+def _interpolate_axis(vol: np.ndarray, taps: tuple[np.ndarray, ...], axis: int,
+                      order: int) -> np.ndarray:
+    """``vol`` interpolated along ``axis`` with :func:`_axis_taps` (a new float32 array)."""
+    shape = [1, 1, 1]
+    shape[axis] = taps[0].size
+    if order == 1:
+        lo, hi, frac = taps
+        return _lerp(vol, lo, hi, frac.reshape(shape), axis)
+    base, weights = taps
+    n = vol.shape[axis]
+    pad = [(0, 0)] * 3
+    pad[axis] = (_SPLINE_PAD, _SPLINE_PAD)
+    coef = ndimage.spline_filter1d(np.pad(vol, pad, mode="edge"), order=3, axis=axis,
+                                   mode="mirror", output=np.float32)
+    acc = None
+    for k in range(4):
+        idx = np.clip(base - 1 + k, 0, n + 2 * _SPLINE_PAD - 1)
+        term = np.take(coef, idx, axis=axis)
+        term *= weights[k].reshape(shape)
+        acc = term if acc is None else np.add(acc, term, out=acc)
+    return acc
 
 
 def _lerp(vol: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray,
@@ -268,15 +295,3 @@ def _lerp(vol: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray,
     b *= frac
     a += b
     return a
-
-
-def _lerp_into(vol: np.ndarray, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, axis: int,
-               out: np.ndarray) -> None:
-    """:func:`_lerp` into ``out``, computed in slabs along another axis."""
-    along = 0 if axis != 0 else 1
-    plane = out.size // max(out.shape[along], 1) * 4
-    step = max(1, SLAB_BYTES // max(plane, 1))
-    for start in range(0, out.shape[along], step):
-        sl = [slice(None)] * 3
-        sl[along] = slice(start, start + step)
-        out[tuple(sl)] = _lerp(vol[tuple(sl)], lo, hi, frac, axis)

@@ -97,16 +97,37 @@ def normalization_for(modality: str, overrides: Mapping | None = None) -> Normal
     return NormalizationSpec(**kw)
 
 
-def _zscore(x: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, float, float]:
-    vals = x[sel] if sel is not None and sel.any() else x.ravel()
-    mean = float(vals.mean(dtype=np.float64))
-    std = float(vals.std(dtype=np.float64))
+#: Voxels per slab of the float64 statistics in :func:`_zscore_` (8 MiB of float64 each).
+_STATS_SLAB = 1 << 20
+
+
+def _zscore_(x: np.ndarray, sel: np.ndarray | None) -> tuple[float, float]:
+    """Z-score ``x`` in place with the mean and standard deviation of ``x[sel]`` (all of ``x``
+    when ``sel`` is None or selects nothing); returns them. The float64 sums run over slabs of
+    ``_STATS_SLAB`` voxels, so no float64 copy of the volume is made."""
+    flat = x.reshape(-1)
+    keep = sel.reshape(-1) if sel is not None and sel.any() else None
+    slabs = [slice(i, i + _STATS_SLAB) for i in range(0, flat.size, _STATS_SLAB)]
+
+    def values(sl: slice) -> np.ndarray:
+        v = flat[sl] if keep is None else flat[sl][keep[sl]]
+        return v.astype(np.float64)
+
+    count = flat.size if keep is None else int(np.count_nonzero(keep))
+    mean = sum(float(values(sl).sum()) for sl in slabs) / count
+    var = sum(float(np.square(values(sl) - mean).sum()) for sl in slabs) / count
+    std = float(np.sqrt(var))
     std = std if std > 1e-8 else 1.0
-    return (x - np.float32(mean)) / np.float32(std), mean, std
+    x -= np.float32(mean)
+    x /= np.float32(std)
+    return mean, std
 
 
 def normalize(image: np.ndarray, spec: NormalizationSpec) -> tuple[np.ndarray, list[dict]]:
-    """Normalise a ``(C, X, Y, Z)`` image per channel.
+    """Normalise a ``(C, X, Y, Z)`` image per channel (``image`` is not modified).
+
+    Works in the returned array: besides it, one boolean voxel mask per channel (and, for
+    percentile clipping, the channel's non-zero values) are the only temporaries.
 
     Returns:
         ``(float32 image, per-channel stats)``: each stats dict holds the clip range used and
@@ -115,22 +136,22 @@ def normalize(image: np.ndarray, spec: NormalizationSpec) -> tuple[np.ndarray, l
     out = np.empty(image.shape, np.float32)
     stats = []
     for c in range(image.shape[0]):
-        x = np.asarray(image[c], np.float32)
+        x = out[c]
+        x[...] = image[c]
         if spec.kind == "none":
-            out[c] = x
             stats.append({"clip": None, "mean": 0.0, "std": 1.0})
             continue
         if spec.kind in ("ct", "window"):
             # CT: the body in raw HU (a narrow window must not make air body); else non-zero
             sel = x > spec.body_threshold if spec.kind == "ct" else x != 0
             lo, hi = spec.clip
-            x = np.clip(x, lo, hi)
         else:
-            nz = x != 0
-            vals = x[nz] if nz.any() else x.ravel()
-            lo, hi = (float(v) for v in np.percentile(vals, spec.percentiles))
-            x = np.clip(x, lo, hi)
-            sel = nz
-        out[c], mean, std = _zscore(x, sel)
+            sel = x != 0
+            vals = x[sel] if sel.any() else x.ravel().copy()
+            lo, hi = (float(v) for v in np.percentile(vals, spec.percentiles,
+                                                      overwrite_input=True))
+            del vals
+        np.clip(x, lo, hi, out=x)
+        mean, std = _zscore_(x, sel)
         stats.append({"clip": [float(lo), float(hi)], "mean": mean, "std": std})
     return out, stats

@@ -223,11 +223,12 @@ def prepare_arrays(
     if label is not None:
         label, _ = reorient(label, affine)
     canon_shape = list(image.shape[1:])
-    mask = np.any(image != 0, axis=0)
-    if label is not None:
-        mask |= label > 0
     if params.crop_nonzero:
+        mask = np.any(image != 0, axis=0)
+        if label is not None:
+            mask |= label > 0
         bbox = nonzero_bbox(mask)
+        del mask
     else:
         bbox = tuple((0, int(s)) for s in image.shape[1:])
     image, aff = crop(image, canon_aff, bbox, channel_first=True)
@@ -237,7 +238,7 @@ def prepare_arrays(
     if label is not None:
         label, _ = crop(label, canon_aff, bbox)
         label, _ = resample(label, aff, params.spacing, order=0, channel_first=False)
-    image = image.astype(params.dtype)
+    image = image.astype(params.dtype, copy=False)
     geom = {
         "original": orig,
         "canonical": {"affine": canon_aff.tolist(), "shape": canon_shape,
