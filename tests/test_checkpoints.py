@@ -131,6 +131,12 @@ def test_corrupted_headers_and_trailing_bytes(tiny, tmp_path):
                                      if k != "payload_sha256"}).encode()), "no payload_sha256"),
         (lambda: rewrite(json.dumps(header).encode(), tail=payload + b"xy"),
          "2 unexpected bytes after the weights"),
+        (lambda: rewrite(json.dumps({**header, "payload_bytes": "12"}).encode()),
+         r"wrong type of payload_bytes"),
+        (lambda: rewrite(json.dumps({**header, "format_version": "1", "config": []}).encode()),
+         r"wrong type of format_version, config"),
+        (lambda: rewrite(json.dumps({**header, "metadata": [1]}).encode()),
+         r"wrong type of metadata"),
     ]
     for corrupt, words in cases:
         corrupt()

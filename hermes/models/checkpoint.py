@@ -102,6 +102,13 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
             raise CheckpointError(f"checkpoint {path} has a corrupted header: {exc}") from exc
         if not isinstance(header, dict):
             raise CheckpointError(f"checkpoint {path} has a corrupted header (not an object)")
+        kinds = {"format_version": int, "payload_bytes": int, "payload_sha256": str,
+                 "config": dict, "vocab": dict, "metadata": (dict, type(None))}
+        wrong = [k for k, kind in kinds.items() if k in header and (
+            not isinstance(header[k], kind) or isinstance(header[k], bool))]
+        if wrong:
+            raise CheckpointError(f"checkpoint {path} has a corrupted header (wrong type of "
+                                  f"{', '.join(wrong)})")
         if header.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint {path} has format version {header.get('format_version')}, this "
