@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -202,8 +203,12 @@ def test_splits_are_seeded_stored_and_reused(synth_copy, tmp_path):
     stored["datasets"]["synth_t1"] = {"train": ["synth_t1_000"], "val": [],
                                       "test": ["synth_t1_001", "synth_t1_002"]}
     sp_path.write_text(json.dumps(stored))
-    s2 = load_or_create_splits(c, sp_path, seed=99)
+    with pytest.warns(UserWarning, match="seed 3, val_fraction 0.34.*asks for seed 99.*delete"):
+        s2 = load_or_create_splits(c, sp_path, seed=99)
     assert s2["datasets"]["synth_t1"]["test"] == ["synth_t1_001", "synth_t1_002"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the settings it was made with: silent
+        load_or_create_splits(c, sp_path)
     # determinism: a fresh file with the same seed gives the same split
     s3 = load_or_create_splits(c, tmp_path / "other.json")
     assert s3["datasets"] == s1["datasets"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -60,6 +61,18 @@ def make_splits(collection: Collection, seed: int | None = None,
     }
 
 
+def _warn_other_settings(path: Path, splits: dict, seed: int, val_fraction: float) -> None:
+    """Warn when the stored splits were made with another seed or validation fraction than the
+    one asked for now (the stored file stays authoritative)."""
+    old = (splits.get("seed"), splits.get("val_fraction"))
+    if old[0] is None or old[1] is None:  # a hand-written file without them
+        return
+    if int(old[0]) != int(seed) or abs(float(old[1]) - float(val_fraction)) > 1e-12:
+        warnings.warn(f"{path} was made with splits seed {old[0]}, val_fraction {old[1]}; the "
+                      f"collection now asks for seed {seed}, val_fraction {val_fraction}. The "
+                      "stored splits are kept: delete that file to split again.", stacklevel=3)
+
+
 def load_or_create_splits(collection: Collection, path: str | os.PathLike,
                           seed: int | None = None, val_fraction: float | None = None) -> dict:
     """Read the splits at ``path``, creating (and writing) them if absent.
@@ -80,6 +93,8 @@ def load_or_create_splits(collection: Collection, path: str | os.PathLike,
         stored = splits["datasets"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SplitError(f"{path}: not a valid splits file ({exc})") from exc
+    _warn_other_settings(path, splits, collection.split_seed if seed is None else seed,
+                         collection.val_fraction if val_fraction is None else val_fraction)
     changed = False
     errors = []
     for ds in collection.datasets:
