@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from hermes._text import first_of
 from hermes.data.io import IMAGE_SUFFIXES, ImageReadError, image_suffix, load_header, load_image
 from hermes.data.io import strip_image_suffix as _strip
 from hermes.data.labels import LabelMapError, parse_label_map
@@ -718,7 +719,7 @@ class Collection:
                 source = " (dataset.json's channel names)" if declared else ""
                 problems.append(Problem(
                     "config", f"{len(odd)} case(s) with another number of image channels than "
-                    f"{expected}{source}: {', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}",
+                    f"{expected}{source}: {first_of(odd, 5)}",
                     ds.name))
             elif known:
                 channels[ds.name] = expected

@@ -24,6 +24,7 @@ import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
+from hermes._text import first_of
 from hermes.data.geometry import CANONICAL_AXCODES, crop, separable_resample
 from hermes.data.io import (
     ImageReadError,
@@ -128,8 +129,8 @@ def load_input(
                 if not images:
                     raise
                 raise SegmentationInputError(  # a folder is read as one DICOM series
-                    f"{path} holds no DICOM series but image files ({', '.join(images[:3])}"
-                    f"{' ...' if len(images) > 3 else ''}): give one of them") from exc
+                    f"{path} holds no DICOM series but image files ({first_of(images, 3)}"
+                    "): give one of them") from exc
         elif path.is_file() and image_suffix(path) is None:
             from hermes.data.dicom import is_dicom_file, load_dicom_series, series_uid_of
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from hermes._text import first_of
+
 # Spellings users write for the canonical modality names (compared case-insensitively).
 MODALITY_ALIASES = {
     "ct": "CT",
@@ -79,16 +81,12 @@ class Vocabulary:
         row = self._task_rows.get(name)
         if row is None or name in self.reserved:
             usable = [t for t in self.tasks if t not in self.reserved]
-            hint = _suggest(name, usable) or (
-                f"; known tasks include {', '.join(usable[:8])}{' ...' if len(usable) > 8 else ''}"
-            )
+            hint = _suggest(name, usable) or f"; known tasks include {first_of(usable, 8)}"
             group = self.group_name(name) if isinstance(name, str) else None
             if group is not None:
                 hint = f"; {group!r} is a dataset group: pass model.vocab.group({group!r})"
             elif self.groups:
-                names = sorted(self.groups)
-                hint += (f"; dataset groups: {', '.join(names[:8])}"
-                         f"{' ...' if len(names) > 8 else ''}")
+                hint += f"; dataset groups: {first_of(sorted(self.groups), 8)}"
             raise UnknownNameError(f"unknown task {name!r}{hint}")
         return row
 

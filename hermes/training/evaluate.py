@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hermes._text import first_of
 from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 from hermes.data.io import load_image
 from hermes.files import atomic_write_bytes
@@ -157,10 +158,10 @@ def evaluate(
         unknown = sorted({(c.dataset, t) for c in cases for t in c.info.tasks
                           if t not in usable})
         if unknown:  # every task and modality known, before any inference runs
-            desc = ", ".join(f"{t!r} of {d}" for d, t in unknown[:6])
+            desc = first_of([f"{t!r} of {d}" for d, t in unknown], 6)
             raise UnknownNameError(
                 f"the model does not know {len(unknown)} task(s) of this collection ({desc}"
-                f"{' ...' if len(unknown) > 6 else ''}): it was trained on other data; "
+                "): it was trained on other data; "
                 "evaluate it on datasets of its own tasks (--datasets), or teach it these with "
                 "`hermes finetune`")
         for case in cases:
