@@ -141,6 +141,16 @@ def test_validation_reports_every_problem_at_once(synth_copy):
     # 5. unknown modality, 6. corrupt label
     _rewrite_yaml(synth_copy, lambda c: c["datasets"][2].update(modality="ultrasound"))
     (root / "synth_t2" / "labelsTr" / "synth_t2_002.nrrd").write_bytes(b"NRRD0004\ngarbage\n")
+    # 7. NaN voxels, 8. an image of one value, 9. compressed data cut short (header intact)
+    ct = root / "synth_ct" / "imagesTr"
+    img, aff = load_image(ct / "synth_ct_000.nii.gz")
+    img = img.astype(np.float32)
+    img[3, 4, 5] = np.nan
+    save_image(ct / "synth_ct_000.nii.gz", img, aff)
+    img, aff = load_image(ct / "synth_ct_002.nii.gz")
+    save_image(ct / "synth_ct_002.nii.gz", np.full(img.shape, -1000, np.int16), aff)
+    t1 = root / "synth_t1" / "imagesTr" / "synth_t1_000_0000.nii.gz"
+    t1.write_bytes(t1.read_bytes()[: t1.stat().st_size // 2])
 
     coll = load_collection(synth_copy)
     problems = coll.validate(workers=2)
@@ -152,14 +162,23 @@ def test_validation_reports_every_problem_at_once(synth_copy):
         ("geometry", "synth_pet", "synth_pet_001"),
         ("modality", "synth_t2", None),
         ("unreadable", "synth_t2", "synth_t2_002"),
+        ("image_values", "synth_ct", "synth_ct_000"),
+        ("image_values", "synth_ct", "synth_ct_002"),
+        ("unreadable", "synth_t1", "synth_t1_000"),
     ]), problems
     lv = next(p for p in problems if p.kind == "label_values")
     assert "7 (1 voxels)" in lv.message and "synth_ct_001.nii.gz" in lv.message
     assert "ultrasound" in next(p for p in problems if p.kind == "modality").message
+    values = {p.case: p.message for p in problems if p.kind == "image_values"}
+    assert "1 non-finite (NaN/inf) voxels" in values["synth_ct_000"]
+    assert "every voxel equals -1000" in values["synth_ct_002"]
+    cut = next(p for p in problems if p.case == "synth_t1_000")
+    assert "synth_t1_000_0000.nii.gz" in cut.message, cut
     with pytest.raises(CollectionError) as e:
         coll.check()
-    assert len(e.value.problems) == 6 and str(e.value).count("\n  - ") == 6
-    # shallow validation skips only the label-value check
+    assert len(e.value.problems) == 9 and str(e.value).count("\n  - ") == 9
+    # without image voxels, then shallow (headers only: no label values either)
+    assert len(coll.validate(images=False)) == 6
     assert len(coll.validate(deep=False)) == 5
 
 
@@ -282,7 +301,7 @@ def test_datasets_with_different_channel_counts_are_reported(tmp_path):
     # a single 4-D file with three channels counts three
     save_image(tmp_path / "msd" / "labelsTr" / "a.nii.gz", lab, np.eye(4))
     save_image(tmp_path / "msd" / "imagesTr" / "a.nii.gz",
-               np.zeros((4, 4, 4, 3), np.float32), np.eye(4))
+               np.arange(192, dtype=np.float32).reshape(4, 4, 4, 3), np.eye(4))
     (tmp_path / "msd" / "dataset.json").write_text(json.dumps({
         "modality": {"0": "CT", "1": "CT", "2": "CT"},
         "labels": {"0": "background", "1": "liver"},

@@ -74,7 +74,7 @@ class Problem:
     """One thing wrong with a collection.
 
     ``kind`` is one of ``config``, ``modality``, ``missing_file``, ``unreadable``, ``geometry``,
-    ``label_values``, ``no_cases``.
+    ``label_values``, ``image_values``, ``no_cases``.
     """
 
     kind: str
@@ -308,9 +308,10 @@ def _affines_close(a: np.ndarray, b: np.ndarray, tol: float = 1e-3) -> bool:
 
 
 def _check_case(
-    case: Case, allowed: frozenset[int], check_labels: bool
+    case: Case, allowed: frozenset[int], check_labels: bool, check_images: bool = False
 ) -> list[Problem]:
-    """Every problem of one case: files, geometry, label values."""
+    """Every problem of one case: files, geometry, label values and (``check_images``) image
+    voxels: readable to the end, finite, not one constant value, as preprocessing needs them."""
     out: list[Problem] = []
     ds, cid = case.dataset, case.case_id
     headers: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
@@ -363,6 +364,15 @@ def _check_case(
             out.append(Problem(
                 "label_values", f"{label_path.name} has values not in the label map: {desc}; "
                 f"mapped values: {sorted(allowed)}", ds, cid, str(label_path)))
+    if check_images and not out:
+        from hermes.data.preprocess import _load_channels
+
+        try:
+            _load_channels(case)
+        except ImageReadError as exc:
+            out.append(Problem("unreadable", str(exc), ds, cid))
+        except ValueError as exc:
+            out.append(Problem("image_values", str(exc), ds, cid))
     return out
 
 
@@ -672,13 +682,17 @@ class Collection:
 
     # ------------------------------------------------------------------ validation
     def validate(
-        self, deep: bool = True, workers: int = 1, progress: bool = False
+        self, deep: bool = True, workers: int = 1, progress: bool = False,
+        images: bool | None = None,
     ) -> list[Problem]:
         """Every problem of the collection, without raising.
 
         Args:
             deep: also read every label file to check its values against the label map
                 (otherwise only headers are read: existence, readability, geometry).
+            images: also read every image to the end: corrupt data, NaN/inf voxels and
+                images of one constant value (which preprocessing refuses) are reported up
+                front. Default: as ``deep``.
             workers: processes for the per-case checks (1 = in this process).
             progress: show a tqdm progress bar.
 
@@ -687,7 +701,7 @@ class Collection:
         """
         problems = list(self._problems)
         jobs = [
-            (c, frozenset(ds.label_values), deep)
+            (c, frozenset(ds.label_values), deep, deep if images is None else images)
             for ds in self.datasets for c in ds.cases
         ]
         results: Iterable[list[Problem]]
@@ -730,9 +744,11 @@ class Collection:
                 "model takes one channel count: train them in separate collections"))
         return problems
 
-    def check(self, deep: bool = True, workers: int = 1, progress: bool = False) -> None:
-        """Raise :class:`CollectionError` listing all problems, if there are any."""
-        problems = self.validate(deep=deep, workers=workers, progress=progress)
+    def check(self, deep: bool = True, workers: int = 1, progress: bool = False,
+              images: bool | None = None) -> None:
+        """Raise :class:`CollectionError` listing all problems, if there are any (arguments
+        as :meth:`validate`)."""
+        problems = self.validate(deep=deep, workers=workers, progress=progress, images=images)
         if problems:
             raise CollectionError(problems, str(self.path) if self.path else self.name)
 

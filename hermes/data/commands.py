@@ -140,7 +140,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     v = ds.add_parser("validate", help="report every problem of a collection")
     v.add_argument("collection")
-    v.add_argument("--shallow", action="store_true", help="headers only (skip label values)")
+    v.add_argument("--shallow", action="store_true",
+                   help="headers only (skip reading label values and image voxels)")
     v.add_argument("--workers", type=int, default=1)
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_validate)

@@ -415,7 +415,8 @@ def preprocess(
         collection = load_collection(collection)
     workers = workers or min(4, os.cpu_count() or 1)
     if validate:
-        collection.check(deep=True, workers=workers, progress=progress)
+        # images are read (and their voxels checked) by the preprocessing itself
+        collection.check(deep=True, workers=workers, progress=progress, images=False)
     if spacing is None:
         spacing = collection.spacing if collection.spacing is not None else 1.5
     params = PreprocessParams(spacing, image_order, dtype, max_fg_samples, crop_nonzero,
