@@ -410,9 +410,10 @@ def test_numpy_and_tensor_arguments_as_in_monai():
     ref = sliding_window_inference(x, 8, 2, conv, overlap=0.5, mode="gaussian",
                                    sigma_scale=float(sigma))
     kw = dict(overlap=np.float32(0.5), mode="gaussian", sigma_scale=(sigma,) * 3)
-    for roi in (np.int64(8), torch.tensor([8, 8, 8]), np.array([8, 8, 8])):
+    for roi, batch in ((np.int64(8), np.int64(2)), (torch.tensor([8, 8, 8]), torch.tensor(2)),
+                       (np.array([8, 8, 8]), 2)):
         torch.testing.assert_close(
-            sliding_window_inference(x, roi, np.int64(2), conv, **kw), ref, rtol=0, atol=0
+            sliding_window_inference(x, roi, batch, conv, **kw), ref, rtol=0, atol=0
         )
     for unused in (0.0, None):  # sigma_scale is unused in constant mode
         constant = sliding_window_inference(x, 10, 2, conv, overlap=0.5, sigma_scale=unused)

@@ -34,9 +34,9 @@ from hermes.data.io import (
     nifti_geometry,
 )
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
+from hermes.inference.aggregator import _is_int
 from hermes.inference.geometry import pad_to_window
 from hermes.inference.result import SegmentationResult
-from hermes.inference.sliding_window import _is_int
 
 __all__ = [
     "DEFAULT_PREPROCESS",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from hermes.inference.aggregator import (
     OUTPUT_KINDS,
     PatchAggregator,
+    _is_int,
     best_stream_axis,
     resolve_device,
 )
@@ -126,11 +127,6 @@ def _scalar(value: Any) -> Any:
     """Torch scalars (0-d tensors) as Python numbers; NumPy scalars are kept, so that window
     steps are computed in their precision, as MONAI does."""
     return value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
-
-
-def _is_int(value: Any) -> bool:
-    """An integer (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _per_axis(value: Any, ndim: int, name: str) -> tuple:
