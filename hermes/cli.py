@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,9 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _warning_format(command: str | None, default: Callable) -> Callable:
+    """``warnings.formatwarning`` for the command: Hermes' own warnings as one line
+    ``hermes COMMAND: warning: ...`` (no source line), other libraries' as Python prints them."""
+
+    def fmt(message, category, filename, lineno, line=None):  # noqa: ANN001
+        if not str(filename).startswith(_PACKAGE_DIR):
+            return default(message, category, filename, lineno, line)
+        return f"hermes{' ' + command if command else ''}: warning: {message}\n"
+
+    return fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    default = warnings.formatwarning
+    warnings.formatwarning = _warning_format(getattr(args, "command", None), default)
+    try:
+        return _run(parser, args)
+    finally:
+        warnings.formatwarning = default
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     handler: Handler | None = getattr(args, "handler", None) or getattr(args, "func", None)
     if handler is None:
         parser.print_help()

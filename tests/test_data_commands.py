@@ -101,3 +101,30 @@ def test_train_on_a_yaml_keeps_the_caches_preprocessing(tmp_path):
     yaml_p.write_text(yaml.safe_dump(cfg))
     pc = open_cache(str(yaml_p), str(tmp_path / "c2"), 1, False, {"spacing": [10.0] * 3})
     assert pc.params["spacing"] == [10.0, 10.0, 10.0]
+
+
+def test_command_errors_and_warnings_name_the_command(tmp_path):
+    """Errors of the data commands and Hermes' own warnings print as `hermes CMD: ...` lines
+    (a warning without Python's source line); the CLI runs in a child process so that its
+    warnings reach stderr as a user sees them."""
+    import subprocess
+    import sys
+
+    def hermes(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hermes.cli", *argv], capture_output=True,
+                              text=True, cwd=tmp_path)
+
+    yaml_p = tmp_path / "s" / "collection.yaml"
+    assert hermes("data", "synthetic", str(yaml_p.parent), "--cases", "2", "--datasets",
+                  "synth_ct").returncode == 0
+    again = hermes("data", "synthetic", str(yaml_p.parent), "--datasets", "synth_ct")
+    assert again.returncode == 1
+    assert again.stderr.startswith("hermes data synthetic: error: ")
+    run = ["preprocess", str(yaml_p), "--spacing", "8", "--workers", "1", "--no-progress"]
+    assert hermes(*run).returncode == 0
+    yaml_p.write_text(yaml_p.read_text().replace("seed: 0", "seed: 5"))
+    res = hermes(*run)
+    assert res.returncode == 0
+    line = next(x for x in res.stderr.splitlines() if "splits.json" in x)
+    assert line.startswith("hermes preprocess: warning: ") and "seed 5" in line
+    assert "load_or_create_splits(" not in res.stderr  # no source line

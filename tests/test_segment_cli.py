@@ -153,3 +153,19 @@ def test_output_piped_into_a_closed_reader_is_not_an_error(tmp_path):
     proc.stdout.close()  # long before the interpreter has started and written anything
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == ""
+
+
+def test_unsure_modality_detection_names_the_option(tmp_path, ckpt, capsys, monkeypatch):
+    import hermes.inference.segment as seg
+
+    aff = grid(np.diag([2.0, 2.0, 3.0]), (40, 40, 24))
+    img, _ = phantom(aff, (40, 40, 24))
+    src = save_image(tmp_path / "head.nii.gz", img + 100, aff)
+    real = seg.segment
+    # the detector is never sure enough at this threshold: the CLI's message, not the API's
+    monkeypatch.setattr(seg, "segment", lambda *a, **k: real(*a, **k, modality_threshold=1.0))
+    rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "out"), "--model", str(ckpt),
+               "--device", "cpu", "--fast", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "modality detection confidence" in err
+    assert "pass --modality explicitly" in err and "modality=..." not in err

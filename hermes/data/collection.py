@@ -25,7 +25,8 @@ shared, so it is the task ``liver`` in every dataset that declares it.
 
 :func:`load_collection` parses without touching image data and never raises for content
 problems; :meth:`Collection.validate` returns *every* problem (configuration, missing files,
-unreadable files, geometry mismatches, label values outside the map) and
+unreadable files, geometry mismatches, label values outside the map, corrupt or non-finite
+image voxels) and
 :meth:`Collection.check` raises one :class:`CollectionError` listing them all.
 """
 

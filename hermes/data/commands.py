@@ -21,6 +21,13 @@ from pathlib import Path
 __all__ = ["register"]
 
 
+def _who(args: argparse.Namespace) -> str:
+    """``hermes preprocess`` / ``hermes data synthetic``...: the prefix of error messages, as the
+    other commands print them."""
+    sub = getattr(args, "data_command", None)
+    return f"hermes {args.command}" + (f" {sub}" if sub else "")
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from hermes.data.collection import CollectionError
     from hermes.data.preprocess import PreprocessError, preprocess
@@ -33,7 +40,7 @@ def _preprocess(args: argparse.Namespace) -> int:
                         image_order=args.order, dtype=args.dtype, overwrite=args.overwrite,
                         verify_full=args.verify_full)
     except (CollectionError, PreprocessError, SplitError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_who(args)}: error: {exc}", file=sys.stderr)
         return 1
     print(f"cached {len(pc)} cases in {pc.cache_dir}")
     print(f"tasks ({len(pc.tasks)}): {', '.join(pc.tasks)}")
@@ -47,7 +54,7 @@ def _validate(args: argparse.Namespace) -> int:
     try:
         coll = load_collection(args.collection)
     except CollectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_who(args)}: error: {exc}", file=sys.stderr)
         return 1
     problems = coll.validate(deep=not args.shallow, workers=args.workers or 1,
                              progress=not args.no_progress)
@@ -81,12 +88,12 @@ def _synthetic(args: argparse.Namespace) -> int:
     names = args.datasets or list(DEFAULT_DATASETS)
     unknown = [n for n in names if n not in ALL_DATASETS]
     if unknown:
-        print(f"error: unknown synthetic dataset(s) {unknown}; choose from "
+        print(f"{_who(args)}: error: unknown synthetic dataset(s) {unknown}; choose from "
               f"{', '.join(ALL_DATASETS)}", file=sys.stderr)
         return 2
     error = _existing_outputs(Path(args.dir), names, args.force)
     if error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{_who(args)}: error: {error}", file=sys.stderr)
         return 1
     path = generate_collection(args.dir, seed=args.seed, cases_per_dataset=args.cases,
                                datasets=names)
@@ -99,14 +106,14 @@ def _starter(args: argparse.Namespace) -> int:
 
     error = _existing_outputs(Path(args.dir), [], args.force)
     if error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{_who(args)}: error: {error}", file=sys.stderr)
         return 1
     try:
         path = build_starter_collection(args.dir, simulated=not args.no_simulated,
                                         keep_downloads=args.keep_downloads,
                                         sources=args.sources)
     except StarterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_who(args)}: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote starter collection {path} (see PROVENANCE.md next to it)")
     return 0
@@ -148,7 +155,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     s = ds.add_parser("synthetic", help="write a seeded synthetic multi-modality collection")
     s.add_argument("dir")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed: the same seed writes the same collection")
     s.add_argument("--cases", type=int, default=3, help="cases per dataset")
     s.add_argument("--datasets", nargs="+", default=None,
                    help="synth_ct synth_t1 synth_t2 synth_pet synth_cine")
@@ -166,7 +174,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--keep-downloads", action="store_true",
                     help="keep the downloaded packages in DIR/downloads")
     st.add_argument("--sources", nargs="+", default=None,
-                    help="subset of sources (default: all)")
+                    help="subset of: pyradiomics (chest CT), invesalius (head CT; needs "
+                    "apt-get), nilearn, nimare (T1) (default: all)")
     st.add_argument("--force", action="store_true",
                     help="replace a collection.yaml already in DIR")
     st.set_defaults(func=_starter)

@@ -82,17 +82,21 @@ def _print_summary(res, written: dict, out: Path, elapsed: float) -> None:
 
 def _run(args: argparse.Namespace, image: Path, out: Path, modality: str,
          model: str | None) -> int:
-    from hermes.inference.segment import segment
+    from hermes.inference.segment import MODALITY_HINT, ModalityDetectionError, segment
 
     _check_outdir(out, args.force, [image])
     t0 = time.perf_counter()
     _log(args, f"hermes: segmenting {image} ({'fast' if args.fast else 'standard'} mode)")
-    res = segment(
-        str(image), tasks=getattr(args, "tasks", None), modality=modality, model=model,
-        device=args.device, fast=args.fast, postprocess=_parse_postprocess(args),
-        threshold=args.threshold, probabilities=getattr(args, "probabilities", False),
-        progress=not args.quiet,
-    )
+    try:
+        res = segment(
+            str(image), tasks=getattr(args, "tasks", None), modality=modality, model=model,
+            device=args.device, fast=args.fast, postprocess=_parse_postprocess(args),
+            threshold=args.threshold, probabilities=getattr(args, "probabilities", False),
+            progress=not args.quiet,
+        )
+    except ModalityDetectionError as exc:  # name the option, not the Python argument
+        raise ModalityDetectionError(
+            str(exc).replace(MODALITY_HINT, "pass --modality explicitly")) from None
     _log(args, "hermes: writing outputs")
     written = res.save(out, per_structure=getattr(args, "per_structure", False),
                        probabilities=getattr(args, "probabilities", False),

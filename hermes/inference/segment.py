@@ -63,6 +63,10 @@ class ModalityDetectionError(ValueError):
     """Automatic modality detection is not confident enough; pass ``modality=``."""
 
 
+#: What a :class:`ModalityDetectionError` asks of a Python caller (the CLI names its option).
+MODALITY_HINT = "pass modality=... explicitly"
+
+
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
@@ -656,7 +660,7 @@ def segment(
         if conf < modality_threshold:
             raise ModalityDetectionError(
                 f"modality detection confidence {conf:.2f} for {mod} is below "
-                f"{modality_threshold:.2f}; pass modality=... explicitly (one of "
+                f"{modality_threshold:.2f}; {MODALITY_HINT} (one of "
                 f"{', '.join(vocab.modalities)})")
         modality = mod
     else:

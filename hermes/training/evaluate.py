@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,10 +52,12 @@ def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float)
     yg = torch.from_numpy(np.ascontiguousarray(gt))[None, None].float()
     sp = [float(s) for s in spacing]
     dice = compute_dice(yp, yg, include_background=True).item()
-    nsd = compute_surface_dice(yp, yg, class_thresholds=[tolerance_mm], include_background=True,
-                               spacing=sp).item()
-    hd = compute_hausdorff_distance(yp, yg, include_background=True, percentile=95,
-                                    spacing=sp).item()
+    with warnings.catch_warnings():  # MONAI's own deprecated internal call (monai 1.5-1.6)
+        warnings.filterwarnings("ignore", ".*always_return_as_numpy", FutureWarning)
+        nsd = compute_surface_dice(yp, yg, class_thresholds=[tolerance_mm],
+                                   include_background=True, spacing=sp).item()
+        hd = compute_hausdorff_distance(yp, yg, include_background=True, percentile=95,
+                                        spacing=sp).item()
     return {"dice": dice, "nsd": nsd, "hd95": hd}
 
 
