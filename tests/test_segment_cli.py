@@ -169,3 +169,47 @@ def test_unsure_modality_detection_names_the_option(tmp_path, ckpt, capsys, monk
     err = capsys.readouterr().err
     assert rc == 1 and "modality detection confidence" in err
     assert "pass --modality explicitly" in err and "modality=..." not in err
+
+
+def test_segment_command_on_a_folder_of_images(tmp_path, ckpt, capsys, monkeypatch):
+    """A folder of NIfTI/NRRD files: each case into OUTPUT/<case>/ (nnU-Net's `_0000` dropped
+    from the name) with the same outputs as one `hermes segment` per file, the model loaded
+    once; a case that fails is named and the others are still written."""
+    import hermes.inference.segment as seg
+
+    src = tmp_path / "scans"
+    shapes = {"head_0000.nii.gz": (40, 36, 30), "scan_2024.nrrd": (36, 40, 24)}
+    for name, shape in shapes.items():
+        aff = grid(np.diag([2.0, 2.0, 3.0]), shape)
+        save_image(src / name, phantom(aff, shape)[0] + 100, aff)
+    (src / "broken.nii.gz").write_bytes(b"not an image")
+    (src / "notes.txt").write_text("a sidecar file, ignored")
+    loads = []
+    real_resolve = seg.resolve_model
+    monkeypatch.setattr(seg, "resolve_model",
+                        lambda m, d: loads.append(m) or real_resolve(m, d))
+    out = tmp_path / "out"
+    argv = ["--model", str(ckpt), "--modality", "T1", "--device", "cpu", "--fast", "-q"]
+    rc = main(["segment", "-i", str(src), "-o", str(out), *argv])
+    err = capsys.readouterr().err
+    assert rc == 1 and "broken.nii.gz" in err and "1 of 3 case(s) failed: broken" in err
+    assert sorted(p.name for p in out.iterdir()) == ["head", "scan_2024"]
+    assert isinstance(loads[0], str) and all(not isinstance(m, str) for m in loads[1:])
+    for case, file in (("head", "head_0000.nii.gz"), ("scan_2024", "scan_2024.nrrd")):
+        one = tmp_path / f"one_{case}"
+        assert main(["segment", "-i", str(src / file), "-o", str(one), *argv]) == 0
+        a, aff_a = load_image(out / case / "labels.nii.gz")
+        b, aff_b = load_image(one / "labels.nii.gz")
+        assert a.shape == shapes[file] and np.array_equal(a, b) and np.allclose(aff_a, aff_b)
+    # earlier outputs: refused for the whole folder before any inference runs
+    monkeypatch.setattr(seg, "segment", lambda *a, **k: pytest.fail("inference ran"))
+    rc = main(["segment", "-i", str(src), "-o", str(out), *argv])
+    assert rc == 1 and "--force" in capsys.readouterr().err
+    # channels in separate files, and two files naming one case, are refused by name
+    (src / "broken.nii.gz").unlink()
+    save_image(src / "head_0001.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
+    assert main(["segment", "-i", str(src), "-o", str(tmp_path / "o2"), *argv]) == 1
+    assert "head_0001.nii.gz" in capsys.readouterr().err
+    (src / "head_0001.nii.gz").rename(src / "head.nrrd")
+    assert main(["segment", "-i", str(src), "-o", str(tmp_path / "o2"), *argv]) == 1
+    assert "head (head.nrrd, head_0000.nii.gz)" in capsys.readouterr().err

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-__all__ = ["register", "example_path", "EXAMPLE_NAME", "EXAMPLE_MODALITY"]
+from hermes._text import first_of
+
+__all__ = ["register", "example_path", "folder_cases", "EXAMPLE_NAME", "EXAMPLE_MODALITY"]
 
 #: The real example image shipped with the package (see DATA.md) and its modality.
 EXAMPLE_NAME = "mni152_t1_brain_2mm.nii.gz"
@@ -81,7 +85,7 @@ def _print_summary(res, written: dict, out: Path, elapsed: float) -> None:
 
 
 def _run(args: argparse.Namespace, image: Path, out: Path, modality: str,
-         model: str | None) -> int:
+         model: Any) -> int:
     from hermes.inference.segment import MODALITY_HINT, ModalityDetectionError, segment
 
     _check_outdir(out, args.force, [image])
@@ -110,7 +114,69 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     image = Path(args.input)
     if not image.exists():
         raise FileNotFoundError(f"input {image} does not exist")
-    return _run(args, image, Path(args.output), args.modality, args.model)
+    cases = folder_cases(image) if image.is_dir() else None
+    if cases is None:
+        return _run(args, image, Path(args.output), args.modality, args.model)
+    return _run_folder(args, cases, Path(args.output))
+
+
+def folder_cases(folder: Path) -> list[tuple[str, Path]] | None:
+    """``(case name, image file)`` for every NIfTI/NRRD file directly in ``folder``, sorted; None
+    when the folder holds no such file or holds DICOM files (a DICOM series, read as one image).
+
+    A case is named by its file without the suffix and without nnU-Net's channel suffix
+    ``_0000``; cases split over channel files (``_0001`` beside ``_0000``) are refused, as are
+    two files giving one name.
+    """
+    from hermes.data.dicom import is_dicom_file
+    from hermes.data.io import image_suffix, strip_image_suffix
+
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = [p for p in files if image_suffix(p) is not None]
+    if not images or any(is_dicom_file(p) for p in files if image_suffix(p) is None):
+        return None
+    stems = {p: strip_image_suffix(p.name) for p in images}
+    channel = {p: re.fullmatch(r"(.+)_(\d{4})", s) for p, s in stems.items()}
+    firsts = {m.group(1) for m in channel.values() if m and m.group(2) == "0000"}
+    extra = sorted(p.name for p, m in channel.items()
+                   if m and m.group(1) in firsts and m.group(2) != "0000")
+    if extra:
+        raise ValueError(f"{folder}: cases split over channel files ({first_of(extra, 3)}) are "
+                         "not supported; give one 4-D file per case")
+    named: dict[str, list[str]] = {}
+    for p, s in stems.items():
+        m = channel[p]
+        named.setdefault(m.group(1) if m and m.group(1) in firsts else s, []).append(p.name)
+    twice = [f"{n} ({', '.join(f)})" for n, f in named.items() if len(f) > 1]
+    if twice:
+        raise ValueError(f"{folder}: several files give one case name: {first_of(twice, 3)}")
+    return sorted((name, folder / f[0]) for name, f in named.items())
+
+
+def _run_folder(args: argparse.Namespace, cases: list[tuple[str, Path]], out: Path) -> int:
+    """Segment every case of a folder into ``out/<case>/`` with the model loaded once; a case
+    that fails is reported and the others still run (exit code 1 if any failed)."""
+    from hermes.inference.segment import _resolve_device, resolve_model
+
+    inputs = [p for _, p in cases]
+    for name, _ in cases:  # every output folder checked before any inference runs
+        _check_outdir(out / name, args.force, inputs)
+    model, _ = resolve_model(args.model, _resolve_device(args.device))
+    failed = []
+    for i, (name, path) in enumerate(cases, 1):
+        _log(args, f"hermes: case {i} of {len(cases)}: {name}")
+        try:
+            _run(args, path, out / name, args.modality, model)
+        except Exception as exc:  # noqa: BLE001 - the other cases still run
+            failed.append(name)
+            print(f"hermes segment: error: {path}: {exc}", file=sys.stderr)
+    if failed:
+        print(f"hermes segment: {len(failed)} of {len(cases)} case(s) failed: "
+              f"{first_of(failed, 10)}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"{len(cases)} case(s) segmented into {out}/<case>/")
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -149,8 +215,8 @@ class _Once(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, self.dest, None) is not None:
-            parser.error(f"{option_string} given twice: one image per `hermes segment` (run it "
-                         "once per image, e.g. in a shell loop)")
+            parser.error(f"{option_string} given twice: one input per `hermes segment` (put "
+                         "the images in one folder and give that folder to segment them all)")
         setattr(namespace, self.dest, values)
 
 
@@ -160,7 +226,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "segment", help="segment an image (NIfTI, NRRD or DICOM folder)",
         description="Segment a 3-D image; outputs lie on the input's original grid.")
     seg.add_argument("-i", "--input", required=True, action=_Once,
-                     help="image file (.nii, .nii.gz, .nrrd, .nhdr) or DICOM series folder")
+                     help="image file (.nii, .nii.gz, .nrrd, .nhdr), DICOM series folder, or a "
+                          "folder of image files (each segmented into OUTPUT/<case>/, the "
+                          "model loaded once)")
     seg.add_argument("-o", "--output", required=True, help="output folder")
     seg.add_argument("--tasks", default=None,
                      help="comma-separated task (or dataset-group) names; default: every task "
