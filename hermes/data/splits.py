@@ -65,9 +65,11 @@ def _warn_other_settings(path: Path, splits: dict, seed: int, val_fraction: floa
     """Warn when the stored splits were made with another seed or validation fraction than the
     one asked for now (the stored file stays authoritative)."""
     old = (splits.get("seed"), splits.get("val_fraction"))
-    if old[0] is None or old[1] is None:  # a hand-written file without them
+    try:
+        same = int(old[0]) == int(seed) and abs(float(old[1]) - float(val_fraction)) <= 1e-12
+    except (TypeError, ValueError):  # a hand-written file without them (or not numbers)
         return
-    if int(old[0]) != int(seed) or abs(float(old[1]) - float(val_fraction)) > 1e-12:
+    if not same:
         warnings.warn(f"{path} was made with splits seed {old[0]}, val_fraction {old[1]}; the "
                       f"collection now asks for seed {seed}, val_fraction {val_fraction}. The "
                       "stored splits are kept: delete that file to split again.", stacklevel=3)
