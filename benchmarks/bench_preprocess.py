@@ -10,9 +10,10 @@ separable), and the whole ``prepare_arrays`` (reorient, crop, both).
 Baseline ("whole-volume"): one NumPy expression per operation on the whole volume, as
 preprocessing code is usually written (``np.clip`` -> new array, ``x[sel]`` copies for the
 statistics, ``(x - mean) / std``; per resampled axis an edge-padded copy, its spline
-coefficients and four full-size tap arrays). Its results are checked equal to Hermes' in the
-run (the largest absolute difference is printed). Peak memory is tracemalloc's high-water mark
-of the step (NumPy reports its buffers to it) above the memory held before the step.
+coefficients and four full-size tap arrays); not Hermes' earlier code, which kept some of these
+temporaries. Its results are compared with Hermes' in the run (the largest absolute difference
+is printed; 0 expected, float64-summed statistics aside). Peak memory is tracemalloc's
+high-water mark of the step (NumPy reports its buffers to it) above the memory held before it.
 
 Usage: ``python benchmarks/bench_preprocess.py [--slices 400] [--quick]``; writes
 ``benchmarks/results/preprocess_cpu[_quick].json`` and ``.md``.
@@ -59,7 +60,7 @@ def normalize_whole(image: np.ndarray, modality: str) -> np.ndarray:
             x = np.clip(x, *spec.clip)
         else:
             sel = x != 0
-            lo, hi = np.percentile(x[sel], spec.percentiles)
+            lo, hi = (float(v) for v in np.percentile(x[sel], spec.percentiles))
             x = np.clip(x, lo, hi)
         vals = x[sel]
         mean, std = vals.mean(dtype=np.float64), vals.std(dtype=np.float64)

@@ -9,6 +9,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from hermes._text import command_name
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -86,17 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_PACKAGE_DIR = str(Path(__file__).resolve().parent) + os.sep
 
 
-def _warning_format(command: str | None, default: Callable) -> Callable:
-    """``warnings.formatwarning`` for the command: Hermes' own warnings as one line
-    ``hermes COMMAND: warning: ...`` (no source line), other libraries' as Python prints them."""
+def _warning_format(command: str, default: Callable) -> Callable:
+    """``warnings.formatwarning`` for a command: Hermes' own warnings as one line
+    ``hermes COMMAND: warning: ...`` (no source line; the category named unless it is a
+    UserWarning), other libraries' as Python prints them."""
 
     def fmt(message, category, filename, lineno, line=None):  # noqa: ANN001
         if not str(filename).startswith(_PACKAGE_DIR):
             return default(message, category, filename, lineno, line)
-        return f"hermes{' ' + command if command else ''}: warning: {message}\n"
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        return f"{command}: warning{kind}: {message}\n"
 
     return fmt
 
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     default = warnings.formatwarning
-    warnings.formatwarning = _warning_format(getattr(args, "command", None), default)
+    warnings.formatwarning = _warning_format(command_name(args), default)
     try:
         return _run(parser, args)
     finally:
@@ -126,7 +130,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 0
     except Exception as exc:  # one-line reason, non-zero exit
-        print(f"hermes {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -141,12 +141,13 @@ def test_validation_reports_every_problem_at_once(synth_copy):
     # 5. unknown modality, 6. corrupt label
     _rewrite_yaml(synth_copy, lambda c: c["datasets"][2].update(modality="ultrasound"))
     (root / "synth_t2" / "labelsTr" / "synth_t2_002.nrrd").write_bytes(b"NRRD0004\ngarbage\n")
-    # 7. NaN voxels, 8. an image of one value, 9. compressed data cut short (header intact)
+    # 7. NaN voxels (in the case whose label has a bad value: both reported), 8. an image of
+    # one value, 9. compressed data cut short (header intact)
     ct = root / "synth_ct" / "imagesTr"
-    img, aff = load_image(ct / "synth_ct_000.nii.gz")
+    img, aff = load_image(ct / "synth_ct_001.nii.gz")
     img = img.astype(np.float32)
     img[3, 4, 5] = np.nan
-    save_image(ct / "synth_ct_000.nii.gz", img, aff)
+    save_image(ct / "synth_ct_001.nii.gz", img, aff)
     img, aff = load_image(ct / "synth_ct_002.nii.gz")
     save_image(ct / "synth_ct_002.nii.gz", np.full(img.shape, -1000, np.int16), aff)
     t1 = root / "synth_t1" / "imagesTr" / "synth_t1_000_0000.nii.gz"
@@ -162,7 +163,7 @@ def test_validation_reports_every_problem_at_once(synth_copy):
         ("geometry", "synth_pet", "synth_pet_001"),
         ("modality", "synth_t2", None),
         ("unreadable", "synth_t2", "synth_t2_002"),
-        ("image_values", "synth_ct", "synth_ct_000"),
+        ("image_values", "synth_ct", "synth_ct_001"),
         ("image_values", "synth_ct", "synth_ct_002"),
         ("unreadable", "synth_t1", "synth_t1_000"),
     ]), problems
@@ -170,7 +171,7 @@ def test_validation_reports_every_problem_at_once(synth_copy):
     assert "7 (1 voxels)" in lv.message and "synth_ct_001.nii.gz" in lv.message
     assert "ultrasound" in next(p for p in problems if p.kind == "modality").message
     values = {p.case: p.message for p in problems if p.kind == "image_values"}
-    assert "1 non-finite (NaN/inf) voxels" in values["synth_ct_000"]
+    assert "1 non-finite (NaN/inf) voxels" in values["synth_ct_001"]
     assert "every voxel equals -1000" in values["synth_ct_002"]
     cut = next(p for p in problems if p.case == "synth_t1_000")
     assert "synth_t1_000_0000.nii.gz" in cut.message, cut

@@ -128,3 +128,21 @@ def test_command_errors_and_warnings_name_the_command(tmp_path):
     line = next(x for x in res.stderr.splitlines() if "splits.json" in x)
     assert line.startswith("hermes preprocess: warning: ") and "seed 5" in line
     assert "load_or_create_splits(" not in res.stderr  # no source line
+
+
+def test_warning_lines_of_the_cli():
+    import os
+    import warnings
+
+    import hermes
+    from hermes.cli import _warning_format
+
+    fmt = _warning_format("hermes data validate", warnings.formatwarning)
+    inside = os.path.join(os.path.dirname(hermes.__file__), "data", "splits.py")
+    assert fmt("kept", UserWarning, inside, 3) == "hermes data validate: warning: kept\n"
+    assert fmt("old", DeprecationWarning, inside, 3) == (
+        "hermes data validate: warning (DeprecationWarning): old\n")
+    sibling = os.path.dirname(hermes.__file__) + "_extras" + os.sep + "x.py"
+    for other in (sibling, "/usr/lib/python3/site-packages/monai/metrics/utils.py"):
+        assert fmt("theirs", FutureWarning, other, 7, "x = 1") == warnings.formatwarning(
+            "theirs", FutureWarning, other, 7, "x = 1")

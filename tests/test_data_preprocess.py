@@ -95,6 +95,41 @@ def test_label_resampling_is_nearest_and_keeps_dtype():
     assert (out == 9).sum() == 8 * 8
 
 
+@pytest.mark.parametrize("spacing,order", [((0.8, 0.9, 4.0), 3), ((1.1, 0.7, 1.3), 3),
+                                           ((1.1, 0.7, 1.3), 1)])
+def test_channels_resample_each_as_alone(spacing, order, monkeypatch):
+    """Channels written into one preallocated array (the anisotropic path's second, linear pass
+    included), in slabs: each equals the channel resampled alone, and integer labels keep their
+    dtype at order 0."""
+    from hermes.data import geometry
+
+    rng = np.random.default_rng(4)
+    img = rng.normal(0, 1, (3, 23, 19, 11)).astype(np.float32)
+    aff = np.diag([*spacing, 1.0])
+    out, _ = resample(img, aff, 1.5, order=order)
+    monkeypatch.setattr(geometry, "SLAB_BYTES", 200)
+    for c in range(3):
+        alone, _ = resample(img[c], aff, 1.5, order=order, channel_first=False)
+        np.testing.assert_array_equal(out[c], alone)
+    lab = rng.integers(0, 300, (2, 23, 19, 11)).astype(np.int16)
+    out_lab, _ = resample(lab, aff, 1.5, order=0)
+    assert out_lab.dtype == np.int16 and out_lab.shape[1:] == out.shape[1:]
+    assert set(np.unique(out_lab)) <= set(np.unique(lab))
+
+
+def test_prepare_arrays_refuses_a_label_on_another_grid():
+    from hermes.data.preprocess import PreprocessParams, prepare_arrays
+
+    img = np.ones((1, 10, 10, 8), np.float32)
+    img[0, 2:5] = 3
+    for crop_nonzero in (True, False):
+        with pytest.raises(ValueError, match=r"label shape \(10, 10, 6\) does not match .*"
+                                             r"\(10, 10, 8\)"):
+            prepare_arrays(img, np.eye(4), "CT",
+                           PreprocessParams(1.0, 1, crop_nonzero=crop_nonzero),
+                           np.zeros((10, 10, 6), np.uint8))
+
+
 def test_nonzero_bbox_and_crop():
     m = np.zeros((6, 7, 8), bool)
     m[1, 2, 3] = m[4, 5, 3] = True

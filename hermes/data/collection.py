@@ -341,11 +341,22 @@ def _check_case(
             out.append(Problem(
                 "geometry", f"image {p.name} and label {label_path.name} affines differ "
                 f"(max abs difference {diff:.4g})", ds, cid, str(p)))
-    if check_labels and not out:
+    geometry_ok = not out
+    if check_images and geometry_ok:  # the channels match: read their voxels
+        from hermes.data.preprocess import _load_channels
+
+        first = str(case.images[0])
+        try:
+            _load_channels(case)
+        except ImageReadError as exc:
+            out.append(Problem("unreadable", str(exc), ds, cid, first))
+        except ValueError as exc:
+            out.append(Problem("image_values", str(exc), ds, cid, first))
+    if check_labels and geometry_ok:
         try:
             lab, _ = load_image(label_path)
         except ImageReadError as exc:
-            return [Problem("unreadable", str(exc), ds, cid, str(label_path))]
+            return [*out, Problem("unreadable", str(exc), ds, cid, str(label_path))]
         if np.issubdtype(lab.dtype, np.floating):
             if not np.all(np.isfinite(lab)) or not np.all(lab == np.round(lab)):
                 out.append(Problem("label_values", f"{label_path.name} has non-integer values",
@@ -365,15 +376,6 @@ def _check_case(
             out.append(Problem(
                 "label_values", f"{label_path.name} has values not in the label map: {desc}; "
                 f"mapped values: {sorted(allowed)}", ds, cid, str(label_path)))
-    if check_images and not out:
-        from hermes.data.preprocess import _load_channels
-
-        try:
-            _load_channels(case)
-        except ImageReadError as exc:
-            out.append(Problem("unreadable", str(exc), ds, cid))
-        except ValueError as exc:
-            out.append(Problem("image_values", str(exc), ds, cid))
     return out
 
 

@@ -18,14 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from hermes._text import command_name
+
 __all__ = ["register"]
-
-
-def _who(args: argparse.Namespace) -> str:
-    """``hermes preprocess`` / ``hermes data synthetic``...: the prefix of error messages, as the
-    other commands print them."""
-    sub = getattr(args, "data_command", None)
-    return f"hermes {args.command}" + (f" {sub}" if sub else "")
 
 
 def _preprocess(args: argparse.Namespace) -> int:
@@ -40,7 +35,7 @@ def _preprocess(args: argparse.Namespace) -> int:
                         image_order=args.order, dtype=args.dtype, overwrite=args.overwrite,
                         verify_full=args.verify_full)
     except (CollectionError, PreprocessError, SplitError) as exc:
-        print(f"{_who(args)}: error: {exc}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {exc}", file=sys.stderr)
         return 1
     print(f"cached {len(pc)} cases in {pc.cache_dir}")
     print(f"tasks ({len(pc.tasks)}): {', '.join(pc.tasks)}")
@@ -54,7 +49,7 @@ def _validate(args: argparse.Namespace) -> int:
     try:
         coll = load_collection(args.collection)
     except CollectionError as exc:
-        print(f"{_who(args)}: error: {exc}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {exc}", file=sys.stderr)
         return 1
     problems = coll.validate(deep=not args.shallow, workers=args.workers or 1,
                              progress=not args.no_progress)
@@ -88,12 +83,12 @@ def _synthetic(args: argparse.Namespace) -> int:
     names = args.datasets or list(DEFAULT_DATASETS)
     unknown = [n for n in names if n not in ALL_DATASETS]
     if unknown:
-        print(f"{_who(args)}: error: unknown synthetic dataset(s) {unknown}; choose from "
+        print(f"{command_name(args)}: error: unknown synthetic dataset(s) {unknown}; choose from "
               f"{', '.join(ALL_DATASETS)}", file=sys.stderr)
         return 2
     error = _existing_outputs(Path(args.dir), names, args.force)
     if error:
-        print(f"{_who(args)}: error: {error}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {error}", file=sys.stderr)
         return 1
     path = generate_collection(args.dir, seed=args.seed, cases_per_dataset=args.cases,
                                datasets=names)
@@ -106,14 +101,14 @@ def _starter(args: argparse.Namespace) -> int:
 
     error = _existing_outputs(Path(args.dir), [], args.force)
     if error:
-        print(f"{_who(args)}: error: {error}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {error}", file=sys.stderr)
         return 1
     try:
         path = build_starter_collection(args.dir, simulated=not args.no_simulated,
                                         keep_downloads=args.keep_downloads,
                                         sources=args.sources)
     except StarterError as exc:
-        print(f"{_who(args)}: error: {exc}", file=sys.stderr)
+        print(f"{command_name(args)}: error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote starter collection {path} (see PROVENANCE.md next to it)")
     return 0

@@ -244,7 +244,7 @@ def separable_resample(
 
 
 #: Bytes of output per slab of :func:`separable_resample` (its temporaries are a few slabs).
-SLAB_BYTES = 1 << 23
+SLAB_BYTES = 1 << 22
 
 
 def _axis_taps(n: int, m: int, scale: float, offset: float,

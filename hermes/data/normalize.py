@@ -114,6 +114,8 @@ def _zscore_(x: np.ndarray, sel: np.ndarray | None) -> tuple[float, float]:
         return v.astype(np.float64)
 
     count = flat.size if keep is None else int(np.count_nonzero(keep))
+    if count == 0:  # an empty volume: nothing to normalise
+        return 0.0, 1.0
     mean = sum(float(values(sl).sum()) for sl in slabs) / count
     var = sum(float(np.square(values(sl) - mean).sum()) for sl in slabs) / count
     std = float(np.sqrt(var))

@@ -212,6 +212,9 @@ def prepare_arrays(
         back to the original grid (e.g. ``hermes.inference.geometry.resample_to_grid(pred,
         geometry["affine"], geometry["original"]["affine"], geometry["original"]["shape"])``).
     """
+    if label is not None and tuple(label.shape[:3]) != tuple(image.shape[1:4]):
+        raise ValueError(f"label shape {tuple(label.shape)} does not match the image's grid "
+                         f"{tuple(image.shape[1:4])}")
     orig = {
         "affine": np.asarray(affine).tolist(),
         "shape": list(image.shape[1:]),

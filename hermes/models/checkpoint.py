@@ -102,6 +102,12 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
             raise CheckpointError(f"checkpoint {path} has a corrupted header: {exc}") from exc
         if not isinstance(header, dict):
             raise CheckpointError(f"checkpoint {path} has a corrupted header (not an object)")
+        version = header.get("format_version", 0)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {path} has format version {version}, this "
+                f"hermes ({__version__}) reads up to {FORMAT_VERSION}: upgrade hermes"
+            )
         kinds = {"format_version": int, "payload_bytes": int, "payload_sha256": str,
                  "config": dict, "vocab": dict, "metadata": (dict, type(None))}
         wrong = [k for k, kind in kinds.items() if k in header and (
@@ -109,11 +115,6 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
         if wrong:
             raise CheckpointError(f"checkpoint {path} has a corrupted header (wrong type of "
                                   f"{', '.join(wrong)})")
-        if header.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {path} has format version {header.get('format_version')}, this "
-                f"hermes ({__version__}) reads up to {FORMAT_VERSION}: upgrade hermes"
-            )
         missing = [k for k in _REQUIRED if k not in header]
         if missing:
             raise CheckpointError(f"checkpoint {path} has a corrupted header (no "
