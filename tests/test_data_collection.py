@@ -340,6 +340,33 @@ def test_cases_whose_channels_differ_within_a_dataset_are_named(tmp_path):
                               "c_0000.nrrd)")
 
 
+def test_channel_files_must_be_numbered_from_zero_in_order(tmp_path):
+    """nnU-Net channel files: a renamed file (_0000 missing, _0002 present) would have shifted
+    the channels silently, a 4-D file among channel files carried more channels than files,
+    a missing channel file is named."""
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 1
+    img = lab.astype(np.float32)
+    ds = tmp_path / "d"
+    for cid in ("a", "b", "c", "d"):
+        save_image(ds / "labelsTr" / f"{cid}.nii.gz", lab, np.eye(4))
+    for name in ("a_0000", "a_0001", "b_0001", "b_0002", "d_0000"):
+        save_image(ds / "imagesTr" / f"{name}.nii.gz", img, np.eye(4))
+    save_image(ds / "imagesTr" / "c_0000.nii.gz", np.stack([img, img], -1), np.eye(4))
+    save_image(ds / "imagesTr" / "c_0001.nii.gz", img, np.eye(4))
+    (ds / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "x": 1}}))
+    problems = Collection.from_dict({"datasets": [{"name": "d", "path": str(ds),
+                                                   "modality": "T1"}]}).validate()
+    msgs = {(p.case, p.message) for p in problems}
+    assert (("b", "channel files numbered 0001, 0002; expected 0000, 0001 (one file per "
+             "channel from _0000, in channel order)") in msgs), msgs
+    count = next(m for c, m in msgs if c is None)
+    assert "2 case(s) with another number of image channels than 2" in count
+    assert "c (3)" in count and "d (1: no d_0001.nii.gz)" in count
+    assert len(problems) == 2
+
+
 def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):
     ds = tmp_path / "d"
     lab = np.zeros((4, 4, 4), np.uint8)

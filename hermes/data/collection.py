@@ -213,15 +213,32 @@ def _scan_images(folder: Path, ending: str | None,
 
 
 def _channel_count(case: Case) -> int | None:
-    """Image channels of a case: its files, or the 4th axis of a single 4-D file (None when
-    the header cannot be read: reported by the per-case checks)."""
-    if len(case.images) > 1:
-        return len(case.images)
-    try:
-        shape, _ = load_header(case.images[0])
-    except (ImageReadError, OSError):
-        return None
-    return int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
+    """Image channels of a case: the channels of all its files (a 4-D file counts its 4th
+    axis); None when a header cannot be read (reported by the per-case checks)."""
+    total = 0
+    for path in case.images:
+        try:
+            shape, _ = load_header(path)
+        except (ImageReadError, OSError):
+            return None
+        total += int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
+    return total
+
+
+def _channel_tag_problem(case: Case) -> str | None:
+    """nnU-Net channel files must be numbered ``_0000`` ... ``_{n-1}`` (a renamed or missing
+    file would otherwise shift the channels, or be read in the wrong order)."""
+    tags = []
+    for path in case.images:
+        m = _CHANNEL_RE.match(_strip(path.name))
+        if m is None or m.group("case") != case.case_id:
+            return None  # not nnU-Net channel files (MSD layout, or whole case-id names)
+        tags.append(m.group("ch"))
+    if len(set(tags)) < len(tags) or [int(t) for t in sorted(tags)] == list(range(len(tags))):
+        return None  # (one channel in several files is reported on its own)
+    expected = [f"{i:04d}" for i in range(len(tags))]
+    return (f"channel files numbered {', '.join(sorted(tags))}; expected {', '.join(expected)} "
+            "(one file per channel from _0000, in channel order)")
 
 
 def _discover_cases(
@@ -308,6 +325,20 @@ def _affines_close(a: np.ndarray, b: np.ndarray, tol: float = 1e-3) -> bool:
     )
 
 
+def _missing_channels(case: Case, expected: int) -> str:
+    """``: no brats_003_0001.nii.gz`` for a case of nnU-Net channel files lacking some of the
+    ``expected`` ones, else an empty string."""
+    first = case.images[0]
+    m = _CHANNEL_RE.match(_strip(first.name))
+    if m is None or m.group("case") != case.case_id:
+        return ""
+    suffix = first.name[len(_strip(first.name)):]
+    have = {path.name for path in case.images}
+    missing = [f"{case.case_id}_{i:04d}{suffix}" for i in range(expected)
+               if f"{case.case_id}_{i:04d}{suffix}" not in have]
+    return f": no {first_of(missing, 3)}" if missing else ""
+
+
 def _check_case(
     case: Case, allowed: frozenset[int], check_labels: bool, check_images: bool = False
 ) -> list[Problem]:
@@ -328,6 +359,9 @@ def _check_case(
     if out:
         return out
     label_path, label_shape, label_aff = headers[-1]
+    tag_problem = _channel_tag_problem(case)
+    if tag_problem:
+        out.append(Problem("config", tag_problem, ds, cid, str(case.images[0].parent)))
     if len(label_shape) > 3 and int(np.prod(label_shape[3:])) != 1:
         out.append(Problem("geometry", f"label {label_path.name} has shape {label_shape}, "
                            "expected 3D", ds, cid, str(label_path)))
@@ -341,7 +375,7 @@ def _check_case(
             out.append(Problem(
                 "geometry", f"image {p.name} and label {label_path.name} affines differ "
                 f"(max abs difference {diff:.4g})", ds, cid, str(p)))
-    geometry_ok = not out
+    geometry_ok = not any(p.kind == "geometry" for p in out)
     if check_images and geometry_ok:  # the channels match: read their voxels
         from hermes.data.preprocess import _load_channels
 
@@ -731,7 +765,8 @@ class Collection:
             known = [n for n in per_case.values() if n is not None]
             declared = len(ds.channel_names)
             expected = declared or (max(set(known), key=known.count) if known else 0)
-            odd = [f"{cid} ({n})" for cid, n in per_case.items() if n not in (None, expected)]
+            odd = [f"{c.case_id} ({per_case[c.case_id]}{_missing_channels(c, expected)})"
+                   for c in ds.cases if per_case[c.case_id] not in (None, expected)]
             if odd:  # one model input: every case needs the same channels
                 source = " (dataset.json's channel names)" if declared else ""
                 problems.append(Problem(
