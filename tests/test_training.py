@@ -284,6 +284,18 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="holds config.json, which a run writes"):
         train(_small_cfg(cache, mine, batch_size=1, steps=2))
     assert (mine / "config.json").read_text() == '{"experiment": "my notes"}'
+    (mine / "log.csv").write_text("step,loss\n1,0.5\n")  # a user's log beside a run's config
+    (mine / "config.json").write_text((out / "config.json").read_text())
+    with pytest.raises(FileExistsError, match="holds config.json and log.csv"):
+        train(_small_cfg(cache, mine, batch_size=1, steps=2))
+    # what a run that stopped before its first checkpoint leaves (its config and log, nothing
+    # to resume) does not lock the folder: a new run replaces it
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    for name in ("config.json", "log.csv"):
+        (stopped / name).write_text((out / name).read_text())
+    train(_small_cfg(cache, stopped, batch_size=1, steps=2))
+    assert (stopped / "model.hermes").is_file()
     api = tmp_path / "api"  # settings no option sets come from the run too
     train(_small_cfg(cache, api, steps=2, warmup_steps=1, fg_prob=0.5, model_overrides={}))
     assert main(["train", str(cache), "--out", str(api), "--workers", "0", "--quiet",

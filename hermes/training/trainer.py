@@ -42,6 +42,22 @@ ExtraLoss = Callable[["Trainer", dict, Any, torch.Tensor], tuple[torch.Tensor, d
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
 
 
+def _left_by_unfinished_run(out: Path) -> bool:
+    """Whether ``out``'s config.json and log.csv are those of a Hermes run that stopped before
+    its first checkpoint (a crash or an error in its first steps): a new run may replace them,
+    as there is nothing to resume. A user's own files of these names are not."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+        ours = isinstance(config, dict) and {"cache_dir", "out_dir", "steps", "preset"} <= set(
+            config)
+        if (out / "log.csv").exists():
+            with open(out / "log.csv") as f:
+                ours = ours and f.readline().strip().startswith(",".join(LOG_FIELDS))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return ours
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on (stored in its checkpoints).
@@ -222,7 +238,8 @@ class Trainer:
                 f"{self.out} already holds a trained model ({MODEL_FILE}); choose another --out "
                 "directory"
             )
-        elif taken := [n for n in ("config.json", "log.csv") if (self.out / n).exists()]:
+        elif (taken := [n for n in ("config.json", "log.csv") if (self.out / n).exists()]) \
+                and not _left_by_unfinished_run(self.out):
             raise FileExistsError(  # a user's own files of these common names
                 f"{self.out} holds {' and '.join(taken)}, which a run writes; choose another "
                 "--out directory"
