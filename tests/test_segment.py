@@ -462,6 +462,15 @@ def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
     save_image(folder / "a.nii.gz", img, aff)
     with pytest.raises(SegmentationInputError, match="no DICOM series but image files"):
         _run(str(folder), None)
+    (folder / "a.nii.gz").unlink()
+    (folder / "sub").mkdir()  # nothing but a subfolder: not searched, said so
+    with pytest.raises(SegmentationInputError, match="holds no files .* not its subfolders"):
+        _run(str(folder), None)
+    two = hm.build("tiny", tasks=["x"], modalities=["T1"], in_channels=2)
+    with pytest.raises(SegmentationInputError, match=r"has 40 channels, the model expects 2; "
+                                                    r"shape \(2, 40, 40, 40\) looks channel-first"):
+        hermes.segment(np.zeros((2, 40, 40, 40), np.float32) + np.arange(40), modality="T1",
+                       model=two, spacing=2.0, device="cpu")
     # bfloat16 tensors (no NumPy dtype) are read as float32
     bf = _run(torch.from_numpy(img).bfloat16(), aff)
     np.testing.assert_array_equal(bf.labels, _run(torch.from_numpy(img).bfloat16().float(),

@@ -184,6 +184,7 @@ def test_segment_command_on_a_folder_of_images(tmp_path, ckpt, capsys, monkeypat
         save_image(src / name, phantom(aff, shape)[0] + 100, aff)
     (src / "broken.nii.gz").write_bytes(b"not an image")
     (src / "notes.txt").write_text("a sidecar file, ignored")
+    (src / "._head_0000.nii.gz").write_bytes(b"macOS metadata, hidden: ignored")
     loads = []
     real_resolve = seg.resolve_model
     monkeypatch.setattr(seg, "resolve_model",
@@ -192,7 +193,10 @@ def test_segment_command_on_a_folder_of_images(tmp_path, ckpt, capsys, monkeypat
     argv = ["--model", str(ckpt), "--modality", "T1", "--device", "cpu", "--fast", "-q"]
     rc = main(["segment", "-i", str(src), "-o", str(out), *argv])
     err = capsys.readouterr().err
-    assert rc == 1 and "broken.nii.gz" in err and "1 of 3 case(s) failed: broken" in err
+    assert rc == 1 and "1 of 3 case(s) failed: broken" in err
+    broken = src / "broken.nii.gz"
+    assert f"hermes segment: error: case broken: {broken}: " in err
+    assert f"{broken}: {broken}" not in err  # the path once, in the reader's message
     assert sorted(p.name for p in out.iterdir()) == ["head", "scan_2024"]
     assert isinstance(loads[0], str) and all(not isinstance(m, str) for m in loads[1:])
     for case, file in (("head", "head_0000.nii.gz"), ("scan_2024", "scan_2024.nrrd")):
@@ -205,11 +209,15 @@ def test_segment_command_on_a_folder_of_images(tmp_path, ckpt, capsys, monkeypat
     monkeypatch.setattr(seg, "segment", lambda *a, **k: pytest.fail("inference ran"))
     rc = main(["segment", "-i", str(src), "-o", str(out), *argv])
     assert rc == 1 and "--force" in capsys.readouterr().err
-    # channels in separate files, and two files naming one case, are refused by name
+    # numbered files: channels of one case for a multi-channel model (refused: one 4-D file
+    # per case), cases of their own for a one-channel model; two files naming one case refused
+    from hermes.inference.commands import folder_cases
+
     (src / "broken.nii.gz").unlink()
     save_image(src / "head_0001.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
-    assert main(["segment", "-i", str(src), "-o", str(tmp_path / "o2"), *argv]) == 1
-    assert "head_0001.nii.gz" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"split over channel files \(head_0001.nii.gz\)"):
+        folder_cases(src, 2)
+    assert [n for n, _ in folder_cases(src, 1)] == ["head_0000", "head_0001", "scan_2024"]
     (src / "head_0001.nii.gz").rename(src / "head.nrrd")
     assert main(["segment", "-i", str(src), "-o", str(tmp_path / "o2"), *argv]) == 1
     assert "head (head.nrrd, head_0000.nii.gz)" in capsys.readouterr().err

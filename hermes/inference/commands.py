@@ -114,54 +114,56 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     image = Path(args.input)
     if not image.exists():
         raise FileNotFoundError(f"input {image} does not exist")
-    cases = folder_cases(image) if image.is_dir() else None
-    if cases is None:
-        return _run(args, image, Path(args.output), args.modality, args.model)
-    return _run_folder(args, cases, Path(args.output))
+    if image.is_dir() and folder_cases(image, 0) is not None:
+        return _run_folder(args, image, Path(args.output))
+    return _run(args, image, Path(args.output), args.modality, args.model)
 
 
-def folder_cases(folder: Path) -> list[tuple[str, Path]] | None:
-    """``(case name, image file)`` for every NIfTI/NRRD file directly in ``folder``, sorted; None
-    when the folder holds no such file or holds DICOM files (a DICOM series, read as one image).
+def folder_cases(folder: Path, channels: int) -> list[tuple[str, Path]] | None:
+    """``(case name, image file)`` for every NIfTI/NRRD file directly in ``folder`` (hidden
+    files aside), sorted; None when the folder holds no such file or holds DICOM files (a
+    DICOM series, read as one image).
 
-    A case is named by its file without the suffix and without nnU-Net's channel suffix
-    ``_0000``; cases split over channel files (``_0001`` beside ``_0000``) are refused, as are
-    two files giving one name.
+    A case is named by its file without the suffix. For a model of ``channels`` > 1 input
+    channels, nnU-Net channel files (``case_0000``, ``case_0001`` ...) would be one case split
+    over files: refused (one 4-D file per case); ``_0000`` alone is dropped from the name. With
+    ``channels`` 1 (0: not known yet) numbered files are cases of their own.
     """
     from hermes.data.dicom import is_dicom_file
     from hermes.data.io import image_suffix, strip_image_suffix
 
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if image_suffix(p) is not None]
     if not images or any(is_dicom_file(p) for p in files if image_suffix(p) is None):
         return None
     stems = {p: strip_image_suffix(p.name) for p in images}
     channel = {p: re.fullmatch(r"(.+)_(\d{4})", s) for p, s in stems.items()}
     firsts = {m.group(1) for m in channel.values() if m and m.group(2) == "0000"}
-    extra = sorted(p.name for p, m in channel.items()
-                   if m and m.group(1) in firsts and m.group(2) != "0000")
-    if extra:
+    grouped = {p for p, m in channel.items() if m and m.group(1) in firsts}
+    extra = sorted(p.name for p in grouped if channel[p].group(2) != "0000")
+    if extra and channels > 1:
         raise ValueError(f"{folder}: cases split over channel files ({first_of(extra, 3)}) are "
                          "not supported; give one 4-D file per case")
     named: dict[str, list[str]] = {}
     for p, s in stems.items():
-        m = channel[p]
-        named.setdefault(m.group(1) if m and m.group(1) in firsts else s, []).append(p.name)
+        name = channel[p].group(1) if p in grouped and not extra else s
+        named.setdefault(name, []).append(p.name)
     twice = [f"{n} ({', '.join(f)})" for n, f in named.items() if len(f) > 1]
     if twice:
         raise ValueError(f"{folder}: several files give one case name: {first_of(twice, 3)}")
     return sorted((name, folder / f[0]) for name, f in named.items())
 
 
-def _run_folder(args: argparse.Namespace, cases: list[tuple[str, Path]], out: Path) -> int:
+def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
     """Segment every case of a folder into ``out/<case>/`` with the model loaded once; a case
     that fails is reported and the others still run (exit code 1 if any failed)."""
     from hermes.inference.segment import _resolve_device, resolve_model
 
+    model, _ = resolve_model(args.model, _resolve_device(args.device))
+    cases = folder_cases(folder, int(model.config.in_channels)) or []
     inputs = [p for _, p in cases]
     for name, _ in cases:  # every output folder checked before any inference runs
         _check_outdir(out / name, args.force, inputs)
-    model, _ = resolve_model(args.model, _resolve_device(args.device))
     failed = []
     for i, (name, path) in enumerate(cases, 1):
         _log(args, f"hermes: case {i} of {len(cases)}: {name}")
@@ -169,7 +171,7 @@ def _run_folder(args: argparse.Namespace, cases: list[tuple[str, Path]], out: Pa
             _run(args, path, out / name, args.modality, model)
         except Exception as exc:  # noqa: BLE001 - the other cases still run
             failed.append(name)
-            print(f"hermes segment: error: {path}: {exc}", file=sys.stderr)
+            print(f"hermes segment: error: case {name}: {exc}", file=sys.stderr)
     if failed:
         print(f"hermes segment: {len(failed)} of {len(cases)} case(s) failed: "
               f"{first_of(failed, 10)}", file=sys.stderr)

@@ -147,7 +147,8 @@ class SegmentationResult:
     @property
     def statistics(self) -> list[dict[str, Any]]:
         """Per task: ``label``, ``task``, ``voxels``, ``volume_ml`` (of the mask, mL) and
-        ``mean_intensity`` (mean of the input image inside the mask; None when empty)."""
+        ``mean_intensity`` (mean of the input image inside the mask, of its first channel for
+        multi-channel images; None when empty)."""
         return [dict(s) for s in self._stats]
 
     @property

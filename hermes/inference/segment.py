@@ -131,10 +131,15 @@ def load_input(
             except DicomError as exc:
                 images = sorted(p.name for p in path.iterdir() if image_suffix(p) is not None)
                 if not images:
+                    if not any(p.is_file() for p in path.iterdir()):
+                        raise SegmentationInputError(
+                            f"{path} holds no files (a DICOM series folder or a folder of "
+                            "image files is read, not its subfolders)") from exc
                     raise
                 raise SegmentationInputError(  # a folder is read as one DICOM series
                     f"{path} holds no DICOM series but image files ({first_of(images, 3)}"
-                    "): give one of them") from exc
+                    "): give one of them (`hermes segment -i FOLDER` segments them all)"
+                ) from exc
         elif path.is_file() and image_suffix(path) is None:
             from hermes.data.dicom import is_dicom_file, load_dicom_series, series_uid_of
 
@@ -197,8 +202,13 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int) 
         raise SegmentationInputError(f"{desc}: image is empty (shape {arr.shape})")
     chans = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
     if chans.shape[0] != in_channels:
+        hint = ""
+        if arr.ndim == 4 and arr.shape[0] == in_channels:
+            hint = (f"; shape {arr.shape} looks channel-first: Hermes takes channel-last "
+                    "(X, Y, Z, C) arrays (np.moveaxis(image, 0, -1))")
         raise SegmentationInputError(
-            f"{desc}: image has {chans.shape[0]} channels, the model expects {in_channels}")
+            f"{desc}: image has {chans.shape[0]} channels, the model expects {in_channels}"
+            + hint)
     n_bad = int(chans.size - np.count_nonzero(np.isfinite(chans)))
     if n_bad:
         raise SegmentationInputError(f"{desc}: image has {n_bad} non-finite (NaN/inf) voxels")
