@@ -358,6 +358,36 @@ def test_failed_case_is_reported_and_the_rest_resumes(synth, tmp_path):
     assert stats == {**stats, "done": 1, "skipped": 7, "failed": 0}
 
 
+def test_two_collections_do_not_share_a_cache(synth, tmp_path):
+    """Two YAMLs next to each other share the default hermes_cache/: the second is refused
+    (before, it replaced the first's collection.json and training took whichever ran last);
+    the same collection re-run, moved or rebuilt in Python is not."""
+    import shutil
+
+    import yaml
+
+    from hermes.data.preprocess import PreprocessError
+
+    root = tmp_path / "proj"
+    shutil.copytree(synth.parent, root)
+    first = root / "collection.yaml"
+    second = root / "abdomen.yaml"
+    cfg = yaml.safe_load(first.read_text())
+    cfg["name"], cfg["datasets"], cfg["shared_tasks"] = "abdomen", cfg["datasets"][:1], []
+    second.write_text(yaml.safe_dump(cfg))
+    kw = dict(spacing=10.0, workers=1, progress=False)
+    hd.preprocess(first, **kw)
+    with pytest.raises(PreprocessError, match=r"holds another collection \('hermes_synthetic' "
+                                               r"of .*collection.yaml\); give this one its own"):
+        hd.preprocess(second, **kw)
+    assert len(hd.PreprocessedCollection(root / "hermes_cache").datasets) == 4  # untouched
+    assert len(hd.preprocess(first, **kw).datasets) == 4  # the same YAML again
+    moved = root / "renamed.yaml"
+    first.rename(moved)
+    hd.preprocess(moved, **kw)
+    assert len(hd.preprocess(second, overwrite=True, **kw).datasets) == 1
+
+
 def test_interrupted_overwrite_and_mixed_caches_are_refused(synth, tmp_path, monkeypatch):
     """A re-run with other settings that stops half-way leaves a cache that does not open
     (before, the old collection.json served cases of two spacings); a case cached with other

@@ -375,6 +375,28 @@ def resolve_cache_dir(collection: Collection, cache_dir: str | os.PathLike | Non
     return p
 
 
+def _check_same_collection(cache: Path, collection: Collection) -> None:
+    """Refuse a cache finished for another collection (two YAMLs in one folder share the default
+    ``hermes_cache/``: the second would replace the first's ``collection.json``, and training on
+    the cache would silently train the collection preprocessed last)."""
+    try:
+        old = json.loads((cache / "collection.json").read_text())
+        old_source, old_name = old.get("source"), old.get("name")
+        old_datasets = {d.get("name") for d in old.get("datasets", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return  # none yet, or unreadable: nothing to compare
+    source = str(collection.path) if collection.path else None
+    if old_source is not None and source is not None and old_source == source:
+        return
+    if old_name == collection.name and old_datasets == {d.name for d in collection.datasets}:
+        return  # the same collection (its YAML moved or renamed, or built in Python)
+    raise PreprocessError(
+        f"cache {cache} holds another collection ({old_name!r}"
+        f"{f' of {old_source}' if old_source else ''}); give this one its own cache "
+        "(--cache-dir, or cache_dir: in its YAML), or replace that one with overwrite=True "
+        "(`hermes preprocess --overwrite`)")
+
+
 def preprocess(
     collection: Collection | str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
@@ -438,6 +460,8 @@ def preprocess(
                 f"cache {cache} was made with different parameters ({', '.join(diff)}); "
                 "use another cache folder, the same settings, or overwrite=True (`hermes "
                 "preprocess --overwrite`)")
+    if not overwrite:
+        _check_same_collection(cache, collection)
     # collection.json marks a finished run: gone while cases may change, so that an interrupted
     # run (e.g. --overwrite with another spacing) leaves a cache that refuses to open until a
     # re-run finishes, not one mixing two settings
