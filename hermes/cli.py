@@ -28,6 +28,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     if model is None and default_model_path().is_file():
         model = str(default_model_path())
     branches: list[int] = []
+    channels = 1  # the official model's, and the default
     if model is None or model == "official":
         vocab = hm.official_vocabulary()
         source = "official Hermes-R index tables"
@@ -38,12 +39,15 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         header = hm.read_header(model)
         vocab = hm.Vocabulary.from_dict(header["vocab"])
         branches = list(header["config"].get("decoder_branches", []))
+        channels = int(header["config"].get("in_channels", 1))
         source = model
 
     def where(name: str) -> str:  # tasks added with their own decoder (finetune --new-decoder)
         k = sum(vocab.task_index(name) >= first for first in branches)
         return f"  (decoder branch {k - 1})" if k else ""
-    print(f"{source}: {len(vocab.usable_tasks())} tasks, modalities {', '.join(vocab.modalities)}")
+    print(f"{source}: {len(vocab.usable_tasks())} tasks, modalities {', '.join(vocab.modalities)}"
+          + (f"; {channels} input channels (an image's channels in training order)"
+             if channels > 1 else ""))
     grouped = set()
     groups = sorted(vocab.groups.items(), key=lambda g: vocab.task_index(g[1]["tasks"][0]))
     for group, spec in groups:

@@ -334,3 +334,14 @@ def _official_keys(ours):
         else:
             out.append(f"{inv_heads['.'.join(p[:-1])]}.{p[-1]}")
     return out
+
+
+def test_tasks_command_names_the_input_channels(tmp_path, capsys):
+    from hermes.cli import main
+
+    for channels in (1, 3):
+        path = tmp_path / f"c{channels}.hermes"
+        hm.save(hm.build("tiny", tasks=["tumour"], modalities=["T1"], in_channels=channels), path)
+        assert main(["tasks", str(path)]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert ("3 input channels" in first) == (channels == 3), first
