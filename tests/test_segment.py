@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -556,3 +557,18 @@ def test_save_with_colliding_names_and_many_tasks(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="preview.png not written: ValueError: cannot draw"):
         written = res.save(tmp_path / "p")
     assert "preview" not in written and not (tmp_path / "p" / "preview.png").exists()
+
+
+def test_thin_slabs_are_warned_about():
+    """A few slices padded on both sides within the window (here 6 of a 32-voxel window, at the
+    model's 1.5 mm) get a warning naming the axis; a volume spanning the window does not."""
+    rng = np.random.default_rng(2)
+    aff = np.diag([1.5, 1.5, 1.5, 1.0])
+    thin = rng.uniform(1, 2, (40, 40, 6)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"spans only 6 voxels \(9 mm\) inferior-superior "
+                                         r"against a 32-voxel window") as record:
+        _run(thin, aff)
+    assert record[0].filename == __file__  # points at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(rng.uniform(1, 2, (40, 40, 12)).astype(np.float32), aff)
