@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,15 +32,18 @@ METRIC_FIELDS = ["dataset", "case", "task", "dice", "nsd", "hd95", "gt_voxels", 
 
 
 def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float) -> dict:
-    """Dice, NSD (at ``tolerance_mm``) and HD95 (mm) of two boolean masks (MONAI metrics).
+    """Dice, NSD (at ``tolerance_mm``) and HD95 (mm) of two boolean masks.
 
     Both empty: Dice = NSD = 1, HD95 = 0. Exactly one empty: Dice = NSD = 0, HD95 = nan.
+    Dice is MONAI's; NSD and HD95 are MONAI's definitions (its mask edges; NSD: the fraction of
+    both edges within the tolerance of the other; HD95: the larger of the two directed 95th
+    percentiles), with the edge-to-edge distances from one exact Euclidean distance transform
+    per direction: MONAI 1.6 queries a KD-tree instead, which took minutes per structure for
+    the ragged edges of a CPU-trained model on a 512 x 512 x 61 CT (tested equal to MONAI).
     """
-    from monai.metrics import (
-        compute_dice,
-        compute_hausdorff_distance,
-        compute_surface_dice,
-    )
+    from monai.metrics import compute_dice
+    from monai.metrics.utils import get_mask_edges
+    from scipy.ndimage import distance_transform_edt
 
     p, g = bool(pred.any()), bool(gt.any())
     if not p and not g:
@@ -50,15 +52,15 @@ def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float)
         return {"dice": 0.0, "nsd": 0.0, "hd95": math.nan}
     yp = torch.from_numpy(np.ascontiguousarray(pred))[None, None].float()
     yg = torch.from_numpy(np.ascontiguousarray(gt))[None, None].float()
-    sp = [float(s) for s in spacing]
     dice = compute_dice(yp, yg, include_background=True).item()
-    with warnings.catch_warnings():  # MONAI's own deprecated internal call (monai 1.5-1.6)
-        warnings.filterwarnings("ignore", ".*always_return_as_numpy", FutureWarning)
-        nsd = compute_surface_dice(yp, yg, class_thresholds=[tolerance_mm],
-                                   include_background=True, spacing=sp).item()
-        hd = compute_hausdorff_distance(yp, yg, include_background=True, percentile=95,
-                                        spacing=sp).item()
-    return {"dice": dice, "nsd": nsd, "hd95": hd}
+    sp = [float(s) for s in spacing]
+    edge_p, edge_g = get_mask_edges(np.asarray(pred, bool), np.asarray(gt, bool), crop=True)
+    to_gt = distance_transform_edt(~edge_g, sampling=sp)[edge_p].astype(np.float32)
+    to_pred = distance_transform_edt(~edge_p, sampling=sp)[edge_g].astype(np.float32)
+    nsd = (np.count_nonzero(to_gt <= tolerance_mm) + np.count_nonzero(to_pred <= tolerance_mm)) \
+        / (to_gt.size + to_pred.size)
+    hd = max(torch.quantile(torch.from_numpy(d), 0.95).item() for d in (to_gt, to_pred))
+    return {"dice": dice, "nsd": float(nsd), "hd95": hd}
 
 
 def predict_case(
