@@ -350,6 +350,13 @@ def test_refusals_grid_resume_base_and_nothing_new(setup, tmp_path):
     with pytest.raises(ValueError, match="spacing"):  # a loaded model knows its metadata too
         finetune(hm.load(tmp_path / "b3.hermes"), new, tmp_path / "g", mode="full", **TRAIN)
     assert not (tmp_path / "g").exists()
+    # images of another channel count than the base model takes: named before any run folder
+    two = hm.build("tiny", tasks=old.tasks, modalities=old.modalities, groups=old.groups,
+                   in_channels=2)
+    with pytest.raises(ValueError, match=r"the new collection \(.*\) has 1-channel images, the "
+                                         r"base model takes 2"):
+        finetune(two, new, tmp_path / "g", mode="full", **TRAIN)
+    assert not (tmp_path / "g").exists()
     # resuming a run with another base model of the same vocabulary
     finetune(base, new, tmp_path / "r", mode="priors", **TRAIN)
     torch.manual_seed(1)

@@ -483,6 +483,12 @@ def finetune(
     if rehearsal is not None:
         sources.append((_open(rehearsal, base_pre, base_src or "the base model"),
                         rehearsal_fraction))
+    for (source, _), role in zip(sources, ("the new collection", "the rehearsal collection"),
+                                 strict=False):
+        channels = int(source.cases[0].image.shape[0]) if source.cases else base.config.in_channels
+        if channels != base.config.in_channels:
+            raise ValueError(f"{role} ({source.cache_dir}) has {channels}-channel images, the "
+                             f"base model takes {base.config.in_channels}")
     aligned = AlignedCollection(sources, extended.vocab)
 
     options.setdefault("preset", base.config.preset or "custom")
