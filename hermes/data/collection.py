@@ -225,15 +225,19 @@ def _channel_count(case: Case) -> int | None:
     return total
 
 
+def _channel_tag(case: Case, path: Path) -> str | None:
+    """The nnU-Net channel tag (``"0000"``) of one of ``case``'s image files; None for other
+    names (MSD layout, or a file named by the whole case id)."""
+    m = _CHANNEL_RE.match(_strip(path.name))
+    return m.group("ch") if m is not None and m.group("case") == case.case_id else None
+
+
 def _channel_tag_problem(case: Case) -> str | None:
     """nnU-Net channel files must be numbered ``_0000`` ... ``_{n-1}`` (a renamed or missing
     file would otherwise shift the channels, or be read in the wrong order)."""
-    tags = []
-    for path in case.images:
-        m = _CHANNEL_RE.match(_strip(path.name))
-        if m is None or m.group("case") != case.case_id:
-            return None  # not nnU-Net channel files (MSD layout, or whole case-id names)
-        tags.append(m.group("ch"))
+    tags = [_channel_tag(case, path) for path in case.images]
+    if None in tags:
+        return None  # not nnU-Net channel files
     if len(set(tags)) < len(tags) or [int(t) for t in sorted(tags)] == list(range(len(tags))):
         return None  # (one channel in several files is reported on its own)
     expected = [f"{i:04d}" for i in range(len(tags))]
@@ -329,8 +333,7 @@ def _missing_channels(case: Case, expected: int) -> str:
     """``: no brats_003_0001.nii.gz`` for a case of nnU-Net channel files lacking some of the
     ``expected`` ones, else an empty string."""
     first = case.images[0]
-    m = _CHANNEL_RE.match(_strip(first.name))
-    if m is None or m.group("case") != case.case_id:
+    if _channel_tag(case, first) is None:
         return ""
     suffix = first.name[len(_strip(first.name)):]
     have = {path.name for path in case.images}

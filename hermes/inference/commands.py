@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from importlib import resources
@@ -129,6 +128,7 @@ def folder_cases(folder: Path, channels: int) -> list[tuple[str, Path]] | None:
     over files: refused (one 4-D file per case); ``_0000`` alone is dropped from the name. With
     ``channels`` 1 (0: not known yet) numbered files are cases of their own.
     """
+    from hermes.data.collection import _CHANNEL_RE
     from hermes.data.dicom import is_dicom_file
     from hermes.data.io import image_suffix, strip_image_suffix
 
@@ -137,16 +137,16 @@ def folder_cases(folder: Path, channels: int) -> list[tuple[str, Path]] | None:
     if not images or any(is_dicom_file(p) for p in files if image_suffix(p) is None):
         return None
     stems = {p: strip_image_suffix(p.name) for p in images}
-    channel = {p: re.fullmatch(r"(.+)_(\d{4})", s) for p, s in stems.items()}
-    firsts = {m.group(1) for m in channel.values() if m and m.group(2) == "0000"}
-    grouped = {p for p, m in channel.items() if m and m.group(1) in firsts}
-    extra = sorted(p.name for p in grouped if channel[p].group(2) != "0000")
+    channel = {p: _CHANNEL_RE.match(s) for p, s in stems.items()}  # nnU-Net's case_0000 names
+    firsts = {m.group("case") for m in channel.values() if m and m.group("ch") == "0000"}
+    grouped = {p for p, m in channel.items() if m and m.group("case") in firsts}
+    extra = sorted(p.name for p in grouped if channel[p].group("ch") != "0000")
     if extra and channels > 1:
         raise ValueError(f"{folder}: cases split over channel files ({first_of(extra, 3)}) are "
                          "not supported; give one 4-D file per case")
     named: dict[str, list[str]] = {}
     for p, s in stems.items():
-        name = channel[p].group(1) if p in grouped and not extra else s
+        name = channel[p].group("case") if p in grouped and not extra else s
         named.setdefault(name, []).append(p.name)
     twice = [f"{n} ({', '.join(f)})" for n, f in named.items() if len(f) > 1]
     if twice:
