@@ -123,7 +123,8 @@ def _resample_3d(
     axes: Sequence[int] = (0, 1, 2), out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Resample only ``axes`` of a 3D volume (the others must already have their new size),
-    into ``out`` when given (float32, or the volume's integer dtype for order 0)."""
+    into ``out`` (float32, or the volume's integer dtype for order 0: :func:`resample` picks
+    it) or, when None, a new float32 array (the anisotropic path's in-plane pass)."""
     m = np.ones(3)
     o = np.zeros(3)
     for a in axes:
@@ -132,8 +133,7 @@ def _resample_3d(
     if order in (1, 3):
         return separable_resample(vol, m, o, out_shape, order, out=out)
     if out is None:
-        out = np.empty(out_shape, vol.dtype if order == 0 and vol.dtype.kind in "uib"
-                       else np.float32)
+        out = np.empty(out_shape, np.float32)
     if out.dtype == np.float32:
         vol = vol.astype(np.float32, copy=False)
     ndimage.affine_transform(vol, m, offset=o, output_shape=tuple(out_shape), output=out,
