@@ -250,10 +250,8 @@ def test_gradcheck_feature_scatter(native, one_thread):
             (f, a, v, w, bb, ob), fast_mode=not native)
 
 
-@pytest.mark.parametrize("keep_max", [0, 1 << 20], ids=["recompute", "keep-hidden"])
 @pytest.mark.parametrize("native", BACKENDS)
-def test_gradcheck_feature_mlp(native, keep_max, one_thread, monkeypatch):
-    monkeypatch.setattr(paf, "KEEP_HIDDEN_MAX", keep_max)
+def test_gradcheck_feature_mlp(native, one_thread):
     with backend(native):
         b, length, c, hidden = 2, 7, 5, 9
         f = torch.randn(b, length, c, dtype=torch.float64, requires_grad=True)
@@ -322,7 +320,7 @@ def test_sublayers_match_reference(native, one_thread):
                                    cross_attention_sublayer(p, f, prm.prior_attn))
         torch.testing.assert_close(paf.feature_cross_attention_fused(f, p, prm.feat_attn, 8),
                                    cross_attention_sublayer(f, p, prm.feat_attn))
-        torch.testing.assert_close(paf.feature_mlp_fused(f, prm.feat_mlp, 8),
+        torch.testing.assert_close(paf.feature_mlp_fused(f, prm.feat_mlp, 8, streamed=True),
                                    mlp_sublayer(f, prm.feat_mlp))
 
 
@@ -410,7 +408,8 @@ def test_explicit_attention_core(direction, one_thread):
 def test_plain_feature_mlp_and_streamed_default(monkeypatch, one_thread):
     """``streamed_mlp=False`` (the GPUs' default) runs PyTorch's layers and equals the
     reference; the block asks for the streaming MLP with ``fold="always"`` and leaves the
-    device's default otherwise, which streams on the CPU."""
+    device's default otherwise, which streams on the CPU above ``MLP_STREAM_MIN`` hidden
+    activations."""
     blk = make_block(64)
     f = torch.randn(2, 29, 64, dtype=torch.float64, requires_grad=True)
     p = torch.randn(2, 4, 64, dtype=torch.float64, requires_grad=True)
@@ -428,9 +427,15 @@ def test_plain_feature_mlp_and_streamed_default(monkeypatch, one_thread):
     mlp_fused = paf.feature_mlp_fused
     monkeypatch.setattr(paf, "feature_mlp_fused",
                         lambda *a: (asked.append(a[3]), mlp_fused(*a))[1])
+    hidden = 2 * 29 * 4 * 64  # B x L x 4C
     for fold in ("always", "auto", "never"):
         paf.prior_attention_block_fused(f, p, blk.params(), fold=fold)
-    assert asked == [True, None, None] and calls == [1, 1, 1]
+    assert asked == [True, None, None] and calls == [1]  # small: PyTorch's layers by default
+    for least, streams in ((hidden, False), (hidden - 1, True)):
+        monkeypatch.setattr(paf, "MLP_STREAM_MIN", least)
+        calls.clear()
+        paf.prior_attention_block_fused(f, p, blk.params())
+        assert calls == ([1] if streams else [])
 
 
 def test_formulation_follows_autocast():
@@ -683,9 +688,8 @@ def test_custom_ops_opcheck():
                           test_utils=tests)
     w1, b1 = torch.randn(8, 4, dtype=d, requires_grad=True), torch.randn(8, dtype=d)
     w2, b2 = torch.randn(4, 8, dtype=d, requires_grad=True), torch.randn(4, dtype=d)
-    for keep in (False, True):
-        torch.library.opcheck(torch.ops.hermes.feature_mlp_fwd,
-                              (f, w, b, w1, b1, w2, b2, 1e-4, 3, keep), test_utils=tests)
+    torch.library.opcheck(torch.ops.hermes.feature_mlp_fwd, (f, w, b, w1, b1, w2, b2, 1e-4, 3),
+                          test_utils=tests)
 
 
 def _strided(t):
@@ -710,15 +714,13 @@ def test_every_custom_op_fake_kernel_matches_real_strides():
     ops = torch.ops.hermes
     z, lse = ops.prior_gather_fwd(f, a, w, b, 1e-5, 3)
     o, lse_p = ops.prior_gather_proj_fwd(f, q, wkv, w, b, 1e-5, 3)
-    _, kept = ops.feature_mlp_fwd(f, w, b, w1, b1, w2, b2, 1e-4, 3, True)
     cases = [
         (ops.prior_gather_fwd, (f, a, w, b, 1e-5, 3)),
         (ops.prior_gather_bwd, (r(*z.shape), f, a, w, b, z, lse, 1e-5, 3)),
         (ops.feature_scatter_fwd, (f, a, v, w, b, ob, 2, 1e-5, 3)),
         (ops.feature_scatter_bwd, (r(*f.shape), f, a, v, w, b, 2, 1e-5, 3)),
-        (ops.feature_mlp_fwd, (f, w, b, w1, b1, w2, b2, 1e-4, 3, True)),
-        (ops.feature_mlp_bwd, (r(*f.shape), f, w, b, w1, b1, w2, kept, 1e-4, 3)),
-        (ops.feature_mlp_bwd, (r(*f.shape), f, w, b, w1, b1, w2, f.new_empty(0), 1e-4, 3)),
+        (ops.feature_mlp_fwd, (f, w, b, w1, b1, w2, b2, 1e-4, 3)),
+        (ops.feature_mlp_bwd, (r(*f.shape), f, w, b, w1, b1, w2, 1e-4, 3)),
         (ops.prior_gather_proj_fwd, (f, q, wkv, w, b, 1e-5, 3)),
         (ops.prior_gather_proj_bwd, (r(*o.shape), f, q, wkv, w, b, o, lse_p, 1e-5, 3)),
         (ops.feature_attend_proj_fwd, (f, keys, vals, wq, wo, ob, w, b, 1e-5, 3)),
@@ -743,7 +745,7 @@ def test_custom_ops_accept_non_contiguous_inputs():
     ops = torch.ops.hermes
     for args, op in (((f, a, w, b, 1e-5, 7), ops.prior_gather_fwd),
                      ((f, a, v, w, b, b, 2, 1e-5, 7), ops.feature_scatter_fwd),
-                     ((f, w, b, w1, b1, w2, b2, 1e-5, 7, True), ops.feature_mlp_fwd)):
+                     ((f, w, b, w1, b1, w2, b2, 1e-5, 7), ops.feature_mlp_fwd)):
         dense = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in args]
         got, want = op(*args), op(*dense)
         for x, y in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want)), strict=True):

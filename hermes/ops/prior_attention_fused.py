@@ -22,8 +22,8 @@ GEMM -> residual (the output bias is folded into ``V`` as ``bias / H`` per row, 
 each head's probabilities sum to one). Backward recomputes LN and the probabilities.
 
 **feature MLP** (:func:`feature_mlp`). LN -> fc1 -> GELU -> fc2 -> + bias + residual per chunk;
-the chunk x 4C hidden activations are recomputed in backward instead of stored, except where
-they are small (``KEEP_HIDDEN_MAX``).
+the chunk x 4C hidden activations are recomputed in backward instead of stored (small volumes
+run PyTorch's layers instead: ``MLP_STREAM_MIN``).
 
 The prior-side MLP works on N tokens only and uses plain PyTorch.
 
@@ -465,17 +465,15 @@ def feature_scatter(features: Tensor, fold_k: Tensor, fold_v: Tensor, norm_weigh
 @torch.library.custom_op("hermes::feature_mlp_fwd", mutates_args=())
 def feature_mlp_fwd(
     features: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-    b2: Tensor, eps: float, chunk: int, keep_hidden: bool,
-) -> tuple[Tensor, Tensor]:
-    """features B x L x C, w1 Hd x C, w2 C x Hd -> (B x L x C, fc1 output B x L x Hd before its
-    bias when ``keep_hidden``, else an empty tensor)."""
+    b2: Tensor, eps: float, chunk: int,
+) -> Tensor:
+    """features B x L x C, w1 Hd x C, w2 C x Hd -> B x L x C."""
     features, norm_weight, norm_bias, w1, b1, w2, b2 = _dense(
         features, norm_weight, norm_bias, w1, b1, w2, b2)
     k = _kern(features)
     b, length, c = features.shape
     hidden = w1.shape[0]
     out = torch.empty_like(features)
-    kept = features.new_empty((b, length, hidden) if keep_hidden else (0,))
     w1t, w2t = w1.t(), w2.t()
     ws = _Workspace(features)
     for i in range(b):
@@ -483,31 +481,27 @@ def feature_mlp_fwd(
             h, _, _ = k.ln_fwd(features[i, s0:s1], norm_weight, norm_bias, eps,
                                out=ws.get("h", s1 - s0, c))
             u = torch.mm(h, w1t, out=ws.get("u", s1 - s0, hidden))
-            if keep_hidden:
-                kept[i, s0:s1].copy_(u)
             k.bias_gelu(u, b1)
             o = out[i, s0:s1]
             torch.addmm(features[i, s0:s1], u, w2t, out=o)
             o.add_(b2)
-    return out, kept
+    return out
 
 
 @feature_mlp_fwd.register_fake
-def _(features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk, keep_hidden):
-    b, length, _ = features.shape
-    shape = (b, length, w1.shape[0]) if keep_hidden else (0,)
-    return features.new_empty(features.shape), features.new_empty(shape)
+def _(features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk):
+    return features.new_empty(features.shape)
 
 
 @torch.library.custom_op("hermes::feature_mlp_bwd", mutates_args=())
 def feature_mlp_bwd(
     grad_out: Tensor, features: Tensor, norm_weight: Tensor, norm_bias: Tensor, w1: Tensor,
-    b1: Tensor, w2: Tensor, kept: Tensor, eps: float, chunk: int,
+    b1: Tensor, w2: Tensor, eps: float, chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (features, norm_weight, norm_bias, w1, b1, w2, b2); the fc1 output is taken from
-    ``kept`` when the forward kept it, else recomputed."""
-    grad_out, features, norm_weight, norm_bias, w1, b1, w2, kept = _dense(
-        grad_out, features, norm_weight, norm_bias, w1, b1, w2, kept)
+    """Gradients (features, norm_weight, norm_bias, w1, b1, w2, b2), the fc1 output recomputed
+    per chunk."""
+    grad_out, features, norm_weight, norm_bias, w1, b1, w2 = _dense(
+        grad_out, features, norm_weight, norm_bias, w1, b1, w2)
     k = _kern(features)
     b, length, c = features.shape
     acc_t = _acc_dtype(features)
@@ -527,11 +521,7 @@ def feature_mlp_bwd(
             xin, g = features[i, s0:s1], grad_out[i, s0:s1]
             h, mean, rstd = k.ln_fwd(xin, norm_weight, norm_bias, eps,
                                      out=ws.get("h", s1 - s0, c))
-            u = ws.get("u", s1 - s0, hidden)
-            if kept.numel():
-                u.copy_(kept[i, s0:s1])
-            else:
-                torch.mm(h, w1t, out=u)
+            u = torch.mm(h, w1t, out=ws.get("u", s1 - s0, hidden))
             dgu = torch.mm(g, w2, out=ws.get("dg", s1 - s0, hidden))
             k.bias_gelu_fwd_bwd(u, b1, dgu)  # u <- GELU(u + b1), dgu <- dU
             _addmm_acc(d_w2, g.t(), u)
@@ -544,41 +534,30 @@ def feature_mlp_bwd(
 
 
 @feature_mlp_bwd.register_fake
-def _(grad_out, features, norm_weight, norm_bias, w1, b1, w2, kept, eps, chunk):
+def _(grad_out, features, norm_weight, norm_bias, w1, b1, w2, eps, chunk):
     return (*_fresh(features, norm_weight, norm_bias, w1, b1, w2), w2.new_empty(w2.shape[0]))
 
 
 def _fm_setup(ctx, inputs, output):
-    features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk, keep_hidden = inputs
-    ctx.save_for_backward(features, norm_weight, norm_bias, w1, b1, w2, output[1])
+    features, norm_weight, norm_bias, w1, b1, w2, b2, eps, chunk = inputs
+    ctx.save_for_backward(features, norm_weight, norm_bias, w1, b1, w2)
     ctx.eps, ctx.chunk = eps, chunk
-    ctx.mark_non_differentiable(output[1])
 
 
-def _fm_backward(ctx, grad_out, grad_kept):
+def _fm_backward(ctx, grad_out):
     grads = feature_mlp_bwd(grad_out, *ctx.saved_tensors, ctx.eps, ctx.chunk)
-    return (*grads, None, None, None)
+    return (*grads, None, None)
 
 
 feature_mlp_fwd.register_autograd(_fm_backward, setup_context=_fm_setup)
 
-#: Largest hidden activation (elements, B x L x 4C) the fused MLP keeps for its backward instead
-#: of recomputing fc1 there (level 4 of a 128^3 crop: 512 x 1280). Level 3 (4,096 x 1,024)
-#: recomputes: keeping it made its MLP forward + backward ~1.1x faster (CPU, one thread) but
-#: raised the block's peak memory from 0.23x to 0.53x of the official formulation's.
-KEEP_HIDDEN_MAX = 1 << 20
-
 
 def feature_mlp(features: Tensor, p: MLPParams, chunk: int | None = None) -> Tensor:
-    """``F + fc2(GELU(fc1(LN(F))))`` for features B x L x C.
-
-    For training, the fc1 output is kept for the backward when it is small (at most
-    ``KEEP_HIDDEN_MAX`` elements: there the recomputed GEMM would cost time and the memory is
-    negligible) and recomputed in the backward otherwise.
-    """
+    """``F + fc2(GELU(fc1(LN(F))))`` for features B x L x C, streamed over chunks of voxels
+    (the hidden layer recomputed in the backward, not stored)."""
     if features.dim() != 3:
         raise ValueError(f"features must be B x L x C, got shape {tuple(features.shape)}")
-    b, length, c = features.shape
+    c = features.shape[2]
     hidden = p.w1.shape[0]
     if p.w1.shape != (hidden, c) or p.w2.shape != (c, hidden):
         raise ValueError(f"MLP weights {tuple(p.w1.shape)}/{tuple(p.w2.shape)} do not match "
@@ -591,8 +570,7 @@ def feature_mlp(features: Tensor, p: MLPParams, chunk: int | None = None) -> Ten
     # forward + backward: 1.1x faster with 960 than 240 voxels on one thread, 1,920 than 480 on
     # two; level 2 unchanged)
     chunk = _chunk_arg(chunk, c if training else hidden, features.device)
-    keep = training and b * length * hidden <= KEEP_HIDDEN_MAX
-    return feature_mlp_fwd(features.contiguous(), *ws, float(p.eps), int(chunk), keep)[0]
+    return feature_mlp_fwd(features.contiguous(), *ws, float(p.eps), int(chunk))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,16 +838,27 @@ def feature_cross_attention_fused(features: Tensor, priors: Tensor, p: CrossAtte
                            p.norm_q_bias.to(dt), p.b_out.to(dt), p.heads, p.eps, chunk)
 
 
+#: Fewest hidden activations (B x L x 4C elements) for which the CPU runs the feature MLP as the
+#: streaming op by default; below, PyTorch's layers are as small and faster. CPU, one thread,
+#: streaming / PyTorch: level 4 of a 128^3 crop (512 x 1,280) forward 9.3 / 8.5 ms, forward +
+#: backward 27.0 / 26.0 ms, block peak memory (forward + backward) 15.0 / 14.7 MiB (20.1 when
+#: the stream kept its hidden layer for the backward); level 3 (4,096 x 1,024) forward 47 / 51
+#: ms, forward + backward 154 / 139 ms with 23 / 62 MiB: streams, for the memory.
+MLP_STREAM_MIN = 1 << 20
+
+
 def feature_mlp_fused(features: Tensor, p: MLPParams, chunk: int | None = None,
                       streamed: bool | None = None) -> Tensor:
     """``features + MLP(LN(features))`` -> B x L x C: the streaming op (:func:`feature_mlp`)
     or, with ``streamed=False``, PyTorch's layers (the hidden layer kept for backward). None:
-    streaming on the CPU, PyTorch's layers on GPUs, 1.4-2.6x faster there (H200, levels 2-4,
-    float32 and bfloat16: forward 0.11-0.33 against 0.24-0.48 ms, forward + backward 0.74-1.59
-    against 1.68-3.30 ms; benchmarks/bench_prior_formulations.py), where memory is rarely short:
-    the hidden layer of a 128^3 crop's level 2 is 64 MiB in float32."""
+    streaming on the CPU from ``MLP_STREAM_MIN`` hidden activations, else PyTorch's layers; on
+    GPUs PyTorch's layers, 1.4-2.6x faster there (H200, levels 2-4, float32 and bfloat16:
+    forward 0.11-0.33 against 0.24-0.48 ms, forward + backward 0.74-1.59 against 1.68-3.30 ms;
+    benchmarks/bench_prior_formulations.py), where memory is rarely short: the hidden layer of
+    a 128^3 crop's level 2 is 64 MiB in float32."""
     if streamed is None:
-        streamed = features.device.type != "cuda"
+        hidden = math.prod(features.shape[:-1]) * p.w1.shape[0]
+        streamed = features.device.type != "cuda" and hidden > MLP_STREAM_MIN
     return feature_mlp(features, p, chunk) if streamed else mlp_sublayer(features, p)
 
 
