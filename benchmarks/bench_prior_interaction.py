@@ -212,6 +212,24 @@ def gemm_floor_flops(c: int, length: int, n: int, scope: str, mode: str) -> floa
     return 2.0 * macs * length * (3 if mode == "fwdbwd" else 1)
 
 
+def memory_floor_bytes(c: int, length: int, n: int, scope: str, mode: str,
+                       itemsize: int) -> int:
+    """Bytes any implementation holds at its peak above the inputs and weights: the outputs
+    (features L x C, priors N x C) and, for forward + backward, the gradients of the inputs and
+    of the scope's weights (an attention sublayer ``5 C + 4 I C`` values, an MLP ``7 C + 8 C^2``),
+    with the shapes of :func:`make_inputs`. Scratch and saved activations are left out: a lower
+    bound.
+    """
+    inner = (c // 32) * 32
+    tokens = (length + n) * c
+    if mode == "fwd":
+        return tokens * itemsize
+    weights = 2 * (5 * c + 4 * inner * c)
+    if scope == "block":
+        weights += 2 * (7 * c + 8 * c * c)
+    return (2 * tokens + weights) * itemsize
+
+
 def gemm_rate(device: str, dtype: torch.dtype, clock: str = "wall") -> float:
     """Best measured ``torch.mm`` rate (FLOP/s): the floor's GEMM speed.
 
@@ -288,16 +306,19 @@ def _cpu_memory(argv: list[str]) -> dict:
         return {tuple(r[:-1]): r[-1] for r in json.loads(path.read_text())}
 
 
-def render(times: dict, mems: dict, floors: dict, configs, device_name: str, rate: float) -> str:
+def render(times: dict, mems: dict, floors: dict, mem_floors: dict, configs, device_name: str,
+           rate: float) -> str:
     mib = 1 << 20
     lines = [f"Device: {device_name}; GEMM rate {rate / 1e9:.0f} GFLOP/s (torch.mm 1024^3, best of "
              "6). Floor: the voxel-sized GEMMs of the cheapest exact formulation at that rate "
              "(gemm_floor_flops); max = official / floor, the largest speed-up any exact "
-             "implementation could reach.", "",
+             "implementation could reach. Memory floor: outputs and gradients, which every "
+             "implementation holds (memory_floor_bytes); min = floor / official, the smallest "
+             "fused/official ratio any implementation could reach.", "",
              "| level | C | L | N | scope | mode | official ms | sdpa ms | fused ms | "
              "speed-up vs official | vs sdpa | floor ms | fused/floor | max vs official | "
-             "peak MiB official | sdpa | fused | fused/official |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak MiB official | sdpa | fused | fused/official | floor MiB | min vs official |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for level, c, length, n in configs:
         for scope in ("xattn", "block"):
             for mode in ("fwd", "fwdbwd"):
@@ -306,13 +327,16 @@ def render(times: dict, mems: dict, floors: dict, configs, device_name: str, rat
                 m = {i: mems.get((*key, i), float("nan")) / mib for i in IMPLS}
                 floor = floors[key] * 1e3
                 # peaks under 0.1 MiB (tiny --quick shapes) give no meaningful ratio
-                ratio = (f"{m['fused'] / m['official']:.2f}" if m["official"] >= 0.1 else "-")
+                ok = m["official"] >= 0.1
+                ratio = f"{m['fused'] / m['official']:.2f}" if ok else "-"
+                mem_floor = mem_floors[key] / mib
+                least = f"{mem_floor / m['official']:.2f}" if ok else "-"
                 lines.append(
                     f"| {level} | {c} | {length} | {n} | {scope} | {mode} | {t['official']:.1f} | "
                     f"{t['sdpa']:.1f} | {t['fused']:.1f} | {t['official'] / t['fused']:.2f}x | "
                     f"{t['sdpa'] / t['fused']:.2f}x | {floor:.3g} | {t['fused'] / floor:.2f} | "
                     f"{t['official'] / floor:.2f}x | {m['official']:.0f} | {m['sdpa']:.0f} | "
-                    f"{m['fused']:.0f} | {ratio} |")
+                    f"{m['fused']:.0f} | {ratio} | {mem_floor:.3g} | {least} |")
     return "\n".join(lines)
 
 
@@ -357,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     floors = {(lv, n, s, m): gemm_floor_flops(c, length, n, s, m) / rate
               for lv, c, length, n in configs for s in ("xattn", "block")
               for m in ("fwd", "fwdbwd")}
+    mem_floors = {(lv, n, s, m): memory_floor_bytes(c, length, n, s, m, dtype.itemsize)
+                  for lv, c, length, n in configs for s in ("xattn", "block")
+                  for m in ("fwd", "fwdbwd")}
     if args.no_memory:
         mems = {}
     elif device == "cpu":
@@ -369,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         device_name = f"CPU {platform.processor() or platform.machine()}, " \
                       f"{torch.get_num_threads()} threads"
     device_name += f", {args.clock} clock"
-    table = render(times, mems, floors, configs, device_name, rate)
+    table = render(times, mems, floors, mem_floors, configs, device_name, rate)
     print(table)
     stem = Path(args.out) if args.out else RESULTS / (
         f"prior_interaction_{device.split(':')[0]}" + ("_quick" if args.quick else ""))
@@ -377,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [
         {"level": lv, "n": n, "scope": s, "mode": m, "impl": i, "seconds": v,
          "peak_bytes": mems.get((lv, n, s, m, i)),
-         "floor_seconds": floors[(lv, n, s, m)]}
+         "floor_seconds": floors[(lv, n, s, m)], "floor_bytes": mem_floors[(lv, n, s, m)]}
         for (lv, n, s, m, i), v in times.items()
     ]
     meta = {"device": device_name, "dtype": args.dtype, "repeats": repeats, "inner": inner,
