@@ -15,10 +15,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from segment_helpers import grid, phantom  # noqa: E402
 
+import hermes  # noqa: E402
 import hermes.models as hm  # noqa: E402
 from hermes.cli import main  # noqa: E402
 from hermes.data.io import load_image, save_image  # noqa: E402
 from hermes.inference.commands import example_path  # noqa: E402
+from hermes.inference.segment import SegmentationInputError  # noqa: E402
 
 torch.set_num_threads(1)
 T1_TASKS = ["gm", "wm", "csf"]
@@ -209,15 +211,57 @@ def test_segment_command_on_a_folder_of_images(tmp_path, ckpt, capsys, monkeypat
     monkeypatch.setattr(seg, "segment", lambda *a, **k: pytest.fail("inference ran"))
     rc = main(["segment", "-i", str(src), "-o", str(out), *argv])
     assert rc == 1 and "--force" in capsys.readouterr().err
-    # numbered files: channels of one case for a multi-channel model (refused: one 4-D file
-    # per case), cases of their own for a one-channel model; two files naming one case refused
+    # numbered files: channels of one case for a multi-channel model, cases of their own for a
+    # one-channel model; two files naming one case refused
     from hermes.inference.commands import folder_cases
 
     (src / "broken.nii.gz").unlink()
     save_image(src / "head_0001.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
-    with pytest.raises(ValueError, match=r"split over channel files \(head_0001.nii.gz\)"):
-        folder_cases(src, 2)
+    assert folder_cases(src, 2) == [("head", [src / "head_0000.nii.gz", src / "head_0001.nii.gz"]),
+                                    ("scan_2024", [src / "scan_2024.nrrd"])]
     assert [n for n, _ in folder_cases(src, 1)] == ["head_0000", "head_0001", "scan_2024"]
     (src / "head_0001.nii.gz").rename(src / "head.nrrd")
     assert main(["segment", "-i", str(src), "-o", str(tmp_path / "o2"), *argv]) == 1
     assert "head (head.nrrd, head_0000.nii.gz)" in capsys.readouterr().err
+
+
+def test_segment_command_takes_channel_files(tmp_path, capsys):
+    """A two-channel model: nnU-Net channel files (``-i a_0000 a_0001``, or a folder of them)
+    give the same labels as one 4-D file; files of other numbers or grids are refused by name."""
+    torch.manual_seed(0)
+    net = hm.build("tiny", tasks=["blob", "rim"], modalities=["T1"], in_channels=2)
+    model = tmp_path / "two.hermes"
+    hm.save(net, model, metadata={"preprocess": {"spacing": [6.0, 6.0, 6.0]},
+                                  "train_config": {"crop_size": [32, 32, 32]}})
+    aff = grid(np.diag([2.0, 2.0, 3.0]), (40, 36, 30))
+    img, _ = phantom(aff, (40, 36, 30))
+    chans = [img + 100, np.sqrt(img - img.min()) * 7]
+    four_d = save_image(tmp_path / "four" / "case.nii.gz", np.stack(chans, -1), aff)
+    src = tmp_path / "scans"
+    files = [save_image(src / f"case_{i:04d}.nii.gz", c, aff) for i, c in enumerate(chans)]
+    argv = ["--model", str(model), "--modality", "T1", "--device", "cpu", "--fast", "-q"]
+    assert main(["segment", "-i", str(four_d), "-o", str(tmp_path / "ref"), *argv]) == 0
+    ref, _ = load_image(tmp_path / "ref" / "labels.nii.gz")
+    assert main(["segment", "-i", *map(str, files), "-o", str(tmp_path / "one"), *argv]) == 0
+    assert main(["segment", "-i", str(src), "-o", str(tmp_path / "all"), *argv]) == 0
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["case"]
+    for out in (tmp_path / "one", tmp_path / "all" / "case"):
+        got, _ = load_image(out / "labels.nii.gz")
+        assert np.array_equal(got, ref)
+    # the same through the Python API, and the files' order is the channels' order
+    res = hermes.segment([str(p) for p in files], model=str(model), modality="T1",
+                         device="cpu", fast=True)
+    assert np.array_equal(res.labels, ref)
+    swapped = hermes.segment([str(p) for p in files[::-1]], model=str(model), modality="T1",
+                             device="cpu", fast=True)
+    assert not np.array_equal(swapped.labels, ref)
+    # a channel on another grid, a folder among channel files, a gap in the numbering
+    other = save_image(tmp_path / "other_0001.nii.gz", chans[1], aff @ np.diag([1, 1, 1.1, 1]))
+    with pytest.raises(SegmentationInputError, match="affine differs from .*case_0000"):
+        hermes.segment([str(files[0]), str(other)], model=str(model), modality="T1")
+    rc = main(["segment", "-i", str(files[0]), str(src), "-o", str(tmp_path / "x"), *argv])
+    assert rc == 1 and "is a folder" in capsys.readouterr().err
+    files[1].rename(src / "case_0002.nii.gz")
+    rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "y"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 1 and "_0000 to _0001" in err and "case (0000, 0002)" in err

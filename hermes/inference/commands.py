@@ -83,16 +83,20 @@ def _print_summary(res, written: dict, out: Path, elapsed: float) -> None:
         print(f"  {out / 'probabilities'}/ ({n_prob} maps)")
 
 
-def _run(args: argparse.Namespace, image: Path, out: Path, modality: str,
+def _run(args: argparse.Namespace, image: Path | list[Path], out: Path, modality: str,
          model: Any) -> int:
+    """Segment one image (a file, a DICOM folder, or one file per channel) into ``out``."""
     from hermes.inference.segment import MODALITY_HINT, ModalityDetectionError, segment
 
-    _check_outdir(out, args.force, [image])
+    images = image if isinstance(image, list) else [image]
+    _check_outdir(out, args.force, images)
     t0 = time.perf_counter()
-    _log(args, f"hermes: segmenting {image} ({'fast' if args.fast else 'standard'} mode)")
+    shown = ", ".join(map(str, images))
+    _log(args, f"hermes: segmenting {shown} ({'fast' if args.fast else 'standard'} mode)")
     try:
         res = segment(
-            str(image), tasks=getattr(args, "tasks", None), modality=modality, model=model,
+            str(images[0]) if len(images) == 1 else [str(p) for p in images],
+            tasks=getattr(args, "tasks", None), modality=modality, model=model,
             device=args.device, fast=args.fast, postprocess=_parse_postprocess(args),
             threshold=args.threshold, probabilities=getattr(args, "probabilities", False),
             progress=not args.quiet,
@@ -110,23 +114,33 @@ def _run(args: argparse.Namespace, image: Path, out: Path, modality: str,
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    image = Path(args.input)
-    if not image.exists():
-        raise FileNotFoundError(f"input {image} does not exist")
+    images = [Path(p) for p in args.input]
+    for image in images:
+        if not image.exists():
+            raise FileNotFoundError(f"input {image} does not exist")
+    if len(images) > 1:
+        folders = [str(p) for p in images if p.is_dir()]
+        if folders:
+            raise ValueError(f"several -i inputs are the channel files of one image; "
+                             f"{first_of(folders, 3)} is a folder")
+        return _run(args, images, Path(args.output), args.modality, args.model)
+    image = images[0]
     if image.is_dir() and folder_cases(image, 0) is not None:
         return _run_folder(args, image, Path(args.output))
     return _run(args, image, Path(args.output), args.modality, args.model)
 
 
-def folder_cases(folder: Path, channels: int) -> list[tuple[str, Path]] | None:
-    """``(case name, image file)`` for every NIfTI/NRRD file directly in ``folder`` (hidden
-    files aside), sorted; None when the folder holds no such file or holds DICOM files (a
-    DICOM series, read as one image).
+def folder_cases(folder: Path, channels: int) -> list[tuple[str, list[Path]]] | None:
+    """``(case name, image files)`` for every case of NIfTI/NRRD files directly in ``folder``
+    (hidden files aside), sorted; None when the folder holds no such file or holds DICOM files
+    (a DICOM series, read as one image).
 
-    A case is named by its file without the suffix. For a model of ``channels`` > 1 input
-    channels, nnU-Net channel files (``case_0000``, ``case_0001`` ...) would be one case split
-    over files: refused (one 4-D file per case); ``_0000`` alone is dropped from the name. With
-    ``channels`` 1 (0: not known yet) numbered files are cases of their own.
+    A case is named by its file without the suffix. nnU-Net channel files (``case_0000``,
+    ``case_0001`` ...) are one case for a model of ``channels`` > 1 input channels (numbered
+    ``_0000`` to ``_{channels-1}``, else refused naming the case); for ``channels`` 1 (0: not
+    known yet) numbered files are cases of their own, ``_0000`` dropped from the name where no
+    other number appears. A file without a channel number is one case (a 4-D file holds every
+    channel).
     """
     from hermes.data.collection import _CHANNEL_RE
     from hermes.data.dicom import is_dicom_file
@@ -140,18 +154,30 @@ def folder_cases(folder: Path, channels: int) -> list[tuple[str, Path]] | None:
     channel = {p: _CHANNEL_RE.match(s) for p, s in stems.items()}  # nnU-Net's case_0000 names
     firsts = {m.group("case") for m in channel.values() if m and m.group("ch") == "0000"}
     grouped = {p for p, m in channel.items() if m and m.group("case") in firsts}
-    extra = sorted(p.name for p in grouped if channel[p].group("ch") != "0000")
-    if extra and channels > 1:
-        raise ValueError(f"{folder}: cases split over channel files ({first_of(extra, 3)}) are "
-                         "not supported; give one 4-D file per case")
-    named: dict[str, list[str]] = {}
+    numbered = any(channel[p].group("ch") != "0000" for p in grouped)
+    named: dict[str, list[Path]] = {}
     for p, s in stems.items():
-        name = channel[p].group("case") if p in grouped and not extra else s
-        named.setdefault(name, []).append(p.name)
-    twice = [f"{n} ({', '.join(f)})" for n, f in named.items() if len(f) > 1]
+        name = channel[p].group("case") if p in grouped and (channels > 1 or not numbered) else s
+        named.setdefault(name, []).append(p)
+    if channels > 1:
+        wrong = []
+        for name, paths in named.items():
+            tags = sorted(channel[p].group("ch") for p in paths if p in grouped)
+            # a lone _0000 file may hold every channel (4-D): segment() checks its count
+            if tags not in ([], ["0000"], [f"{i:04d}" for i in range(channels)]):
+                wrong.append(f"{name} ({', '.join(tags)})")
+        if wrong:
+            raise ValueError(
+                f"{folder}: the model takes {channels} channels, one file each numbered _0000 "
+                f"to _{channels - 1:04d}; cases with other channel files: "
+                f"{first_of(wrong, 3)}")
+        named = {n: sorted(ps, key=lambda p: channel[p].group("ch") if p in grouped else "")
+                 for n, ps in named.items()}
+    twice = [f"{n} ({', '.join(p.name for p in ps)})" for n, ps in named.items()
+             if len(ps) > 1 and not (channels > 1 and all(p in grouped for p in ps))]
     if twice:
         raise ValueError(f"{folder}: several files give one case name: {first_of(twice, 3)}")
-    return sorted((name, folder / f[0]) for name, f in named.items())
+    return sorted(named.items())
 
 
 def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
@@ -161,14 +187,14 @@ def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
 
     model, _ = resolve_model(args.model, _resolve_device(args.device))
     cases = folder_cases(folder, int(model.config.in_channels)) or []
-    inputs = [p for _, p in cases]
+    inputs = [p for _, paths in cases for p in paths]
     for name, _ in cases:  # every output folder checked before any inference runs
         _check_outdir(out / name, args.force, inputs)
     failed = []
-    for i, (name, path) in enumerate(cases, 1):
+    for i, (name, paths) in enumerate(cases, 1):
         _log(args, f"hermes: case {i} of {len(cases)}: {name}")
         try:
-            _run(args, path, out / name, args.modality, model)
+            _run(args, paths, out / name, args.modality, model)
         except Exception as exc:  # noqa: BLE001 - the other cases still run
             failed.append(name)
             print(f"hermes segment: error: case {name}: {exc}", file=sys.stderr)
@@ -217,8 +243,9 @@ class _Once(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         if getattr(namespace, self.dest, None) is not None:
-            parser.error(f"{option_string} given twice: one input per `hermes segment` (put "
-                         "the images in one folder and give that folder to segment them all)")
+            parser.error(f"{option_string} given twice: one image per `hermes segment` (its "
+                         "channel files after one -i; put the images in one folder and give "
+                         "that folder to segment them all)")
         setattr(namespace, self.dest, values)
 
 
@@ -227,10 +254,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg = subparsers.add_parser(
         "segment", help="segment an image (NIfTI, NRRD or DICOM folder)",
         description="Segment a 3-D image; outputs lie on the input's original grid.")
-    seg.add_argument("-i", "--input", required=True, action=_Once,
-                     help="image file (.nii, .nii.gz, .nrrd, .nhdr), DICOM series folder, or a "
-                          "folder of image files (each segmented into OUTPUT/<case>/, the "
-                          "model loaded once)")
+    seg.add_argument("-i", "--input", required=True, action=_Once, nargs="+",
+                     metavar="INPUT",
+                     help="image file (.nii, .nii.gz, .nrrd, .nhdr), DICOM series folder, a "
+                          "folder of image files (each case segmented into OUTPUT/<case>/, "
+                          "the model loaded once; nnU-Net channel files case_0000, case_0001 "
+                          "... form one case of a multi-channel model), or several files: the "
+                          "channels of one image, in order")
     seg.add_argument("-o", "--output", required=True, help="output folder")
     seg.add_argument("--tasks", default=None,
                      help="comma-separated task (or dataset-group) names; default: every task "

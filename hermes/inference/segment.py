@@ -97,6 +97,8 @@ def input_geometry(image: Any, affine: Any = None) -> dict | None:
     written results keep the input's qform/sform codes."""
     if affine is not None:
         return None
+    if _is_channel_list(image):
+        image = image[0]  # the channel files share one grid (load_input checks it)
     if isinstance(image, (str, os.PathLike)):
         if image_suffix(image) not in (".nii", ".nii.gz"):
             return None
@@ -106,17 +108,61 @@ def input_geometry(image: Any, affine: Any = None) -> dict | None:
     return nifti_geometry(image)
 
 
+def _is_channel_list(image: Any) -> bool:
+    """Whether ``image`` is a list/tuple of paths: one file per channel."""
+    return isinstance(image, (list, tuple)) and all(
+        isinstance(p, (str, os.PathLike)) for p in image)
+
+
+def _load_channel_files(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray,
+                                                                      str]:
+    """``(X, Y, Z, C)`` from one 3-D file per channel (nnU-Net's ``case_0000``, ``case_0001``
+    ...), every file on the first one's grid."""
+    from hermes.data.collection import _affines_close
+
+    if not paths:
+        raise SegmentationInputError("an empty list of channel files was given")
+    chans: list[np.ndarray] = []
+    first_aff = None
+    for path in paths:
+        arr, aff, desc = load_input(path)
+        if arr.ndim == 4 and arr.shape[3] == 1:
+            arr = arr[..., 0]
+        if arr.ndim != 3:
+            raise SegmentationInputError(
+                f"{desc}: a channel file must hold one 3-D volume, got shape {arr.shape}")
+        if chans and arr.shape != chans[0].shape:
+            raise SegmentationInputError(
+                f"{desc}: shape {arr.shape} differs from {paths[0]} {chans[0].shape}: the "
+                "channel files of one image must share its grid")
+        if first_aff is not None and not _affines_close(aff, first_aff):
+            diff = float(np.abs(aff - first_aff).max())
+            raise SegmentationInputError(
+                f"{desc}: affine differs from {paths[0]}'s (max abs difference {diff:.4g}): "
+                "the channel files of one image must share its grid")
+        first_aff = aff if first_aff is None else first_aff
+        chans.append(arr)
+    desc = f"{paths[0]} (+{len(paths) - 1} channel files)" if len(paths) > 1 else str(paths[0])
+    return np.stack(chans, axis=-1), first_aff, desc
+
+
 def load_input(
     image: Any, affine: Any = None, spacing: Any = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Read any supported input as ``(array (X, Y, Z[, C]) float32, affine 4x4, description)``.
 
-    ``image``: a path to a NIfTI/NRRD file or a DICOM series folder, a nibabel image (its
-    affine, or ``affine`` instead), or a numpy array / torch tensor ``(X, Y, Z[, C])`` with
-    ``affine`` or ``spacing`` (mm). Arrays are copied, never modified. Raises
-    :class:`SegmentationInputError` or :class:`hermes.data.io.ImageReadError` naming the
-    problem.
+    ``image``: a path to a NIfTI/NRRD file or a DICOM series folder, a list of such paths (one
+    3-D file per channel, on one grid), a nibabel image (its affine, or ``affine`` instead), or
+    a numpy array / torch tensor ``(X, Y, Z[, C])`` with ``affine`` or ``spacing`` (mm). Arrays
+    are copied, never modified. Raises :class:`SegmentationInputError` or
+    :class:`hermes.data.io.ImageReadError` naming the problem.
     """
+    if _is_channel_list(image):
+        if affine is not None or spacing is not None:
+            raise SegmentationInputError(
+                "affine=/spacing= give the geometry of an array input; channel files have "
+                "their own")
+        return _load_channel_files(image)
     if isinstance(image, (str, os.PathLike)):
         if affine is not None or spacing is not None:
             raise SegmentationInputError(
@@ -611,9 +657,11 @@ def segment(
     """Segment a 3-D image with a Hermes model; results lie on the image's ORIGINAL grid.
 
     Args:
-        image: a NIfTI (``.nii``/``.nii.gz``) or NRRD path, a DICOM series folder, a nibabel
-            image, or an ``(X, Y, Z[, C])`` numpy array / torch tensor (then ``affine`` 4x4
-            voxel -> RAS mm, or ``spacing`` in mm, is required). Never modified.
+        image: a NIfTI (``.nii``/``.nii.gz``) or NRRD path, a DICOM series folder, a list of
+            paths (one 3-D file per channel of a multi-channel model, in channel order, e.g.
+            nnU-Net's ``case_0000``, ``case_0001``), a nibabel image, or an ``(X, Y, Z[, C])``
+            numpy array / torch tensor (then ``affine`` 4x4 voxel -> RAS mm, or ``spacing`` in
+            mm, is required). Never modified.
         tasks: task names (or dataset-group names, or ``"a,b"``) from the model's vocabulary;
             only these are computed. None: every task of the modality.
         modality: a modality of the model (``"CT"``, ``"T1"``...) or ``"auto"``: detected with
