@@ -32,7 +32,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     if model is None or model == "official":
         vocab = hm.official_vocabulary()
         source = "official Hermes-R index tables"
-    elif Path(model).is_file() and not hm.is_hermes_checkpoint(model):  # official .pth
+    elif hm.checkpoint_path(model).is_file() and not hm.is_hermes_checkpoint(model):  # .pth
         vocab = hm.from_official(model).vocab
         source = f"{model} (official weights)"
     else:

@@ -40,6 +40,12 @@ def test_round_trip_restores_everything(tiny, tmp_path):
     assert torch.equal(a.seg_logits, b.seg_logits)
     assert torch.equal(a.modality_logits, b.modality_logits)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # no temp file left
+    # a training run's folder stands for its model.hermes; another folder is named as such
+    assert hm.read_header(tmp_path) == header and hm.is_hermes_checkpoint(tmp_path)
+    assert torch.equal(_run(hm.load(tmp_path), x).seg_logits, a.seg_logits)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(hm.CheckpointError, match="folder without model.hermes"):
+        hm.load(tmp_path / "sub")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

@@ -71,11 +71,20 @@ def test_segment_command(tmp_path, ckpt, capsys):
                "T1", "--device", "cpu", "-q"])
     err = capsys.readouterr().err
     assert rc == 1 and "--force" in err and len(err.strip().splitlines()) == 1
-    rc = main(["segment", "-i", str(src), "-o", str(out), "--model", str(ckpt), "--modality",
-               "T1", "--device", "cpu", "--fast", "-q", "--force", "--no-preview"])
+    # tasks separated by spaces and commas; overlap and mirroring from the command line; a
+    # training run's folder as the model
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.hermes").write_bytes(ckpt.read_bytes())
+    rc = main(["segment", "-i", str(src), "-o", str(out), "--model", str(run), "--modality",
+               "T1", "--device", "cpu", "--fast", "-q", "--force", "--no-preview",
+               "--tasks", "gm", "wm,csf", "--overlap", "0.4", "--tta"])
     captured = capsys.readouterr()
     assert rc == 0 and captured.out == ""
-    assert json.loads((out / "labels.json").read_text())["labels"]["3"] == "csf"
+    names = json.loads((out / "labels.json").read_text())
+    assert names["labels"] == {"0": "background", "1": "gm", "2": "wm", "3": "csf"}
+    assert names["settings"]["overlap"] == 0.4 and names["settings"]["tta"]
+    assert names["hermes_version"] == hermes.__version__
     # the first run's masks and preview are gone: the folder holds one segmentation
     assert not (out / "structures").exists() and not (out / "preview.png").exists()
 
@@ -115,6 +124,15 @@ def test_segment_command_takes_one_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse kept the last of repeated -i
         main(["segment", "-i", "a.nii.gz", "-i", "b.nii.gz", "-o", str(tmp_path / "o")])
     assert exit_.value.code == 2 and "-i given twice" in capsys.readouterr().err
+    for bad in ("1", "-0.1", "half"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["segment", "-i", "a.nii.gz", "-o", str(tmp_path / "o"), "--overlap", bad])
+        assert exit_.value.code == 2 and "--overlap: must be a number in [0, 1)" in \
+            capsys.readouterr().err
+    # TotalSegmentator's `-o seg.nii.gz`: -o is a folder here, said before anything runs
+    rc = main(["segment", "-i", "a.nii.gz", "-o", str(tmp_path / "seg.nii.gz")])
+    assert rc == 1 and "names a file: -o is the output folder" in capsys.readouterr().err
+    assert not (tmp_path / "seg.nii.gz").exists()
 
 
 def test_demo_command(tmp_path, ckpt, capsys):

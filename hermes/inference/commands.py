@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -55,6 +56,24 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
             raise FileExistsError(f"output {out / n} would overwrite the input; choose another -o")
 
 
+def _overlap(text: str) -> float:
+    """``--overlap``: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def _task_names(tasks: list[str] | None) -> list[str] | None:
+    """``--tasks a,b c`` -> ``["a", "b", "c"]``."""
+    if tasks is None:
+        return None
+    return [name for item in tasks for name in item.split(",") if name.strip()]
+
+
 def _parse_postprocess(args: argparse.Namespace):
     if not args.largest_component and not args.min_volume_ml:
         return None
@@ -96,8 +115,9 @@ def _run(args: argparse.Namespace, image: Path | list[Path], out: Path, modality
     try:
         res = segment(
             str(images[0]) if len(images) == 1 else [str(p) for p in images],
-            tasks=getattr(args, "tasks", None), modality=modality, model=model,
+            tasks=_task_names(getattr(args, "tasks", None)), modality=modality, model=model,
             device=args.device, fast=args.fast, postprocess=_parse_postprocess(args),
+            overlap=args.overlap, tta=args.tta,
             threshold=args.threshold, probabilities=getattr(args, "probabilities", False),
             progress=not args.quiet,
         )
@@ -114,6 +134,11 @@ def _run(args: argparse.Namespace, image: Path | list[Path], out: Path, modality
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from hermes.data.io import image_suffix
+
+    if image_suffix(args.output) is not None:
+        raise ValueError(f"-o {args.output} names a file: -o is the output folder (the label "
+                         f"map is written to {Path(args.output) / 'labels.nii.gz'})")
     images = [Path(p) for p in args.input]
     for image in images:
         if not image.exists():
@@ -222,12 +247,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="a .hermes checkpoint or an official Hermes-R .pth (default: the "
-                        "embedded model)")
+                   help="a .hermes checkpoint, a training run's folder, or an official Hermes-R "
+                        ".pth (default: the embedded model)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--fast", action="store_true",
                    help="faster, slightly less accurate: window overlap 0.25 instead of 0.5 and "
                         "linear instead of cubic resampling")
+    p.add_argument("--overlap", type=_overlap, default=None, metavar="F",
+                   help="sliding-window overlap in [0, 1) (default 0.5, 0.25 with --fast)")
+    p.add_argument("--tta", action="store_true",
+                   help="mirroring test-time augmentation over the 3 axes: 8x the inference "
+                        "time (off by default, unlike nnU-Net)")
     p.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of every structure")
@@ -262,9 +292,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "... form one case of a multi-channel model), or several files: the "
                           "channels of one image, in order")
     seg.add_argument("-o", "--output", required=True, help="output folder")
-    seg.add_argument("--tasks", default=None,
-                     help="comma-separated task (or dataset-group) names; default: every task "
-                          "of the modality (see `hermes tasks`)")
+    seg.add_argument("--tasks", default=None, nargs="+", metavar="TASK",
+                     help="task (or dataset-group) names, separated by commas or spaces; "
+                          "default: every task of the modality (see `hermes tasks`)")
     seg.add_argument("--modality", default="auto",
                      help="CT, T1, T2, PET, CINE ... or auto (default: detected)")
     seg.add_argument("--per-structure", action="store_true",

@@ -265,6 +265,8 @@ class SegmentationResult:
                                       "save to another folder or with another prefix")
 
     def _names_json(self) -> bytes:
+        from hermes import __version__
+
         names = {
             "labels": {"0": "background", **{str(k): v for k, v in self.label_names.items()}},
             "modality": self.modality,
@@ -272,6 +274,7 @@ class SegmentationResult:
             "source": self.source,
             "model": self.model_source,
             "settings": self.settings,
+            "hermes_version": __version__,
         }
         return json.dumps(names, indent=1).encode()
 

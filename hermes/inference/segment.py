@@ -273,15 +273,21 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int) 
 
 def resolve_model(model: Any, device: torch.device) -> tuple[Any, dict]:
     """``(HermesResUNet on device, eval mode; checkpoint metadata)`` from ``model``:
-    None (embedded default), a Hermes checkpoint path, an official ``.pth`` path, or a model."""
+    None (embedded default), a Hermes checkpoint path (or a training run's folder), an official
+    ``.pth`` path, or a model."""
     import hermes.models as hm
+    from hermes.models.checkpoint import RUN_MODEL_FILE
 
     if model is None:
         from hermes.models.default import default_model
 
         model = default_model()
     elif isinstance(model, (str, os.PathLike)):
-        path = Path(model)
+        path = hm.checkpoint_path(model)
+        if path.is_dir():
+            raise FileNotFoundError(f"model {path} is a folder without {RUN_MODEL_FILE} "
+                                    "(give a .hermes or .pth file, or a finished training run's "
+                                    "folder)")
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
         model = hm.load_model_file(path)
@@ -680,7 +686,7 @@ def segment(
             component), ``{"largest": bool, "min_volume_ml": float}`` (also drop components
             under that volume), one of those for every task, or ``{task: spec}``.
         fast: lower-cost mode: window overlap 0.25 (instead of 0.5), linear instead of cubic
-            image resampling, no mirroring TTA.
+            image resampling.
         overlap: sliding-window overlap (default 0.5, 0.25 with ``fast``).
         tta: mirroring test-time augmentation over the 3 axes (8 passes; default off).
         roi_size: window size in voxels (default: the training crop size in the checkpoint

@@ -3,6 +3,7 @@
 from hermes.models.build import build
 from hermes.models.checkpoint import (
     CheckpointError,
+    checkpoint_path,
     is_hermes_checkpoint,
     load,
     read_header,
@@ -22,6 +23,7 @@ __all__ = [
     "UnknownNameError",
     "Vocabulary",
     "build",
+    "checkpoint_path",
     "from_official",
     "is_hermes_checkpoint",
     "load",

@@ -73,11 +73,26 @@ def unwrap(model: Any) -> Any:
 _REQUIRED = ("config", "vocab", "payload_bytes", "payload_sha256")
 
 
+#: The model file of a training run folder (``hermes train`` / ``hermes finetune`` ``--out``).
+RUN_MODEL_FILE = "model.hermes"
+
+
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """``path``, or the model file of the training run folder ``path``."""
+    path = Path(path)
+    if path.is_dir() and (path / RUN_MODEL_FILE).is_file():
+        return path / RUN_MODEL_FILE
+    return path
+
+
 def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]:
+    path = checkpoint_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file")
+        raise CheckpointError(f"checkpoint {path} is a folder without {RUN_MODEL_FILE} (a "
+                              "finished training run's folder holds one)" if path.is_dir() else
+                              f"checkpoint {path} is not a file")
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
@@ -139,7 +154,7 @@ def is_hermes_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` starts like a Hermes checkpoint (else, e.g., official ``.pth`` weights);
     False for files that cannot be opened."""
     try:
-        with open(path, "rb") as f:
+        with open(checkpoint_path(path), "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
@@ -156,7 +171,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> H
     Raises:
         CheckpointError: saying what is wrong with the file.
     """
-    path = Path(path)
+    path = checkpoint_path(path)
     header, payload = _read(path, with_payload=True)
     try:
         config = HermesConfig.from_dict(header["config"])

@@ -141,8 +141,9 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> tuple[HermesConfig, int, 
 
 
 def load_model_file(path: str | os.PathLike) -> HermesResUNet:
-    """The model in ``path``, a ``.hermes`` checkpoint or official Hermes-R ``.pth`` weights
-    (told apart by content; the latter's ``hermes_metadata`` is ``{"source": "official"}``)."""
+    """The model in ``path``, a ``.hermes`` checkpoint (or a training run's folder holding one)
+    or official Hermes-R ``.pth`` weights (told apart by content; the latter's
+    ``hermes_metadata`` is ``{"source": "official"}``)."""
     if is_hermes_checkpoint(path):
         return load(path)  # sets hermes_metadata
     model = from_official(path)

@@ -220,20 +220,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its own settings (options left out "
                         "are the run's; changed ones, --steps included, are refused)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(handler=_train)
 
     e = sub.add_parser("evaluate", help="Dice / NSD / HD95 per dataset and task")
-    e.add_argument("model", help="a Hermes checkpoint (.hermes)")
+    e.add_argument("model", help="a Hermes checkpoint (.hermes) or a training run's folder")
     e.add_argument("collection", help="collection YAML or preprocessed cache folder")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--cache-dir")
     e.add_argument("--roi", type=int, nargs="+", help="window size (default: training crop)")
     e.add_argument("--overlap", type=float, default=0.5)
     e.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help="auto (default: CUDA when usable), cpu, "
+                   "cuda, cuda:1 ...")
     e.add_argument("--datasets", help="evaluate these datasets only (comma-separated)")
     e.add_argument("--out", help="per-case CSV (default metrics_<split>.csv)")
-    e.add_argument("--quiet", action="store_true",
+    e.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the results table is still printed)")
     e.set_defaults(handler=_evaluate)

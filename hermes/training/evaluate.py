@@ -135,7 +135,7 @@ def evaluate(
     model: HermesResUNet | None, collection: PreprocessedCollection | str | Path,
     split: str = "test",
     roi: tuple[int, int, int] | None = None, overlap: float = 0.5, threshold: float = 0.5,
-    tolerance_mm: float = 2.0, device: str | torch.device = "cpu", progress: bool = True,
+    tolerance_mm: float = 2.0, device: str | torch.device = "auto", progress: bool = True,
     predict: Callable[[CachedCase], np.ndarray] | None = None,
     datasets: list[str] | None = None,
 ) -> EvaluationResult:
@@ -143,6 +143,7 @@ def evaluate(
 
     Args:
         roi: sliding-window size (default 96^3; use the training crop size).
+        device: ``"auto"`` (CUDA when usable), ``"cpu"``, ``"cuda"``...
         tolerance_mm: NSD tolerance.
         predict: replaces the model's sliding-window prediction: ``case -> (T, X, Y, Z)`` bool
             masks on the cached grid (e.g. to score another method with the same protocol).
@@ -158,6 +159,9 @@ def evaluate(
                          + (f" of datasets {datasets}" if datasets is not None else "") + hint)
     roi = tuple(roi or (96, 96, 96))  # type: ignore[assignment]
     if predict is None:
+        from hermes.inference.segment import _resolve_device
+
+        device = _resolve_device(device)
         model = model.to(device).eval()
         vocab = model.vocab
         usable = set(vocab.usable_tasks())

@@ -105,7 +105,7 @@ def _priors(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("finetune", help="add a collection's new tasks to a trained model and "
                                         "fine-tune (transfer / incremental learning)")
-    f.add_argument("model", help="a trained Hermes checkpoint (.hermes)")
+    f.add_argument("model", help="a trained Hermes checkpoint (.hermes) or a training run's folder")
     f.add_argument("collection", help="collection YAML (preprocessed first) or a cache folder")
     f.add_argument("--mode", choices=["full", "priors", "incremental", "modality"],
                    help="full: all weights train; priors: only new priors and heads; "
@@ -145,11 +145,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its own settings (options left out "
                         "are the run's; changed ones are refused)")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(handler=_finetune)
 
     p = sub.add_parser("priors", help="similarity of a model's learned task and modality priors")
-    p.add_argument("model", help="a Hermes checkpoint (.hermes)")
+    p.add_argument("model", help="a Hermes checkpoint (.hermes) or a training run's folder")
     p.add_argument("--out", required=True, help="output folder (CSV, PNG, text summary)")
     p.add_argument("--top", type=int, default=3, help="neighbours listed per task")
     p.add_argument("--modality-reduce", default="flatten", choices=["flatten", "mean"],

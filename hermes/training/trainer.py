@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 import hermes.models as hm
 from hermes.data.cache import PreprocessedCollection
 from hermes.files import atomic_write_bytes
+from hermes.models.checkpoint import RUN_MODEL_FILE
 from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.ema import EMA
 from hermes.training.losses import modality_loss, partial_label_loss
@@ -32,7 +33,7 @@ from hermes.training.sampling import PatchDataset, StepSampler, collate_partial
 
 STATE_FILE = "last.ckpt"
 #: The exported (EMA) model of a run, in its folder.
-MODEL_FILE = "model.hermes"
+MODEL_FILE = RUN_MODEL_FILE
 #: TrainConfig fields a resumed run may change (where and how it runs, not what it computes)
 RESUME_MAY_CHANGE = frozenset(
     {"cache_dir", "out_dir", "workers", "checkpoint_every", "device", "progress", "tensorboard"}
