@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
@@ -25,7 +26,8 @@ LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def write_series(folder: Path, volume: np.ndarray, ras_affine: np.ndarray, slope: float = 1.0,
-                 intercept: float = 0.0, series_uid: str | None = None, order=None) -> list[Path]:
+                 intercept: float = 0.0, series_uid: str | None = None, order=None,
+                 modality: str = "CT") -> list[Path]:
     """One CT slice file per ``volume[:, :, k]`` (int16 stored = (value - intercept) / slope),
     placed by the RAS affine converted to DICOM's LPS; file names in ``order`` (shuffled)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def write_series(folder: Path, volume: np.ndarray, ras_affine: np.ndarray, slope
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.SeriesInstanceUID = series_uid
-        ds.Modality = "CT"
+        ds.Modality = modality
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
         ds.PixelSpacing = [float(dr), float(dc)]
         ds.ImageOrientationPatient = [float(v) for v in iop]
@@ -154,3 +156,48 @@ def test_segment_dicom_folder(tmp_path):
     one = hermes.segment(next((tmp_path / "ct").glob("*.dcm")), tasks="left_blob",
                          modality="T1", model=oracle_model(), device="cpu")
     np.testing.assert_array_equal(one.masks[0], expected)
+
+
+def test_auto_modality_from_the_dicom_tag(tmp_path, monkeypatch):
+    """``modality="auto"`` on a DICOM series: CT and PT tags decide without the modality head,
+    MR narrows the head's choice to the model's MR modalities, a tag the model does not know
+    is named; NIfTI-like inputs (no tag) keep the head's detection."""
+    import hermes.inference.segment as seg
+    import hermes.models as hm
+
+    aff = grid(np.diag([1.5, 1.5, 1.5]), (40, 36, 30))
+    img, _ = phantom(aff, (40, 36, 30))
+    for tag in ("CT", "MR", "PT", "US"):
+        write_series(tmp_path / tag, img, aff, modality=tag)
+    assert seg.dicom_modality(tmp_path / "MR") == "MR"
+    assert seg.dicom_modality(next((tmp_path / "PT").glob("*.dcm"))) == "PT"
+    assert seg.dicom_modality(tmp_path / "MR" / "nothing.nii.gz") is None
+    asked = []
+    real = seg.detect_modality
+    monkeypatch.setattr(seg, "detect_modality",
+                        lambda *a, **k: asked.append(k.get("candidates")) or real(*a, **k))
+    run = dict(modality="auto", model=oracle_model(answer="T1"), device="cpu")
+    ct = hermes.segment(tmp_path / "CT", tasks="liver", **run)
+    assert ct.modality == "CT" and ct.detection == {"modality": "CT", "dicom_modality": "CT"}
+    assert asked == []
+    mr = hermes.segment(tmp_path / "MR", tasks="left_blob", **run)  # T1: the only MR modality
+    assert mr.modality == "T1" and asked == []
+    with pytest.raises(seg.ModalityDetectionError, match="is PT .* does not know"):
+        hermes.segment(tmp_path / "PT", **run)
+    us = hermes.segment(tmp_path / "US", tasks="left_blob", **run)  # no say: the head decides
+    assert us.modality == "T1" and us.detection["dicom_modality"] == "US" and asked == [None]
+    assert us.detection["confidence"] > 0.85 and "confidence" in repr(us)
+    # MR among several MR modalities: the head chooses among them only, renormalised
+    official = hm.official_vocabulary()
+    mr_rows = seg._tagged_modalities(official, "MR")
+    assert [official.canonical_modality(m) for m in ("T1", "T2", "CINE")] == mr_rows[:3]
+    assert len(mr_rows) == 4 and seg._tagged_modalities(official, "CT") == ["CT"]
+    chans = img[None] + 0.0
+    params = seg._preprocess_params(run["model"].hermes_metadata, None, True)
+    mod, conf, scores = real(run["model"], chans, aff, params, torch.device("cpu"),
+                             candidates=["CT"])
+    assert (mod, conf, scores) == ("CT", 1.0, {"CT": 1.0})
+    # an unsure head on a CT-like array (no tag) names the likely modality
+    monkeypatch.setattr(seg, "detect_modality", lambda *a, **k: ("T1", 0.4, {}))
+    with pytest.raises(seg.ModalityDetectionError, match="reach -1000, as CT's Hounsfield"):
+        hermes.segment(np.where(img > 0, img, -1000.0), spacing=1.5, **run)

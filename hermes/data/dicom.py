@@ -60,6 +60,25 @@ def series_uid_of(path: str | os.PathLike) -> str:
     return str(getattr(ds, "SeriesInstanceUID", ""))
 
 
+def series_modality(folder: str | os.PathLike, series_uid: str | None = None) -> str | None:
+    """The ``Modality`` tag (``"CT"``, ``"MR"``, ``"PT"`` ...) of the series that
+    :func:`load_dicom_series` reads from ``folder``; None when its slices do not say."""
+    pydicom = _pydicom()
+    for p in sorted(Path(folder).iterdir()):
+        if not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True, force=not p.name.startswith("."))
+        except Exception:  # not a DICOM file: skip it
+            continue
+        if not hasattr(ds, "ImagePositionPatient"):
+            continue
+        if series_uid is None or str(getattr(ds, "SeriesInstanceUID", "")) == series_uid:
+            tag = str(getattr(ds, "Modality", "") or "").strip().upper()
+            return tag or None
+    return None
+
+
 def load_dicom_series(
     folder: str | os.PathLike, series_uid: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -81,10 +81,9 @@ def _parse_postprocess(args: argparse.Namespace):
 
 
 def _print_summary(res, written: dict, out: Path, elapsed: float) -> None:
-    det = ""
-    if res.detection:
-        det = f" (detected, confidence {res.detection['confidence']:.2f})"
-    print(f"modality: {res.modality}{det}")
+    from hermes.inference.result import detection_note
+
+    print(f"modality: {res.modality}{detection_note(res.detection)}")
     width = max([len(n) for n in res.task_names] + [9])
     print(f"{'label':>5}  {'structure':<{width}}  {'volume ml':>10}  {'mean int.':>10}")
     for s in res.statistics:

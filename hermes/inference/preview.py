@@ -97,8 +97,9 @@ def preview_png(result: SegmentationResult, dpi: int = 100) -> bytes:
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), ncol),
                    fontsize=font, frameon=False)
-    mod = result.modality + (f" (detected, confidence {result.detection['confidence']:.2f})"
-                             if result.detection else "")
+    from hermes.inference.result import detection_note
+
+    mod = result.modality + detection_note(result.detection)
     fig.suptitle(f"Hermes segmentation, {mod}", fontsize=11)
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.55 / height,
                         bottom=(legend_in + 0.1) / height)

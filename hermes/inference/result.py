@@ -16,7 +16,7 @@ import numpy as np
 
 from hermes.files import atomic_write_bytes
 
-__all__ = ["SegmentationResult", "nifti_image", "nifti_bytes", "safe_filename",
+__all__ = ["SegmentationResult", "detection_note", "nifti_image", "nifti_bytes", "safe_filename",
            "unique_filenames"]
 
 
@@ -61,6 +61,19 @@ def unique_filenames(names: list[str]) -> list[str]:
         taken.add(candidate.casefold())
         out.append(candidate)
     return out
+
+
+def detection_note(detection: dict | None) -> str:
+    """`` (detected, confidence 0.91)``, `` (DICOM Modality CT)``... for a modality chosen by
+    ``modality="auto"``; an empty string for a modality given by the user."""
+    if not detection:
+        return ""
+    parts = []
+    if detection.get("dicom_modality"):
+        parts.append(f"DICOM Modality {detection['dicom_modality']}")
+    if detection.get("confidence") is not None:
+        parts.append(f"detected, confidence {detection['confidence']:.2f}")
+    return f" ({'; '.join(parts)})"
 
 
 class SegmentationResult:
@@ -156,8 +169,7 @@ class SegmentationResult:
         return {s["task"]: s["volume_ml"] for s in self._stats}
 
     def __repr__(self) -> str:
-        mod = self.modality + (f" (detected, {self.detection['confidence']:.2f})"
-                               if self.detection else "")
+        mod = self.modality + detection_note(self.detection)
         return (f"SegmentationResult(shape={self.shape}, modality={mod}, "
                 f"tasks={self.task_names})")
 

@@ -405,26 +405,29 @@ def _center_crop(x: np.ndarray, size: int, fill: float) -> np.ndarray:
 
 def detect_modality(
     model: Any, chans: np.ndarray, affine: np.ndarray, params: PreprocessParams,
-    device: torch.device, crop_size: int = 64,
+    device: torch.device, crop_size: int = 64, candidates: Sequence[str] | None = None,
 ) -> tuple[str, float, dict[str, float]]:
     """Detect the image's modality with the model's modality head.
 
-    For every modality ``m`` of the vocabulary the image is preprocessed as ``m`` (its
-    normalisation), the central ``crop_size^3`` region is run once with ``m``'s prior and any
-    task, and ``softmax(modality_logits)`` is averaged over these hypotheses, so the answer
-    does not hinge on one guessed prior.
+    For every modality ``m`` of the vocabulary (or of ``candidates``, e.g. the MR ones of a
+    DICOM series tagged MR) the image is preprocessed as ``m`` (its normalisation), the
+    central ``crop_size^3`` region is run once with ``m``'s prior and any task, and
+    ``softmax(modality_logits)`` is averaged over these hypotheses, so the answer does not
+    hinge on one guessed prior; with ``candidates`` the probabilities are renormalised over
+    them.
 
     Returns:
         ``(modality, confidence in [0, 1], {modality: mean probability})``.
     """
     vocab = model.vocab
+    names = list(vocab.modalities) if candidates is None else list(candidates)
     probe = vocab.usable_tasks()[0]
     fast = PreprocessParams(params.spacing, 1, "float32", 0, params.crop_nonzero,
                             params.normalization)
     prepared: dict[str, np.ndarray] = {}
     total = torch.zeros(len(vocab.modalities), dtype=torch.float64)
     with torch.no_grad():
-        for m in vocab.modalities:
+        for m in names:
             key = repr(fast.spec_for(m).to_dict())
             if key not in prepared:
                 img, _, _ = prepare_arrays(chans, affine, m, fast)
@@ -433,10 +436,71 @@ def detect_modality(
                 device, _model_dtype(model))
             out = model(x, tasks=[probe], modality=m)
             total += torch.softmax(out.modality_logits.float(), -1)[0].double().cpu()
-    mean = total / len(vocab.modalities)
+    rows = [vocab.modality_index(m) for m in names]
+    mean = total[rows] / total[rows].sum()
     best = int(torch.argmax(mean))
-    return vocab.modalities[best], float(mean[best]), {
-        m: float(p) for m, p in zip(vocab.modalities, mean.tolist(), strict=True)}
+    return names[best], float(mean[best]), {
+        m: float(p) for m, p in zip(names, mean.tolist(), strict=True)}
+
+
+def dicom_modality(image: Any) -> str | None:
+    """The DICOM ``Modality`` tag of a DICOM series input of :func:`segment` (a series folder
+    or one of its files), else None."""
+    if not isinstance(image, (str, os.PathLike)):
+        return None
+    from hermes.data.dicom import is_dicom_file, series_modality, series_uid_of
+
+    path = Path(image)
+    try:
+        if path.is_dir():
+            return series_modality(path)
+        if path.is_file() and image_suffix(path) is None and is_dicom_file(path):
+            return series_modality(path.parent, series_uid_of(path))
+    except Exception:  # noqa: BLE001 - unreadable headers: detection decides instead
+        return None
+    return None
+
+
+def _tagged_modalities(vocab, tag: str | None) -> list[str] | None:
+    """The model's modalities a DICOM ``Modality`` tag allows (None: the tag says nothing)."""
+    from hermes.data.modalities import DICOM_MODALITIES, UnknownModalityError, canonical_modality
+
+    if tag not in DICOM_MODALITIES:
+        return None
+
+    def canonical(name: str) -> str:
+        try:
+            return canonical_modality(name)
+        except UnknownModalityError:
+            return name.upper()
+    return [m for m in vocab.modalities if canonical(m) in DICOM_MODALITIES[tag]]
+
+
+def _auto_modality(net, chans: np.ndarray, aff: np.ndarray, params: PreprocessParams,
+                   dev: torch.device, image: Any, threshold: float) -> dict[str, Any]:
+    """``modality="auto"``: the DICOM Modality tag where it decides (CT, PT), else the
+    modality head (among the MR modalities for a series tagged MR) -> the detection record
+    (``modality``; ``dicom_modality``; ``confidence`` and ``scores`` when detected)."""
+    vocab = net.vocab
+    tag = dicom_modality(image)
+    allowed = _tagged_modalities(vocab, tag)
+    if allowed is not None and not allowed:
+        raise ModalityDetectionError(
+            f"the DICOM series is {tag} (its Modality tag), a modality this model does not "
+            f"know; {MODALITY_HINT} (one of {', '.join(vocab.modalities)}) to run it anyway")
+    if allowed is not None and len(allowed) == 1:
+        return {"modality": allowed[0], "dicom_modality": tag}
+    mod, conf, scores = detect_modality(net, chans, aff, params, dev, candidates=allowed)
+    if conf < threshold:
+        low = float(chans[0].min())
+        hint = (f"; its values reach {low:g}, as CT's Hounsfield units do (air -1000)"
+                if low <= -500 and allowed is None and "CT" in vocab.modalities else "")
+        raise ModalityDetectionError(
+            f"modality detection confidence {conf:.2f} for {mod} is below "
+            f"{threshold:.2f}; {MODALITY_HINT} (one of {', '.join(allowed or vocab.modalities)})"
+            + hint)
+    return {"modality": mod, "confidence": conf, "scores": scores,
+            **({"dicom_modality": tag} if tag else {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,9 +734,10 @@ def segment(
             mm, is required). Never modified.
         tasks: task names (or dataset-group names, or ``"a,b"``) from the model's vocabulary;
             only these are computed. None: every task of the modality.
-        modality: a modality of the model (``"CT"``, ``"T1"``...) or ``"auto"``: detected with
-            the modality head (:func:`detect_modality`); below ``modality_threshold`` it is an
-            error asking for an explicit modality.
+        modality: a modality of the model (``"CT"``, ``"T1"``...) or ``"auto"``: a DICOM
+            series' Modality tag (CT, PT: PET) where it decides, else detected with the modality
+            head (:func:`detect_modality`; among the MR modalities for a series tagged MR);
+            below ``modality_threshold`` it is an error asking for an explicit modality.
         model: None (the embedded default model), a ``.hermes`` checkpoint path, an official
             Hermes ``.pth`` path, or a :class:`hermes.models.HermesResUNet`.
         device: ``"auto"`` (CUDA when usable), ``"cpu"``, ``"cuda"``...
@@ -740,15 +805,9 @@ def segment(
     detection: dict[str, Any] | None = None
     if isinstance(modality, str) and modality.strip().lower() == "auto":
         t0 = time.perf_counter()
-        mod, conf, scores = detect_modality(net, chans, aff, params, dev)
+        detection = _auto_modality(net, chans, aff, params, dev, image, modality_threshold)
         times["modality"] = time.perf_counter() - t0
-        detection = {"modality": mod, "confidence": conf, "scores": scores}
-        if conf < modality_threshold:
-            raise ModalityDetectionError(
-                f"modality detection confidence {conf:.2f} for {mod} is below "
-                f"{modality_threshold:.2f}; {MODALITY_HINT} (one of "
-                f"{', '.join(vocab.modalities)})")
-        modality = mod
+        modality = detection["modality"]
     else:
         modality = vocab.canonical_modality(modality)
     task_names = resolve_tasks(vocab, tasks, modality)
