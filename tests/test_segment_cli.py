@@ -283,3 +283,36 @@ def test_segment_command_takes_channel_files(tmp_path, capsys):
     rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "y"), *argv])
     err = capsys.readouterr().err
     assert rc == 1 and "_0000 to _0001" in err and "case (0000, 0002)" in err
+
+
+def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monkeypatch):
+    """``--resume``: cases whose folder holds this model's finished segmentation (labels.json,
+    written last) are skipped, unfinished ones rewritten, another model's refused."""
+    import hermes.inference.segment as seg
+
+    src = tmp_path / "scans"
+    for name in ("a", "b", "c"):
+        aff = grid(np.diag([2.0, 2.0, 3.0]), (36, 36, 24))
+        save_image(src / f"{name}.nii.gz", phantom(aff, (36, 36, 24))[0] + 100, aff)
+    out = tmp_path / "out"
+    argv = ["-i", str(src), "-o", str(out), "--model", str(ckpt), "--modality", "T1",
+            "--device", "cpu", "--fast", "-q"]
+    assert main(["segment", *argv]) == 0
+    (out / "b" / "labels.json").unlink()  # interrupted while saving b
+    labels = json.loads((out / "c" / "labels.json").read_text())
+    (out / "c" / "labels.json").write_text(json.dumps({**labels, "model": "other.hermes"}))
+    ran = []
+    real = seg.segment
+    monkeypatch.setattr(seg, "segment", lambda image, **k: ran.append(Path(image).name)
+                        or real(image, **k))
+    rc = main(["segment", *argv, "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 1 and ran == [] and f"{out / 'c'} holds a segmentation by another model" in err
+    (out / "c" / "labels.json").write_text(json.dumps(labels))
+    assert main(["segment", *argv, "--resume"]) == 0 and ran == ["b.nii.gz"]
+    assert json.loads((out / "b" / "labels.json").read_text())["labels"] == labels["labels"]
+    assert main(["segment", *argv, "--resume"]) == 0 and ran == ["b.nii.gz"]  # all done
+    one = ["-i", str(src / "a.nii.gz"), "-o", str(out / "a"), "--model", str(ckpt),
+           "--modality", "T1", "--device", "cpu", "--resume"]
+    assert main(["segment", *one]) == 0 and ran == ["b.nii.gz"]
+    assert "already holds this model's segmentation" in capsys.readouterr().err

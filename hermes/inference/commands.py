@@ -102,12 +102,13 @@ def _print_summary(res, written: dict, out: Path, elapsed: float) -> None:
 
 
 def _run(args: argparse.Namespace, image: Path | list[Path], out: Path, modality: str,
-         model: Any) -> int:
-    """Segment one image (a file, a DICOM folder, or one file per channel) into ``out``."""
+         model: Any, force: bool | None = None) -> int:
+    """Segment one image (a file, a DICOM folder, or one file per channel) into ``out``
+    (earlier outputs there replaced when ``force``, default ``--force``)."""
     from hermes.inference.segment import MODALITY_HINT, ModalityDetectionError, segment
 
     images = image if isinstance(image, list) else [image]
-    _check_outdir(out, args.force, images)
+    _check_outdir(out, args.force if force is None else force, images)
     t0 = time.perf_counter()
     shown = ", ".join(map(str, images))
     _log(args, f"hermes: segmenting {shown} ({'fast' if args.fast else 'standard'} mode)")
@@ -147,11 +148,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         if folders:
             raise ValueError(f"several -i inputs are the channel files of one image; "
                              f"{first_of(folders, 3)} is a folder")
-        return _run(args, images, Path(args.output), args.modality, args.model)
-    image = images[0]
-    if image.is_dir() and folder_cases(image, 0) is not None:
+    image: Path | list[Path] = images if len(images) > 1 else images[0]  # one image
+    if isinstance(image, Path) and image.is_dir() and folder_cases(image, 0) is not None:
         return _run_folder(args, image, Path(args.output))
-    return _run(args, image, Path(args.output), args.modality, args.model)
+    out = Path(args.output)
+    if args.resume and _finished(out, args.model):
+        _log(args, f"hermes: {out} already holds this model's segmentation: skipped (--force "
+                   "to run again)")
+        return 0
+    force = args.force or (args.resume and not (out / "labels.json").exists())
+    return _run(args, image, out, args.modality, args.model, force)
 
 
 def folder_cases(folder: Path, channels: int) -> list[tuple[str, list[Path]]] | None:
@@ -204,21 +210,54 @@ def folder_cases(folder: Path, channels: int) -> list[tuple[str, list[Path]]] | 
     return sorted(named.items())
 
 
+def _finished(out: Path, model: str | None) -> bool:
+    """Whether ``out`` holds a finished segmentation (its ``labels.json``, written last) by the
+    model ``--model`` names (None: the embedded one)."""
+    import json
+
+    from hermes.models import checkpoint_path
+    from hermes.models.default import default_model_path
+
+    try:
+        names = json.loads((out / "labels.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(names, dict) or "labels" not in names or not names.get("model"):
+        return False
+    wanted = default_model_path() if model is None else checkpoint_path(model)
+    return Path(names["model"]).resolve() == wanted.resolve()
+
+
 def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
     """Segment every case of a folder into ``out/<case>/`` with the model loaded once; a case
-    that fails is reported and the others still run (exit code 1 if any failed)."""
+    that fails is reported and the others still run (exit code 1 if any failed). With
+    ``--resume``, cases already segmented by this model are skipped."""
     from hermes.inference.segment import _resolve_device, resolve_model
 
     model, _ = resolve_model(args.model, _resolve_device(args.device))
     cases = folder_cases(folder, int(model.config.in_channels)) or []
     inputs = [p for _, paths in cases for p in paths]
+    force = {name: args.force for name, _ in cases}
+    if args.resume:
+        done = [name for name, _ in cases if _finished(out / name, args.model)]
+        if done:
+            _log(args, f"hermes: {len(done)} of {len(cases)} case(s) already segmented by this "
+                       f"model, skipped: {first_of(done, 5)}")
+        cases = [(name, paths) for name, paths in cases if name not in done]
+        for name, _ in cases:  # an unfinished case is rewritten, another model's is not
+            finished = (out / name / "labels.json").exists()
+            if finished and not args.force:
+                raise FileExistsError(f"output folder {out / name} holds a segmentation by "
+                                      "another model; pass --force to overwrite it or choose "
+                                      "another -o")
+            force[name] = True
     for name, _ in cases:  # every output folder checked before any inference runs
-        _check_outdir(out / name, args.force, inputs)
+        _check_outdir(out / name, force[name], inputs)
     failed = []
     for i, (name, paths) in enumerate(cases, 1):
         _log(args, f"hermes: case {i} of {len(cases)}: {name}")
         try:
-            _run(args, paths, out / name, args.modality, model)
+            _run(args, paths, out / name, args.modality, model, force[name])
         except Exception as exc:  # noqa: BLE001 - the other cases still run
             failed.append(name)
             print(f"hermes segment: error: case {name}: {exc}", file=sys.stderr)
@@ -300,6 +339,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="also write one NIfTI mask per structure")
     seg.add_argument("--probabilities", action="store_true",
                      help="also write per-structure probability maps")
+    seg.add_argument("--resume", action="store_true",
+                     help="skip the cases (images) whose output folder holds a finished "
+                          "segmentation by this model, rewrite unfinished ones: an interrupted "
+                          "folder run continues")
     _common(seg)
     seg.set_defaults(handler=_cmd_segment)
 

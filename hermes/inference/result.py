@@ -192,7 +192,8 @@ class SegmentationResult:
         tasks its ``labels.json`` lists) that this call does not rewrite are removed once the
         new files are written, so that the folder describes one segmentation; other files are
         left alone. The input image is never written over or removed: a clash raises
-        :class:`FileExistsError` before anything is written.
+        :class:`FileExistsError` before anything is written. ``labels.json`` is written last
+        (an earlier one removed first): it is there only when a save finished.
 
         Returns:
             ``{kind: path}`` of the files written (per-structure files as ``mask:<task>``).
@@ -202,7 +203,6 @@ class SegmentationResult:
         files: list[tuple[str, str, Any]] = [  # (key, name, () -> bytes)
             ("labels", f"{prefix}labels.nii.gz",
              lambda: nifti_bytes(self.labels, self.affine, geometry=geo)),
-            ("names", f"{prefix}labels.json", self._names_json),
             ("statistics_json", f"{prefix}statistics.json", self._statistics_json),
             ("statistics_csv", f"{prefix}statistics.csv", self._statistics_csv),
         ]
@@ -220,12 +220,15 @@ class SegmentationResult:
         png = self._preview_or_nothing() if preview else None
         if png is not None:  # else an earlier preview is stale like any unwritten output
             files.append(("preview", f"{prefix}preview.png", lambda: png))
+        # last: a labels.json beside the other files marks a finished save (`--resume`)
+        files.append(("names", f"{prefix}labels.json", self._names_json))
         written_paths = {(out / name).resolve() for _, name, _ in files}
         stale = [p for p in self._earlier_outputs(out, prefix)
                  if p.resolve() not in written_paths and p.is_file()]
         self._refuse_input_clash([out / name for _, name, _ in files] + stale)
 
         out.mkdir(parents=True, exist_ok=True)
+        (out / f"{prefix}labels.json").unlink(missing_ok=True)  # unfinished until rewritten
         written: dict[str, Path] = {}
         for key, name, produce in files:
             atomic_write_bytes(out / name, [produce()])
