@@ -809,14 +809,30 @@ class Collection:
                 f"cases={len(self.cases())}, tasks={len(self.tasks)})")
 
 
+def is_dataset_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one dataset's folder (nnU-Net / MSD layout: a ``dataset.json``)."""
+    return Path(path).is_dir() and (Path(path) / "dataset.json").is_file()
+
+
 def load_collection(path: str | os.PathLike) -> Collection:
-    """Parse a collection YAML. Content problems are collected, not raised: call
-    :meth:`Collection.check` (or ``validate``) before training.
+    """Parse a collection YAML, or one dataset's folder (nnU-Net / MSD layout: modality and
+    labels from its ``dataset.json``) as a collection of that dataset alone, named after the
+    folder, cached by default in ``hermes_cache_<folder name>/`` beside it. Content problems
+    are collected, not raised: call :meth:`Collection.check` (or ``validate``) before
+    training.
 
     Raises:
         CollectionError: the file is missing or is not valid YAML.
     """
     path = Path(path).resolve()
+    if is_dataset_folder(path):
+        config = {"name": path.name, "cache_dir": f"hermes_cache_{path.name}",
+                  "datasets": [{"name": path.name, "path": path.name}]}
+        return Collection(config, path.parent, path)
+    if path.is_dir():
+        raise CollectionError([Problem(
+            "missing_file", f"{path} is a folder without dataset.json: give a collection YAML "
+            "or one dataset's folder (with its dataset.json)", path=str(path))])
     if not path.is_file():
         raise CollectionError([Problem("missing_file", f"{path} not found", path=str(path))])
     try:

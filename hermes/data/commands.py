@@ -120,7 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "preprocess", help="validate a dataset collection and cache it for training",
         description="Reorient (RAS), crop to non-zero, normalise per modality, resample and "
         "cache every case of a collection YAML as memory-mappable arrays. Resumable.")
-    p.add_argument("collection", help="collection YAML")
+    p.add_argument("collection", help="collection YAML, or one dataset's folder (with its "
+                   "dataset.json)")
     p.add_argument("--cache-dir", default=None,
                    help="cache folder (default: the YAML's cache_dir or hermes_cache/ next to it)")
     p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
@@ -141,7 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ds.required = True
 
     v = ds.add_parser("validate", help="report every problem of a collection")
-    v.add_argument("collection")
+    v.add_argument("collection", help="collection YAML, or one dataset's folder (with its "
+                   "dataset.json)")
     v.add_argument("--shallow", action="store_true",
                    help="headers only (skip reading label values and image voxels)")
     v.add_argument("--workers", type=int, default=1)

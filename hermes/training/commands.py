@@ -11,14 +11,17 @@ from hermes.models.hermes_resunet import check_spatial_size
 
 def open_cache(source: str, cache_dir: str | None, workers: int | None,
                progress: bool, defaults: dict | None = None) -> PreprocessedCollection:
-    """A preprocessed collection from a cache folder, or from a collection YAML (preprocessed
-    first; cases already cached and verified are skipped). A YAML's existing cache keeps its
+    """A preprocessed collection from a cache folder, or from a collection YAML or one
+    dataset's folder (preprocessed first; cases already cached and verified are skipped). A
+    YAML's existing cache keeps its
     settings; a new one takes those of ``defaults`` (a model's ``preprocess`` metadata) where
     given."""
     path = Path(source)
     if path.is_dir() and (path / "collection.json").exists():
         return PreprocessedCollection(path)
-    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
+    from hermes.data.collection import is_dataset_folder
+
+    if (path.suffix.lower() in (".yaml", ".yml") and path.is_file()) or is_dataset_folder(path):
         import json
 
         from hermes.data.collection import load_collection
@@ -38,7 +41,8 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
     if path.is_dir() and (path / "preprocess.json").exists():
         raise FileNotFoundError(f"{source}: preprocessing did not finish (no collection.json); "
                                 "re-run `hermes preprocess` on its collection YAML")
-    raise FileNotFoundError(f"{source} is neither a collection YAML nor a preprocessed cache")
+    raise FileNotFoundError(f"{source} is neither a collection YAML, a dataset folder (with "
+                            "dataset.json) nor a preprocessed cache")
 
 
 def open_cache_once(source: str, cache_dir: str | None, workers: int | None, progress: bool,
@@ -195,7 +199,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a universal model on a dataset collection")
-    t.add_argument("collection", help="collection YAML (preprocessed first) or a cache folder")
+    t.add_argument("collection", help="collection YAML or one dataset's folder (with its "
+                   "dataset.json; preprocessed first), or a cache folder")
     # run options default to None: their defaults (_RUN_OPTIONS) apply unless --resume finds them
     t.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="model size (default tiny)")
@@ -225,7 +230,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("evaluate", help="Dice / NSD / HD95 per dataset and task")
     e.add_argument("model", help="a Hermes checkpoint (.hermes) or a training run's folder")
-    e.add_argument("collection", help="collection YAML or preprocessed cache folder")
+    e.add_argument("collection", help="collection YAML, one dataset's folder (with its "
+                   "dataset.json) or a preprocessed cache folder")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--cache-dir")
     e.add_argument("--roi", type=int, nargs="+", help="window size (default: training crop)")

@@ -106,7 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("finetune", help="add a collection's new tasks to a trained model and "
                                         "fine-tune (transfer / incremental learning)")
     f.add_argument("model", help="a trained Hermes checkpoint (.hermes) or a training run's folder")
-    f.add_argument("collection", help="collection YAML (preprocessed first) or a cache folder")
+    f.add_argument("collection", help="collection YAML or one dataset's folder (with its "
+                   "dataset.json; preprocessed first), or a cache folder")
     f.add_argument("--mode", choices=["full", "priors", "incremental", "modality"],
                    help="full: all weights train; priors: only new priors and heads; "
                         "incremental: old priors frozen, old tasks distilled/rehearsed; "
