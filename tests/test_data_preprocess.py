@@ -552,6 +552,15 @@ def test_separable_resampling_matches_scipy(shape, scale, offset, out_shape, ord
     assert (big[0] == -7).all() and (big[:, :, :3] == -7).all()
     with pytest.raises(ValueError, match="order"):
         separable_resample(arr, scale, offset, out_shape, 2)
+    if order == 1:  # a window of the output: the same voxels to the bit
+        rng = np.random.default_rng(len(shape))
+        for _ in range(20):
+            window = [tuple(sorted(rng.choice(m + 1, 2, replace=False))) for m in out_shape]
+            part = separable_resample(arr, scale, offset, out_shape, 1, window=window)
+            np.testing.assert_array_equal(part, got[tuple(slice(a, b) for a, b in window)])
+    with pytest.raises(ValueError, match="window needs order 1"):
+        separable_resample(arr, scale, offset, out_shape, order,
+                           window=[(0, out_shape[0] + order), (0, 1), (0, 1)])
 
 
 def test_label_values_lost_in_resampling_are_recorded_and_named(tmp_path):

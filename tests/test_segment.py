@@ -109,9 +109,10 @@ def test_resampled_round_trip(case):
     assert res.probabilities.dtype == np.float16
     assert res.probabilities.shape == (2, *shape)
     # label map = 1 + t of the smallest structure whose mask holds the voxel, else 0
-    sizes = res.masks.reshape(len(BLOBS), -1).sum(1)
-    rank = np.where(res.masks, sizes[:, None, None, None], np.iinfo(np.int64).max)
-    expected = np.where(res.masks.any(0), rank.argmin(0) + 1, 0)
+    dense = np.asarray(res.masks)
+    sizes = dense.reshape(len(BLOBS), -1).sum(1)
+    rank = np.where(dense, sizes[:, None, None, None], np.iinfo(np.int64).max)
+    expected = np.where(dense.any(0), rank.argmin(0) + 1, 0)
     np.testing.assert_array_equal(res.labels, expected)
 
 
@@ -572,3 +573,68 @@ def test_thin_slabs_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run(rng.uniform(1, 2, (40, 40, 12)).astype(np.float32), aff)
+
+
+@pytest.mark.parametrize("linear, spacing", [
+    (np.diag([2.0, 2.0, 2.0]), 2.0),  # model grid = cropped grid: no resampling
+    (np.diag([-1.5, 2.0, -3.0]), 2.5),
+    (np.array([[0, 0, 2.0], [-1.6, 0, 0], [0, 2.4, 0]]), (1.7, 2.9, 2.2)),  # permuted axes
+    (rotation(1, 18) @ np.diag([1.5, 1.5, -1.5]), 1.1),  # oblique, upsampled
+])
+def test_masks_mapped_back_in_their_box_equal_the_whole_mapping(linear, spacing):
+    """``_BackMapper.threshold_box`` computes only the box that can reach the threshold: its
+    masks equal thresholding the whole mapped array, to the voxel, also for probabilities one
+    float32 step either side of the threshold and for hits on the model grid's faces."""
+    from scipy import ndimage
+
+    from hermes.data.preprocess import PreprocessParams, prepare_arrays
+    from hermes.inference.masks import TaskMasks
+    from hermes.inference.segment import _BackMapper
+
+    rng = np.random.default_rng(0)
+    shape = (37, 30, 23)
+    img = np.zeros(shape, np.float32)
+    img[3:-2, 2:-4, 1:-1] = rng.random((32, 24, 21)) + 1  # a zero border: cropped
+    params = PreprocessParams(spacing, 1, "float32", 0, True, {"T1": {"kind": "none"}})
+    model, _, geom = prepare_arrays(img[None], grid(linear, shape), "T1", params)
+    back = _BackMapper(geom)
+    for seed in range(6):
+        g = np.random.default_rng(seed)
+        field = ndimage.gaussian_filter(g.standard_normal(model.shape[1:]), 2.0)
+        probs = (1 / (1 + np.exp(-(field / field.std() * 3 - 3 + seed)))).astype(np.float32)
+        near = g.random(probs.shape) < 0.02
+        probs[near] = np.float32(0.5) + g.choice([-1, 0, 1], near.sum()) * np.float32(6e-8)
+        if seed == 5:
+            probs[...] = 0.0
+            probs[0, :2, -1] = 0.9  # on the faces of the model grid only
+        for threshold in (0.5, 0.3):
+            want = back(probs, order=1) >= threshold
+            box, crop = back.threshold_box(probs, threshold)
+            masks = TaskMasks(back.orig_shape)
+            masks.append(crop, box)
+            np.testing.assert_array_equal(masks[0], want, err_msg=f"{seed} {threshold}")
+            if want.any():
+                assert masks.box(0)[1].size < want.size  # a box, not the grid
+    assert back.threshold_box(np.zeros(model.shape[1:], np.float32), 0.5) == (None, None)
+
+
+def test_task_masks_keep_crops_and_give_dense_masks():
+    from hermes.inference.masks import TaskMasks, bounding_box
+
+    rng = np.random.default_rng(0)
+    dense = np.zeros((3, 20, 16, 12), bool)
+    dense[0, 3:7, 2:9, 5] = rng.random((4, 7)) > 0.3
+    dense[0, 3, 2, 5] = dense[0, 6, 8, 5] = True
+    dense[2] = True
+    masks = TaskMasks.from_dense(dense)
+    assert masks.shape == dense.shape and len(masks) == 3
+    np.testing.assert_array_equal(np.asarray(masks), dense)
+    for t in range(3):
+        np.testing.assert_array_equal(masks[t], dense[t])
+        assert masks.count(t) == dense[t].sum()
+    assert masks.box(0)[0] == (slice(3, 7), slice(2, 9), slice(5, 6)) and masks.box(1) is None
+    assert bounding_box(dense[1]) is None and masks.nbytes == 4 * 7 + dense[2].size
+    np.testing.assert_array_equal(masks[:, 4], dense[:, 4])  # other indices: the dense stack
+    np.testing.assert_array_equal(masks[-1], dense[2])
+    with pytest.raises(ValueError, match="does not fill its box"):
+        masks.append(np.ones((2, 2, 2), bool), (slice(0, 2), slice(0, 3), slice(0, 2)))

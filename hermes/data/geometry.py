@@ -189,6 +189,7 @@ def _bspline3_weights(t: np.ndarray) -> np.ndarray:
 def separable_resample(
     array: np.ndarray, scale: Sequence[float], offset: Sequence[float],
     out_shape: Sequence[int], order: int, out: np.ndarray | None = None,
+    window: Sequence[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Spline interpolation (order 1 or 3) of a 3-D array under an axis-aligned map.
 
@@ -204,30 +205,53 @@ def separable_resample(
     NumPy/SciPy only, so it is safe in forked worker processes.
 
     Args:
-        out: optional ``out_shape`` array (any strides, e.g. a flipped view of a larger array)
-            to write into; the last axis processed is written into it directly.
+        out: optional array of the output's shape (any strides, e.g. a flipped view of a larger
+            array) to write into; the last axis processed is written into it directly.
+        window: linear interpolation only: per axis ``(start, stop)`` of the ``out_shape``
+            output to compute (the output is that box), bit-identical to the same voxels of the
+            whole output; only the input voxels the box samples are read.
 
     Returns:
-        ``out_shape`` float32 (``out`` when given).
+        ``out_shape`` (or ``window``'s box) float32 (``out`` when given).
     """
     if order not in (1, 3):
         raise ValueError(f"order must be 1 or 3, got {order}")
-    out_shape = tuple(int(v) for v in out_shape)
+    full = tuple(int(v) for v in out_shape)
     vol = np.asarray(array, dtype=np.float32)
-    if vol.ndim != 3 or len(out_shape) != 3:
-        raise ValueError(f"need a 3-D array and 3 output sizes, got {vol.shape} -> {out_shape}")
+    if vol.ndim != 3 or len(full) != 3:
+        raise ValueError(f"need a 3-D array and 3 output sizes, got {vol.shape} -> {full}")
+    box = [(0, m) for m in full] if window is None else [(int(a), int(b)) for a, b in window]
+    if window is not None and (order != 1 or len(box) != 3 or any(
+            not 0 <= a < b <= m for (a, b), m in zip(box, full, strict=False))):
+        raise ValueError(f"window needs order 1 and 3 ranges inside {full}, got {window}")
+    out_shape = tuple(b - a for a, b in box)
     if out is not None and tuple(out.shape) != out_shape:
         raise ValueError(f"out has shape {out.shape}, expected {out_shape}")
-    axes = [a for a in sorted(range(3), key=lambda a: out_shape[a] / max(vol.shape[a], 1))
-            if not (vol.shape[a] == out_shape[a] and float(scale[a]) == 1.0
+    # the axis order of the whole output (a window's values are the same to the bit)
+    axes = [a for a in sorted(range(3), key=lambda a: full[a] / max(vol.shape[a], 1))
+            if not (vol.shape[a] == full[a] and float(scale[a]) == 1.0
                     and float(offset[a]) == 0.0)]
+    taps_of = {}
+    read = [slice(a, b) for a, b in box]  # input voxels read per axis (identity axes: the box)
+    for axis in axes:
+        taps = _axis_taps(vol.shape[axis], full[axis], float(scale[axis]), float(offset[axis]),
+                          order)
+        if window is not None:
+            lo, hi, frac = (t[box[axis][0]:box[axis][1]] for t in taps)
+            first = int(lo.min())
+            read[axis] = slice(first, int(hi.max()) + 1)
+            taps = (lo - first, hi - first, frac)
+        else:
+            read[axis] = slice(None)
+        taps_of[axis] = taps
+    if window is not None:
+        vol = vol[tuple(read)]
     for i, axis in enumerate(axes):
         shape = list(vol.shape)
         shape[axis] = out_shape[axis]
         last = i == len(axes) - 1
         dest = out if last and out is not None else np.empty(shape, np.float32)
-        taps = _axis_taps(vol.shape[axis], out_shape[axis], float(scale[axis]),
-                          float(offset[axis]), order)
+        taps = taps_of[axis]
         along = 0 if axis != 0 else 1
         plane = dest.size // max(dest.shape[along], 1) * 4
         step = max(1, SLAB_BYTES // max(plane, 1))

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from hermes.files import atomic_write_bytes
+from hermes.inference.masks import TaskMasks
 
 __all__ = ["SegmentationResult", "detection_note", "nifti_image", "nifti_bytes", "safe_filename",
            "unique_filenames"]
@@ -83,7 +84,10 @@ class SegmentationResult:
         labels: ``(X, Y, Z)`` uint8/uint16 label map: 0 background, ``i + 1`` task
             ``task_names[i]`` (where several masks overlap, the smallest structure, so that
             nested structures stay visible).
-        masks: ``(T, X, Y, Z)`` bool, one (possibly overlapping) mask per task.
+        masks: :class:`~hermes.inference.masks.TaskMasks`, one (possibly overlapping) mask per
+            task kept as its bounding-box crop: ``masks[t]`` is task ``t``'s ``(X, Y, Z)`` bool
+            mask, ``np.asarray(masks)`` the ``(T, X, Y, Z)`` array (a ``(T, X, Y, Z)`` array
+            is accepted when building a result).
         probabilities: ``(T, X, Y, Z)`` float16 sigmoid probabilities, or None.
         image: ``(X, Y, Z)`` float32 input intensities (first channel), or None.
         task_names: the tasks, in label order.
@@ -96,7 +100,7 @@ class SegmentationResult:
     """
 
     def __init__(
-        self, label_map: np.ndarray, masks: np.ndarray, task_names: list[str],
+        self, label_map: np.ndarray, masks: np.ndarray | TaskMasks, task_names: list[str],
         affine: np.ndarray, image: np.ndarray | None = None,
         probabilities: np.ndarray | None = None, modality: str = "",
         detection: dict | None = None, source: str = "", model_source: str | None = None,
@@ -104,7 +108,7 @@ class SegmentationResult:
         nifti_geometry: dict | None = None,
     ):
         self.labels = label_map
-        self.masks = masks
+        self.masks = masks if isinstance(masks, TaskMasks) else TaskMasks.from_dense(masks)
         self.task_names = list(task_names)
         self.affine = np.asarray(affine, np.float64)
         self.nifti_geometry = nifti_geometry
@@ -150,9 +154,9 @@ class SegmentationResult:
     def _statistics(self, image: np.ndarray | None) -> list[dict[str, Any]]:
         out = []
         for i, name in enumerate(self.task_names):
-            m = self.masks[i]
-            n = int(np.count_nonzero(m))
-            mean = float(image[m].mean(dtype=np.float64)) if image is not None and n else None
+            item, n = self.masks.box(i), self.masks.count(i)
+            mean = (float(image[item[0]][item[1]].mean(dtype=np.float64))
+                    if image is not None and item is not None else None)
             out.append({"label": i + 1, "task": name, "voxels": n,
                         "volume_ml": n * self.voxel_volume_ml, "mean_intensity": mean})
         return out

@@ -36,6 +36,7 @@ from hermes.data.io import (
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
 from hermes.inference.aggregator import _is_int
 from hermes.inference.geometry import pad_to_window
+from hermes.inference.masks import TaskMasks
 from hermes.inference.result import SegmentationResult
 
 __all__ = [
@@ -566,6 +567,58 @@ class _BackMapper:
         canon[inside] = cropped
         return out
 
+    def threshold_box(self, arr: np.ndarray, threshold: float
+                      ) -> tuple[tuple[slice, ...], np.ndarray] | tuple[None, None]:
+        """``(box, mask)``: where ``self(arr) >= threshold`` on the original grid, computed
+        inside the box that can hold such voxels only (bit-identical to thresholding the
+        whole mapped array; (None, None) when no voxel reaches it).
+
+        A linearly interpolated value reaches the threshold only if one of the samples it
+        interpolates does (up to float32 rounding, covered by a 1e-6 margin), so only output
+        voxels sampling within one model voxel of ``arr``'s box of such samples are computed.
+        """
+        from hermes.inference.masks import bounding_box
+
+        hits = bounding_box(arr >= threshold - 1e-6)
+        if hits is None:
+            return None, None
+        same = self.identity and tuple(arr.shape) == self.crop_shape
+        window = []
+        for a in range(3):
+            n, start, stop = self.crop_shape[a], hits[a].start, hits[a].stop
+            m, o = float(self.matrix[a]), float(self.offset[a])
+            if same:
+                window.append((start, stop))
+                continue
+            if m <= 0:  # not produced by preprocessing; the whole axis
+                window.append((0, n))
+                continue
+            # samples x = m i + o with a neighbour in [start, stop - 1] (edges extend outwards)
+            first = 0 if start == 0 else max(0, int(np.ceil((start - 1 - o) / m)) - 1)
+            last = n if stop == arr.shape[a] else min(n, int(np.floor((stop - o) / m)) + 2)
+            if first >= last:
+                return None, None
+            window.append((first, last))
+        if same:
+            values = arr[tuple(slice(a, b) for a, b in window)]
+        else:
+            values = separable_resample(arr, self.matrix, self.offset, self.crop_shape, 1,
+                                        window=window)
+        mask = values >= threshold
+        # canonical crop -> original grid: original axis j is canonical axis ornt[j, 0],
+        # reversed where ornt[j, 1] is -1
+        box, axes, flips = [], [], []
+        for j in range(3):
+            k, flip = int(self.inverse_ornt[j, 0]), self.inverse_ornt[j, 1] < 0
+            c0, c1 = (self.bbox[k][0] + v for v in window[k])
+            size = self.orig_shape[j]
+            box.append(slice(size - c1, size - c0) if flip else slice(c0, c1))
+            axes.append(k)
+            flips.append(flip)
+        mask = np.transpose(mask, axes)
+        mask = np.flip(mask, [j for j in range(3) if flips[j]]) if any(flips) else mask
+        return tuple(box), mask
+
 
 # --------------------------------------------------------------------------------------------
 # post-processing
@@ -859,7 +912,7 @@ def segment(
     back = _BackMapper(geom)
     vox_ml = float(abs(np.linalg.det(aff[:3, :3]))) / 1000.0
     shape = back.orig_shape
-    masks = np.zeros((len(task_names), *shape), bool)
+    masks = TaskMasks(shape)  # bounding-box crops, not T x X x Y x Z
     prob_out = np.zeros((len(task_names), *shape), np.float16) if probabilities else None
     labels = np.zeros(shape, np.uint8 if len(task_names) < 255 else np.uint16)
     iterator: Any = range(len(task_names))
@@ -867,22 +920,27 @@ def segment(
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="map back", unit="task")
-    p = np.empty(shape, np.float32)  # one task's probabilities on the original grid, reused
+    # one task's probabilities on the original grid, reused (only kept when asked for: else
+    # each mask is mapped back inside the box that can hold it)
+    p = np.empty(shape, np.float32) if prob_out is not None else None
     for t in iterator:
-        back(probs[t], order=1, out=p)
-        np.greater_equal(p, threshold, out=masks[t])
-        largest, min_ml = pp.get(task_names[t], (False, 0.0))
-        if largest or min_ml > 0:
-            masks[t] = _postprocess(masks[t], largest,
-                                    int(np.ceil(min_ml / vox_ml)) if min_ml > 0 else 0)
-        if prob_out is not None:
+        if p is not None:
+            back(probs[t], order=1, out=p)
             prob_out[t] = p
-    del p
+            box, mask = None, p >= threshold
+        else:
+            box, mask = back.threshold_box(probs[t], threshold)
+        largest, min_ml = pp.get(task_names[t], (False, 0.0))
+        if mask is not None and (largest or min_ml > 0):
+            mask = _postprocess(mask, largest, int(np.ceil(min_ml / vox_ml)) if min_ml > 0 else 0)
+        masks.append(mask, box)
+    del p, probs
     # label map: where masks overlap the smaller structure wins (grey matter drawn over brain),
     # so nested structures stay visible; painted from the largest volume to the smallest
-    for t in sorted(range(len(task_names)), key=lambda i: (-int(masks[i].sum()), i)):
-        labels[masks[t]] = t + 1
-    del probs
+    for t in sorted(range(len(task_names)), key=lambda i: (-masks.count(i), i)):
+        item = masks.box(t)
+        if item is not None:
+            labels[item[0]][item[1]] = t + 1
     times["writeback"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
 
