@@ -235,8 +235,9 @@ def test_files_that_are_no_official_weights_are_named(tmp_path):
     run.mkdir()
     (run / "model.hermes").write_bytes(b"x")
     torch.save({"step": 1, "rng": np.random.get_state()}, run / "last.ckpt")
-    with pytest.raises(hm.CheckpointError, match="training state .*use .*model.hermes"):
-        hm.from_official(run / "last.ckpt")
+    for load in (hm.from_official, hm.load):  # evaluate and finetune load through hm.load
+        with pytest.raises(hm.CheckpointError, match="training state .*use .*model.hermes"):
+            load(run / "last.ckpt")
     with pytest.raises(hm.CheckpointError, match="is a folder"):
         hm.from_official(run)
     (tmp_path / "empty.pth").write_bytes(b"")

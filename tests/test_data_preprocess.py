@@ -6,6 +6,7 @@ import hashlib
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -582,3 +583,37 @@ def test_label_values_lost_in_resampling_are_recorded_and_named(tmp_path):
                            progress=False)
     case = pc.case("ds/c0")
     assert case.meta["lost_label_values"] == [2] and 2 not in case.present_values
+
+
+def test_a_refused_preprocess_leaves_the_cache_usable_and_stale_temporaries_go(synth, tmp_path):
+    """A run refused for its stored splits (a case added to the collection) changes nothing:
+    the finished cache still opens. Temporaries of a run killed mid-write are removed by the
+    next run."""
+    from hermes.data.splits import SplitError
+
+    src = tmp_path / "src"
+    shutil.copytree(synth.parent, src, ignore=shutil.ignore_patterns("hermes_cache*"))
+    yaml_path = src / synth.name
+    cache = tmp_path / "c"
+    hd.preprocess(yaml_path, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+    stale = cache / "synth_t1" / ".synth_t1_000_image.npy.ab12cd_x.tmp"
+    stale.write_bytes(b"half an array")
+    kept = cache / "synth_t1" / ".notes.tmp"  # not one of ours: left alone
+    kept.write_bytes(b"")
+    ds = src / "synth_t1"
+    added = [shutil.copy(ds / "imagesTr" / "synth_t1_000_0000.nii.gz",
+                         ds / "imagesTr" / "synth_t1_900_0000.nii.gz"),
+             shutil.copy(ds / "labelsTr" / "synth_t1_000.nii.gz",
+                         ds / "labelsTr" / "synth_t1_900.nii.gz")]
+    meta_text = (ds / "dataset.json").read_text()
+    meta = json.loads(meta_text)
+    (ds / "dataset.json").write_text(json.dumps({**meta, "numTraining": meta["numTraining"] + 1}))
+    with pytest.raises(SplitError, match="cases added"):
+        hd.preprocess(yaml_path, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+    assert len(hd.PreprocessedCollection(cache).cases) > 0  # still opens
+    assert stale.exists()  # nothing changed by the refused run
+    for p in added:
+        Path(p).unlink()
+    (ds / "dataset.json").write_text(meta_text)
+    hd.preprocess(yaml_path, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+    assert not stale.exists() and kept.exists()

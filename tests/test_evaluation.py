@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,22 @@ def test_tasks_the_model_lacks_are_refused_before_inference(cache, monkeypatch):
                                        r"\('liver' of synth_.*\): it was trained on other"):
         evaluate(net, cache, split="val", progress=False)
     assert not ran
+
+
+def test_metrics_csv_path_is_checked_before_evaluating(tmp_path, monkeypatch):
+    """``hermes evaluate --out``: a folder takes metrics_<split>.csv, an earlier metrics CSV is
+    replaced, any other file (a dataset.json...) is refused before hours of evaluation."""
+    from hermes.training.commands import metrics_path
+    from hermes.training.evaluate import METRIC_FIELDS
+
+    monkeypatch.chdir(tmp_path)
+    assert metrics_path(None, "val") == Path("metrics_val.csv")
+    assert metrics_path(str(tmp_path), "test") == tmp_path / "metrics_test.csv"
+    earlier = tmp_path / "m.csv"
+    earlier.write_text(",".join(METRIC_FIELDS) + "\nds,c,t,1,1,0,5,5\n")
+    assert metrics_path(str(earlier), "val") == earlier
+    (tmp_path / "dataset.json").write_text('{"labels": {}}')
+    with pytest.raises(FileExistsError, match="is not a metrics CSV"):
+        metrics_path(str(tmp_path / "dataset.json"), "val")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        metrics_path(str(tmp_path / "nowhere" / "m.csv"), "val")

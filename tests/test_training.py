@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -253,6 +254,19 @@ def test_resume_reads_the_checkpoint_on_the_cpu(cache, tmp_path, monkeypatch):
     assert seen and set(seen) == {torch.device("cpu")} and trainer.step == 0
 
 
+def test_resume_with_another_number_of_processes_is_refused(cache, tmp_path):
+    """The batch per step and the sample order depend on the number of processes: a run is
+    resumed with its own."""
+    import hermes.training.trainer as tr
+
+    cfg = _small_cfg(cache, tmp_path / "run", steps=2)
+    tr.Trainer(cfg)._save_state()
+    trainer = tr.Trainer(cfg, resume=True)
+    trainer.world = 2  # as a torchrun launch of two processes would be
+    with pytest.raises(ValueError, match="trained with 1 process.*--nproc_per_node 1"):
+        trainer._load_state()
+
+
 def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_small_cfg(cache, tmp_path / "none"), resume=True)
@@ -265,10 +279,20 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
 
     out = tmp_path / "run"
     base = ["train", str(cache), "--out", str(out), "--workers", "0", "--quiet"]
-    assert main([*base, "--crop", "32", "--batch-size", "1", "--steps", "2"]) == 0
+    assert main([*base, "--crop", "32", "--batch-size", "1", "--steps", "2",
+                 "--checkpoint-every", "7"]) == 0
     first = (out / "model.hermes").read_bytes()
+    (out / ".last.ckpt.k3j_x9zq.tmp").write_bytes(b"a write killed half-way")
     assert main([*base, "--resume"]) == 0  # finished: nothing left to train, same model
     assert (out / "model.hermes").read_bytes() == first
+    assert json.loads((out / "config.json").read_text())["checkpoint_every"] == 7  # the run's
+    assert not (out / ".last.ckpt.k3j_x9zq.tmp").exists()  # a killed write's leftover
+    config = (out / "config.json").read_text()
+    (out / "config.json").write_text("")
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 1
+    assert f"{out / 'config.json'} is unreadable" in capsys.readouterr().err
+    (out / "config.json").write_text(config)
     capsys.readouterr()
     assert main([*base, "--resume", "--batch-size", "2"]) == 1
     assert "batch_size=1 (now 2)" in capsys.readouterr().err
@@ -314,6 +338,14 @@ _CLI_RUNNER = textwrap.dedent("""
         return original(case, *args, **kwargs)
 
     pre.preprocess_case = logged
+    whole = pre.preprocess
+
+    def run_logged(*args, **kwargs):  # which rank ran preprocess() on the YAML at all
+        with open(sys.argv[2], "a") as f:
+            f.write(f"{os.environ['RANK']} preprocess\\n")
+        return whole(*args, **kwargs)
+
+    pre.preprocess = run_logged
     sys.exit(main(["train", sys.argv[1], "--out", sys.argv[3], "--steps", "1", "--crop", "32",
                    "--batch-size", "1", "--workers", "0", "--device", "cpu"]))
 """)
@@ -332,8 +364,11 @@ def test_ddp_cli_preprocesses_a_new_cache_on_rank_zero_only(tmp_path):
         cwd=tmp_path, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    ranks = [line.split()[0] for line in log.read_text().splitlines()]
-    assert ranks == ["0", "0"]  # both cases, by rank 0 alone
+    lines = log.read_text().splitlines()
+    # rank 0 alone, both cases; rank 1 opens the finished cache as it is (re-running
+    # preprocess() on the YAML rewrote collection.json while rank 0 read it)
+    assert lines[0] == "0 preprocess" and sorted(lines[1:]) == [
+        "0 synth_ct/synth_ct_000", "0 synth_ct/synth_ct_001"], lines
     assert out.stdout.count("model written to") == 1
     assert (tmp_path / "run" / "model.hermes").exists()
 

@@ -35,7 +35,7 @@ from hermes.data.geometry import CANONICAL_AXCODES, crop, nonzero_bbox, reorient
 from hermes.data.io import axcodes, load_image, spacing_from_affine
 from hermes.data.normalize import NormalizationSpec, normalization_for, normalize
 from hermes.data.splits import load_or_create_splits
-from hermes.files import atomic_write, atomic_write_json, sha256_file
+from hermes.files import atomic_write, atomic_write_json, remove_stale_temporaries, sha256_file
 
 __all__ = ["PreprocessError", "PreprocessParams", "preprocess", "preprocess_case",
            "prepare_arrays", "prepare_image", "verify_case", "resolve_cache_dir"]
@@ -456,18 +456,23 @@ def preprocess(
         old = json.loads(header_p.read_text())
         if old != header:
             diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+            shown = ", ".join(f"{k} {old.get(k)} there, {header.get(k)} here" for k in diff)
             raise PreprocessError(
-                f"cache {cache} was made with different parameters ({', '.join(diff)}); "
-                "use another cache folder, the same settings, or overwrite=True (`hermes "
-                "preprocess --overwrite`)")
+                f"cache {cache} was made with different parameters ({shown}); give the cache "
+                "folder itself to use it as it is, use another cache folder, the same "
+                "settings, or overwrite=True (`hermes preprocess --overwrite`, which "
+                "re-preprocesses it)")
     if not overwrite:
         _check_same_collection(cache, collection)
+    # before anything changes: stored splits that no longer fit the collection are refused
+    splits = load_or_create_splits(collection, cache / "splits.json")
+    for folder in (cache, *(cache / ds.name for ds in collection.datasets)):
+        remove_stale_temporaries(folder)  # of a run killed while writing
     # collection.json marks a finished run: gone while cases may change, so that an interrupted
     # run (e.g. --overwrite with another spacing) leaves a cache that refuses to open until a
     # re-run finishes, not one mixing two settings
     (cache / "collection.json").unlink(missing_ok=True)
     atomic_write_json(header_p, header)
-    splits = load_or_create_splits(collection, cache / "splits.json")
 
     jobs = [(c, ds.modality, params, cache, verify_full)
             for ds in collection.datasets for c in ds.cases]

@@ -97,6 +97,9 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
             hint = ""
+            if path.suffix == ".ckpt" and (path.parent / RUN_MODEL_FILE).is_file():
+                raise CheckpointError(f"{path} is a Hermes training state (for --resume), not "
+                                      f"a model: use {path.parent / RUN_MODEL_FILE}")
             if magic[:2] == b"PK" or magic[:1] == b"\x80":
                 hint = " (it looks like a plain torch.save file: for official Hermes weights "
                 hint += "use hermes.models.from_official)"

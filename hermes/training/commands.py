@@ -61,23 +61,26 @@ def open_cache_once(source: str, cache_dir: str | None, workers: int | None, pro
         return open_cache(source, cache_dir, workers, progress, defaults)
     # a gloo group without the default timeout: preprocessing may take hours
     waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7))
-    failed: list[object] = [None]
+    shared: list[object] = [None, None]  # (rank 0's error, the finished cache folder)
     try:
         if rank == 0:
             try:
                 pc = open_cache(source, cache_dir, workers, progress, defaults)
+                shared[1] = str(pc.cache_dir)
             except BaseException as exc:
-                failed[0] = f"{type(exc).__name__}: {exc}"
+                shared[0] = f"{type(exc).__name__}: {exc}"
                 raise
             finally:
-                dist.broadcast_object_list(failed, src=0, group=waiting)
+                dist.broadcast_object_list(shared, src=0, group=waiting)
             return pc
-        dist.broadcast_object_list(failed, src=0, group=waiting)
+        dist.broadcast_object_list(shared, src=0, group=waiting)
     finally:
         dist.destroy_process_group(waiting)
-    if failed[0] is not None:
-        raise RuntimeError(f"rank 0 could not prepare {source}: {failed[0]}")
-    return open_cache(source, cache_dir, workers, False, defaults)
+    if shared[0] is not None:
+        raise RuntimeError(f"rank 0 could not prepare {source}: {shared[0]}")
+    # the cache rank 0 finished, opened as it is (preprocessing its YAML again would rewrite
+    # collection.json while rank 0 reads it)
+    return PreprocessedCollection(str(shared[1]))
 
 
 def triple(values: list[int]) -> tuple[int, int, int]:
@@ -137,9 +140,25 @@ def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
     return fields
 
 
-def _train(args: argparse.Namespace) -> int:
+def read_run_json(path: Path) -> dict:
+    """A run's ``config.json`` / ``finetune.json``, or an error naming the file."""
     import json
 
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}): it records the run's settings for "
+                         "--resume; restore it, or start a new run with another --out") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a run's settings (a JSON object)")
+    return data
+
+
+#: Steps between checkpoints when neither the command line nor a resumed run says.
+CHECKPOINT_EVERY = 100
+
+
+def _train(args: argparse.Namespace) -> int:
     from hermes.training.trainer import TrainConfig, _dist_info, train
 
     if args.crop is not None:
@@ -149,11 +168,12 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / f"{pc.name}-{args.preset or 'tiny'}")
     saved = None
     if args.resume and (Path(out) / "config.json").is_file():
-        saved = json.loads((Path(out) / "config.json").read_text())
+        saved = read_run_json(Path(out) / "config.json")
+    every = args.checkpoint_every or (saved or {}).get("checkpoint_every") or CHECKPOINT_EVERY
     cfg = TrainConfig(
         cache_dir=str(pc.cache_dir), out_dir=out, **_run_settings(args, saved),
         workers=args.workers if args.workers is not None else 2,
-        checkpoint_every=args.checkpoint_every, device=args.device, progress=not args.quiet,
+        checkpoint_every=int(every), device=args.device, progress=not args.quiet,
     )
     path = train(cfg, resume=args.resume)
     if not args.quiet and _dist_info()[1] == 0:
@@ -167,16 +187,41 @@ def check_same_grid(trained: dict, cached: dict, model: str, cache: Path) -> Non
     for key, option in (("spacing", "--spacing"), ("axcodes", None)):
         want, have = trained.get(key), cached.get(key)
         if want is not None and have is not None and list(want) != list(have):
-            hint = (f"; preprocess into another cache with {option} "
-                    f"{' '.join(f'{v:g}' for v in want)} --cache-dir DIR" if option else "")
+            hint = (f"; preprocess into another cache (`hermes preprocess YAML {option} "
+                    f"{' '.join(f'{v:g}' for v in want)} --cache-dir DIR`) and give that cache "
+                    "folder DIR instead of the YAML" if option else "")
             raise ValueError(f"{model} was trained on data with {key} {list(want)} but the cache "
                              f"{cache} has {list(have)}{hint}")
+
+
+def metrics_path(out: str | None, split: str) -> Path:
+    """Where ``hermes evaluate`` writes its CSV, checked before evaluating: ``--out`` (a folder:
+    ``metrics_<split>.csv`` inside), default ``metrics_<split>.csv``; an existing file is
+    replaced only if it is such a CSV."""
+    from hermes.training.evaluate import METRIC_FIELDS
+
+    path = Path(out or f"metrics_{split}.csv")
+    if path.is_dir():
+        path = path / f"metrics_{split}.csv"
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {path}: folder {path.parent} does not exist")
+    if path.exists():
+        try:
+            with open(path, newline="") as f:
+                first = f.readline().strip()
+        except (OSError, UnicodeDecodeError):
+            first = ""
+        if first != ",".join(METRIC_FIELDS):
+            raise FileExistsError(f"--out {path} exists and is not a metrics CSV of `hermes "
+                                  "evaluate`: choose another --out")
+    return path
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     import hermes.models as hm
     from hermes.training.evaluate import evaluate
 
+    out = metrics_path(args.out, args.split)  # refused before hours of evaluation
     roi = None if args.roi is None else triple(args.roi)  # refused before any preprocessing
     model = hm.load(args.model)
     meta = model.hermes_metadata
@@ -190,9 +235,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     res = evaluate(model, pc, split=args.split, roi=roi, overlap=args.overlap,
                    tolerance_mm=args.tolerance, device=args.device, progress=not args.quiet,
                    datasets=_names(args.datasets))
-    out = Path(args.out or f"metrics_{args.split}.csv")
-    res.write_csv(out)
     print(res.table())
+    res.write_csv(out)
     print(f"per-case metrics written to {out}")
     return 0
 
@@ -215,7 +259,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ema", type=float, help="EMA decay (default 0.99)")
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--workers", type=int, default=None, help="data loader / preprocessing workers")
-    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help=f"steps between checkpoints (default {CHECKPOINT_EVERY}, or the "
+                   "resumed run's)")
     t.add_argument("--device", default="auto")
     t.add_argument("--no-augment", action="store_true", default=None)
     t.add_argument("--datasets", help="train on these datasets only (comma-separated)")
@@ -240,7 +286,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default="auto", help="auto (default: CUDA when usable), cpu, "
                    "cuda, cuda:1 ...")
     e.add_argument("--datasets", help="evaluate these datasets only (comma-separated)")
-    e.add_argument("--out", help="per-case CSV (default metrics_<split>.csv)")
+    e.add_argument("--out", help="per-case CSV, or a folder for metrics_<split>.csv (default "
+                   "metrics_<split>.csv here); an existing file must be such a CSV")
     e.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the results table is still printed)")
     e.set_defaults(handler=_evaluate)

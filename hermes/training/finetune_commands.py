@@ -17,19 +17,20 @@ _TRAIN_OPTIONS: dict[str, tuple[str, object]] = {
     "steps": ("steps", 500), "batch_size": ("batch_size", 2), "crop": ("crop_size", None),
     "optimizer": ("optimizer", "adamw"), "lr": ("lr", None), "ema": ("ema_decay", 0.99),
     "seed": ("seed", 0), "no_augment": ("augment", False),
+    "checkpoint_every": ("checkpoint_every", 100),
 }
 
 
 def _fill_options(args: argparse.Namespace, out: Path) -> None:
     """Set the run options left out (None): on ``--resume``, the run's own (from ``out``),
     else the defaults."""
-    import json
+    from hermes.training.commands import read_run_json
 
     saved: dict = {}
     if args.resume:
         for name in ("config.json", "finetune.json"):
             if (out / name).is_file():
-                saved.update(json.loads((out / name).read_text()))
+                saved.update(read_run_json(out / name))
     for option, (key, default) in {**_SETTING_OPTIONS, **_TRAIN_OPTIONS}.items():
         if getattr(args, option) is not None:
             continue
@@ -140,7 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--ema", type=float, help="EMA decay (default 0.99)")
     f.add_argument("--seed", type=int, help="default 0")
     f.add_argument("--workers", type=int, default=None)
-    f.add_argument("--checkpoint-every", type=int, default=100)
+    f.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="steps between checkpoints (default 100, or the resumed run's)")
     f.add_argument("--device", default="auto")
     f.add_argument("--no-augment", action="store_true", default=None)
     f.add_argument("--resume", action="store_true",

@@ -7,6 +7,7 @@ data-parallel (NCCL on GPUs, gloo on CPUs); rank 0 writes logs and checkpoints.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import hermes.models as hm
 from hermes.data.cache import PreprocessedCollection
-from hermes.files import atomic_write_bytes
+from hermes.files import atomic_write_bytes, remove_stale_temporaries
 from hermes.models.checkpoint import RUN_MODEL_FILE
 from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.ema import EMA
@@ -261,12 +262,11 @@ class Trainer:
     def _save_state(self) -> None:
         if self.rank != 0:
             return
-        import io
-
         state = {
             "config": asdict(self.cfg),
             "model_describe": self.model.describe(),
             "step": self.step,
+            "world_size": self.world,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -293,6 +293,13 @@ class Trainer:
                 f"--resume: the run in {self.out} was started with {', '.join(changed)}; "
                 "resume it with its own settings, or choose another --out directory"
             )
+        saved_world = int(state.get("world_size", self.world))  # older checkpoints: not saved
+        if saved_world != self.world:
+            raise ValueError(
+                f"--resume: the run in {self.out} was trained with {saved_world} process(es), "
+                f"this launch has {self.world}: the batch per step and the order of the samples "
+                f"would change; resume it with {saved_world} (torchrun --nproc_per_node "
+                f"{saved_world}), or choose another --out directory")
         if state["model_describe"] != self.model.describe():
             raise RuntimeError(
                 f"{self.state_path} was written for another model or collection (vocabulary or "
@@ -313,13 +320,14 @@ class Trainer:
         if self.step > 0 and path.exists():  # drop rows a killed run logged after its checkpoint
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-        f = open(path, "w", newline="")
         fields = LOG_FIELDS + (["extra"] if self.extra_loss is not None else [])
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        kept = io.StringIO()  # the rows kept, replaced at once: a kill here loses none
+        writer = csv.DictWriter(kept, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        f.flush()
-        return f, writer
+        atomic_write_bytes(path, [kept.getvalue().encode()])
+        f = open(path, "a", newline="")
+        return f, csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
 
     def _tensorboard(self):
         if not self.cfg.tensorboard:
@@ -402,7 +410,9 @@ class Trainer:
         loader = self._loader()  # checks the dataset names before the run folder is written
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+            remove_stale_temporaries(self.out)  # of a run killed while writing a checkpoint
+            atomic_write_bytes(self.out / "config.json",
+                               [json.dumps(asdict(cfg), indent=1).encode()])
             log_file, log = self._open_log()
             tb = self._tensorboard()
         bar = None
