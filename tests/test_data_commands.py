@@ -95,7 +95,8 @@ def test_train_on_a_yaml_keeps_the_caches_preprocessing(tmp_path):
 
     cfg = yaml.safe_load(yaml_p.read_text())
     yaml_p.write_text(yaml.safe_dump({**cfg, "spacing": 6.0}))
-    with pytest.raises(PreprocessError, match="different parameters \\(spacing\\)"):
+    with pytest.raises(PreprocessError, match=r"different parameters \(spacing \[8.0, 8.0, "
+                       r"8.0\] there, \[6.0, 6.0, 6.0\] here\); give the cache folder itself"):
         open_cache(str(yaml_p), None, 1, False)
     # a YAML without a cache yet takes the given defaults (a model's preprocessing)
     yaml_p.write_text(yaml.safe_dump(cfg))
