@@ -430,3 +430,24 @@ def test_malformed_settings_are_reported(synth_copy):
     msgs = [str(p) for p in load_collection(synth_copy).validate(deep=False)]
     assert "config: unknown key 'sed' in 'splits' (known: seed, val_fraction)" in msgs
     assert not any("'splits' must be" in m for m in msgs)
+
+
+def test_a_dataset_folder_is_a_collection_of_itself(tmp_path):
+    """nnU-Net users give a dataset folder: its dataset.json names modality and labels; the
+    cache goes beside it, and training opens it like a YAML."""
+    from hermes.data.preprocess import resolve_cache_dir
+    from hermes.training.commands import open_cache
+
+    root = generate_collection(tmp_path / "raw", seed=4, cases_per_dataset=2, size=(16, 20),
+                               datasets=("synth_ct",)).parent
+    folder = root / "synth_ct"
+    coll = load_collection(folder)
+    assert coll.name == "synth_ct" and [d.name for d in coll.datasets] == ["synth_ct"]
+    assert coll.datasets[0].modality == "CT" and len(coll.datasets[0].cases) == 2
+    coll.check(deep=True)  # raises on problems
+    assert resolve_cache_dir(coll, None) == root / "hermes_cache_synth_ct"
+    pc = open_cache(str(folder), None, 1, False)
+    assert pc.cache_dir == root / "hermes_cache_synth_ct" and len(pc.cases) == 2
+    assert not any(p.name.startswith("hermes_cache") for p in folder.iterdir())
+    with pytest.raises(CollectionError, match="folder without dataset.json"):
+        load_collection(folder / "imagesTr")
