@@ -475,14 +475,16 @@ def test_resume_fills_options_from_the_run_except_a_rehearsal_it_lacked(tmp_path
 
     (tmp_path / "finetune.json").write_text(json.dumps(
         {"mode": "priors", "rehearsal_fraction": 0.0, "distill_weight": 0.0}))
-    (tmp_path / "config.json").write_text(json.dumps({"steps": 7, "augment": False}))
+    (tmp_path / "config.json").write_text(json.dumps({"steps": 7, "augment": False,
+                                                      "checkpoint_every": 3}))
     names = ["mode", "init", "rehearsal_fraction", "distill", "freeze_shared", "new_decoder",
              "prior_lr_scale", "steps", "batch_size", "crop", "optimizer", "lr", "ema", "seed",
-             "no_augment"]
+             "no_augment", "checkpoint_every"]
     args = argparse.Namespace(resume=True, rehearsal="old.yaml", **dict.fromkeys(names))
     args.seed = 4  # given: kept
     _fill_options(args, tmp_path)
     assert (args.mode, args.steps, args.no_augment, args.seed) == ("priors", 7, True, 4)
+    assert args.checkpoint_every == 3  # the run's, not the default
     # the run had no rehearsal: --rehearsal now takes the default fraction (and the resume is
     # then refused by name), not the run's 0
     assert args.rehearsal_fraction == 0.5
