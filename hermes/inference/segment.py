@@ -136,12 +136,13 @@ def _load_channel_files(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray,
             raise SegmentationInputError(
                 f"{desc}: shape {arr.shape} differs from {paths[0]} {chans[0].shape}: the "
                 "channel files of one image must share its grid")
-        if first_aff is not None and not _affines_close(aff, first_aff):
+        if first_aff is None:
+            first_aff = aff
+        elif not _affines_close(aff, first_aff):
             diff = float(np.abs(aff - first_aff).max())
             raise SegmentationInputError(
                 f"{desc}: affine differs from {paths[0]}'s (max abs difference {diff:.4g}): "
                 "the channel files of one image must share its grid")
-        first_aff = aff if first_aff is None else first_aff
         chans.append(arr)
     desc = f"{paths[0]} (+{len(paths) - 1} channel files)" if len(paths) > 1 else str(paths[0])
     return np.stack(chans, axis=-1), first_aff, desc
