@@ -181,3 +181,60 @@ def test_metrics_csv_path_is_checked_before_evaluating(tmp_path, monkeypatch):
         metrics_path(str(tmp_path / "dataset.json"), "val")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         metrics_path(str(tmp_path / "nowhere" / "m.csv"), "val")
+
+
+def test_evaluate_folder_scores_predictions_by_structure_name(tmp_path, capsys):
+    """nnUNetv2_evaluate_folder's job: flat label files (the ground truth's values) and
+    `hermes segment` outputs (their own values, names in labels.json) scored against the
+    ground truth by structure name; Dice against the formula; problems named by case."""
+    import json as js
+
+    from hermes.cli import main
+    from hermes.data.io import save_image
+    from hermes.training.evaluate_folder import evaluate_folder
+
+    rng = np.random.default_rng(0)
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    gt_dir, flat, hermes_out = tmp_path / "labelsTs", tmp_path / "flat", tmp_path / "seg"
+    (tmp_path / "dataset.json").write_text(js.dumps(
+        {"labels": {"background": 0, "liver": 1, "spleen": 2}}))
+    truth = {}
+    for case in ("a", "b"):
+        gt = np.zeros((20, 18, 10), np.uint8)
+        gt[3:12, 4:10, 2:7] = 1
+        gt[14:18, 2:8, 3:8] = 2
+        pred = gt.copy()
+        pred[rng.random(gt.shape) < 0.05] = 0  # a few voxels lost
+        pred[12, 4:10, 2:7] = 1  # one slab too many
+        save_image(gt_dir / f"{case}.nii.gz", gt, aff)
+        save_image(flat / f"{case}.nii.gz", pred, aff)
+        own = np.where(pred == 1, 2, np.where(pred == 2, 1, 0)).astype(np.uint8)
+        save_image(hermes_out / case / "labels.nii.gz", own, aff)
+        (hermes_out / case / "labels.json").write_text(js.dumps(
+            {"labels": {"0": "background", "1": "ds/spleen", "2": "liver"}}))
+        truth[case] = (gt, pred)
+    for pred_dir in (flat, hermes_out):
+        res = evaluate_folder(gt_dir, pred_dir, progress=False)
+        assert {(r["case"], r["task"]) for r in res.rows} == {
+            (c, t) for c in "ab" for t in ("liver", "spleen")}
+        for r in res.rows:
+            gt, pred = truth[r["case"]]
+            v = {"liver": 1, "spleen": 2}[r["task"]]
+            a, b = pred == v, gt == v
+            assert r["dice"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
+            assert r["dataset"] == tmp_path.name  # labelsTs: its dataset folder's name
+    out = tmp_path / "m.csv"
+    assert main(["evaluate-folder", str(gt_dir), str(hermes_out), "--out", str(out), "-q"]) == 0
+    assert "liver" in capsys.readouterr().out and out.read_text().startswith("dataset,case")
+    (flat / "b.nii.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="no prediction for case b"):
+        evaluate_folder(gt_dir, flat, progress=False)
+    save_image(flat / "b.nii.gz", np.zeros((20, 18, 9), np.uint8), aff)
+    with pytest.raises(ValueError, match="case b: prediction .* is not on the grid"):
+        evaluate_folder(gt_dir, flat, progress=False)
+    lone = tmp_path / "elsewhere" / "gt"
+    save_image(lone / "a.nii.gz", truth["a"][0], aff)
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        evaluate_folder(lone, flat, progress=False)
+    res = evaluate_folder(lone, flat, labels=tmp_path / "dataset.json", progress=False)
+    assert len(res.rows) == 2

@@ -217,6 +217,17 @@ def metrics_path(out: str | None, split: str) -> Path:
     return path
 
 
+def _evaluate_folder(args: argparse.Namespace) -> int:
+    from hermes.training.evaluate_folder import evaluate_folder
+
+    out = metrics_path(args.out, "folder")
+    res = evaluate_folder(args.gt, args.pred, args.labels, args.tolerance, not args.quiet)
+    print(res.table())
+    res.write_csv(out)
+    print(f"per-case metrics written to {out}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import hermes.models as hm
     from hermes.training.evaluate import evaluate
@@ -291,3 +302,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the results table is still printed)")
     e.set_defaults(handler=_evaluate)
+
+    f = sub.add_parser("evaluate-folder",
+                       help="score a folder of segmentations against ground-truth label maps",
+                       description="Dice / NSD / HD95 of every ground-truth case "
+                       "(GT/<case>.nii.gz) against PRED/<case>.nii.gz or a `hermes segment` "
+                       "output PRED/<case>/labels.nii.gz, structures matched by name.")
+    f.add_argument("gt", help="folder of ground-truth label maps (e.g. labelsTs)")
+    f.add_argument("pred", help="folder of predictions")
+    f.add_argument("--labels", help="the ground truth's label map: a dataset.json or JSON file "
+                   "(default: the dataset.json in GT or its parent)")
+    f.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
+    f.add_argument("--out", help="per-case CSV, or a folder for metrics_folder.csv (default "
+                   "metrics_folder.csv here); an existing file must be such a CSV")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(handler=_evaluate_folder)

@@ -1,0 +1,131 @@
+"""Scoring a folder of segmentations against a folder of ground-truth label maps.
+
+What ``nnUNetv2_evaluate_folder`` does for nnU-Net users, with the metrics of ``hermes
+evaluate`` (Dice, NSD, HD95: :func:`hermes.training.evaluate.mask_metrics`): for every ground
+truth case ``GT/<case>.nii.gz`` (or ``.nrrd``), the prediction ``PRED/<case>.nii.gz`` or a
+``hermes segment`` output folder ``PRED/<case>/labels.nii.gz``. Structures are matched by
+name: the ground truth's names from a label map (a ``dataset.json`` beside or above the
+folder, or given), a Hermes output's from its ``labels.json`` (any dataset prefix
+``ds/liver`` matches ``liver``), a plain label file's from the same label map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from hermes._text import first_of
+from hermes.data.io import image_suffix, load_image, spacing_from_affine, strip_image_suffix
+from hermes.data.labels import parse_label_map
+from hermes.training.evaluate import EvaluationResult, mask_metrics
+
+__all__ = ["evaluate_folder", "ground_truth_labels"]
+
+
+def ground_truth_labels(gt_dir: Path, labels: str | os.PathLike | Mapping | None
+                        ) -> dict[str, tuple[int, ...]]:
+    """``{name: values}`` of the ground truth: ``labels`` (a mapping, or a JSON file such as a
+    dataset.json with a ``labels`` entry), else the ``dataset.json`` in ``gt_dir`` or its
+    parent (nnU-Net keeps it beside ``labelsTr``)."""
+    if labels is None:
+        found = [d / "dataset.json" for d in (gt_dir, gt_dir.parent)
+                 if (d / "dataset.json").is_file()]
+        if not found:
+            raise FileNotFoundError(f"no dataset.json in {gt_dir} or {gt_dir.parent}: give the "
+                                    "label map with --labels (a dataset.json or a JSON file)")
+        labels = found[0]
+    if not isinstance(labels, Mapping):
+        try:
+            raw = json.loads(Path(labels).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the label map {labels}: {exc}") from None
+        labels = raw.get("labels", raw) if isinstance(raw, dict) else raw
+    lmap = parse_label_map(labels)
+    return {n: v for n, v in lmap.items() if n.lower() != "ignore"}
+
+
+def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, ...]] | None]:
+    """The prediction file of ``case`` and its own label names (a Hermes output's labels.json),
+    or None for a plain label file."""
+    folder = pred_dir / case
+    if (folder / "labels.nii.gz").is_file():
+        names = json.loads((folder / "labels.json").read_text())["labels"] \
+            if (folder / "labels.json").is_file() else None
+        lmap = parse_label_map({k: v for k, v in names.items() if k != "0"}) if names else None
+        return folder / "labels.nii.gz", lmap
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr"):
+        if (pred_dir / f"{case}{suffix}").is_file():
+            return pred_dir / f"{case}{suffix}", None
+    raise FileNotFoundError(f"no prediction for case {case} in {pred_dir} ({case}.nii.gz or "
+                            f"{case}/labels.nii.gz)")
+
+
+def _values_for(name: str, lmap: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The values of structure ``name`` in ``lmap``, matching ``ds/name`` task names too."""
+    if name in lmap:
+        return lmap[name]
+    matches = [v for n, v in lmap.items() if n.rsplit("/", 1)[-1] == name]
+    return matches[0] if len(matches) == 1 else None
+
+
+def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
+                    labels: str | os.PathLike | Mapping | None = None,
+                    tolerance_mm: float = 2.0, progress: bool = True) -> EvaluationResult:
+    """Dice, NSD and HD95 of every ground-truth case against its prediction.
+
+    Args:
+        gt_dir: folder of ground-truth label maps (``<case>.nii.gz`` ...).
+        pred_dir: folder of predictions: ``<case>.nii.gz`` (label values as in the ground
+            truth) or ``hermes segment`` outputs ``<case>/labels.nii.gz`` (+ labels.json).
+        labels: the ground truth's label map (see :func:`ground_truth_labels`).
+        tolerance_mm: NSD tolerance.
+    Returns:
+        :class:`~hermes.training.evaluate.EvaluationResult`, dataset = the ground-truth
+        folder's name; a structure the prediction does not name is scored as missed.
+    Raises:
+        FileNotFoundError, ValueError: a missing prediction or a prediction on another grid,
+            naming the case.
+    """
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    for d in (gt_dir, pred_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} is not a folder")
+    lmap = ground_truth_labels(gt_dir, labels)
+    files = sorted(p for p in gt_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and image_suffix(p) is not None)
+    if not files:
+        raise FileNotFoundError(f"{gt_dir} holds no label files (.nii.gz, .nii, .nrrd)")
+    cases = [(strip_image_suffix(p.name), p) for p in files]
+    found = [_prediction(pred_dir, case) for case, _ in cases]  # all named before scoring
+    if not any(pred_map is None or any(_values_for(n, pred_map) for n in lmap)
+               for _, pred_map in found):
+        raise ValueError(f"no structure of the ground truth ({first_of(list(lmap), 5)}) is "
+                         "named in the predictions' labels.json files")
+    dataset = gt_dir.name if gt_dir.name not in ("labelsTr", "labelsTs") else \
+        gt_dir.parent.name
+    iterator = zip(cases, found, strict=True)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(cases), desc="evaluate", unit="case")
+    rows: list[dict] = []
+    for (case, gt_path), (pred_path, pred_map) in iterator:
+        gt, gt_aff = load_image(gt_path)
+        pred, pred_aff = load_image(pred_path)
+        gt, pred = gt.reshape(gt.shape[:3]), pred.reshape(pred.shape[:3])
+        if gt.shape != pred.shape or not np.allclose(gt_aff, pred_aff, atol=1e-3):
+            raise ValueError(f"case {case}: prediction {pred_path} (shape {pred.shape}) is not "
+                             f"on the grid of {gt_path} (shape {gt.shape}): resample it first")
+        spacing = spacing_from_affine(gt_aff)
+        for name, values in lmap.items():
+            mine = values if pred_map is None else _values_for(name, pred_map)
+            pmask = np.isin(pred, mine) if mine else np.zeros(gt.shape, bool)
+            gmask = np.isin(gt, values)
+            rows.append({"dataset": dataset, "case": case, "task": name,
+                         **mask_metrics(pmask, gmask, spacing, tolerance_mm),
+                         "gt_voxels": int(gmask.sum()), "pred_voxels": int(pmask.sum())})
+    return EvaluationResult(rows)
