@@ -128,13 +128,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("hermes: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
+            print("hermes: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 0
     except Exception as exc:  # one-line reason, non-zero exit
-        print(f"{command_name(args)}: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "reported_elsewhere", False):  # (another process printed it)
+            print(f"{command_name(args)}: error: {exc}", file=sys.stderr)
         return 1
 
 

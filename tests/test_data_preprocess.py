@@ -617,3 +617,17 @@ def test_a_refused_preprocess_leaves_the_cache_usable_and_stale_temporaries_go(s
     (ds / "dataset.json").write_text(meta_text)
     hd.preprocess(yaml_path, cache_dir=cache, spacing=10.0, workers=1, progress=False)
     assert not stale.exists() and kept.exists()
+
+
+def test_a_task_no_case_labels_is_warned_about(synth, tmp_path):
+    """A label value declared in dataset.json that no label file holds: the task would train as
+    all background without a word."""
+    src = tmp_path / "src"
+    shutil.copytree(synth.parent, src, ignore=shutil.ignore_patterns("hermes_cache*"))
+    meta_p = src / "synth_t1" / "dataset.json"
+    meta = json.loads(meta_p.read_text())
+    meta_p.write_text(json.dumps({**meta, "labels": {**meta["labels"], "tumour": 9}}))
+    with pytest.warns(UserWarning, match=r"tasks that no case labels .*: synth_t1/tumour "
+                                         r"\(synth_t1\)$"):
+        hd.preprocess(src / synth.name, cache_dir=tmp_path / "c", spacing=10.0, workers=1,
+                      progress=False)

@@ -441,3 +441,29 @@ def test_cli_size_options_are_checked_before_preprocessing(tmp_path, monkeypatch
     assert "--crop (16, 16, 16) too small" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "c.yaml"), "--crop", "32", "64"]) == 1
     assert "1 or 3 values" in capsys.readouterr().err
+
+
+def test_other_ranks_do_not_repeat_what_rank_zero_reported(monkeypatch, capsys):
+    """Under torchrun every process runs the command: rank 0 prints why it failed, the others
+    exit 1 without repeating it; an interrupt is announced once."""
+    import argparse
+
+    from hermes.cli import _run
+    from hermes.training.commands import RankZeroFailed
+
+    def fails(exc):
+        def handler(args):
+            raise exc
+        return argparse.Namespace(handler=handler, command="train")
+
+    parser = argparse.ArgumentParser()
+    assert _run(parser, fails(RankZeroFailed("rank 0 could not prepare x"))) == 1
+    assert capsys.readouterr().err == ""
+    assert _run(parser, fails(RuntimeError("disk full"))) == 1
+    assert "error: disk full" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    assert _run(parser, fails(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert _run(parser, fails(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "hermes: interrupted\n"

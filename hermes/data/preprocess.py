@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hermes._text import first_of
 from hermes.data.collection import Case, Collection, load_collection
 from hermes.data.geometry import CANONICAL_AXCODES, crop, nonzero_bbox, reorient, resample
 from hermes.data.io import axcodes, load_image, spacing_from_affine
@@ -515,7 +516,23 @@ def preprocess(
     del splits
     pc = PreprocessedCollection(cache)
     _warn_lost_labels(pc, params.spacing)
+    _warn_empty_tasks(pc)
     return pc
+
+
+def _warn_empty_tasks(pc) -> None:
+    """Warn about tasks that no cached case of their dataset labels (a declared label value
+    that never occurs): they train as all background and cannot be evaluated."""
+    voxels: dict[tuple[str, str], int] = {}
+    for c in pc.cases:
+        counts = c.meta.get("label_counts") or {}
+        for task, values in zip(c.info.tasks, c.info.task_values, strict=True):
+            key = (c.dataset, task)
+            voxels[key] = voxels.get(key, 0) + sum(int(counts.get(str(v), 0)) for v in values)
+    empty = [f"{task} ({ds})" for (ds, task), n in voxels.items() if n == 0]
+    if empty:
+        warnings.warn(f"tasks that no case labels (check the label map; they train as all "
+                      f"background): {first_of(empty, 5)}", stacklevel=3)
 
 
 def _warn_lost_labels(pc, spacing: list[float]) -> None:

@@ -45,6 +45,13 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
                             "dataset.json) nor a preprocessed cache")
 
 
+class RankZeroFailed(RuntimeError):
+    """Another process (rank 0) failed and printed why: the command exits without repeating
+    it (``reported_elsewhere``)."""
+
+    reported_elsewhere = True
+
+
 def open_cache_once(source: str, cache_dir: str | None, workers: int | None, progress: bool,
                     defaults: dict | None = None, device: str = "auto") -> PreprocessedCollection:
     """:func:`open_cache` in every process of a ``torchrun`` launch: rank 0 preprocesses what
@@ -77,7 +84,7 @@ def open_cache_once(source: str, cache_dir: str | None, workers: int | None, pro
     finally:
         dist.destroy_process_group(waiting)
     if shared[0] is not None:
-        raise RuntimeError(f"rank 0 could not prepare {source}: {shared[0]}")
+        raise RankZeroFailed(f"rank 0 could not prepare {source}: {shared[0]}")
     # the cache rank 0 finished, opened as it is (preprocessing its YAML again would rewrite
     # collection.json while rank 0 reads it)
     return PreprocessedCollection(str(shared[1]))

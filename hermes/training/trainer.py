@@ -401,8 +401,12 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.ema.update(self.model)
-        return {"loss": loss.item(), "bce": bce.item(), "dice": dice.item(),
-                "modality": mod.item(), **extra_logs}
+        parts = torch.stack([v.detach().float() for v in (loss, bce, dice, mod)])
+        if self.world > 1:  # logged as the mean over the processes, not rank 0's share
+            dist.all_reduce(parts)
+            parts /= self.world
+        total, bce_v, dice_v, mod_v = parts.tolist()
+        return {"loss": total, "bce": bce_v, "dice": dice_v, "modality": mod_v, **extra_logs}
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -438,9 +442,9 @@ class Trainer:
                     if tb is not None:
                         for k, v in losses.items():
                             tb.add_scalar(f"train/{k}", v, self.step)
-                    if bar is not None:
+                    if bar is not None:  # one redraw per step, with this step's loss
+                        bar.set_postfix(loss=f"{losses['loss']:.4f}", refresh=False)
                         bar.update(1)
-                        bar.set_postfix(loss=f"{losses['loss']:.4f}")
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self._save_state()
                 t_data = time.perf_counter()
