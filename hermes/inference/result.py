@@ -214,8 +214,7 @@ class SegmentationResult:
         if per_structure:
             for i, name in enumerate(self.task_names):
                 files.append((f"mask:{name}", f"{prefix}structures/{stems[i]}.nii.gz",
-                              lambda i=i: nifti_bytes(self.masks[i].astype(np.uint8),
-                                                      self.affine, geometry=geo)))
+                              lambda i=i: self._mask_bytes(i, geo)))
         if probabilities and self.probabilities is not None:
             for i, name in enumerate(self.task_names):
                 files.append((f"prob:{name}", f"{prefix}probabilities/{stems[i]}.nii.gz",
@@ -244,6 +243,15 @@ class SegmentationResult:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         return written
+
+    def _mask_bytes(self, index: int, geo: dict | None) -> bytes:
+        """Task ``index``'s mask as ``.nii.gz`` bytes, built in the file's (Fortran) voxel order
+        from its crop: nibabel then writes it without a transposing copy (5x faster)."""
+        data = np.zeros(self.shape[::-1], np.uint8).T  # (X, Y, Z), Fortran-ordered
+        item = self.masks.box(index)
+        if item is not None:
+            data[item[0]] = item[1]
+        return nifti_bytes(data, self.affine, geometry=geo)
 
     @staticmethod
     def _earlier_outputs(out: Path, prefix: str) -> list[Path]:

@@ -915,7 +915,8 @@ def segment(
     shape = back.orig_shape
     masks = TaskMasks(shape)  # bounding-box crops, not T x X x Y x Z
     prob_out = np.zeros((len(task_names), *shape), np.float16) if probabilities else None
-    labels = np.zeros(shape, np.uint8 if len(task_names) < 255 else np.uint16)
+    # Fortran order, the NIfTI file's: saved without a transposing copy
+    labels = np.zeros(shape, np.uint8 if len(task_names) < 255 else np.uint16, order="F")
     iterator: Any = range(len(task_names))
     if progress:
         from tqdm import tqdm
