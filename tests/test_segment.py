@@ -302,8 +302,9 @@ def test_save_outputs(tmp_path):
         assert s["voxels"] == int(gt[task].sum())
         assert s["volume_ml"] == pytest.approx(gt[task].sum() * vox_ml)
         assert s["mean_intensity"] == pytest.approx(float(img[gt[task]].mean()))
+        assert s["label_map_voxels"] == int((res.labels == s["label"]).sum())
     rows = written["statistics_csv"].read_text().splitlines()
-    assert rows[0] == "label,task,voxels,volume_ml,mean_intensity"
+    assert rows[0] == "label,task,voxels,volume_ml,mean_intensity,label_map_voxels"
     assert rows[1].startswith("1,left_blob,") and len(rows) == 3
     png = written["preview"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

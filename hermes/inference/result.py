@@ -153,19 +153,23 @@ class SegmentationResult:
 
     def _statistics(self, image: np.ndarray | None) -> list[dict[str, Any]]:
         out = []
+        shown = np.bincount(self.labels.ravel(order="K"), minlength=len(self.task_names) + 1)
         for i, name in enumerate(self.task_names):
             item, n = self.masks.box(i), self.masks.count(i)
             mean = (float(image[item[0]][item[1]].mean(dtype=np.float64))
                     if image is not None and item is not None else None)
             out.append({"label": i + 1, "task": name, "voxels": n,
-                        "volume_ml": n * self.voxel_volume_ml, "mean_intensity": mean})
+                        "volume_ml": n * self.voxel_volume_ml, "mean_intensity": mean,
+                        "label_map_voxels": int(shown[i + 1])})
         return out
 
     @property
     def statistics(self) -> list[dict[str, Any]]:
-        """Per task: ``label``, ``task``, ``voxels``, ``volume_ml`` (of the mask, mL) and
+        """Per task: ``label``, ``task``, ``voxels``, ``volume_ml`` (of the mask, mL),
         ``mean_intensity`` (mean of the input image inside the mask, of its first channel for
-        multi-channel images; None when empty)."""
+        multi-channel images; None when empty) and ``label_map_voxels`` (voxels showing this
+        label in the label map: fewer than ``voxels`` where a smaller structure lies inside,
+        e.g. grey matter within brain; the masks, ``--per-structure``, hold each whole)."""
         return [dict(s) for s in self._stats]
 
     @property
@@ -312,7 +316,8 @@ class SegmentationResult:
     def _statistics_csv(self) -> bytes:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["label", "task", "voxels", "volume_ml",
-                                            "mean_intensity"], lineterminator="\n")
+                                            "mean_intensity", "label_map_voxels"],
+                           lineterminator="\n")
         w.writeheader()
         for s in self.statistics:
             w.writerow({**s, "mean_intensity": "" if s["mean_intensity"] is None
