@@ -270,6 +270,10 @@ def test_resume_with_another_number_of_processes_is_refused(cache, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_small_cfg(cache, tmp_path / "none"), resume=True)
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(FileExistsError, match="afile is a file: the run needs a folder"):
+        train(_small_cfg(cache, tmp_path / "afile"))
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):

@@ -228,6 +228,8 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         self.step = 0
+        if self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(f"--out {self.out} is a file: the run needs a folder")
         if resume:
             self._load_state()
         elif self.state_path.exists():
