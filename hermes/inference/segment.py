@@ -536,6 +536,7 @@ class _BackMapper:
         self.identity = np.allclose(self.matrix, 1) and np.allclose(self.offset, 0)
         self.inverse_ornt = ornt_transform(io_orientation(self.orig_affine),
                                            axcodes2ornt(CANONICAL_AXCODES))
+        self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # threshold_box's buffers
 
     def __call__(self, arr: np.ndarray, order: int = 1, out: np.ndarray | None = None
                  ) -> np.ndarray:
@@ -572,7 +573,8 @@ class _BackMapper:
                       ) -> tuple[tuple[slice, ...], np.ndarray] | tuple[None, None]:
         """``(box, mask)``: where ``self(arr) >= threshold`` on the original grid, computed
         inside the box that can hold such voxels only (bit-identical to thresholding the
-        whole mapped array; (None, None) when no voxel reaches it).
+        whole mapped array; (None, None) when no voxel reaches it). ``mask`` is a view of a
+        buffer the next call reuses: copy what is kept.
 
         A linearly interpolated value reaches the threshold only if one of the samples it
         interpolates does (up to float32 rounding, covered by a 1e-6 margin), so only output
@@ -600,12 +602,16 @@ class _BackMapper:
             if first >= last:
                 return None, None
             window.append((first, last))
+        region = tuple(slice(a, b) for a, b in window)
+        if self._scratch is None:  # reused by every call: no fresh pages per task
+            self._scratch = (np.empty(self.crop_shape, np.float32),
+                             np.empty(self.crop_shape, bool))
         if same:
-            values = arr[tuple(slice(a, b) for a, b in window)]
+            values = arr[region]
         else:
             values = separable_resample(arr, self.matrix, self.offset, self.crop_shape, 1,
-                                        window=window)
-        mask = values >= threshold
+                                        window=window, out=self._scratch[0][region])
+        mask = np.greater_equal(values, threshold, out=self._scratch[1][region])
         # canonical crop -> original grid: original axis j is canonical axis ornt[j, 0],
         # reversed where ornt[j, 1] is -1
         box, axes, flips = [], [], []
@@ -915,8 +921,7 @@ def segment(
     shape = back.orig_shape
     masks = TaskMasks(shape)  # bounding-box crops, not T x X x Y x Z
     prob_out = np.zeros((len(task_names), *shape), np.float16) if probabilities else None
-    # Fortran order, the NIfTI file's: saved without a transposing copy
-    labels = np.zeros(shape, np.uint8 if len(task_names) < 255 else np.uint16, order="F")
+    labels = np.zeros(shape, np.uint8 if len(task_names) < 255 else np.uint16)
     iterator: Any = range(len(task_names))
     if progress:
         from tqdm import tqdm
@@ -936,7 +941,7 @@ def segment(
         if mask is not None and (largest or min_ml > 0):
             mask = _postprocess(mask, largest, int(np.ceil(min_ml / vox_ml)) if min_ml > 0 else 0)
         masks.append(mask, box)
-    del p, probs
+    del p, probs, back  # back: its threshold_box buffers
     # label map: where masks overlap the smaller structure wins (grey matter drawn over brain),
     # so nested structures stay visible; painted from the largest volume to the smallest
     for t in sorted(range(len(task_names)), key=lambda i: (-masks.count(i), i)):
