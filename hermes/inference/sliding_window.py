@@ -409,7 +409,7 @@ def sliding_window_inference(
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches)
+        batches = tqdm(batches, desc="windows", unit="batch" if sw_batch_size > 1 else "window")
     for first in batches:
         idx = list(range(first, min(first + sw_batch_size, total)))
         slices = [
