@@ -192,6 +192,8 @@ def test_auto_modality_from_the_dicom_tag(tmp_path, monkeypatch):
     mr_rows = seg._tagged_modalities(official, "MR")
     assert [official.canonical_modality(m) for m in ("T1", "T2", "CINE")] == mr_rows[:3]
     assert len(mr_rows) == 4 and seg._tagged_modalities(official, "CT") == ["CT"]
+    flair = hm.build("tiny", tasks=["lesion"], modalities=["CT", "T1", "FLAIR"]).vocab
+    assert seg._tagged_modalities(flair, "MR") == ["T1", "FLAIR"]  # a declared MR sequence
     chans = img[None] + 0.0
     params = seg._preprocess_params(run["model"].hermes_metadata, None, True)
     mod, conf, scores = real(run["model"], chans, aff, params, torch.device("cpu"),

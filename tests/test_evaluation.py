@@ -223,6 +223,24 @@ def test_evaluate_folder_scores_predictions_by_structure_name(tmp_path, capsys):
             a, b = pred == v, gt == v
             assert r["dice"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
             assert r["dataset"] == tmp_path.name  # labelsTs: its dataset folder's name
+    # names differ in case only: matched; a name two datasets share: refused by name; a name
+    # missing: warned about and scored as missed; an unfinished save: named
+    names_b = hermes_out / "b" / "labels.json"
+    kept = names_b.read_text()
+    names_b.write_text(js.dumps({"labels": {"0": "background", "1": "Spleen", "2": "LIVER"}}))
+    assert [r["dice"] for r in evaluate_folder(gt_dir, hermes_out, progress=False).rows] == \
+        [r["dice"] for r in evaluate_folder(gt_dir, flat, progress=False).rows]
+    names_b.write_text(js.dumps({"labels": {"1": "d1/spleen", "2": "d1/liver", "3": "d2/liver"}}))
+    with pytest.raises(ValueError, match="'liver' matches d1/liver, d2/liver"):
+        evaluate_folder(gt_dir, hermes_out, progress=False)
+    names_b.write_text(js.dumps({"labels": {"1": "spleen"}}))
+    with pytest.warns(UserWarning, match="do not name .*: liver"):
+        res = evaluate_folder(gt_dir, hermes_out, progress=False)
+    assert [r["dice"] for r in res.rows if r["case"] == "b" and r["task"] == "liver"] == [0.0]
+    names_b.unlink()
+    with pytest.raises(FileNotFoundError, match="case b: .* without labels.json"):
+        evaluate_folder(gt_dir, hermes_out, progress=False)
+    names_b.write_text(kept)
     out = tmp_path / "m.csv"
     assert main(["evaluate-folder", str(gt_dir), str(hermes_out), "--out", str(out), "-q"]) == 0
     assert "liver" in capsys.readouterr().out and out.read_text().startswith("dataset,case")

@@ -639,3 +639,25 @@ def test_task_masks_keep_crops_and_give_dense_masks():
     np.testing.assert_array_equal(masks[-1], dense[2])
     with pytest.raises(ValueError, match="does not fill its box"):
         masks.append(np.ones((2, 2, 2), bool), (slice(0, 2), slice(0, 3), slice(0, 2)))
+
+
+def test_saving_refuses_to_overwrite_any_channel_file_and_records_the_model_path(tmp_path,
+                                                                                 monkeypatch):
+    """A multi-file input is protected file by file (its description is no path), and the
+    model is recorded by its absolute path (``--resume`` compares it from any folder)."""
+    two = hm.build("tiny", tasks=["x"], modalities=["T1"], in_channels=2)
+    model = tmp_path / "two.hermes"
+    hm.save(two, model, metadata={"preprocess": {"spacing": [6.0, 6.0, 6.0]},
+                                  "train_config": {"crop_size": [32, 32, 32]}})
+    aff = grid(np.diag([2.0, 2.0, 3.0]), (36, 36, 24))
+    img, _ = phantom(aff, (36, 36, 24))
+    first = save_image(tmp_path / "out" / "labels.nii.gz", img + 100, aff)  # an input there
+    second = save_image(tmp_path / "ch1.nii.gz", img * 2 + 7, aff)
+    monkeypatch.chdir(tmp_path)
+    res = hermes.segment([str(first), str(second)], model="two.hermes", modality="T1",
+                         device="cpu", fast=True)
+    assert res.model_source == str(model.resolve())
+    before = first.read_bytes()
+    with pytest.raises(FileExistsError, match="would overwrite the input .*labels.nii.gz"):
+        res.save(tmp_path / "out")
+    assert first.read_bytes() == before

@@ -20,6 +20,7 @@ import hermes.models as hm  # noqa: E402
 from hermes.cli import main  # noqa: E402
 from hermes.data.io import load_image, save_image  # noqa: E402
 from hermes.inference.commands import example_path  # noqa: E402
+from hermes.inference.result import save_marker  # noqa: E402
 from hermes.inference.segment import SegmentationInputError  # noqa: E402
 
 torch.set_num_threads(1)
@@ -283,6 +284,10 @@ def test_segment_command_takes_channel_files(tmp_path, capsys):
     rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "y"), *argv])
     err = capsys.readouterr().err
     assert rc == 1 and "_0000 to _0001" in err and "case (0000, 0002)" in err
+    (src / "case_0002.nii.gz").unlink()
+    save_image(src / "other_0001.nii.gz", chans[1], aff)  # a case without its _0000
+    rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "z"), *argv])
+    assert rc == 1 and "other (0001)" in capsys.readouterr().err
 
 
 def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monkeypatch):
@@ -298,7 +303,10 @@ def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monk
     argv = ["-i", str(src), "-o", str(out), "--model", str(ckpt), "--modality", "T1",
             "--device", "cpu", "--fast", "-q"]
     assert main(["segment", *argv]) == 0
-    (out / "b" / "labels.json").unlink()  # interrupted while saving b
+    # b interrupted while saving: its marker names its files, labels.json not yet rewritten
+    (out / "b" / "labels.json").unlink()
+    save_marker(out / "b").write_text(json.dumps({"files": ["labels.nii.gz", "leftover.png"]}))
+    (out / "b" / "leftover.png").write_bytes(b"from the interrupted save")
     labels = json.loads((out / "c" / "labels.json").read_text())
     (out / "c" / "labels.json").write_text(json.dumps({**labels, "model": "other.hermes"}))
     ran = []
@@ -311,8 +319,17 @@ def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monk
     (out / "c" / "labels.json").write_text(json.dumps(labels))
     assert main(["segment", *argv, "--resume"]) == 0 and ran == ["b.nii.gz"]
     assert json.loads((out / "b" / "labels.json").read_text())["labels"] == labels["labels"]
+    assert not (out / "b" / "leftover.png").exists() and not save_marker(out / "b").exists()
     assert main(["segment", *argv, "--resume"]) == 0 and ran == ["b.nii.gz"]  # all done
     one = ["-i", str(src / "a.nii.gz"), "-o", str(out / "a"), "--model", str(ckpt),
            "--modality", "T1", "--device", "cpu", "--resume"]
     assert main(["segment", *one]) == 0 and ran == ["b.nii.gz"]
     assert "already holds this model's segmentation" in capsys.readouterr().err
+    # a folder of the user's files (no Hermes marker, no labels.json) is not "unfinished"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "labels.nii.gz").write_bytes(b"my ground truth")
+    rc = main(["segment", "-i", str(src / "a.nii.gz"), "-o", str(mine), "--model", str(ckpt),
+               "--modality", "T1", "--device", "cpu", "--resume", "-q"])
+    assert rc == 1 and "--force" in capsys.readouterr().err
+    assert (mine / "labels.nii.gz").read_bytes() == b"my ground truth"

@@ -19,7 +19,8 @@ CANONICAL_MODALITIES: tuple[str, ...] = ("CT", "PET", "T1", "T2", "CINE")
 #: The magnetic-resonance modalities (``MR``: unspecified MR, a row of the official model).
 MR_MODALITIES: tuple[str, ...] = ("T1", "T2", "CINE", "MR")
 
-#: DICOM ``Modality`` tags -> the modalities they may be (several: the model tells them apart).
+#: DICOM ``Modality`` tags -> the canonical modalities they may be (MR: also any declared MR
+#: sequence, see ``hermes.inference.segment._tagged_modalities``).
 DICOM_MODALITIES: dict[str, tuple[str, ...]] = {"CT": ("CT",), "PT": ("PET",),
                                                 "MR": MR_MODALITIES}
 

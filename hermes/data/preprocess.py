@@ -526,9 +526,11 @@ def _warn_empty_tasks(pc) -> None:
     voxels: dict[tuple[str, str], int] = {}
     for c in pc.cases:
         counts = c.meta.get("label_counts") or {}
+        lost = {int(v) for v in c.meta.get("lost_label_values") or []}  # warned about apart
         for task, values in zip(c.info.tasks, c.info.task_values, strict=True):
             key = (c.dataset, task)
-            voxels[key] = voxels.get(key, 0) + sum(int(counts.get(str(v), 0)) for v in values)
+            voxels[key] = voxels.get(key, 0) + sum(
+                int(counts.get(str(v), 0)) + (v in lost) for v in values)
     empty = [f"{task} ({ds})" for (ds, task), n in voxels.items() if n == 0]
     if empty:
         warnings.warn(f"tasks that no case labels (check the label map; they train as all "

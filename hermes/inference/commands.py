@@ -153,11 +153,19 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         return _run_folder(args, image, Path(args.output))
     out = Path(args.output)
     if args.resume and _finished(out, args.model):
-        _log(args, f"hermes: {out} already holds this model's segmentation: skipped (--force "
-                   "to run again)")
+        _log(args, f"hermes: {out} already holds this model's segmentation: skipped (run "
+                   "without --resume to segment it again)")
         return 0
-    force = args.force or (args.resume and not (out / "labels.json").exists())
+    force = args.force or (args.resume and _unfinished(out))
     return _run(args, image, out, args.modality, args.model, force)
+
+
+def _unfinished(out: Path) -> bool:
+    """Whether ``out`` holds a Hermes save that did not finish (its marker, no labels.json):
+    ``--resume`` rewrites it; other files there still need ``--force``."""
+    from hermes.inference.result import save_marker
+
+    return save_marker(out).is_file() and not (out / "labels.json").exists()
 
 
 def folder_cases(folder: Path, channels: int) -> list[tuple[str, list[Path]]] | None:
@@ -183,6 +191,9 @@ def folder_cases(folder: Path, channels: int) -> list[tuple[str, list[Path]]] | 
     stems = {p: strip_image_suffix(p.name) for p in images}
     channel = {p: _CHANNEL_RE.match(s) for p, s in stems.items()}  # nnU-Net's case_0000 names
     firsts = {m.group("case") for m in channel.values() if m and m.group("ch") == "0000"}
+    if channels > 1:  # a case lacking _0000 is still one (refused below), scan_2024 is not
+        firsts |= {m.group("case") for m in channel.values() if m and int(m.group("ch")) <
+                   channels}
     grouped = {p for p, m in channel.items() if m and m.group("case") in firsts}
     numbered = any(channel[p].group("ch") != "0000" for p in grouped)
     named: dict[str, list[Path]] = {}
@@ -245,12 +256,11 @@ def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
                        f"model, skipped: {first_of(done, 5)}")
         cases = [(name, paths) for name, paths in cases if name not in done]
         for name, _ in cases:  # an unfinished case is rewritten, another model's is not
-            finished = (out / name / "labels.json").exists()
-            if finished and not args.force:
+            if (out / name / "labels.json").exists() and not args.force:
                 raise FileExistsError(f"output folder {out / name} holds a segmentation by "
                                       "another model; pass --force to overwrite it or choose "
                                       "another -o")
-            force[name] = True
+            force[name] = force[name] or _unfinished(out / name)
     for name, _ in cases:  # every output folder checked before any inference runs
         _check_outdir(out / name, force[name], inputs)
     failed = []
@@ -341,8 +351,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="also write per-structure probability maps")
     seg.add_argument("--resume", action="store_true",
                      help="skip the cases (images) whose output folder holds a finished "
-                          "segmentation by this model, rewrite unfinished ones: an interrupted "
-                          "folder run continues")
+                          "segmentation by this model, rewrite the ones an interrupted run "
+                          "left unfinished: an interrupted folder run continues")
     _common(seg)
     seg.set_defaults(handler=_cmd_segment)
 

@@ -64,6 +64,12 @@ def unique_filenames(names: list[str]) -> list[str]:
     return out
 
 
+def save_marker(out: Path, prefix: str = "") -> Path:
+    """The file :meth:`SegmentationResult.save` keeps in ``out`` while it writes (its
+    presence: a save that did not finish)."""
+    return out / f".{prefix}hermes-saving.json"
+
+
 def detection_note(detection: dict | None) -> str:
     """`` (detected, confidence 0.91)``, `` (DICOM Modality CT)``... for a modality chosen by
     ``modality="auto"``; an empty string for a modality given by the user."""
@@ -105,7 +111,7 @@ class SegmentationResult:
         probabilities: np.ndarray | None = None, modality: str = "",
         detection: dict | None = None, source: str = "", model_source: str | None = None,
         settings: dict | None = None, timings: dict | None = None,
-        nifti_geometry: dict | None = None,
+        nifti_geometry: dict | None = None, sources: list[str] | None = None,
     ):
         self.labels = label_map
         self.masks = masks if isinstance(masks, TaskMasks) else TaskMasks.from_dense(masks)
@@ -116,6 +122,7 @@ class SegmentationResult:
         self.modality = modality
         self.detection = detection
         self.source = source
+        self.sources = list(sources) if sources else ([source] if source else [])
         self.model_source = model_source
         self.settings = dict(settings or {})
         self.timings = dict(timings or {})
@@ -235,6 +242,13 @@ class SegmentationResult:
         self._refuse_input_clash([out / name for _, name, _ in files] + stale)
 
         out.mkdir(parents=True, exist_ok=True)
+        # until labels.json is rewritten, a marker names the files this save writes and
+        # replaces: an interrupted save is recognised (`hermes segment --resume`) and the next
+        # save into the folder removes what it left
+        marker = save_marker(out, prefix)
+        touched = sorted({name for _, name, _ in files} | {str(p.relative_to(out)) for p in stale
+                                                           if p.is_relative_to(out)})
+        atomic_write_bytes(marker, [json.dumps({"files": touched}).encode()])
         (out / f"{prefix}labels.json").unlink(missing_ok=True)  # unfinished until rewritten
         written: dict[str, Path] = {}
         for key, name, produce in files:
@@ -242,6 +256,7 @@ class SegmentationResult:
             written[key] = out / name
         for p in stale:
             p.unlink(missing_ok=True)
+        marker.unlink()
         for sub in ("structures", "probabilities"):
             folder = out / f"{prefix}{sub}"
             if folder.is_dir() and not any(folder.iterdir()):
@@ -260,16 +275,23 @@ class SegmentationResult:
     @staticmethod
     def _earlier_outputs(out: Path, prefix: str) -> list[Path]:
         """Files an earlier :meth:`save` with ``prefix`` wrote into ``out``: its preview and the
-        masks and maps of the tasks its ``labels.json`` lists (nothing else is touched)."""
+        masks and maps of the tasks its ``labels.json`` lists, and what an interrupted save's
+        marker names (nothing else is touched)."""
+        found: list[Path] = []
+        try:
+            listed = json.loads(save_marker(out, prefix).read_text())["files"]
+            found += [out / str(name) for name in listed if ".." not in Path(str(name)).parts]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         try:
             names = json.loads((out / f"{prefix}labels.json").read_text())["labels"]
         except (OSError, ValueError, KeyError, TypeError):
-            return []
+            return found
         if not isinstance(names, dict):
-            return []
+            return found
         keys = sorted(int(k) for k in names if str(k).isdigit() and k != "0")
         stems = unique_filenames([str(names[str(k)]) for k in keys])
-        return [out / f"{prefix}preview.png"] + [
+        return found + [out / f"{prefix}preview.png"] + [
             out / f"{prefix}{sub}" / f"{stem}.nii.gz"
             for sub in ("structures", "probabilities") for stem in stems]
 
@@ -286,14 +308,13 @@ class SegmentationResult:
             return None
 
     def _refuse_input_clash(self, paths: list[Path]) -> None:
-        """:class:`FileExistsError` if one of ``paths`` is the input image file."""
-        if not self.source or not Path(self.source).exists():
-            return
-        src = Path(self.source).resolve()
+        """:class:`FileExistsError` if one of ``paths`` is an input image file (any of the
+        channel files of a multi-file input)."""
+        inputs = {Path(src).resolve(): src for src in self.sources if Path(src).exists()}
         for p in paths:
-            if p.resolve() == src:
-                raise FileExistsError(f"output {p} would overwrite the input {self.source}; "
-                                      "save to another folder or with another prefix")
+            if p.resolve() in inputs:
+                raise FileExistsError(f"output {p} would overwrite the input {inputs[p.resolve()]}"
+                                      "; save to another folder or with another prefix")
 
     def _names_json(self) -> bytes:
         from hermes import __version__

@@ -293,7 +293,7 @@ def resolve_model(model: Any, device: torch.device) -> tuple[Any, dict]:
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} does not exist")
         model = hm.load_model_file(path)
-        model.hermes_source = str(path)
+        model.hermes_source = str(path.resolve())  # where it is, whatever the working folder
     if not isinstance(model, hm.HermesResUNet):
         raise TypeError(f"model must be a HermesResUNet, a path or None, got "
                         f"{type(model).__name__}")
@@ -464,7 +464,9 @@ def dicom_modality(image: Any) -> str | None:
 
 
 def _tagged_modalities(vocab, tag: str | None) -> list[str] | None:
-    """The model's modalities a DICOM ``Modality`` tag allows (None: the tag says nothing)."""
+    """The model's modalities a DICOM ``Modality`` tag allows (None: the tag says nothing): CT
+    and PT their own; MR every modality but CT and PET (T1, T2, cine, and the MR sequences a
+    collection declares, e.g. FLAIR)."""
     from hermes.data.modalities import DICOM_MODALITIES, UnknownModalityError, canonical_modality
 
     if tag not in DICOM_MODALITIES:
@@ -475,6 +477,8 @@ def _tagged_modalities(vocab, tag: str | None) -> list[str] | None:
             return canonical_modality(name)
         except UnknownModalityError:
             return name.upper()
+    if tag == "MR":
+        return [m for m in vocab.modalities if canonical(m) not in ("CT", "PET")]
     return [m for m in vocab.modalities if canonical(m) in DICOM_MODALITIES[tag]]
 
 
@@ -956,6 +960,7 @@ def segment(
         nifti_geometry=header_geometry,
         image=chans[0], probabilities=prob_out, modality=modality, detection=detection,
         source=desc, model_source=getattr(net, "hermes_source", None),
+        sources=[str(p) for p in image] if _is_channel_list(image) else None,
         settings={"threshold": float(threshold), "overlap": ov, "tta": use_tta, "fast": fast,
                   "roi_size": list(roi), "train_roi_size": list(train_roi),
                   "model_spacing": params.spacing,

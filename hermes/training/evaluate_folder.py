@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,9 +54,15 @@ def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, .
     or None for a plain label file."""
     folder = pred_dir / case
     if (folder / "labels.nii.gz").is_file():
-        names = json.loads((folder / "labels.json").read_text())["labels"] \
-            if (folder / "labels.json").is_file() else None
-        lmap = parse_label_map({k: v for k, v in names.items() if k != "0"}) if names else None
+        if not (folder / "labels.json").is_file():
+            raise FileNotFoundError(f"case {case}: {folder} holds labels.nii.gz without "
+                                    "labels.json (a segmentation whose save did not finish)")
+        try:
+            names = json.loads((folder / "labels.json").read_text())["labels"]
+            lmap = parse_label_map({k: v for k, v in names.items() if k != "0"})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"case {case}: cannot read the label names in "
+                             f"{folder / 'labels.json'}: {exc}") from None
         return folder / "labels.nii.gz", lmap
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr"):
         if (pred_dir / f"{case}{suffix}").is_file():
@@ -65,11 +72,18 @@ def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, .
 
 
 def _values_for(name: str, lmap: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
-    """The values of structure ``name`` in ``lmap``, matching ``ds/name`` task names too."""
+    """The values of structure ``name`` in ``lmap`` (case-insensitive; ``ds/name`` task names
+    too); None when it names none. Several ``ds/name`` matches are an error naming them."""
     if name in lmap:
         return lmap[name]
-    matches = [v for n, v in lmap.items() if n.rsplit("/", 1)[-1] == name]
-    return matches[0] if len(matches) == 1 else None
+    key = name.casefold()
+    same = [n for n in lmap if n.casefold() == key]
+    if not same:
+        same = [n for n in lmap if n.rsplit("/", 1)[-1].casefold() == key]
+    if len(same) > 1:
+        raise ValueError(f"structure {name!r} matches {', '.join(same)} of a prediction: give "
+                         "the ground truth's label map the same names (--labels)")
+    return lmap[same[0]] if same else None
 
 
 def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
@@ -101,10 +115,15 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         raise FileNotFoundError(f"{gt_dir} holds no label files (.nii.gz, .nii, .nrrd)")
     cases = [(strip_image_suffix(p.name), p) for p in files]
     found = [_prediction(pred_dir, case) for case, _ in cases]  # all named before scoring
-    if not any(pred_map is None or any(_values_for(n, pred_map) for n in lmap)
+    unnamed = sorted({n for _, pred_map in found if pred_map is not None for n in lmap
+                      if _values_for(n, pred_map) is None})
+    if not any(pred_map is None or any(_values_for(n, pred_map) is not None for n in lmap)
                for _, pred_map in found):
         raise ValueError(f"no structure of the ground truth ({first_of(list(lmap), 5)}) is "
                          "named in the predictions' labels.json files")
+    if unnamed:
+        warnings.warn(f"structures some predictions do not name (scored as missed there): "
+                      f"{first_of(unnamed, 5)}", stacklevel=2)
     dataset = gt_dir.name if gt_dir.name not in ("labelsTr", "labelsTs") else \
         gt_dir.parent.name
     iterator = zip(cases, found, strict=True)

@@ -403,12 +403,14 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.ema.update(self.model)
-        parts = torch.stack([v.detach().float() for v in (loss, bce, dice, mod)])
+        logs = {"loss": loss.detach(), "bce": bce.detach(), "dice": dice.detach(),
+                "modality": mod.detach(), **extra_logs}
+        parts = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=loss.device)
+                             for v in logs.values()])
         if self.world > 1:  # logged as the mean over the processes, not rank 0's share
             dist.all_reduce(parts)
             parts /= self.world
-        total, bce_v, dice_v, mod_v = parts.tolist()
-        return {"loss": total, "bce": bce_v, "dice": dice_v, "modality": mod_v, **extra_logs}
+        return dict(zip(logs, parts.tolist(), strict=True))
 
     def run(self) -> Path:
         cfg = self.cfg
