@@ -250,6 +250,18 @@ def test_evaluate_folder_scores_predictions_by_structure_name(tmp_path, capsys):
     save_image(flat / "b.nii.gz", np.zeros((20, 18, 9), np.uint8), aff)
     with pytest.raises(ValueError, match="case b: prediction .* is not on the grid"):
         evaluate_folder(gt_dir, flat, progress=False)
+    # an nnU-Net "ignore" label: predictions there are scored in no metric
+    gt_a = truth["a"][0].copy()
+    gt_a[0:3] = 9  # unannotated slab, where the prediction below finds "liver"
+    save_image(tmp_path / "ign" / "a.nii.gz", gt_a, aff)
+    pred_a = truth["a"][1].copy()
+    pred_a[0:3] = 1
+    save_image(tmp_path / "ign_pred" / "a.nii.gz", pred_a, aff)
+    ign = {"background": 0, "liver": 1, "spleen": 2, "ignore": 9}
+    row = next(r for r in evaluate_folder(tmp_path / "ign", tmp_path / "ign_pred", labels=ign,
+                                          progress=False).rows if r["task"] == "liver")
+    a, b = truth["a"][1] == 1, truth["a"][0] == 1
+    assert row["dice"] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
     lone = tmp_path / "elsewhere" / "gt"
     save_image(lone / "a.nii.gz", truth["a"][0], aff)
     with pytest.raises(FileNotFoundError, match="no dataset.json"):

@@ -28,10 +28,11 @@ __all__ = ["evaluate_folder", "ground_truth_labels"]
 
 
 def ground_truth_labels(gt_dir: Path, labels: str | os.PathLike | Mapping | None
-                        ) -> dict[str, tuple[int, ...]]:
-    """``{name: values}`` of the ground truth: ``labels`` (a mapping, or a JSON file such as a
-    dataset.json with a ``labels`` entry), else the ``dataset.json`` in ``gt_dir`` or its
-    parent (nnU-Net keeps it beside ``labelsTr``)."""
+                        ) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...]]:
+    """``({name: values}, ignore values)`` of the ground truth: ``labels`` (a mapping, or a
+    JSON file such as a dataset.json with a ``labels`` entry), else the ``dataset.json`` in
+    ``gt_dir`` or its parent (nnU-Net keeps it beside ``labelsTr``); an nnU-Net ``ignore``
+    label marks unannotated voxels, scored in no metric (as ``hermes evaluate`` does)."""
     if labels is None:
         found = [d / "dataset.json" for d in (gt_dir, gt_dir.parent)
                  if (d / "dataset.json").is_file()]
@@ -46,7 +47,8 @@ def ground_truth_labels(gt_dir: Path, labels: str | os.PathLike | Mapping | None
             raise ValueError(f"cannot read the label map {labels}: {exc}") from None
         labels = raw.get("labels", raw) if isinstance(raw, dict) else raw
     lmap = parse_label_map(labels)
-    return {n: v for n, v in lmap.items() if n.lower() != "ignore"}
+    ignore = tuple(v for n, vs in lmap.items() if n.lower() == "ignore" for v in vs)
+    return {n: v for n, v in lmap.items() if n.lower() != "ignore"}, ignore
 
 
 def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, ...]] | None]:
@@ -108,7 +110,7 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     for d in (gt_dir, pred_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"{d} is not a folder")
-    lmap = ground_truth_labels(gt_dir, labels)
+    lmap, ignore = ground_truth_labels(gt_dir, labels)
     files = sorted(p for p in gt_dir.iterdir() if p.is_file() and not p.name.startswith(".")
                    and image_suffix(p) is not None)
     if not files:
@@ -140,9 +142,10 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
             raise ValueError(f"case {case}: prediction {pred_path} (shape {pred.shape}) is not "
                              f"on the grid of {gt_path} (shape {gt.shape}): resample it first")
         spacing = spacing_from_affine(gt_aff)
+        annotated = ~np.isin(gt, ignore) if ignore else np.ones(gt.shape, bool)
         for name, values in lmap.items():
             mine = values if pred_map is None else _values_for(name, pred_map)
-            pmask = np.isin(pred, mine) if mine else np.zeros(gt.shape, bool)
+            pmask = (np.isin(pred, mine) & annotated) if mine else np.zeros(gt.shape, bool)
             gmask = np.isin(gt, values)
             rows.append({"dataset": dataset, "case": case, "task": name,
                          **mask_metrics(pmask, gmask, spacing, tolerance_mm),
