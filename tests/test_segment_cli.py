@@ -244,7 +244,7 @@ def test_segment_command_on_a_folder_of_images(tmp_path, ckpt, capsys, monkeypat
     assert "head (head.nrrd, head_0000.nii.gz)" in capsys.readouterr().err
 
 
-def test_segment_command_takes_channel_files(tmp_path, capsys):
+def test_segment_command_takes_channel_files(tmp_path, ckpt, capsys):
     """A two-channel model: nnU-Net channel files (``-i a_0000 a_0001``, or a folder of them)
     give the same labels as one 4-D file; files of other numbers or grids are refused by name."""
     torch.manual_seed(0)
@@ -280,6 +280,10 @@ def test_segment_command_takes_channel_files(tmp_path, capsys):
         hermes.segment([str(files[0]), str(other)], model=str(model), modality="T1")
     rc = main(["segment", "-i", str(files[0]), str(src), "-o", str(tmp_path / "x"), *argv])
     assert rc == 1 and "is a folder" in capsys.readouterr().err
+    # `-i scans/*.nii.gz` for a one-channel model: pointed to the folder
+    one = ["--model", str(ckpt), "--modality", "T1", "--device", "cpu", "--fast", "-q"]
+    rc = main(["segment", "-i", *map(str, files), "-o", str(tmp_path / "g"), *one])
+    assert rc == 1 and "give their folder" in capsys.readouterr().err
     files[1].rename(src / "case_0002.nii.gz")
     rc = main(["segment", "-i", str(src), "-o", str(tmp_path / "y"), *argv])
     err = capsys.readouterr().err

@@ -109,6 +109,10 @@ def input_geometry(image: Any, affine: Any = None) -> dict | None:
     return nifti_geometry(image)
 
 
+#: The end of the description of an input given as several channel files.
+_CHANNEL_FILES = " channel files)"
+
+
 def _is_channel_list(image: Any) -> bool:
     """Whether ``image`` is a list/tuple of paths: one file per channel."""
     return isinstance(image, (list, tuple)) and all(
@@ -144,7 +148,8 @@ def _load_channel_files(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray,
                 f"{desc}: affine differs from {paths[0]}'s (max abs difference {diff:.4g}): "
                 "the channel files of one image must share its grid")
         chans.append(arr)
-    desc = f"{paths[0]} (+{len(paths) - 1} channel files)" if len(paths) > 1 else str(paths[0])
+    desc = (f"{paths[0]} (+{len(paths) - 1}{_CHANNEL_FILES}" if len(paths) > 1
+            else str(paths[0]))
     return np.stack(chans, axis=-1), first_aff, desc
 
 
@@ -251,7 +256,10 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int) 
     chans = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
     if chans.shape[0] != in_channels:
         hint = ""
-        if arr.ndim == 4 and arr.shape[0] == in_channels:
+        if desc.endswith(_CHANNEL_FILES) and in_channels == 1:
+            hint = ("; several files were given as the channels of one image (to segment "
+                    "each, give their folder: `hermes segment -i FOLDER`)")
+        elif arr.ndim == 4 and arr.shape[0] == in_channels:
             hint = (f"; shape {arr.shape} looks channel-first: Hermes takes channel-last "
                     "(X, Y, Z, C) arrays (np.moveaxis(image, 0, -1))")
         raise SegmentationInputError(
