@@ -444,6 +444,7 @@ def test_a_dataset_folder_is_a_collection_of_itself(tmp_path):
     coll = load_collection(folder)
     assert coll.name == "synth_ct" and [d.name for d in coll.datasets] == ["synth_ct"]
     assert coll.datasets[0].modality == "CT" and len(coll.datasets[0].cases) == 2
+    assert "liver" in coll.datasets[0].task_names  # dataset.json's names, no ds/ prefix
     coll.check(deep=True)  # raises on problems
     assert resolve_cache_dir(coll, None) == root / "hermes_cache_synth_ct"
     pc = open_cache(str(folder), None, 1, False)

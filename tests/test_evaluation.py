@@ -241,12 +241,20 @@ def test_evaluate_folder_scores_predictions_by_structure_name(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="case b: .* without labels.json"):
         evaluate_folder(gt_dir, hermes_out, progress=False)
     names_b.write_text(kept)
+    # a saved per-structure mask is the whole structure (the label map may hide part of it)
+    save_image(hermes_out / "a" / "structures" / "liver.nii.gz",
+               (truth["a"][0] == 1).astype(np.uint8), aff)
+    liver_a = next(r for r in evaluate_folder(gt_dir, hermes_out, progress=False).rows
+                   if (r["case"], r["task"]) == ("a", "liver"))
+    assert liver_a["dice"] == 1.0
     out = tmp_path / "m.csv"
     assert main(["evaluate-folder", str(gt_dir), str(hermes_out), "--out", str(out), "-q"]) == 0
     assert "liver" in capsys.readouterr().out and out.read_text().startswith("dataset,case")
     (flat / "b.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="no prediction for case b"):
         evaluate_folder(gt_dir, flat, progress=False)
+    only = evaluate_folder(gt_dir, flat, progress=False, predicted_only=True)
+    assert {r["case"] for r in only.rows} == {"a"}
     save_image(flat / "b.nii.gz", np.zeros((20, 18, 9), np.uint8), aff)
     with pytest.raises(ValueError, match="case b: prediction .* is not on the grid"):
         evaluate_folder(gt_dir, flat, progress=False)

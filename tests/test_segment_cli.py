@@ -267,13 +267,16 @@ def test_segment_command_takes_channel_files(tmp_path, ckpt, capsys):
     for out in (tmp_path / "one", tmp_path / "all" / "case"):
         got, _ = load_image(out / "labels.nii.gz")
         assert np.array_equal(got, ref)
-    # the same through the Python API, and the files' order is the channels' order
+    # the same through the Python API; files named out of channel order are refused
     res = hermes.segment([str(p) for p in files], model=str(model), modality="T1",
                          device="cpu", fast=True)
     assert np.array_equal(res.labels, ref)
-    swapped = hermes.segment([str(p) for p in files[::-1]], model=str(model), modality="T1",
-                             device="cpu", fast=True)
-    assert not np.array_equal(swapped.labels, ref)
+    with pytest.raises(SegmentationInputError, match="numbered 0001, 0000: give them in "
+                                                    "channel order, 0000, 0001"):
+        hermes.segment([str(p) for p in files[::-1]], model=str(model), modality="T1")
+    rc = main(["segment", "-i", str(files[0]), "-o", str(tmp_path / "lone"), *argv])
+    assert rc == 1 and "has 1 channel, the model expects 2; nnU-Net channel files: give all " \
+        "2 (case_0000 to case_0001)" in capsys.readouterr().err
     # a channel on another grid, a folder among channel files, a gap in the numbering
     other = save_image(tmp_path / "other_0001.nii.gz", chans[1], aff @ np.diag([1, 1, 1.1, 1]))
     with pytest.raises(SegmentationInputError, match="affine differs from .*case_0000"):
@@ -326,9 +329,14 @@ def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monk
     assert not (out / "b" / "leftover.png").exists() and not save_marker(out / "b").exists()
     assert main(["segment", *argv, "--resume"]) == 0 and ran == ["b.nii.gz"]  # all done
     one = ["-i", str(src / "a.nii.gz"), "-o", str(out / "a"), "--model", str(ckpt),
-           "--modality", "T1", "--device", "cpu", "--resume"]
+           "--modality", "T1", "--device", "cpu", "--fast", "--resume"]
     assert main(["segment", *one]) == 0 and ran == ["b.nii.gz"]
     assert "already holds this model's segmentation" in capsys.readouterr().err
+    # other settings than the finished run's: not skipped as done, not overwritten either
+    for other in (["--threshold", "0.9"], ["--tasks", "gm"], ["--tta"]):
+        assert main(["segment", *one, *other]) == 1 and ran == ["b.nii.gz"]
+        assert "was segmented with other settings" in capsys.readouterr().err
+    assert main(["segment", *argv, "--resume", "--threshold", "0.9"]) == 1
     # a folder of the user's files (no Hermes marker, no labels.json) is not "unfinished"
     mine = tmp_path / "mine"
     mine.mkdir()

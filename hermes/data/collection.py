@@ -817,7 +817,8 @@ def is_dataset_folder(path: str | os.PathLike) -> bool:
 def load_collection(path: str | os.PathLike) -> Collection:
     """Parse a collection YAML, or one dataset's folder (nnU-Net / MSD layout: modality and
     labels from its ``dataset.json``) as a collection of that dataset alone, named after the
-    folder, cached by default in ``hermes_cache_<folder name>/`` beside it. Content problems
+    folder, its tasks named as in the dataset.json (``liver``, not ``Dataset003_Liver/liver``),
+    cached by default in ``hermes_cache_<folder name>/`` beside it. Content problems
     are collected, not raised: call :meth:`Collection.check` (or ``validate``) before
     training.
 
@@ -828,6 +829,11 @@ def load_collection(path: str | os.PathLike) -> Collection:
     if is_dataset_folder(path):
         config = {"name": path.name, "cache_dir": f"hermes_cache_{path.name}",
                   "datasets": [{"name": path.name, "path": path.name}]}
+        try:  # one dataset: its structures keep dataset.json's names (liver, not ds/liver)
+            labels = json.loads((path / "dataset.json").read_text())["labels"]
+            config["shared_tasks"] = [n for n in parse_label_map(labels) if n.lower() != "ignore"]
+        except (OSError, ValueError, KeyError, TypeError, LabelMapError):
+            pass  # the dataset's own parsing names the problem
         return Collection(config, path.parent, path)
     if path.is_dir():
         raise CollectionError([Problem(

@@ -48,7 +48,7 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
     if existing and not force:
         raise FileExistsError(
             f"output folder {out} already holds {', '.join(existing)}; pass --force to "
-            "overwrite or choose another -o")
+            "overwrite, --resume to continue an interrupted run, or choose another -o")
     resolved = {p.resolve() for p in inputs}
     for n in _OUTPUT_NAMES:
         if (out / n).resolve() in resolved or any(
@@ -152,10 +152,13 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if isinstance(image, Path) and image.is_dir() and folder_cases(image, 0) is not None:
         return _run_folder(args, image, Path(args.output))
     out = Path(args.output)
-    if args.resume and _finished(out, args.model):
+    done = _finished(out, args) if args.resume else False
+    if done is True:
         _log(args, f"hermes: {out} already holds this model's segmentation: skipped (run "
                    "without --resume to segment it again)")
         return 0
+    if isinstance(done, str) and not args.force:
+        raise FileExistsError(f"{done}; pass --force to overwrite it or choose another -o")
     force = args.force or (args.resume and _unfinished(out))
     return _run(args, image, out, args.modality, args.model, force)
 
@@ -221,9 +224,17 @@ def folder_cases(folder: Path, channels: int) -> list[tuple[str, list[Path]]] | 
     return sorted(named.items())
 
 
-def _finished(out: Path, model: str | None) -> bool:
+def _requested(args: argparse.Namespace) -> dict[str, Any]:
+    """The labels.json settings this command's options give (what ``--resume`` compares)."""
+    overlap = args.overlap if args.overlap is not None else (0.25 if args.fast else 0.5)
+    return {"threshold": float(args.threshold), "overlap": float(overlap), "tta": bool(args.tta),
+            "fast": bool(args.fast), "tasks_requested": _task_names(args.tasks)}
+
+
+def _finished(out: Path, args: argparse.Namespace) -> bool | str:
     """Whether ``out`` holds a finished segmentation (its ``labels.json``, written last) by the
-    model ``--model`` names (None: the embedded one)."""
+    model and with the settings of this command: True; False when it holds none; else why not
+    (another model, other settings)."""
     import json
 
     from hermes.models import checkpoint_path
@@ -234,9 +245,14 @@ def _finished(out: Path, model: str | None) -> bool:
     except (OSError, ValueError):
         return False
     if not isinstance(names, dict) or "labels" not in names or not names.get("model"):
-        return False
-    wanted = default_model_path() if model is None else checkpoint_path(model)
-    return Path(names["model"]).resolve() == wanted.resolve()
+        return f"{out} holds a labels.json that is not a Hermes segmentation's"
+    wanted = default_model_path() if args.model is None else checkpoint_path(args.model)
+    if Path(names["model"]).resolve() != wanted.resolve():
+        return f"{out} holds a segmentation by another model ({names['model']})"
+    stored = names.get("settings") or {}
+    other = [f"{k} {stored[k]} (here {v})" for k, v in _requested(args).items()
+             if k in stored and stored[k] != v]
+    return f"{out} was segmented with other settings: {', '.join(other)}" if other else True
 
 
 def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
@@ -250,16 +266,16 @@ def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
     inputs = [p for _, paths in cases for p in paths]
     force = {name: args.force for name, _ in cases}
     if args.resume:
-        done = [name for name, _ in cases if _finished(out / name, args.model)]
+        state = {name: _finished(out / name, args) for name, _ in cases}
+        done = [name for name, st in state.items() if st is True]
         if done:
             _log(args, f"hermes: {len(done)} of {len(cases)} case(s) already segmented by this "
-                       f"model, skipped: {first_of(done, 5)}")
+                       f"model with these settings, skipped: {first_of(done, 5)}")
         cases = [(name, paths) for name, paths in cases if name not in done]
-        for name, _ in cases:  # an unfinished case is rewritten, another model's is not
-            if (out / name / "labels.json").exists() and not args.force:
-                raise FileExistsError(f"output folder {out / name} holds a segmentation by "
-                                      "another model; pass --force to overwrite it or choose "
-                                      "another -o")
+        for name, _ in cases:  # an unfinished case is rewritten, another run's is not
+            if isinstance(state[name], str) and not args.force:
+                raise FileExistsError(f"{state[name]}; pass --force to overwrite it or "
+                                      "choose another -o")
             force[name] = force[name] or _unfinished(out / name)
     for name, _ in cases:  # every output folder checked before any inference runs
         _check_outdir(out / name, force[name], inputs)

@@ -25,6 +25,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 
 from hermes._text import first_of
+from hermes.data.collection import _CHANNEL_RE
 from hermes.data.geometry import CANONICAL_AXCODES, crop, separable_resample
 from hermes.data.io import (
     ImageReadError,
@@ -32,6 +33,7 @@ from hermes.data.io import (
     load_image,
     nifti_affine_mm,
     nifti_geometry,
+    strip_image_suffix,
 )
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
 from hermes.inference.aggregator import _is_int
@@ -127,6 +129,11 @@ def _load_channel_files(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray,
 
     if not paths:
         raise SegmentationInputError("an empty list of channel files was given")
+    tags = [_CHANNEL_RE.match(strip_image_suffix(Path(p).name)) for p in paths]
+    if all(tags) and [t.group("ch") for t in tags] != [f"{i:04d}" for i in range(len(paths))]:
+        raise SegmentationInputError(
+            f"channel files numbered {', '.join(t.group('ch') for t in tags)}: give them in "
+            f"channel order, {', '.join(f'{i:04d}' for i in range(len(paths)))}")
     chans: list[np.ndarray] = []
     first_aff = None
     for path in paths:
@@ -262,8 +269,15 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int) 
         elif arr.ndim == 4 and arr.shape[0] == in_channels:
             hint = (f"; shape {arr.shape} looks channel-first: Hermes takes channel-last "
                     "(X, Y, Z, C) arrays (np.moveaxis(image, 0, -1))")
+        name = Path(desc).name if os.sep in desc or "/" in desc else desc
+        tag = _CHANNEL_RE.match(strip_image_suffix(name))
+        if not hint and tag and chans.shape[0] < in_channels:
+            hint = (f"; nnU-Net channel files: give all {in_channels} ({tag.group('case')}_0000 "
+                    f"to {tag.group('case')}_{in_channels - 1:04d}) after -i, or their folder")
+        n = chans.shape[0]
         raise SegmentationInputError(
-            f"{desc}: image has {chans.shape[0]} channels, the model expects {in_channels}"
+            f"{desc}: image has {n} channel{'s' if n != 1 else ''}, the model expects "
+            f"{in_channels}"
             + hint)
     n_bad = int(chans.size - np.count_nonzero(np.isfinite(chans)))
     if n_bad:
@@ -970,6 +984,9 @@ def segment(
         source=desc, model_source=getattr(net, "hermes_source", None),
         sources=[str(p) for p in image] if _is_channel_list(image) else None,
         settings={"threshold": float(threshold), "overlap": ov, "tta": use_tta, "fast": fast,
+                  "tasks_requested": ([t.strip() for t in tasks.split(",") if t.strip()]
+                                      if isinstance(tasks, str) else
+                                      None if tasks is None else [str(t) for t in tasks]),
                   "roi_size": list(roi), "train_roi_size": list(train_roi),
                   "model_spacing": params.spacing,
                   "model_grid_shape": list(grid_shape), "windows": n_windows,

@@ -86,7 +86,7 @@ class Vocabulary:
             if group is not None:
                 hint = f"; {group!r} is a dataset group: pass model.vocab.group({group!r})"
             elif self.groups:
-                hint += f"; dataset groups: {first_of(sorted(self.groups), 8)}"
+                hint += f" (dataset groups: {first_of(sorted(self.groups), 8)})"
             raise UnknownNameError(f"unknown task {name!r}{hint}")
         return row
 

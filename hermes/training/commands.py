@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from hermes.data.cache import PreprocessedCollection
@@ -208,6 +209,8 @@ def metrics_path(out: str | None, split: str) -> Path:
     from hermes.training.evaluate import METRIC_FIELDS
 
     path = Path(out or f"metrics_{split}.csv")
+    if out and out.endswith(("/", os.sep)) and not path.exists() and path.parent.is_dir():
+        path.mkdir()  # `--out newdir/`: a folder, as written
     if path.is_dir():
         path = path / f"metrics_{split}.csv"
     if not path.parent.is_dir():
@@ -228,7 +231,8 @@ def _evaluate_folder(args: argparse.Namespace) -> int:
     from hermes.training.evaluate_folder import evaluate_folder
 
     out = metrics_path(args.out, "folder")
-    res = evaluate_folder(args.gt, args.pred, args.labels, args.tolerance, not args.quiet)
+    res = evaluate_folder(args.gt, args.pred, args.labels, args.tolerance, not args.quiet,
+                          args.predicted_only)
     print(res.table())
     res.write_csv(out)
     print(f"per-case metrics written to {out}")
@@ -267,7 +271,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="model size (default tiny)")
     t.add_argument("--out", help="run folder (default runs/<collection>-<preset>)")
-    t.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
+    t.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML, or "
+                   "hermes_cache_<folder name>/ beside a dataset folder)")
     t.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
     t.add_argument("--batch-size", type=int, help="crops per step and process (default 2)")
     t.add_argument("--crop", type=int, nargs="+", help="crop size, 1 or 3 ints (default 96)")
@@ -322,5 +327,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
     f.add_argument("--out", help="per-case CSV, or a folder for metrics_folder.csv (default "
                    "metrics_folder.csv here); an existing file must be such a CSV")
+    f.add_argument("--predicted-only", action="store_true",
+                   help="score only the cases PRED holds (default: a missing one is an error)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.set_defaults(handler=_evaluate_folder)

@@ -22,6 +22,7 @@ import numpy as np
 from hermes._text import first_of
 from hermes.data.io import image_suffix, load_image, spacing_from_affine, strip_image_suffix
 from hermes.data.labels import parse_label_map
+from hermes.inference.result import unique_filenames
 from hermes.training.evaluate import EvaluationResult, mask_metrics
 
 __all__ = ["evaluate_folder", "ground_truth_labels"]
@@ -73,11 +74,17 @@ def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, .
                             f"{case}/labels.nii.gz)")
 
 
-def _values_for(name: str, lmap: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
-    """The values of structure ``name`` in ``lmap`` (case-insensitive; ``ds/name`` task names
+def _has_prediction(pred_dir: Path, case: str) -> bool:
+    return (pred_dir / case / "labels.nii.gz").is_file() or any(
+        (pred_dir / f"{case}{suffix}").is_file() for suffix in (".nii.gz", ".nii", ".nrrd",
+                                                                   ".nhdr"))
+
+
+def _match(name: str, lmap: dict[str, tuple[int, ...]]) -> str | None:
+    """The name in ``lmap`` of structure ``name`` (case-insensitive; ``ds/name`` task names
     too); None when it names none. Several ``ds/name`` matches are an error naming them."""
     if name in lmap:
-        return lmap[name]
+        return name
     key = name.casefold()
     same = [n for n in lmap if n.casefold() == key]
     if not same:
@@ -85,12 +92,31 @@ def _values_for(name: str, lmap: dict[str, tuple[int, ...]]) -> tuple[int, ...] 
     if len(same) > 1:
         raise ValueError(f"structure {name!r} matches {', '.join(same)} of a prediction: give "
                          "the ground truth's label map the same names (--labels)")
-    return lmap[same[0]] if same else None
+    return same[0] if same else None
+
+
+def _predicted_mask(pred: np.ndarray, pred_path: Path, name: str, values: tuple[int, ...],
+                    pred_map: dict[str, tuple[int, ...]] | None) -> np.ndarray | None:
+    """Structure ``name``'s predicted mask: a Hermes output's own mask file where it saved one
+    (``--per-structure``: the whole structure, also where a smaller one covers it in the label
+    map), else its label values in the label map; None when the prediction does not name it."""
+    if pred_map is None:
+        return np.isin(pred, values)
+    found = _match(name, pred_map)
+    if found is None:
+        return None
+    stem = unique_filenames(list(pred_map))[list(pred_map).index(found)]
+    own = pred_path.parent / "structures" / f"{stem}.nii.gz"
+    if own.is_file():
+        mask, _ = load_image(own)
+        return np.asarray(mask).reshape(pred.shape) > 0
+    return np.isin(pred, pred_map[found])
 
 
 def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
                     labels: str | os.PathLike | Mapping | None = None,
-                    tolerance_mm: float = 2.0, progress: bool = True) -> EvaluationResult:
+                    tolerance_mm: float = 2.0, progress: bool = True,
+                    predicted_only: bool = False) -> EvaluationResult:
     """Dice, NSD and HD95 of every ground-truth case against its prediction.
 
     Args:
@@ -99,6 +125,8 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
             truth) or ``hermes segment`` outputs ``<case>/labels.nii.gz`` (+ labels.json).
         labels: the ground truth's label map (see :func:`ground_truth_labels`).
         tolerance_mm: NSD tolerance.
+        predicted_only: score the cases that have a prediction (nnU-Net's ``-chill``); by
+            default a missing prediction is an error.
     Returns:
         :class:`~hermes.training.evaluate.EvaluationResult`, dataset = the ground-truth
         folder's name; a structure the prediction does not name is scored as missed.
@@ -116,10 +144,15 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     if not files:
         raise FileNotFoundError(f"{gt_dir} holds no label files (.nii.gz, .nii, .nrrd)")
     cases = [(strip_image_suffix(p.name), p) for p in files]
+    if predicted_only:
+        cases = [(case, p) for case, p in cases if _has_prediction(pred_dir, case)]
+        if not cases:
+            raise FileNotFoundError(f"{pred_dir} holds a prediction of none of the cases of "
+                                    f"{gt_dir}")
     found = [_prediction(pred_dir, case) for case, _ in cases]  # all named before scoring
     unnamed = sorted({n for _, pred_map in found if pred_map is not None for n in lmap
-                      if _values_for(n, pred_map) is None})
-    if not any(pred_map is None or any(_values_for(n, pred_map) is not None for n in lmap)
+                      if _match(n, pred_map) is None})
+    if not any(pred_map is None or any(_match(n, pred_map) is not None for n in lmap)
                for _, pred_map in found):
         raise ValueError(f"no structure of the ground truth ({first_of(list(lmap), 5)}) is "
                          "named in the predictions' labels.json files")
@@ -144,8 +177,8 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         spacing = spacing_from_affine(gt_aff)
         annotated = ~np.isin(gt, ignore) if ignore else np.ones(gt.shape, bool)
         for name, values in lmap.items():
-            mine = values if pred_map is None else _values_for(name, pred_map)
-            pmask = (np.isin(pred, mine) & annotated) if mine else np.zeros(gt.shape, bool)
+            mine = _predicted_mask(pred, pred_path, name, values, pred_map)
+            pmask = mine & annotated if mine is not None else np.zeros(gt.shape, bool)
             gmask = np.isin(gt, values)
             rows.append({"dataset": dataset, "case": case, "task": name,
                          **mask_metrics(pmask, gmask, spacing, tolerance_mm),
