@@ -10,19 +10,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["CANONICAL_MODALITIES", "MR_MODALITIES", "DICOM_MODALITIES", "canonical_modality",
+__all__ = ["CANONICAL_MODALITIES", "DICOM_MODALITIES", "canonical_modality",
            "UnknownModalityError"]
 
 #: The five modalities of the paper, in the order of their prior tables.
 CANONICAL_MODALITIES: tuple[str, ...] = ("CT", "PET", "T1", "T2", "CINE")
 
-#: The magnetic-resonance modalities (``MR``: unspecified MR, a row of the official model).
-MR_MODALITIES: tuple[str, ...] = ("T1", "T2", "CINE", "MR")
-
-#: DICOM ``Modality`` tags -> the canonical modalities they may be (MR: also any declared MR
-#: sequence, see ``hermes.inference.segment._tagged_modalities``).
-DICOM_MODALITIES: dict[str, tuple[str, ...]] = {"CT": ("CT",), "PT": ("PET",),
-                                                "MR": MR_MODALITIES}
+#: DICOM ``Modality`` tags -> the modality they name (``MR``: any but these, see
+#: ``hermes.inference.segment._tagged_modalities``).
+DICOM_MODALITIES: dict[str, str] = {"CT": "CT", "PT": "PET"}
 
 _ALIASES: dict[str, str] = {
     # CT

@@ -226,8 +226,10 @@ def folder_cases(folder: Path, channels: int) -> list[tuple[str, list[Path]]] | 
 
 def _requested(args: argparse.Namespace) -> dict[str, Any]:
     """The labels.json settings this command's options give (what ``--resume`` compares)."""
-    overlap = args.overlap if args.overlap is not None else (0.25 if args.fast else 0.5)
-    return {"threshold": float(args.threshold), "overlap": float(overlap), "tta": bool(args.tta),
+    from hermes.inference.segment import window_overlap
+
+    overlap = window_overlap(args.overlap, args.fast)
+    return {"threshold": float(args.threshold), "overlap": overlap, "tta": bool(args.tta),
             "fast": bool(args.fast), "tasks_requested": _task_names(args.tasks)}
 
 

@@ -111,10 +111,6 @@ def input_geometry(image: Any, affine: Any = None) -> dict | None:
     return nifti_geometry(image)
 
 
-#: The end of the description of an input given as several channel files.
-_CHANNEL_FILES = " channel files)"
-
-
 def _is_channel_list(image: Any) -> bool:
     """Whether ``image`` is a list/tuple of paths: one file per channel."""
     return isinstance(image, (list, tuple)) and all(
@@ -155,8 +151,7 @@ def _load_channel_files(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray,
                 f"{desc}: affine differs from {paths[0]}'s (max abs difference {diff:.4g}): "
                 "the channel files of one image must share its grid")
         chans.append(arr)
-    desc = (f"{paths[0]} (+{len(paths) - 1}{_CHANNEL_FILES}" if len(paths) > 1
-            else str(paths[0]))
+    desc = f"{paths[0]} (+{len(paths) - 1} channel files)" if len(paths) > 1 else str(paths[0])
     return np.stack(chans, axis=-1), first_aff, desc
 
 
@@ -241,8 +236,10 @@ def load_input(
     return arr, aff, desc
 
 
-def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int) -> np.ndarray:
-    """``(C, X, Y, Z)`` from ``(X, Y, Z[, C])`` after the checks every input gets."""
+def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int,
+              channel_files: int = 1) -> np.ndarray:
+    """``(C, X, Y, Z)`` from ``(X, Y, Z[, C])`` after the checks every input gets
+    (``channel_files``: how many files the input was read from, one per channel)."""
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.ndim == 4 and arr.shape[0] == 1:
@@ -263,14 +260,13 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int) 
     chans = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
     if chans.shape[0] != in_channels:
         hint = ""
-        if desc.endswith(_CHANNEL_FILES) and in_channels == 1:
+        if channel_files > 1 and in_channels == 1:
             hint = ("; several files were given as the channels of one image (to segment "
                     "each, give their folder: `hermes segment -i FOLDER`)")
         elif arr.ndim == 4 and arr.shape[0] == in_channels:
             hint = (f"; shape {arr.shape} looks channel-first: Hermes takes channel-last "
                     "(X, Y, Z, C) arrays (np.moveaxis(image, 0, -1))")
-        name = Path(desc).name if os.sep in desc or "/" in desc else desc
-        tag = _CHANNEL_RE.match(strip_image_suffix(name))
+        tag = _CHANNEL_RE.match(strip_image_suffix(Path(desc).name))
         if not hint and tag and chans.shape[0] < in_channels:
             hint = (f"; nnU-Net channel files: give all {in_channels} ({tag.group('case')}_0000 "
                     f"to {tag.group('case')}_{in_channels - 1:04d}) after -i, or their folder")
@@ -300,7 +296,6 @@ def resolve_model(model: Any, device: torch.device) -> tuple[Any, dict]:
     None (embedded default), a Hermes checkpoint path (or a training run's folder), an official
     ``.pth`` path, or a model."""
     import hermes.models as hm
-    from hermes.models.checkpoint import RUN_MODEL_FILE
 
     if model is None:
         from hermes.models.default import default_model
@@ -308,11 +303,7 @@ def resolve_model(model: Any, device: torch.device) -> tuple[Any, dict]:
         model = default_model()
     elif isinstance(model, (str, os.PathLike)):
         path = hm.checkpoint_path(model)
-        if path.is_dir():
-            raise FileNotFoundError(f"model {path} is a folder without {RUN_MODEL_FILE} "
-                                    "(give a .hermes or .pth file, or a finished training run's "
-                                    "folder)")
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"model file {path} does not exist")
         model = hm.load_model_file(path)
         model.hermes_source = str(path.resolve())  # where it is, whatever the working folder
@@ -330,6 +321,12 @@ def _group_matches(group_modality: str, modality: str, vocab) -> bool:
 
         tokens = {t.casefold() for t in re.split(r"[^A-Za-z0-9]+", group_modality) if t}
         return modality.casefold() in tokens
+
+
+def _task_list(tasks: str | Sequence[str]) -> list:
+    """The names of ``tasks`` as given: a comma-separated string or a list, stripped."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    return [n.strip() if isinstance(n, str) else n for n in names]
 
 
 def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> list[str]:
@@ -356,10 +353,8 @@ def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> li
                 f"the model has no task for modality {modality}; its groups cover "
                 f"{sorted({str(s['modality']) for s in with_mod.values()})} (pass tasks=)")
         return out
-    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    names = [n.strip() if isinstance(n, str) else n for n in names]
     out = []
-    for name in names:
+    for name in _task_list(tasks):
         if not name:
             continue
         if name not in vocab.tasks and vocab.group_name(name) is not None:
@@ -491,7 +486,7 @@ def _tagged_modalities(vocab, tag: str | None) -> list[str] | None:
     collection declares, e.g. FLAIR)."""
     from hermes.data.modalities import DICOM_MODALITIES, UnknownModalityError, canonical_modality
 
-    if tag not in DICOM_MODALITIES:
+    if tag != "MR" and tag not in DICOM_MODALITIES:
         return None
 
     def canonical(name: str) -> str:
@@ -500,8 +495,8 @@ def _tagged_modalities(vocab, tag: str | None) -> list[str] | None:
         except UnknownModalityError:
             return name.upper()
     if tag == "MR":
-        return [m for m in vocab.modalities if canonical(m) not in ("CT", "PET")]
-    return [m for m in vocab.modalities if canonical(m) in DICOM_MODALITIES[tag]]
+        return [m for m in vocab.modalities if canonical(m) not in DICOM_MODALITIES.values()]
+    return [m for m in vocab.modalities if canonical(m) == DICOM_MODALITIES[tag]]
 
 
 def _auto_modality(net, chans: np.ndarray, aff: np.ndarray, params: PreprocessParams,
@@ -718,6 +713,12 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def window_overlap(overlap: float | None, fast: bool) -> float:
+    """The sliding-window overlap :func:`segment` uses: ``overlap``, else 0.5 (0.25 with
+    ``fast``)."""
+    return (0.25 if fast else 0.5) if overlap is None else float(overlap)
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -883,7 +884,8 @@ def segment(
     vocab = net.vocab
     arr, aff, desc = load_input(image, affine=affine, spacing=spacing)
     header_geometry = input_geometry(image, affine)
-    chans = _validate(arr, aff, desc, int(net.config.in_channels))
+    chans = _validate(arr, aff, desc, int(net.config.in_channels),
+                      len(image) if _is_channel_list(image) else 1)
     del arr
     times["load"] = time.perf_counter() - t0
 
@@ -906,7 +908,7 @@ def segment(
     train_cfg = meta.get("train_config") or {}
     roi = roi_size if roi_size is not None else tuple(train_cfg.get("crop_size", DEFAULT_ROI))
     roi = tuple(int(r) for r in np.broadcast_to(np.asarray(roi), (3,)))
-    ov = (0.25 if fast else 0.5) if overlap is None else float(overlap)
+    ov = window_overlap(overlap, fast)
     use_tta = (False if tta is None else bool(tta))
 
     from hermes.inference.sliding_window import sliding_window_inference, window_starts
@@ -984,9 +986,8 @@ def segment(
         source=desc, model_source=getattr(net, "hermes_source", None),
         sources=[str(p) for p in image] if _is_channel_list(image) else None,
         settings={"threshold": float(threshold), "overlap": ov, "tta": use_tta, "fast": fast,
-                  "tasks_requested": ([t.strip() for t in tasks.split(",") if t.strip()]
-                                      if isinstance(tasks, str) else
-                                      None if tasks is None else [str(t) for t in tasks]),
+                  "tasks_requested": (None if tasks is None else
+                                      [str(t) for t in _task_list(tasks) if t]),
                   "roi_size": list(roi), "train_roi_size": list(train_roi),
                   "model_spacing": params.spacing,
                   "model_grid_shape": list(grid_shape), "windows": n_windows,

@@ -144,7 +144,7 @@ def load_model_file(path: str | os.PathLike) -> HermesResUNet:
     """The model in ``path``, a ``.hermes`` checkpoint (or a training run's folder holding one)
     or official Hermes-R ``.pth`` weights (told apart by content; the latter's
     ``hermes_metadata`` is ``{"source": "official"}``)."""
-    if is_hermes_checkpoint(path):
+    if is_hermes_checkpoint(path) or Path(path).is_dir():  # a folder: load names what it lacks
         return load(path)  # sets hermes_metadata
     model = from_official(path)
     model.hermes_metadata = {"source": "official"}

@@ -227,16 +227,21 @@ def metrics_path(out: str | None, split: str) -> Path:
     return path
 
 
+def _report(res, out: Path) -> int:
+    """Print an evaluation's table (first: nothing is lost if writing fails), then its CSV."""
+    print(res.table())
+    res.write_csv(out)
+    print(f"per-case metrics written to {out}")
+    return 0
+
+
 def _evaluate_folder(args: argparse.Namespace) -> int:
     from hermes.training.evaluate_folder import evaluate_folder
 
     out = metrics_path(args.out, "folder")
     res = evaluate_folder(args.gt, args.pred, args.labels, args.tolerance, not args.quiet,
                           args.predicted_only)
-    print(res.table())
-    res.write_csv(out)
-    print(f"per-case metrics written to {out}")
-    return 0
+    return _report(res, out)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -257,10 +262,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     res = evaluate(model, pc, split=args.split, roi=roi, overlap=args.overlap,
                    tolerance_mm=args.tolerance, device=args.device, progress=not args.quiet,
                    datasets=_names(args.datasets))
-    print(res.table())
-    res.write_csv(out)
-    print(f"per-case metrics written to {out}")
-    return 0
+    return _report(res, out)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -52,32 +52,37 @@ def ground_truth_labels(gt_dir: Path, labels: str | os.PathLike | Mapping | None
     return {n: v for n, v in lmap.items() if n.lower() != "ignore"}, ignore
 
 
+def _prediction_file(pred_dir: Path, case: str) -> Path | None:
+    """``PRED/<case>/labels.nii.gz`` (a Hermes output) or ``PRED/<case>.nii.gz`` (.nii, .nrrd,
+    .nhdr), whichever exists; None if neither does."""
+    if (pred_dir / case / "labels.nii.gz").is_file():
+        return pred_dir / case / "labels.nii.gz"
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr"):
+        if (pred_dir / f"{case}{suffix}").is_file():
+            return pred_dir / f"{case}{suffix}"
+    return None
+
+
 def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, ...]] | None]:
     """The prediction file of ``case`` and its own label names (a Hermes output's labels.json),
     or None for a plain label file."""
-    folder = pred_dir / case
-    if (folder / "labels.nii.gz").is_file():
-        if not (folder / "labels.json").is_file():
-            raise FileNotFoundError(f"case {case}: {folder} holds labels.nii.gz without "
-                                    "labels.json (a segmentation whose save did not finish)")
-        try:
-            names = json.loads((folder / "labels.json").read_text())["labels"]
-            lmap = parse_label_map({k: v for k, v in names.items() if k != "0"})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"case {case}: cannot read the label names in "
-                             f"{folder / 'labels.json'}: {exc}") from None
-        return folder / "labels.nii.gz", lmap
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr"):
-        if (pred_dir / f"{case}{suffix}").is_file():
-            return pred_dir / f"{case}{suffix}", None
-    raise FileNotFoundError(f"no prediction for case {case} in {pred_dir} ({case}.nii.gz or "
-                            f"{case}/labels.nii.gz)")
-
-
-def _has_prediction(pred_dir: Path, case: str) -> bool:
-    return (pred_dir / case / "labels.nii.gz").is_file() or any(
-        (pred_dir / f"{case}{suffix}").is_file() for suffix in (".nii.gz", ".nii", ".nrrd",
-                                                                   ".nhdr"))
+    path = _prediction_file(pred_dir, case)
+    if path is None:
+        raise FileNotFoundError(f"no prediction for case {case} in {pred_dir} ({case}.nii.gz or "
+                                f"{case}/labels.nii.gz)")
+    if path.parent == pred_dir:  # a plain label file
+        return path, None
+    folder = path.parent
+    if not (folder / "labels.json").is_file():
+        raise FileNotFoundError(f"case {case}: {folder} holds labels.nii.gz without "
+                                "labels.json (a segmentation whose save did not finish)")
+    try:
+        names = json.loads((folder / "labels.json").read_text())["labels"]
+        lmap = parse_label_map({k: v for k, v in names.items() if k != "0"})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"case {case}: cannot read the label names in "
+                         f"{folder / 'labels.json'}: {exc}") from None
+    return path, lmap
 
 
 def _match(name: str, lmap: dict[str, tuple[int, ...]]) -> str | None:
@@ -145,7 +150,7 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         raise FileNotFoundError(f"{gt_dir} holds no label files (.nii.gz, .nii, .nrrd)")
     cases = [(strip_image_suffix(p.name), p) for p in files]
     if predicted_only:
-        cases = [(case, p) for case, p in cases if _has_prediction(pred_dir, case)]
+        cases = [(case, p) for case, p in cases if _prediction_file(pred_dir, case)]
         if not cases:
             raise FileNotFoundError(f"{pred_dir} holds a prediction of none of the cases of "
                                     f"{gt_dir}")
