@@ -661,3 +661,53 @@ def test_saving_refuses_to_overwrite_any_channel_file_and_records_the_model_path
     with pytest.raises(FileExistsError, match="would overwrite the input .*labels.nii.gz"):
         res.save(tmp_path / "out")
     assert first.read_bytes() == before
+
+
+def test_save_streams_gzip_and_writes_in_threads(tmp_path, monkeypatch):
+    import gzip
+
+    import hermes.inference.result as result_mod
+    from hermes.inference.result import SegmentationResult, nifti_bytes, nifti_image, save_threads
+
+    rng = np.random.default_rng(3)
+    aff = np.array([[0.8, 0.1, 0, -10], [0, 0.8, 0, 5], [0, 0, 2.5, 3], [0, 0, 0, 1.0]])
+    for arr in ((rng.random((31, 23, 17)) > 0.7).astype(np.uint8),
+                np.asfortranarray(rng.integers(0, 9, (20, 21, 5)).astype(np.uint8)),
+                rng.random((9, 8, 7)).astype(np.float32)):
+        # the streamed .nii.gz holds exactly nibabel's file
+        assert gzip.decompress(nifti_bytes(arr, aff)) == nifti_image(arr, aff).to_bytes()
+    assert save_threads(40, 1 << 40) == 1 and save_threads(1, 1) == 1
+    assert 1 <= save_threads(40, 1) <= result_mod.SAVE_THREADS
+
+    names = [f"s{i}" for i in range(9)]
+    shape = (14, 12, 10)
+    masks = np.zeros((len(names), *shape), bool)
+    for i in range(len(names)):
+        masks[i, i:i + 4, 2:2 + i, 1:8] = True
+    labels = np.zeros(shape, np.uint8)
+    for i in range(len(names)):
+        labels[masks[i]] = i + 1
+    res = SegmentationResult(label_map=labels, masks=masks, task_names=names, affine=aff)
+    files = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(result_mod, "save_threads", lambda files, scratch, n=threads: n)
+        written = res.save(tmp_path / f"t{threads}", per_structure=True, preview=False)
+        files[threads] = {k: p.read_bytes() for k, p in written.items()}
+    assert files[1] == files[4]
+    for i, name in enumerate(names):
+        mask, _ = load_image(tmp_path / "t4" / "structures" / f"{name}.nii.gz")
+        np.testing.assert_array_equal(mask.astype(bool), masks[i])
+
+    # a file that fails: the error comes out, the save is left unfinished (no labels.json, its
+    # marker kept), no temporary file stays behind
+    def broken(self, index, geo):
+        if index == 5:
+            raise OSError("disk full")
+        return nifti_bytes(np.asarray(self.masks[index]).astype(np.uint8), self.affine)
+
+    monkeypatch.setattr(SegmentationResult, "_mask_bytes", broken)
+    with pytest.raises(OSError, match="disk full"):
+        res.save(tmp_path / "bad", per_structure=True, preview=False)
+    left = {p.name for p in (tmp_path / "bad").rglob("*")}
+    assert "labels.json" not in left and ".hermes-saving.json" in left
+    assert not [n for n in left if n.endswith(".tmp")]

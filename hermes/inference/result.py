@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
 import re
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,49 @@ def nifti_image(array: np.ndarray, affine: np.ndarray,
     return img
 
 
+class _GzipSink(io.RawIOBase):
+    """A write-only file gzip-compressing what is written to it (level 4, no time stamp):
+    nibabel writes an image into it one slice at a time, so the uncompressed file is never
+    held whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._zlib = zlib.compressobj(4, zlib.DEFLATED, 31)  # 31: gzip container
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast("B")
+        self._parts.append(self._zlib.compress(view))
+        self._size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._size
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0 and offset == self._size:
+            return offset
+        raise io.UnsupportedOperation("a gzip stream is written front to back")
+
+    def writable(self) -> bool:
+        return True
+
+    def compressed(self) -> bytes:
+        self._parts.append(self._zlib.flush())
+        return b"".join(self._parts)
+
+
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, compress: bool = True,
                 geometry: dict | None = None) -> bytes:
-    """:func:`nifti_image` as the bytes of a file (gzip-compressed for ``.nii.gz``)."""
-    data = nifti_image(array, affine, geometry).to_bytes()
-    return gzip.compress(data, compresslevel=4, mtime=0) if compress else data
+    """:func:`nifti_image` as the bytes of a file (gzip-compressed for ``.nii.gz``: streamed
+    slice by slice, without an uncompressed copy)."""
+    img = nifti_image(array, affine, geometry)
+    if not compress:
+        return img.to_bytes()
+    sink = _GzipSink()
+    img.to_stream(sink)
+    return sink.compressed()
 
 
 def safe_filename(name: str) -> str:
@@ -62,6 +102,40 @@ def unique_filenames(names: list[str]) -> list[str]:
         taken.add(candidate.casefold())
         out.append(candidate)
     return out
+
+
+#: Most threads :meth:`SegmentationResult.save` writes files with, and the scratch memory
+#: (bytes) they may hold together.
+SAVE_THREADS = 4
+SAVE_SCRATCH_BYTES = 1 << 30
+
+
+def save_threads(files: int, scratch_bytes: int) -> int:
+    """Threads to write ``files`` files with: at most :data:`SAVE_THREADS`, the usable CPUs,
+    and as many as fit :data:`SAVE_SCRATCH_BYTES` at ``scratch_bytes`` per file being made."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(SAVE_THREADS, cpus or 1, files, SAVE_SCRATCH_BYTES // max(scratch_bytes, 1)))
+
+
+def _write_in_threads(out: Path, files: list[tuple[str, Callable[[], bytes]]],
+                      threads: int) -> None:
+    """Produce and atomically write ``files`` (``(name in out, () -> bytes)``) in ``threads``
+    threads: the gzip compression that dominates releases the GIL. The first failure is raised
+    once the files under way are written; the files not started are not written."""
+
+    def write(name: str, produce: Callable[[], bytes]) -> None:
+        atomic_write_bytes(out / name, [produce()])
+
+    if threads <= 1:
+        for name, produce in files:
+            write(name, produce)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="hermes-save")
+    try:
+        for future in [pool.submit(write, name, produce) for name, produce in files]:
+            future.result()
+    finally:  # a failure or Ctrl-C: the files under way finish, the others are not started
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def save_marker(out: Path, prefix: str = "") -> Path:
@@ -250,10 +324,11 @@ class SegmentationResult:
                                                            if p.is_relative_to(out)})
         atomic_write_bytes(marker, [json.dumps({"files": touched}).encode()])
         (out / f"{prefix}labels.json").unlink(missing_ok=True)  # unfinished until rewritten
-        written: dict[str, Path] = {}
-        for key, name, produce in files:
-            atomic_write_bytes(out / name, [produce()])
-            written[key] = out / name
+        # per file being made: its voxel array (float32 probability maps, else uint8)
+        scratch = int(np.prod(self.shape)) * (4 if probabilities else 1)
+        _write_in_threads(out, [(name, produce) for _, name, produce in files[:-1]],
+                          save_threads(len(files) - 1, scratch))
+        atomic_write_bytes(out / files[-1][1], [files[-1][2]()])  # labels.json, last
         for p in stale:
             p.unlink(missing_ok=True)
         marker.unlink()
@@ -261,7 +336,7 @@ class SegmentationResult:
             folder = out / f"{prefix}{sub}"
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        return written
+        return {key: out / name for key, name, _ in files}
 
     def _mask_bytes(self, index: int, geo: dict | None) -> bytes:
         """Task ``index``'s mask as ``.nii.gz`` bytes, built in the file's (Fortran) voxel order
