@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hermes.data.cache import PreprocessedCollection
 from hermes.models.hermes_resunet import check_spatial_size
+from hermes.training.trainer import CHECKPOINT_EVERY
 
 
 def open_cache(source: str, cache_dir: str | None, workers: int | None,
@@ -160,10 +161,6 @@ def read_run_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a run's settings (a JSON object)")
     return data
-
-
-#: Steps between checkpoints when neither the command line nor a resumed run says.
-CHECKPOINT_EVERY = 100
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hermes.training.trainer import CHECKPOINT_EVERY
+
 #: ``hermes finetune`` options that define a run: option -> (key in the run's finetune.json or
 #: config.json, default). Left out on ``--resume``, they are the run's.
 _SETTING_OPTIONS: dict[str, tuple[str, object]] = {
@@ -17,7 +19,7 @@ _TRAIN_OPTIONS: dict[str, tuple[str, object]] = {
     "steps": ("steps", 500), "batch_size": ("batch_size", 2), "crop": ("crop_size", None),
     "optimizer": ("optimizer", "adamw"), "lr": ("lr", None), "ema": ("ema_decay", 0.99),
     "seed": ("seed", 0), "no_augment": ("augment", False),
-    "checkpoint_every": ("checkpoint_every", 100),
+    "checkpoint_every": ("checkpoint_every", CHECKPOINT_EVERY),
 }
 
 
@@ -142,7 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, help="default 0")
     f.add_argument("--workers", type=int, default=None)
     f.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
-                   help="steps between checkpoints (default 100, or the resumed run's)")
+                   help=f"steps between checkpoints (default {CHECKPOINT_EVERY}, or the "
+                        "resumed run's)")
     f.add_argument("--device", default="auto")
     f.add_argument("--no-augment", action="store_true", default=None)
     f.add_argument("--resume", action="store_true",

@@ -41,6 +41,8 @@ RESUME_MAY_CHANGE = frozenset(
 )
 #: ``(trainer, batch, out, x) -> (loss, logs)``: an extra loss term (see :class:`Trainer`).
 ExtraLoss = Callable[["Trainer", dict, Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+#: Steps between checkpoints unless the configuration (or a resumed run) says otherwise.
+CHECKPOINT_EVERY = 100
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
 
 
@@ -95,7 +97,7 @@ class TrainConfig:
     modality_shuffle: float = 0.0
     seed: int = 0
     workers: int = 2
-    checkpoint_every: int = 100
+    checkpoint_every: int = CHECKPOINT_EVERY
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
