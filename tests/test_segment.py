@@ -370,6 +370,24 @@ def test_results_keep_the_input_nifti_header_geometry(tmp_path):
     assert (int(plain.get_qform(coded=True)[1]), int(plain.get_sform(coded=True)[1])) == (1, 1)
 
 
+def test_results_of_a_nifti_without_orientation_store_none(tmp_path):
+    """qform and sform codes both 0 (no orientation in the file): the outputs store none
+    either, so every reader places them where it places the input (nibabel: the same fallback
+    affine from the voxel sizes; ITK: identity direction, origin 0), not a code-1 affine."""
+    aff, img, _ = _on_grid("ras")
+    nimg = nib.Nifti1Image(img, aff)
+    nimg.set_qform(None, code=0)
+    nimg.set_sform(None, code=0)
+    nib.save(nimg, str(tmp_path / "in.nii.gz"))
+    read_in = nib.load(str(tmp_path / "in.nii.gz"))
+    res = _run(str(tmp_path / "in.nii.gz"), None)
+    written = res.save(tmp_path / "out", per_structure=True, preview=False)
+    for path in (written["labels"], written["mask:left_blob"]):
+        out = nib.load(str(path))
+        assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (0, 0)
+        assert out.header.get_zooms() == read_in.header.get_zooms()
+        np.testing.assert_allclose(out.affine, read_in.affine, atol=1e-6)
+
 def test_real_tiny_model_from_checkpoint(tmp_path):
     """A real network (random weights) saved and loaded by path: shapes, dtypes, geometry and
     the label/mask/probability consistency; auto modality with a random head is refused."""

@@ -112,16 +112,16 @@ def nifti_affine_mm(img: Any) -> np.ndarray:
 
 def nifti_geometry(img: Any) -> dict | None:
     """The header geometry of a nibabel NIfTI image, to give results the input's header:
-    ``{"qform", "qform_code", "sform", "sform_code"}`` (affines in mm), or None for images
-    without NIfTI qform/sform, with both codes 0, or whose header disagrees with
-    ``img.affine`` (nibabel's authority for in-memory images)."""
+    ``{"qform", "qform_code", "sform", "sform_code"}`` (affines in mm; None where the code is
+    0), or None for images without NIfTI qform/sform or whose header disagrees with
+    ``img.affine`` (nibabel's authority for in-memory images). Both codes 0 (no orientation
+    stored) are kept too: outputs written without one are placed by every reader where it
+    places the input (nibabel's fallback from the voxel sizes; ITK's identity direction)."""
     get_q, get_s = getattr(img, "get_qform", None), getattr(img, "get_sform", None)
     if get_q is None or get_s is None:
         return None
     qform, qcode = get_q(coded=True)
     sform, scode = get_s(coded=True)
-    if not qcode and not scode:
-        return None
     if not np.allclose(img.header.get_best_affine(), img.affine, atol=1e-5):
         return None  # an in-memory image whose affine was changed after its header was made
     mm = _nifti_unit_mm(img)
