@@ -58,6 +58,25 @@ def test_nrrd_lps_header_is_converted_to_ras(tmp_path):
     np.testing.assert_allclose(spacing_from_affine(aff), [0.7, 0.7, 5.0])
 
 
+@pytest.mark.parametrize("header", [
+    {"space dimension": 3, "space directions": np.array([[0.0, 1.0, 0], [2.0, 0, 0], [0, 0, 3.0]]),
+     "space origin": np.array([10.0, -20.0, 5.0])},
+    {"spacings": [1.0, 2.0, 3.0]},
+    {},
+])
+def test_nrrd_without_a_space_is_lps_as_itk_reads_it(tmp_path, header):
+    """No ``space`` named: the coordinates are LPS, as ITK / 3D Slicer take them (SimpleITK
+    gives origin (10, -20, 5) with direction columns (0,1,0), (1,0,0), (0,0,1) for the first
+    header and origin 0, identity direction for the others)."""
+    data = np.zeros((2, 3, 4), np.float32)
+    nrrd.write(str(tmp_path / "x.nrrd"), data, header, index_order="F")
+    _, aff = load_image(tmp_path / "x.nrrd")
+    if "space directions" in header:
+        lps = header["space origin"] + header["space directions"].T @ np.array([1.0, 2.0, 3.0])
+    else:
+        lps = np.array([1.0, 2.0, 3.0]) * header.get("spacings", [1.0, 1.0, 1.0])
+    np.testing.assert_allclose((aff @ [1.0, 2.0, 3.0, 1.0])[:3], [-lps[0], -lps[1], lps[2]])
+
 def test_nrrd_channel_axis_goes_last(tmp_path):
     data = np.random.default_rng(1).random((2, 4, 5, 6)).astype(np.float32)  # channel first
     header = {"space": "RAS", "kinds": ["list", "domain", "domain", "domain"],

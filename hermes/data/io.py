@@ -138,7 +138,9 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
     """RAS affine of an NRRD header and the indices of its spatial axes.
 
     NRRD stores ``space directions`` as one row per axis (``None``/``nan`` for non-spatial axes
-    such as a channel axis) and ``space origin``; world coordinates are in ``space``.
+    such as a channel axis) and ``space origin``; world coordinates are in ``space``. A file
+    naming no ``space`` (or with ``spacings`` only) is read as ITK and 3D Slicer read it: in
+    LPS coordinates (with ``spacings`` only: LPS axes, origin 0).
     """
     import nrrd  # local: only needed for NRRD
 
@@ -156,8 +158,7 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
         if spacings is not None:
             vals = [float(spacings[i]) for i in spatial]
             sp = [v if np.isfinite(v) and v > 0 else 1.0 for v in vals]
-        affine = np.diag([*sp, 1.0])
-        return affine, spatial
+        return _LPS_TO_RAS @ np.diag([*sp, 1.0]), spatial
 
     directions = np.asarray(
         [
@@ -181,8 +182,7 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
     space = str(header.get("space", "")).strip().lower()
     if space and space not in _NRRD_SPACES:
         raise ImageReadError(f"{path}: unsupported NRRD space {header.get('space')!r}")
-    flip = _NRRD_SPACES.get(space, np.eye(4))
-    return flip @ affine, spatial
+    return _NRRD_SPACES.get(space, _LPS_TO_RAS) @ affine, spatial
 
 
 def _load_nrrd(path: Path, header_only: bool) -> tuple[np.ndarray | tuple[int, ...], np.ndarray]:
