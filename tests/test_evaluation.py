@@ -85,6 +85,38 @@ def test_canonical_crop_maps_back_exactly(codes):
     np.testing.assert_array_equal(back, label)
 
 
+@pytest.mark.parametrize("linear", [np.eye(3), np.array([[0, 0, 1.3], [-1.1, 0, 0], [0, -2.2, 0]])])
+def test_model_grid_masks_map_back_to_the_border_voxels(linear):
+    """A prediction on the model grid mapped back (evaluate, segment): the original grid's
+    outer voxels, up to half a model voxel beyond the model grid's outer voxel centres, take
+    the nearest prediction instead of being dropped (extents that are no multiple of the
+    model spacing)."""
+    from hermes.data.preprocess import PreprocessParams, prepare_arrays
+    from hermes.inference.geometry import BackMapper
+
+    shape = (31, 27, 23)
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = [4.0, -3.0, 2.0]
+    ijk = np.indices(shape).reshape(3, -1)
+    world = (linear @ ijk).reshape(3, *shape) + affine[:3, 3, None, None, None]
+    label = (world[0] + 0.5 * world[1] - 0.3 * world[2] > 3.0).astype(np.uint8)
+    image = (1000.0 + label)[None].astype(np.float32)
+    params = PreprocessParams(1.5, 1, "float32", 0, False, {"T1": {"kind": "none"}})
+    _, cached_label, geom = prepare_arrays(image, affine, "T1", params, label)
+    back = BackMapper(geom)(cached_label > 0, order=0)
+    assert back.shape == shape and back.dtype == bool
+    gt = label > 0
+    dice = 2 * (back & gt).sum() / (back.sum() + gt.sum())
+    assert dice > 0.97
+    for axis in range(3):
+        for end in (0, -1):
+            face = [slice(None)] * 3
+            face[axis] = end
+            on_face = gt[tuple(face)]
+            if on_face.sum() > 20:  # the face's structure voxels come back
+                assert (back[tuple(face)] & on_face).sum() > 0.8 * on_face.sum()
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalsynth")

@@ -601,14 +601,14 @@ def test_thin_slabs_are_warned_about():
     (rotation(1, 18) @ np.diag([1.5, 1.5, -1.5]), 1.1),  # oblique, upsampled
 ])
 def test_masks_mapped_back_in_their_box_equal_the_whole_mapping(linear, spacing):
-    """``_BackMapper.threshold_box`` computes only the box that can reach the threshold: its
+    """``BackMapper.threshold_box`` computes only the box that can reach the threshold: its
     masks equal thresholding the whole mapped array, to the voxel, also for probabilities one
     float32 step either side of the threshold and for hits on the model grid's faces."""
     from scipy import ndimage
 
     from hermes.data.preprocess import PreprocessParams, prepare_arrays
+    from hermes.inference.geometry import BackMapper
     from hermes.inference.masks import TaskMasks
-    from hermes.inference.segment import _BackMapper
 
     rng = np.random.default_rng(0)
     shape = (37, 30, 23)
@@ -616,7 +616,7 @@ def test_masks_mapped_back_in_their_box_equal_the_whole_mapping(linear, spacing)
     img[3:-2, 2:-4, 1:-1] = rng.random((32, 24, 21)) + 1  # a zero border: cropped
     params = PreprocessParams(spacing, 1, "float32", 0, True, {"T1": {"kind": "none"}})
     model, _, geom = prepare_arrays(img[None], grid(linear, shape), "T1", params)
-    back = _BackMapper(geom)
+    back = BackMapper(geom)
     for seed in range(6):
         g = np.random.default_rng(seed)
         field = ndimage.gaussian_filter(g.standard_normal(model.shape[1:]), 2.0)

@@ -210,8 +210,7 @@ def prepare_arrays(
         ``(image (C, X', Y', Z') params.dtype, label (X', Y', Z') or None, geometry)`` where
         ``geometry`` records the original/canonical grids, the crop box, the final affine
         (``"affine"``), shape, spacing and normalisation statistics, enough to map outputs
-        back to the original grid (e.g. ``hermes.inference.geometry.resample_to_grid(pred,
-        geometry["affine"], geometry["original"]["affine"], geometry["original"]["shape"])``).
+        back to the original grid (``hermes.inference.geometry.BackMapper(geometry)(pred)``).
     """
     if label is not None and tuple(label.shape[:3]) != tuple(image.shape[1:4]):
         raise ValueError(f"label shape {tuple(label.shape)} does not match the image's grid "

@@ -22,7 +22,7 @@ from hermes._text import first_of
 from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 from hermes.data.io import load_image
 from hermes.files import atomic_write_bytes
-from hermes.inference.geometry import pad_to_window, resample_to_grid
+from hermes.inference.geometry import BackMapper, pad_to_window
 from hermes.inference.segment import resolve_sw_batch
 from hermes.inference.sliding_window import sliding_window_inference
 from hermes.models.hermes_resunet import HermesResUNet
@@ -189,13 +189,15 @@ def evaluate(
         label_path = case.meta["sources"][-1]["path"]
         gt_label, gt_affine = load_image(label_path)
         gt_label = np.asarray(gt_label).reshape(gt_label.shape[:3])
-        back = resample_to_grid(masks, case.affine, np.asarray(orig["affine"]), orig["shape"])
+        # as hermes.segment maps back: the edge voxels of the original grid (up to half a
+        # model voxel beyond the model grid's outer voxel centres) take the nearest prediction
+        back = BackMapper(case.meta)
         # unannotated voxels (nnU-Net "ignore" label) are scored in no metric, as in nnU-Net
         annotated = ~np.isin(gt_label, case.info.ignore_values)
         pairs = zip(case.info.tasks, case.info.task_values, strict=True)
         for t, (task, values) in enumerate(pairs):
             gt = np.isin(gt_label, values)
-            pred = back[t] & annotated
+            pred = back(masks[t], order=0) & annotated
             m = mask_metrics(pred, gt, orig["spacing"], tolerance_mm)
             rows.append({"dataset": case.dataset, "case": case.case_id, "task": task, **m,
                          "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum())})
