@@ -279,6 +279,14 @@ def test_evaluate_folder_scores_predictions_by_structure_name(tmp_path, capsys):
     liver_a = next(r for r in evaluate_folder(gt_dir, hermes_out, progress=False).rows
                    if (r["case"], r["task"]) == ("a", "liver"))
     assert liver_a["dice"] == 1.0
+    shifted = aff.copy()
+    shifted[:3, 3] += 5.0  # a mask of another segmentation: refused, not scored
+    save_image(hermes_out / "a" / "structures" / "liver.nii.gz",
+               (truth["a"][0] == 1).astype(np.uint8), shifted)
+    with pytest.raises(ValueError, match=r"liver.nii.gz .* is not on the grid of .*labels"):
+        evaluate_folder(gt_dir, hermes_out, progress=False)
+    save_image(hermes_out / "a" / "structures" / "liver.nii.gz",
+               (truth["a"][0] == 1).astype(np.uint8), aff)
     out = tmp_path / "m.csv"
     assert main(["evaluate-folder", str(gt_dir), str(hermes_out), "--out", str(out), "-q"]) == 0
     assert "liver" in capsys.readouterr().out and out.read_text().startswith("dataset,case")

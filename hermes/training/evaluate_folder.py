@@ -100,11 +100,13 @@ def _match(name: str, lmap: dict[str, tuple[int, ...]]) -> str | None:
     return same[0] if same else None
 
 
-def _predicted_mask(pred: np.ndarray, pred_path: Path, name: str, values: tuple[int, ...],
-                    pred_map: dict[str, tuple[int, ...]] | None) -> np.ndarray | None:
+def _predicted_mask(pred: np.ndarray, pred_aff: np.ndarray, pred_path: Path, name: str,
+                    values: tuple[int, ...], pred_map: dict[str, tuple[int, ...]] | None
+                    ) -> np.ndarray | None:
     """Structure ``name``'s predicted mask: a Hermes output's own mask file where it saved one
     (``--per-structure``: the whole structure, also where a smaller one covers it in the label
-    map), else its label values in the label map; None when the prediction does not name it."""
+    map; it must lie on the label map's grid ``pred_aff``), else its label values in the label
+    map; None when the prediction does not name it."""
     if pred_map is None:
         return np.isin(pred, values)
     found = _match(name, pred_map)
@@ -113,8 +115,13 @@ def _predicted_mask(pred: np.ndarray, pred_path: Path, name: str, values: tuple[
     stem = unique_filenames(list(pred_map))[list(pred_map).index(found)]
     own = pred_path.parent / "structures" / f"{stem}.nii.gz"
     if own.is_file():
-        mask, _ = load_image(own)
-        return np.asarray(mask).reshape(pred.shape) > 0
+        mask, aff = load_image(own)
+        mask = np.asarray(mask)
+        if mask.shape[:3] != pred.shape or mask.size != pred.size or not np.allclose(
+                aff, pred_aff, atol=1e-3):
+            raise ValueError(f"{own} (shape {mask.shape}) is not on the grid of {pred_path} "
+                             f"(shape {pred.shape}): a mask of another segmentation?")
+        return mask.reshape(pred.shape) > 0
     return np.isin(pred, pred_map[found])
 
 
@@ -182,7 +189,7 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         spacing = spacing_from_affine(gt_aff)
         annotated = ~np.isin(gt, ignore) if ignore else np.ones(gt.shape, bool)
         for name, values in lmap.items():
-            mine = _predicted_mask(pred, pred_path, name, values, pred_map)
+            mine = _predicted_mask(pred, pred_aff, pred_path, name, values, pred_map)
             pmask = mine & annotated if mine is not None else np.zeros(gt.shape, bool)
             gmask = np.isin(gt, values)
             rows.append({"dataset": dataset, "case": case, "task": name,
