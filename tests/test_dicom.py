@@ -117,6 +117,12 @@ def test_series_errors(tmp_path):
     paths[2].unlink()
     with pytest.raises(DicomError, match="non-uniform slice spacing"):
         load_dicom_series(tmp_path / "gap")
+    paths = write_series(tmp_path / "spacing", vol, aff)
+    odd = pydicom.dcmread(paths[3])
+    odd.PixelSpacing = [1.0, 1.2]
+    odd.save_as(paths[3])
+    with pytest.raises(DicomError, match=r"different PixelSpacing \(1 x 1 and 1 x 1.2 mm\)"):
+        load_dicom_series(tmp_path / "spacing")
     write_series(tmp_path / "one", vol[:, :, :1], aff)
     with pytest.raises(DicomError, match="single slice"):
         load_dicom_series(tmp_path / "one")

@@ -154,6 +154,10 @@ def load_dicom_series(
         )
     rows, cols = int(slices[0].Rows), int(slices[0].Columns)
     dr, dc = (float(v) for v in slices[0].PixelSpacing)  # between rows, between columns
+    for ds in slices[1:]:
+        if not np.allclose([float(v) for v in ds.PixelSpacing], (dr, dc), rtol=1e-4):
+            raise DicomError(f"{folder}: slices have different PixelSpacing ({dr:g} x {dc:g} "
+                             f"and {' x '.join(f'{float(v):g}' for v in ds.PixelSpacing)} mm)")
     vol = np.empty((cols, rows, len(slices)), np.float32)
     for k, ds in enumerate(slices):
         if int(ds.Rows) != rows or int(ds.Columns) != cols:
