@@ -77,6 +77,7 @@ def test_nrrd_without_a_space_is_lps_as_itk_reads_it(tmp_path, header):
         lps = np.array([1.0, 2.0, 3.0]) * header.get("spacings", [1.0, 1.0, 1.0])
     np.testing.assert_allclose((aff @ [1.0, 2.0, 3.0, 1.0])[:3], [-lps[0], -lps[1], lps[2]])
 
+
 def test_nrrd_channel_axis_goes_last(tmp_path):
     data = np.random.default_rng(1).random((2, 4, 5, 6)).astype(np.float32)  # channel first
     header = {"space": "RAS", "kinds": ["list", "domain", "domain", "domain"],
@@ -88,6 +89,27 @@ def test_nrrd_channel_axis_goes_last(tmp_path):
     np.testing.assert_allclose(np.diag(aff)[:3], [1, 2, 3])
     assert load_header(tmp_path / "c.nrrd")[0] == (4, 5, 6, 2)
 
+
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+def test_damaged_nifti_gz_data_is_refused(tmp_path, image_class):
+    """nibabel stops reading where the voxels end, before the gzip CRC: damaged compressed
+    data must not come back as other voxel values."""
+    import gzip
+    import random
+
+    data = np.random.default_rng(0).normal(0, 300, (24, 20, 16)).astype(np.int16)
+    raw = gzip.compress(image_class(data, _affine()).to_bytes())
+    (tmp_path / "ok.nii.gz").write_bytes(raw)
+    arr, aff = load_image(tmp_path / "ok.nii.gz")
+    np.testing.assert_array_equal(arr, data)
+    np.testing.assert_allclose(aff, _affine(), atol=1e-6)
+    rng = random.Random(0)
+    for _ in range(10):  # one flipped bit in the deflate data, anywhere
+        damaged = bytearray(raw)
+        damaged[rng.randrange(20, len(raw) - 8)] ^= 1 << rng.randrange(8)
+        (tmp_path / "bad.nii.gz").write_bytes(bytes(damaged))
+        with pytest.raises(ImageReadError, match="bad.nii.gz: cannot read image"):
+            load_image(tmp_path / "bad.nii.gz")
 
 def test_nifti_scaling_applied_for_float_dtype(tmp_path):
     img = nib.Nifti1Image(np.array([[[1, 2]]], np.int16), np.eye(4))

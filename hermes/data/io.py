@@ -13,6 +13,7 @@ The inference code reuses these functions, so they make no assumption about trai
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,28 @@ def _readable_suffix(path: Path) -> str:
     return suffix
 
 
+def _nifti_data(img: Any, dtype: np.dtype | None) -> np.ndarray:
+    """The voxels of a nibabel NIfTI image: scaled floats of ``dtype`` when it is floating,
+    else the stored values (with any scaling nibabel applies)."""
+    if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
+        return np.asarray(img.get_fdata(dtype=np.dtype(dtype)))
+    return np.asarray(img.dataobj)
+
+
+def _load_nifti_gz(path: Path, dtype: np.dtype | None) -> tuple[Any, np.ndarray]:
+    """``(image, voxels)`` of a ``.nii.gz`` file read through one gzip stream to its end, so
+    that the stream's CRC and length are checked (nibabel stops reading where the voxels end:
+    damaged compressed data would otherwise be read as other voxel values)."""
+    with gzip.open(path, "rb") as f:
+        sizeof_hdr = f.read(4)
+        f.seek(0)
+        nifti2 = sizeof_hdr in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540
+        img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_stream(f)
+        data = _nifti_data(img, dtype)
+        f.read()  # the rest of the stream, up to the CRC/length check at its end
+    return img, data
+
+
 def load_image(
     path: str | os.PathLike, dtype: np.dtype | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -263,12 +286,12 @@ def load_image(
         if suffix in (".nrrd", ".nhdr"):
             data, affine = _load_nrrd(path, header_only=False)
         else:
-            img = nib.load(str(path))
-            affine = nifti_affine_mm(img)
-            if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
-                data = np.asarray(img.get_fdata(dtype=np.dtype(dtype)))
+            if suffix == ".nii.gz":
+                img, data = _load_nifti_gz(path, dtype)
             else:
-                data = np.asarray(img.dataobj)
+                img = nib.load(str(path))
+                data = _nifti_data(img, dtype)
+            affine = nifti_affine_mm(img)
             if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C) NIfTI vector layout
                 data = data[:, :, :, 0, :]
     except ImageReadError:
