@@ -352,3 +352,30 @@ def test_tasks_command_names_the_input_channels(tmp_path, capsys):
         assert main(["tasks", str(path)]) == 0
         first = capsys.readouterr().out.splitlines()[0]
         assert ("3 input channels" in first) == (channels == 3), first
+
+
+def test_training_state_is_checksummed(tmp_path):
+    import numpy as np
+
+    from hermes.models.checkpoint import read_training_state, write_training_state
+
+    state = {"step": 7, "w": torch.randn(50, 40), "rng": np.random.get_state()}
+    write_training_state(tmp_path / "last.ckpt", state)
+    back = read_training_state(tmp_path / "last.ckpt")
+    assert back["step"] == 7 and torch.equal(back["w"], state["w"])
+    raw = (tmp_path / "last.ckpt").read_bytes()
+    for where in (60, len(raw) // 2, len(raw) - 1):  # header, a tensor, the zip's end
+        damaged = bytearray(raw)
+        damaged[where] ^= 0x01
+        (tmp_path / "bad.ckpt").write_bytes(bytes(damaged))
+        with pytest.raises(hm.CheckpointError, match="bad.ckpt is damaged"):
+            read_training_state(tmp_path / "bad.ckpt")
+    torch.save(state, tmp_path / "old.ckpt")  # an older Hermes' state: no checksum, still read
+    assert read_training_state(tmp_path / "old.ckpt")["step"] == 7
+    (tmp_path / "junk.ckpt").write_bytes(b"not a state")
+    with pytest.raises(hm.CheckpointError, match="cannot read training state .*junk.ckpt"):
+        read_training_state(tmp_path / "junk.ckpt")
+    # given as a model, even without model.hermes beside it: named
+    for load in (hm.load, hm.from_official):
+        with pytest.raises(hm.CheckpointError, match="training state .*not a model"):
+            load(tmp_path / "last.ckpt")

@@ -302,6 +302,14 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
     assert "batch_size=1 (now 2)" in capsys.readouterr().err
     with pytest.raises(FileExistsError, match="--resume"):
         train(_small_cfg(cache, out, batch_size=1, steps=2))
+    state = (out / "last.ckpt").read_bytes()
+    damaged = bytearray(state)
+    damaged[len(state) // 2] ^= 0x10  # one bit in a stored tensor: torch.load would not notice
+    (out / "last.ckpt").write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 1
+    assert "last.ckpt is damaged (checksum mismatch" in capsys.readouterr().err
+    (out / "last.ckpt").write_bytes(state)
     (out / "last.ckpt").unlink()  # a finished run kept only its model: still not overwritten
     with pytest.raises(FileExistsError, match="trained model"):
         train(_small_cfg(cache, out, batch_size=1, steps=2))

@@ -38,6 +38,48 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used, with the reason."""
 
 
+#: First bytes of a training run's state (``last.ckpt``); the sha256 digest (32 bytes) of the
+#: rest, a ``torch.save`` of the state, follows.
+STATE_MAGIC = b"HERMES-STATE\n"
+
+
+def write_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a training run's state (any ``torch.save``-able dict) with its checksum,
+    atomically."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getbuffer()
+    atomic_write_bytes(path, [STATE_MAGIC, hashlib.sha256(payload).digest(), payload])
+
+
+def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The state :func:`write_training_state` wrote, checked against its digest (a state of
+    an older Hermes, a plain ``torch.save`` without one, is read unchecked).
+
+    Raises:
+        CheckpointError: the file is damaged (checksum mismatch) or unreadable.
+    """
+    with open(path, "rb") as f:
+        start = 0
+        if f.read(len(STATE_MAGIC)) == STATE_MAGIC:
+            digest = f.read(32)
+            start = f.tell()
+            h = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+            if h.digest() != digest:
+                raise CheckpointError(
+                    f"training state {path} is damaged (checksum mismatch: a failing disk or an "
+                    "incomplete copy); resume from an intact copy or start a new run")
+        f.seek(start)
+        try:
+            # weights_only=False: the state holds the RNG states (numpy arrays, tuples); it is
+            # our own file, checked above
+            return torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read training state {path}: {exc}") from exc
+
+
 def save(model: HermesResUNet, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
     """Write ``model`` (weights, config, vocabularies, package version) to ``path`` atomically."""
     model = unwrap(model)
@@ -97,7 +139,8 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
             hint = ""
-            if path.suffix == ".ckpt" and (path.parent / RUN_MODEL_FILE).is_file():
+            if STATE_MAGIC.startswith(magic) or (
+                    path.suffix == ".ckpt" and (path.parent / RUN_MODEL_FILE).is_file()):
                 raise CheckpointError(f"{path} is a Hermes training state (for --resume), not "
                                       f"a model: use {path.parent / RUN_MODEL_FILE}")
             if magic[:2] == b"PK" or magic[:1] == b"\x80":

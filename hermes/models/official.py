@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from hermes.models.checkpoint import CheckpointError, is_hermes_checkpoint, load, load_state_checked
+from hermes.models.checkpoint import (
+    STATE_MAGIC,
+    CheckpointError,
+    is_hermes_checkpoint,
+    load,
+    load_state_checked,
+)
 from hermes.models.config import HermesConfig
 from hermes.models.hermes_resunet import HermesResUNet
 from hermes.models.vocabulary import Vocabulary, official_vocabulary
@@ -156,11 +162,11 @@ def _unreadable(path: Path, exc: Exception) -> str:
     training state, a failed download or another file."""
     if path.is_dir():
         return f"{path} is a folder, not a checkpoint file"
-    if path.suffix == ".ckpt" and (path.parent / "model.hermes").is_file():
+    with open(path, "rb") as f:
+        head = f.read(len(STATE_MAGIC))
+    if head == STATE_MAGIC or (path.suffix == ".ckpt" and (path.parent / "model.hermes").is_file()):
         return (f"{path} is a Hermes training state (for --resume), not a model: use "
                 f"{path.parent / 'model.hermes'}")
-    with open(path, "rb") as f:
-        head = f.read(2)
     if not head.startswith((b"PK", b"\x80")):  # a zip (torch.save) or a legacy pickle
         what = "an empty file" if not head else "no Hermes model (.hermes) and no PyTorch file"
         return f"{path} is {what} (official Hermes weights are a .pth saved by torch.save)"

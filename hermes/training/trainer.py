@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 import hermes.models as hm
 from hermes.data.cache import PreprocessedCollection
 from hermes.files import atomic_write_bytes, remove_stale_temporaries
-from hermes.models.checkpoint import RUN_MODEL_FILE
+from hermes.models.checkpoint import RUN_MODEL_FILE, read_training_state, write_training_state
 from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.ema import EMA
 from hermes.training.losses import modality_loss, partial_label_loss
@@ -278,19 +278,14 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(self.state_path, [buf.getvalue()])
+        write_training_state(self.state_path, state)
 
     def _load_state(self) -> None:
         if not self.state_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {self.state_path}")
-        try:
-            # on the CPU: torch.set_rng_state takes CPU tensors only (the optimizer, EMA and
-            # model copy their states onto the training device themselves)
-            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise RuntimeError(f"cannot read training checkpoint {self.state_path}: {exc}") from exc
+        # on the CPU: torch.set_rng_state takes CPU tensors only (the optimizer, EMA and model
+        # copy their states onto the training device themselves)
+        state = read_training_state(self.state_path)
         changed = changed_settings(state.get("config", {}), asdict(self.cfg), RESUME_MAY_CHANGE)
         if changed:
             raise ValueError(
