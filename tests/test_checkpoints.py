@@ -379,3 +379,19 @@ def test_training_state_is_checksummed(tmp_path):
     for load in (hm.load, hm.from_official):
         with pytest.raises(hm.CheckpointError, match="training state .*not a model"):
             load(tmp_path / "last.ckpt")
+
+
+def test_non_finite_weights_are_refused(tmp_path, monkeypatch):
+    import hermes.models.checkpoint as ckpt
+
+    model = hm.build("tiny", tasks=["liver"], modalities=["CT"])
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite weights in .*not written"):
+        hm.save(model, tmp_path / "nan.hermes")
+    assert not (tmp_path / "nan.hermes").exists()
+    monkeypatch.setattr(ckpt, "non_finite_tensors", lambda state: [])  # as a bad writer would
+    hm.save(model, tmp_path / "nan.hermes")
+    monkeypatch.undo()
+    with pytest.raises(hm.CheckpointError, match="nan.hermes has NaN or infinite weights"):
+        hm.load(tmp_path / "nan.hermes")

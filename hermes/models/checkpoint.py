@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from hermes._text import first_of
 from hermes._version import __version__
 from hermes.files import atomic_write_bytes
 from hermes.models.config import HermesConfig
@@ -80,11 +81,25 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"cannot read training state {path}: {exc}") from exc
 
 
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding NaN or infinite values."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+            and not bool(torch.isfinite(v).all())]
+
+
 def save(model: HermesResUNet, path: str | os.PathLike, metadata: dict[str, Any] | None = None):
-    """Write ``model`` (weights, config, vocabularies, package version) to ``path`` atomically."""
+    """Write ``model`` (weights, config, vocabularies, package version) to ``path`` atomically.
+
+    Raises:
+        ValueError: the model has NaN or infinite weights (nothing is written).
+    """
     model = unwrap(model)
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    broken = non_finite_tensors(state)
+    if broken:
+        raise ValueError(f"the model has NaN or infinite weights in {first_of(broken, 3)}: "
+                         f"{path} not written")
     torch.save(state, buf)
     payload = buf.getvalue()
     header = {
@@ -235,7 +250,12 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> H
 
 
 def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor."""
+    """``load_state_dict`` that reports every missing, unexpected and mis-shaped tensor, and
+    refuses non-finite (NaN/inf) weights."""
+    broken = non_finite_tensors(state)
+    if broken:
+        raise CheckpointError(f"{what} has NaN or infinite weights in {first_of(broken, 3)}: "
+                              "a diverged training run? It would segment nothing")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
