@@ -123,6 +123,14 @@ def test_series_errors(tmp_path):
     odd.save_as(paths[3])
     with pytest.raises(DicomError, match=r"different PixelSpacing \(1 x 1 and 1 x 1.2 mm\)"):
         load_dicom_series(tmp_path / "spacing")
+    paths = write_series(tmp_path / "damaged", vol, aff)
+    paths[-1].write_bytes(b"garbage\n")  # the last slice of a failed copy: not left out
+    (tmp_path / "damaged" / "notes.txt").write_text("not DICOM, and not named so: ignored")
+    with pytest.raises(DicomError, match=r"1 file\(s\) named as DICOM are not readable DICOM "
+                                         rf"\({paths[-1].name}\)"):
+        load_dicom_series(tmp_path / "damaged")
+    paths[-1].unlink()
+    assert load_dicom_series(tmp_path / "damaged")[0].shape == (8, 8, 4)
     write_series(tmp_path / "one", vol[:, :, :1], aff)
     with pytest.raises(DicomError, match="single slice"):
         load_dicom_series(tmp_path / "one")

@@ -13,16 +13,23 @@ returns the voxel -> RAS+ mm affine (LPS negated in x and y), the convention of
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from hermes._text import first_of
 from hermes.data.io import ImageReadError
 
 __all__ = ["DicomError", "is_dicom_file", "load_dicom_series", "series_uid_of"]
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: File name suffixes of DICOM files: such a file that does not read as DICOM is damaged.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: Elements of which a DICOM object has at least one (what pydicom makes of other files with
+#: force=True has none).
+_DICOM_MARKS = ("SOPClassUID", "PixelData", "ImagePositionPatient")
 
 
 class DicomError(ImageReadError):
@@ -103,17 +110,28 @@ def load_dicom_series(
     if not folder.is_dir():
         raise DicomError(f"{folder}: not a folder (expected a DICOM series folder)")
     series: dict[str, list] = defaultdict(list)
+    damaged: list[str] = []
     for p in sorted(folder.iterdir()):
         if not p.is_file():
             continue
         try:
-            ds = pydicom.dcmread(str(p), force=not p.name.startswith("."))
+            with warnings.catch_warnings():  # what pydicom says of other files (force=True)
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(str(p), force=not p.name.startswith("."))
         except Exception:  # not a DICOM file: skip it
+            ds = None
+        if ds is None or not any(k in ds for k in _DICOM_MARKS):
+            if p.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM, yet unreadable as such
+                damaged.append(p.name)
             continue
         if not all(hasattr(ds, k) for k in ("ImagePositionPatient", "ImageOrientationPatient",
                                              "PixelSpacing")) or "PixelData" not in ds:
             continue
         series[str(getattr(ds, "SeriesInstanceUID", ""))].append(ds)
+    if damaged:
+        raise DicomError(f"{folder}: {len(damaged)} file(s) named as DICOM are not readable "
+                         f"DICOM ({first_of(damaged, 3)}): damaged or incomplete copies? Replace "
+                         "or remove them")
     if not series:
         raise DicomError(f"{folder}: no DICOM image slice with position and orientation found")
     if series_uid is not None:
