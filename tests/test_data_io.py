@@ -69,8 +69,13 @@ def test_nrrd_without_a_space_is_lps_as_itk_reads_it(tmp_path, header):
     gives origin (10, -20, 5) with direction columns (0,1,0), (1,0,0), (0,0,1) for the first
     header and origin 0, identity direction for the others)."""
     data = np.zeros((2, 3, 4), np.float32)
-    nrrd.write(str(tmp_path / "x.nrrd"), data, header, index_order="F")
-    _, aff = load_image(tmp_path / "x.nrrd")
+    sized = bool(header)
+    nrrd.write(str(tmp_path / "x.nrrd"), data, dict(header), index_order="F")
+    if sized:
+        _, aff = load_image(tmp_path / "x.nrrd")
+    else:  # no voxel size at all: said
+        with pytest.warns(UserWarning, match="x.nrrd: the NRRD header gives no voxel size"):
+            _, aff = load_image(tmp_path / "x.nrrd")
     if "space directions" in header:
         lps = header["space origin"] + header["space directions"].T @ np.array([1.0, 2.0, 3.0])
     else:
@@ -179,3 +184,13 @@ def test_nifti_geometry_follows_an_in_memory_affine():
 def test_strip_suffix():
     assert strip_image_suffix("case_0001.nii.gz") == "case_0001"
     assert strip_image_suffix("a.b.nrrd") == "a.b"
+
+
+def test_implausible_resampled_size_is_refused():
+    from hermes.data.geometry import resampled_grid
+
+    metres = np.diag([2000.0, 2000.0, 2000.0, 1.0])  # a 2 mm grid whose header says metres
+    with pytest.raises(ValueError, match=r"64 x 64 x 64 voxels of 2000 x 2000 x 2000 mm to "
+                                         r"1.5 x 1.5 x 1.5 mm would give 85333 x .*unit"):
+        resampled_grid((64, 64, 64), metres, 1.5)
+    assert resampled_grid((64, 64, 64), np.diag([2.0, 2.0, 2.0, 1.0]), 1.5)[0] == (85, 85, 85)

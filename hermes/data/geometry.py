@@ -93,6 +93,11 @@ def crop(
     return out, new_affine
 
 
+#: Most voxels a resampled volume may have (16 GiB of float32 per channel): larger ones come
+#: from a wrong voxel size or unit, not from an image.
+MAX_RESAMPLED_VOXELS = 1 << 32
+
+
 def resampled_grid(
     shape: Sequence[int], affine: np.ndarray, spacing: float | Sequence[float]
 ) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray]:
@@ -109,7 +114,16 @@ def resampled_grid(
     if np.any(new_sp <= 0):
         raise ValueError(f"target spacing must be positive, got {spacing}")
     shape_a = np.asarray(shape[:3], np.float64)
-    new_shape = np.maximum(1, np.round(shape_a * old_sp / new_sp)).astype(int)
+    new_size = np.maximum(1, np.round(shape_a * old_sp / new_sp))
+    if float(np.prod(new_size)) > MAX_RESAMPLED_VOXELS:
+        def dims(values: np.ndarray, fmt: str = ".4g") -> str:
+            return " x ".join(f"{v:{fmt}}" for v in values)
+
+        raise ValueError(
+            f"resampling {dims(shape_a, '.0f')} voxels of {dims(old_sp)} mm to {dims(new_sp)} mm "
+            f"would give {dims(new_size, '.0f')} voxels: is the image's voxel size right (its "
+            "header's spacing and unit)?")
+    new_shape = new_size.astype(int)
     step = new_sp / old_sp
     offset = ((shape_a - 1) - (new_shape - 1) * step) / 2.0
     new_affine = np.asarray(affine, np.float64).copy()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,10 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
         if spacings is not None:
             vals = [float(spacings[i]) for i in spatial]
             sp = [v if np.isfinite(v) and v > 0 else 1.0 for v in vals]
+        if spacings is None or sp != vals:
+            warnings.warn(f"{path}: the NRRD header gives no voxel size (space directions or "
+                          "spacings) for every axis: taken as 1 mm; volumes and the model's "
+                          "resampling depend on it", stacklevel=4)
         return _LPS_TO_RAS @ np.diag([*sp, 1.0]), spatial
 
     directions = np.asarray(
