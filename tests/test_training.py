@@ -267,6 +267,26 @@ def test_resume_with_another_number_of_processes_is_refused(cache, tmp_path):
         trainer._load_state()
 
 
+def test_resume_on_other_data_is_refused(cache, tmp_path):
+    """A run resumes on its own training data: a moved cache is fine, a collection with the
+    same tasks but other images is refused."""
+    import shutil
+
+    import hermes.training.trainer as tr
+
+    cfg = _small_cfg(cache, tmp_path / "run", steps=2)
+    tr.Trainer(cfg)._save_state()
+    moved = shutil.copytree(cache, tmp_path / "moved_cache")
+    tr.Trainer(_small_cfg(moved, tmp_path / "run", steps=2), resume=True)  # reads the state
+    yaml_path = generate_collection(tmp_path / "other", seed=4, cases_per_dataset=3,
+                                    datasets=("synth_ct", "synth_t1", "synth_pet"), size=(36, 44))
+    hd.preprocess(hd.load_collection(yaml_path), tmp_path / "other_cache", workers=1,
+                  progress=False, image_order=1)
+    other = hd.PreprocessedCollection(tmp_path / "other_cache")
+    assert other.tasks == hd.PreprocessedCollection(cache).tasks  # same tasks, other images
+    with pytest.raises(ValueError, match="was trained on other data"):
+        tr.Trainer(_small_cfg(other.cache_dir, tmp_path / "run", steps=2), resume=True)
+
 def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_small_cfg(cache, tmp_path / "none"), resume=True)

@@ -7,6 +7,7 @@ data-parallel (NCCL on GPUs, gloo on CPUs); rank 0 writes logs and checkpoints.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import hermes.models as hm
-from hermes.data.cache import PreprocessedCollection
+from hermes.data.cache import PreprocessedCollection, split_cases
 from hermes.files import atomic_write_bytes, remove_stale_temporaries
 from hermes.models.checkpoint import RUN_MODEL_FILE, read_training_state, write_training_state
 from hermes.models.hermes_resunet import check_spatial_size
@@ -208,6 +209,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.collection = (collection if collection is not None
                            else PreprocessedCollection(cfg.cache_dir))
+        self._data_id: str | None = None  # _data_fingerprint
         torch.manual_seed(cfg.seed)
         if model is None:
             model = hm.build(
@@ -277,8 +279,22 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
+            "data": self._data_fingerprint(),
         }
         write_training_state(self.state_path, state)
+
+    def _data_fingerprint(self) -> str:
+        """sha256 over the training cases' names and cached arrays' checksums: the data the
+        run trains on (unchanged when the cache moves, changed with any case)."""
+        if self._data_id is None:
+            h = hashlib.sha256()
+            cases = split_cases(self.collection, "train", self.cfg.datasets)
+            for case in sorted(cases, key=lambda c: c.key):
+                files = getattr(case, "meta", {}).get("files", {})
+                sums = [files.get(k, {}).get("sha256", "") for k in ("image", "label")]
+                h.update(f"{case.key}:{sums[0]}:{sums[1]}\n".encode())
+            self._data_id = h.hexdigest()
+        return self._data_id
 
     def _load_state(self) -> None:
         if not self.state_path.exists():
@@ -299,6 +315,12 @@ class Trainer:
                 f"this launch has {self.world}: the batch per step and the order of the samples "
                 f"would change; resume it with {saved_world} (torchrun --nproc_per_node "
                 f"{saved_world}), or choose another --out directory")
+        saved_data = state.get("data")  # older states: not recorded
+        if saved_data is not None and saved_data != self._data_fingerprint():
+            raise ValueError(
+                f"--resume: the run in {self.out} was trained on other data (the training "
+                f"cases of {self.collection.cache_dir}, or their contents, differ from the "
+                "run's): resume it with its own collection, or choose another --out directory")
         if state["model_describe"] != self.model.describe():
             raise RuntimeError(
                 f"{self.state_path} was written for another model or collection (vocabulary or "
