@@ -134,13 +134,25 @@ def test_nearest_neighbours_and_files(tmp_path):
                for line in text.splitlines())
     assert summary["task_nearest"]["b/liver"][0][0] == "a/liver"
     assert set(summary["cluster_order"]["task"]) == set(TASKS)
-    # a second analysis without heatmaps leaves none of the first one's behind
-    summary = analyse_priors(m, tmp_path, k=2, png=False)
+    # a second analysis replaces the first only when forced, and then leaves none of the first
+    # one's heatmaps behind
+    with pytest.raises(FileExistsError, match="already holds modality_similarity_concat.csv"):
+        analyse_priors(m, tmp_path, k=2, png=False)
+    summary = analyse_priors(m, tmp_path, k=2, png=False, force=True)
     assert not list(tmp_path.glob("*.png"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         summary["files"] + ["summary.json"])
     with pytest.raises(ValueError, match="at least 1"):
         analyse_priors(m, tmp_path, k=0)
+    # a user's own files of these names are not replaced unforced; a file as the folder: named
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("my notes")
+    with pytest.raises(FileExistsError, match="mine already holds summary.json"):
+        analyse_priors(m, mine, png=False)
+    assert (mine / "summary.json").read_text() == "my notes"
+    with pytest.raises(FileExistsError, match="summary.json is a file: .* needs a folder"):
+        analyse_priors(m, mine / "summary.json", png=False)
 
 
 def test_cli_priors(tmp_path, capsys):

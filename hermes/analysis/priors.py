@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hermes._text import first_of
 from hermes.files import atomic_write_bytes, atomic_write_json
 from hermes.models.checkpoint import unwrap
 
@@ -224,9 +225,22 @@ def plot_heatmap(path: str | os.PathLike, names: list[str], matrix: np.ndarray,
     return order
 
 
+#: Files :func:`analyse_priors` writes besides the similarity CSVs and heatmaps.
+_PRIOR_FILES = ("nearest_neighbours.txt", "summary.json")
+
+
+def _prior_outputs(out: Path) -> list[str]:
+    """Names of the files in ``out`` an analysis writes or replaces."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name in _PRIOR_FILES or (
+        p.name.startswith(("task_similarity_", "modality_similarity_"))
+        and p.suffix in (".csv", ".png")))
+
+
 def analyse_priors(model, out_dir: str | os.PathLike, k: int = 3, png: bool = True,
                    modality_reduce: str = "flatten", center: str = "none",
-                   png_levels: bool = True) -> dict:
+                   png_levels: bool = True, force: bool = False) -> dict:
     """Write the prior analysis of ``model`` to ``out_dir``.
 
     ``center="groups"`` analyses dataset-centred task priors (see :func:`task_prior_similarity`).
@@ -237,10 +251,20 @@ def analyse_priors(model, out_dir: str | os.PathLike, k: int = 3, png: bool = Tr
     ``nearest_neighbours.txt``; ``summary.json``. Every file is written atomically; similarity
     CSVs and heatmaps of an earlier analysis in ``out_dir`` that this one does not rewrite
     (e.g. heatmaps, with ``png=False``) are removed. Returns the summary dict.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a file, or holds files of these names (an earlier
+            analysis, or the user's) and ``force`` is False.
     """
     if int(k) < 1:
         raise ValueError(f"k (neighbours per name) must be at least 1, got {k}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file: the analysis needs a folder")
+    present = _prior_outputs(out)
+    if present and not force:
+        raise FileExistsError(f"{out} already holds {first_of(present, 3)}: choose another "
+                              "folder, or force (--force) to replace them")
     out.mkdir(parents=True, exist_ok=True)
     results = {"task": task_prior_similarity(model, center),
                "modality": modality_prior_similarity(model, modality_reduce)}

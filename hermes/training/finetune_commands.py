@@ -99,7 +99,7 @@ def _priors(args: argparse.Namespace) -> int:
     model = hm.load_model_file(args.model)  # official Hermes-R weights too, as `hermes tasks`
     summary = analyse_priors(model, args.out, k=args.top, png=not args.no_png,
                              modality_reduce=args.modality_reduce, center=args.center,
-                             png_levels=not args.no_level_png)
+                             png_levels=not args.no_level_png, force=args.force)
     print((Path(args.out) / "nearest_neighbours.txt").read_text(), end="")
     print(f"{len(summary['files'])} files written to {args.out}")
     return 0
@@ -165,4 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-png", action="store_true", help="CSV and text only")
     p.add_argument("--no-level-png", action="store_true",
                    help="heatmaps of the concatenated similarity only")
+    p.add_argument("--force", action="store_true",
+                   help="replace the files of an earlier analysis (or others of their names) "
+                        "in --out")
     p.set_defaults(handler=_priors)
