@@ -266,7 +266,8 @@ def test_evaluate_folder_scores_predictions_by_structure_name(tmp_path, capsys):
     with pytest.raises(ValueError, match="'liver' matches d1/liver, d2/liver"):
         evaluate_folder(gt_dir, hermes_out, progress=False)
     names_b.write_text(js.dumps({"labels": {"1": "spleen"}}))
-    with pytest.warns(UserWarning, match="do not name .*: liver"):
+    with pytest.warns(UserWarning, match="do not name .*: liver"), \
+            pytest.warns(UserWarning, match=r"does not name .*labels.nii.gz: \[2\]"):
         res = evaluate_folder(gt_dir, hermes_out, progress=False)
     assert [r["dice"] for r in res.rows if r["case"] == "b" and r["task"] == "liver"] == [0.0]
     names_b.unlink()
@@ -316,3 +317,38 @@ def test_evaluate_folder_scores_predictions_by_structure_name(tmp_path, capsys):
         evaluate_folder(lone, flat, progress=False)
     res = evaluate_folder(lone, flat, labels=tmp_path / "dataset.json", progress=False)
     assert len(res.rows) == 2
+
+
+def test_evaluate_folder_refuses_what_is_no_label_map(tmp_path):
+    """Fractional or NaN values (a probability map, labels resampled with interpolation) are
+    refused by file; values the label map does not name are warned about (scored as
+    background); a tolerance that is no positive distance is refused."""
+    import json as js
+
+    from hermes.data.io import save_image
+    from hermes.training.evaluate_folder import evaluate_folder
+
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    (tmp_path / "dataset.json").write_text(js.dumps({"labels": {"background": 0, "liver": 1}}))
+    gt = np.zeros((12, 10, 6), np.float32)
+    gt[2:8, 2:7, 1:5] = 1.0
+    save_image(gt_dir / "a.nii.gz", gt, aff)  # float-typed but integral: a label map
+    save_image(pred_dir / "a.nii.gz", gt, aff)
+    assert evaluate_folder(gt_dir, pred_dir, progress=False).rows[0]["dice"] == 1.0
+    for bad, what in ((0.9999, "non-integer values \\(e.g. 0.9999\\)"), (np.nan, "NaN")):
+        pred = gt.copy()
+        pred[3, 3, 3] = bad
+        save_image(pred_dir / "a.nii.gz", pred, aff)
+        with pytest.raises(ValueError, match=f"pred/a.nii.gz holds {what}"):
+            evaluate_folder(gt_dir, pred_dir, progress=False)
+    pred = gt.copy()
+    pred[3, 3, 3] = 9
+    save_image(pred_dir / "a.nii.gz", pred, aff)
+    with pytest.warns(UserWarning, match=r"does not name \(scored as background\): a.nii.gz: "
+                                         r"\[9\]"):
+        row = evaluate_folder(gt_dir, pred_dir, progress=False).rows[0]
+    assert row["pred_voxels"] == int(gt.sum()) - 1
+    for tol in (-2.0, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="tolerance must be a positive distance"):
+            evaluate_folder(gt_dir, pred_dir, tolerance_mm=tol, progress=False)

@@ -31,6 +31,15 @@ from hermes.models.vocabulary import UnknownNameError
 METRIC_FIELDS = ["dataset", "case", "task", "dice", "nsd", "hd95", "gt_voxels", "pred_voxels"]
 
 
+def check_tolerance(tolerance_mm: float) -> float:
+    """``tolerance_mm`` as a float, refused unless a positive finite distance."""
+    tol = float(tolerance_mm)
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"the NSD tolerance must be a positive distance in mm, got "
+                         f"{tolerance_mm}")
+    return tol
+
+
 def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float) -> dict:
     """Dice, NSD (at ``tolerance_mm``) and HD95 (mm) of two boolean masks.
 
@@ -149,6 +158,7 @@ def evaluate(
             masks on the cached grid (e.g. to score another method with the same protocol).
         datasets: only the cases of these datasets (default: all).
     """
+    tolerance_mm = check_tolerance(tolerance_mm)
     pc = collection if isinstance(collection, PreprocessedCollection) else \
         PreprocessedCollection(collection)
     cases = split_cases(pc, split, datasets)

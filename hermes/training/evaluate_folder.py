@@ -23,7 +23,7 @@ from hermes._text import first_of
 from hermes.data.io import image_suffix, load_image, spacing_from_affine, strip_image_suffix
 from hermes.data.labels import parse_label_map
 from hermes.inference.result import unique_filenames
-from hermes.training.evaluate import EvaluationResult, mask_metrics
+from hermes.training.evaluate import EvaluationResult, check_tolerance, mask_metrics
 
 __all__ = ["evaluate_folder", "ground_truth_labels"]
 
@@ -125,6 +125,26 @@ def _predicted_mask(pred: np.ndarray, pred_aff: np.ndarray, pred_path: Path, nam
     return np.isin(pred, pred_map[found])
 
 
+def _label_map(arr: np.ndarray, path: Path, named: set[int], unnamed: dict[str, set]
+                ) -> np.ndarray:
+    """``arr`` checked as a label map: NaN, infinite or fractional values are refused (a
+    probability map or a resampled label); values ``named`` does not hold (besides 0) are
+    collected in ``unnamed[path name]`` (scored as background)."""
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path} holds NaN or infinite values: not a label map")
+        fractional = arr[arr != np.round(arr)]
+        if fractional.size:
+            raise ValueError(f"{path} holds non-integer values (e.g. {fractional.flat[0]:g}): "
+                             "not a label map (a probability map, or labels resampled with "
+                             "interpolation?)")
+        arr = arr.astype(np.int64)
+    extra = set(np.unique(arr).tolist()) - named - {0}
+    if extra:
+        unnamed.setdefault(path.name, set()).update(extra)
+    return arr
+
+
 def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
                     labels: str | os.PathLike | Mapping | None = None,
                     tolerance_mm: float = 2.0, progress: bool = True,
@@ -146,6 +166,7 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         FileNotFoundError, ValueError: a missing prediction or a prediction on another grid,
             naming the case.
     """
+    tolerance_mm = check_tolerance(tolerance_mm)
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     for d in (gt_dir, pred_dir):
         if not d.is_dir():
@@ -179,10 +200,15 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
 
         iterator = tqdm(iterator, total=len(cases), desc="evaluate", unit="case")
     rows: list[dict] = []
+    gt_named = {v for values in lmap.values() for v in values} | set(ignore)
+    unknown: dict[str, set] = {}
     for (case, gt_path), (pred_path, pred_map) in iterator:
         gt, gt_aff = load_image(gt_path)
         pred, pred_aff = load_image(pred_path)
-        gt, pred = gt.reshape(gt.shape[:3]), pred.reshape(pred.shape[:3])
+        pred_named = gt_named if pred_map is None else {
+            v for values in pred_map.values() for v in values}
+        gt = _label_map(gt.reshape(gt.shape[:3]), gt_path, gt_named, unknown)
+        pred = _label_map(pred.reshape(pred.shape[:3]), pred_path, pred_named, unknown)
         if gt.shape != pred.shape or not np.allclose(gt_aff, pred_aff, atol=1e-3):
             raise ValueError(f"case {case}: prediction {pred_path} (shape {pred.shape}) is not "
                              f"on the grid of {gt_path} (shape {gt.shape}): resample it first")
@@ -195,4 +221,8 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
             rows.append({"dataset": dataset, "case": case, "task": name,
                          **mask_metrics(pmask, gmask, spacing, tolerance_mm),
                          "gt_voxels": int(gmask.sum()), "pred_voxels": int(pmask.sum())})
+    if unknown:
+        desc = first_of([f"{name}: {sorted(values)}" for name, values in unknown.items()], 5)
+        warnings.warn(f"label values the label map does not name (scored as background): "
+                      f"{desc}", stacklevel=2)
     return EvaluationResult(rows)
