@@ -505,8 +505,21 @@ def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
     for roi in (0, (48, 48)):
         with pytest.raises(ValueError, match="roi_size"):
             _run(img, aff, roi_size=roi)
-    with pytest.raises(ValueError, match="min_volume_ml must be >= 0"):
-        _run(img, aff, postprocess={"min_volume_ml": -5})
+    for ml in (-5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="min_volume_ml must be a volume >= 0 mL"):
+            _run(img, aff, postprocess={"min_volume_ml": ml})
+    for name in ("tta", "fast", "probabilities"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+            _run(img, aff, **{name: "no"})
+    for tasks, what in (([1], "got 1 \\(int\\)"), (5, "got int 5")):
+        with pytest.raises(SegmentationInputError, match=f"tasks must be task names.*{what}"):
+            _run(img, aff, tasks=tasks)
+    with pytest.raises(SegmentationInputError, match="array of complex64 values: .*np.abs"):
+        _run(img.astype(np.complex64), aff)
+    with pytest.raises(SegmentationInputError, match=r"shape \(\d+,\) is 1-D"):
+        _run(img[:, 0, 0], aff)
+    with pytest.raises(SegmentationInputError, match="looks channel-first"):
+        _run(np.stack([img] * 3), aff)
     for bad in (0, 1.5, True, "2"):
         with pytest.raises(ValueError, match="sw_batch_size must be a positive int"):
             _run(img, aff, sw_batch_size=bad)

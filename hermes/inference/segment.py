@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +221,11 @@ def load_input(
             arr = t.numpy()
         else:
             arr = image
+        if np.iscomplexobj(arr) or not (np.issubdtype(arr.dtype, np.number)
+                                        or arr.dtype == bool):
+            raise SegmentationInputError(
+                f"cannot segment an array of {arr.dtype} values: pass real intensities (for "
+                "complex MR data, e.g. their magnitude np.abs(image))")
         arr = np.array(arr, dtype=np.float32)  # copy: the caller's array is never modified
         aff = _affine_from(affine, spacing)
         desc = f"array {tuple(arr.shape)}"
@@ -247,8 +252,9 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int,
             "tensor pass image[0]")
     if arr.ndim < 3 or (arr.ndim == 3 and min(arr.shape) == 1) or (
             arr.ndim == 4 and min(arr.shape[:3]) == 1):
+        dims = min(arr.ndim, sum(n > 1 for n in arr.shape[:3]))
         raise SegmentationInputError(
-            f"{desc}: image of shape {arr.shape} is 2-D; Hermes segments 3-D volumes "
+            f"{desc}: image of shape {arr.shape} is {dims}-D; Hermes segments 3-D volumes "
             "(X, Y, Z with every side >= 2)")
     if arr.ndim > 4:
         raise SegmentationInputError(f"{desc}: expected (X, Y, Z) or (X, Y, Z, C), got "
@@ -261,7 +267,7 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int,
         if channel_files > 1 and in_channels == 1:
             hint = ("; several files were given as the channels of one image (to segment "
                     "each, give their folder: `hermes segment -i FOLDER`)")
-        elif arr.ndim == 4 and arr.shape[0] == in_channels:
+        elif arr.ndim == 4 and (arr.shape[0] == in_channels or arr.shape[0] < arr.shape[3]):
             hint = (f"; shape {arr.shape} looks channel-first: Hermes takes channel-last "
                     "(X, Y, Z, C) arrays (np.moveaxis(image, 0, -1))")
         tag = _CHANNEL_RE.match(strip_image_suffix(Path(desc).name))
@@ -322,9 +328,23 @@ def _group_matches(group_modality: str, modality: str, vocab) -> bool:
 
 
 def _task_list(tasks: str | Sequence[str]) -> list:
-    """The names of ``tasks`` as given: a comma-separated string or a list, stripped."""
-    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    return [n.strip() if isinstance(n, str) else n for n in names]
+    """The names of ``tasks`` as given: a comma-separated string or a list, stripped.
+
+    Raises:
+        SegmentationInputError: ``tasks`` is neither, or holds other things than names.
+    """
+    if isinstance(tasks, str):
+        names = tasks.split(",")
+    elif isinstance(tasks, Iterable) and not isinstance(tasks, bytes | Mapping):
+        names = list(tasks)
+    else:
+        raise SegmentationInputError(f"tasks must be task names (a list, or a comma-separated "
+                                     f"string), got {type(tasks).__name__} {tasks!r}")
+    odd = [n for n in names if not isinstance(n, str)]
+    if odd:
+        raise SegmentationInputError(f"tasks must be task names (strings), got {odd[0]!r} "
+                                     f"({type(odd[0]).__name__})")
+    return [n.strip() for n in names]
 
 
 def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> list[str]:
@@ -565,8 +585,9 @@ def _postprocess_spec(postprocess: Any, tasks: list[str]) -> dict[str, tuple[boo
                 raise ValueError(f"postprocess for {where}: unknown keys {sorted(unknown)} "
                                  "(use 'largest', 'min_volume_ml')")
             ml = float(spec.get("min_volume_ml", 0.0))
-            if not ml >= 0.0:
-                raise ValueError(f"postprocess for {where}: min_volume_ml must be >= 0, got {ml}")
+            if not 0.0 <= ml < float("inf"):
+                raise ValueError(f"postprocess for {where}: min_volume_ml must be a volume "
+                                 f">= 0 mL, got {ml}")
             return bool(spec.get("largest", False)), ml
         raise ValueError(f"postprocess for {where}: expected 'largest', True or a mapping "
                          f"{{'largest': bool, 'min_volume_ml': float}}, got {spec!r}")
@@ -750,6 +771,10 @@ def segment(
         threshold = threshold.item()
     if not isinstance(threshold, numbers.Real) or not 0.0 < float(threshold) < 1.0:
         raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    for name, flag in (("tta", tta), ("fast", fast), ("probabilities", probabilities),
+                       ("progress", progress)):
+        if flag is not None and not isinstance(flag, bool | np.bool_) and flag not in (0, 1):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if roi_size is not None:
         sizes = np.asarray(roi_size).reshape(-1)
         if sizes.size not in (1, 3) or not np.issubdtype(sizes.dtype, np.integer) or (
