@@ -389,6 +389,10 @@ def test_non_finite_weights_are_refused(tmp_path, monkeypatch):
         next(model.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite weights in .*not written"):
         hm.save(model, tmp_path / "nan.hermes")
+    with pytest.raises(IsADirectoryError, match="is a folder: give the file to write"):
+        hm.save(model, tmp_path)
+    with pytest.raises(ValueError, match="task names must be non-empty"):
+        hm.build("tiny", tasks=["liver", ""], modalities=["CT"])
     assert not (tmp_path / "nan.hermes").exists()
     monkeypatch.setattr(ckpt, "non_finite_tensors", lambda state: [])  # as a bad writer would
     hm.save(model, tmp_path / "nan.hermes")

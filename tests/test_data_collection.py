@@ -315,6 +315,10 @@ def test_datasets_with_different_channel_counts_are_reported(tmp_path):
                         "collections"]
     assert Collection.from_dict({"datasets": [{"name": "one", "path": str(tmp_path / "one")}]}
                                 ).validate() == []
+    (tmp_path / "one" / "dataset.json").write_text("[1, 2]")  # JSON, but no dataset fields
+    problems = [p.message for p in Collection.from_dict(
+        {"datasets": [{"name": "one", "path": str(tmp_path / "one")}]}).validate()]
+    assert any("dataset.json: holds a JSON list, not an object" in m for m in problems)
 
 
 def test_cases_whose_channels_differ_within_a_dataset_are_named(tmp_path):

@@ -286,6 +286,8 @@ def test_incremental_with_frozen_shared_weights_keeps_old_outputs_exactly(setup,
     assert hm.read_header(res.path)["metadata"]["finetune"]["freeze_shared"] is True
     with pytest.raises(ValueError, match="freeze_shared"):
         finetune(base, new, tmp_path / "x", mode="full", freeze_shared=True, **TRAIN)
+    with pytest.raises(ValueError, match="distill .* must be >= 0, got -1"):
+        finetune(base, new, tmp_path / "x", mode="incremental", distill=-1, **TRAIN)
 
 
 def test_cli_finetune_resume_takes_the_runs_own_options(setup, tmp_path, capsys):

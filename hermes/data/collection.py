@@ -574,6 +574,11 @@ class Collection:
                 except (OSError, json.JSONDecodeError) as exc:
                     self._problems.append(Problem("unreadable", f"{dj}: {exc}", name,
                                                   path=str(dj)))
+                if not isinstance(meta, Mapping):
+                    self._problems.append(Problem(
+                        "unreadable", f"{dj}: holds a JSON {type(meta).__name__}, not an object "
+                        "of dataset fields (labels, channel_names, ...)", name, path=str(dj)))
+                    meta = {}
             else:
                 self._problems.append(Problem("missing_file", f"{dj} not found", name,
                                               path=str(dj)))

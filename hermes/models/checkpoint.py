@@ -92,7 +92,11 @@ def save(model: HermesResUNet, path: str | os.PathLike, metadata: dict[str, Any]
 
     Raises:
         ValueError: the model has NaN or infinite weights (nothing is written).
+        IsADirectoryError: ``path`` is a folder.
     """
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give the file to write (e.g. "
+                                f"{Path(path) / RUN_MODEL_FILE})")
     model = unwrap(model)
     buf = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

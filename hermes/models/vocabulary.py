@@ -59,6 +59,9 @@ class Vocabulary:
         for kind, names in (("task", self.tasks), ("modality", self.modalities)):
             if not names:
                 raise ValueError(f"a model needs at least one {kind} name")
+            if any(not n.strip() or n != n.strip() for n in names):
+                raise ValueError(f"{kind} names must be non-empty without surrounding "
+                                 f"spaces, got {[n for n in names if n != n.strip() or not n]}")
             # modalities are looked up case-insensitively: 'T1' and 't1' would share a row
             keys = [n.casefold() if kind == "modality" else n for n in names]
             dup = sorted({n for n, k in zip(names, keys, strict=True) if keys.count(k) > 1})

@@ -445,6 +445,8 @@ def finetune(
         raise ValueError(f"prior_lr_scale must be positive, got {prior_lr_scale}")
     if not 0.0 <= rehearsal_fraction < 1.0:
         raise ValueError("rehearsal_fraction must lie in [0, 1)")
+    if distill is not None and not 0.0 <= float(distill) < float("inf"):
+        raise ValueError(f"distill (the distillation loss weight) must be >= 0, got {distill}")
     base = hm.load(model) if isinstance(model, (str, os.PathLike)) else model
     base = unwrap(base)
     base_src = str(model) if isinstance(model, (str, os.PathLike)) else None
