@@ -456,3 +456,16 @@ def test_a_dataset_folder_is_a_collection_of_itself(tmp_path):
     assert not any(p.name.startswith("hermes_cache") for p in folder.iterdir())
     with pytest.raises(CollectionError, match="folder without dataset.json"):
         load_collection(folder / "imagesTr")
+
+
+def test_a_structure_named_on_value_0_is_warned_about(tmp_path):
+    """Value 0 is the background: a map naming a structure there (values counted from 0) is
+    said, not dropped silently; background names on 0 are fine."""
+    (tmp_path / "d").mkdir()
+    spec = {"name": "d", "path": str(tmp_path / "d"), "modality": "CT"}
+    with pytest.warns(UserWarning, match="dataset d: label value 0 is named 'liver'"):
+        c = Collection.from_dict({"datasets": [{**spec, "labels": {0: "liver", 1: "tumour"}}]})
+    assert c.tasks == ["d/tumour"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Collection.from_dict({"datasets": [{**spec, "labels": {0: "Background", 1: "liver"}}]})

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ import yaml
 from hermes._text import first_of
 from hermes.data.io import IMAGE_SUFFIXES, ImageReadError, image_suffix, load_header, load_image
 from hermes.data.io import strip_image_suffix as _strip
-from hermes.data.labels import LabelMapError, parse_label_map
+from hermes.data.labels import BACKGROUND_NAMES, LabelMapError, background_name, parse_label_map
 from hermes.data.modalities import CANONICAL_MODALITIES, UnknownModalityError, canonical_modality
 
 __all__ = [
@@ -615,6 +616,11 @@ class Collection:
             except LabelMapError as exc:
                 self._bad(f"label map: {exc}", name)
                 lmap = {}
+            zero = background_name(raw_labels)
+            if zero is not None and zero.strip().lower() not in BACKGROUND_NAMES:
+                warnings.warn(f"dataset {name}: label value 0 is named {zero!r}, but 0 is the "
+                              "background (voxels of no structure): it is not trained as a "
+                              "structure; give structures values from 1", stacklevel=2)
             # nnU-Net v2 "ignore" label: unannotated voxels, excluded from every loss
             ignore_values = tuple(v for k in list(lmap) if k.lower() == "ignore"
                                   for v in lmap.pop(k))

@@ -12,6 +12,7 @@ which case it is the bare shared name and the same prior is used by every datase
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["LabelMapError", "parse_label_map", "BACKGROUND_NAMES"]
 
@@ -40,6 +41,17 @@ def _is_int_like(v: object) -> bool:
         return True
     except LabelMapError:
         return False
+
+
+def background_name(raw: Any) -> str | None:
+    """The name a ``{value: name}`` label map gives value 0 (None: none, or the other
+    orientation, where a name on 0 is an error of :func:`parse_label_map`)."""
+    if not isinstance(raw, Mapping) or not all(_is_int_like(k) for k in raw):
+        return None
+    for k, name in raw.items():
+        if int(k) == 0 and isinstance(name, str):
+            return name
+    return None
 
 
 def parse_label_map(raw: Mapping) -> dict[str, tuple[int, ...]]:
