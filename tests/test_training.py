@@ -287,6 +287,16 @@ def test_resume_on_other_data_is_refused(cache, tmp_path):
     with pytest.raises(ValueError, match="was trained on other data"):
         tr.Trainer(_small_cfg(other.cache_dir, tmp_path / "run", steps=2), resume=True)
 
+def test_a_run_folder_inside_the_source_data_is_refused(cache):
+    import hermes.training.trainer as tr
+
+    case = hd.PreprocessedCollection(cache).cases[0]
+    images = Path(case.meta["sources"][0]["path"]).parent  # e.g. <dataset>/imagesTr
+    with pytest.raises(ValueError, match="is inside .*imagesTr, a folder of the collection's "
+                                         "source images"):
+        tr.Trainer(_small_cfg(cache, images / "run"))
+    assert not (images / "run").exists()
+
 def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_small_cfg(cache, tmp_path / "none"), resume=True)

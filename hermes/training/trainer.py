@@ -47,6 +47,21 @@ CHECKPOINT_EVERY = 100
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
 
 
+def _refuse_source_folder(out: Path, collection: Any) -> None:
+    """Refuse a run folder that is, or lies inside, a folder of the collection's source images
+    or labels (e.g. a dataset's imagesTr/): the run would write into the user's data."""
+    target = out.resolve()
+    folders: set[Path] = set()
+    for case in getattr(collection, "cases", []):
+        for src in (getattr(case, "meta", {}) or {}).get("sources", []):
+            if isinstance(src, dict) and src.get("path"):
+                folders.add(Path(src["path"]).parent.resolve())
+    for folder in sorted(folders):
+        if target == folder or folder in target.parents:
+            raise ValueError(f"--out {out} is inside {folder}, a folder of the collection's "
+                             "source images or labels: choose a folder outside the data")
+
+
 def _left_by_unfinished_run(out: Path) -> bool:
     """Whether ``out``'s config.json and log.csv are those of a Hermes run that stopped before
     its first checkpoint (a crash or an error in its first steps): a new run may replace them,
@@ -234,6 +249,7 @@ class Trainer:
         self.step = 0
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"--out {self.out} is a file: the run needs a folder")
+        _refuse_source_folder(self.out, self.collection)
         if resume:
             self._load_state()
         elif self.state_path.exists():
