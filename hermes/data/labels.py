@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LabelMapError", "parse_label_map", "BACKGROUND_NAMES"]
+__all__ = ["LabelMapError", "parse_label_map", "background_name", "BACKGROUND_NAMES"]
 
 BACKGROUND_NAMES = frozenset({"background", "bg", "clear label", "unlabeled", "unlabelled"})
 
