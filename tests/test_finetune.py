@@ -490,3 +490,21 @@ def test_resume_fills_options_from_the_run_except_a_rehearsal_it_lacked(tmp_path
     # the run had no rehearsal: --rehearsal now takes the default fraction (and the resume is
     # then refused by name), not the run's 0
     assert args.rehearsal_fraction == 0.5
+
+
+def test_a_task_name_another_dataset_taught_the_model_is_named():
+    """Dataset folders keep dataset.json's bare names: a second dataset's 'cancer' would train
+    the model's 'cancer' of another dataset; fine-tuning says so (not for the model's own
+    dataset or new names)."""
+    from types import SimpleNamespace
+
+    from hermes.models.vocabulary import Vocabulary
+    from hermes.training.finetune import names_from_other_datasets
+
+    vocab = Vocabulary(["liver", "cancer"], ["CT"],
+                       {"Task03_Liver": {"tasks": ["liver", "cancer"], "modality": "CT"}})
+    pc = SimpleNamespace(datasets={
+        "Task07_Pancreas": SimpleNamespace(tasks=["pancreas", "cancer"]),
+        "Task03_Liver": SimpleNamespace(tasks=["liver", "cancer"])})
+    assert names_from_other_datasets(vocab, pc) == [
+        "cancer (Task07_Pancreas; the model's from Task03_Liver)"]

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import hermes.models as hm
+from hermes._text import first_of
 from hermes.data.cache import CachedCase, PreprocessedCollection
 from hermes.files import atomic_write_json
 from hermes.models.checkpoint import unwrap
@@ -185,6 +186,25 @@ def new_names(vocab: Vocabulary, pc: PreprocessedCollection) -> tuple[list[str],
             if info.modality not in mods:
                 mods.append(info.modality)
     return tasks, mods
+
+
+def names_from_other_datasets(vocab: Vocabulary, pc: PreprocessedCollection) -> list[str]:
+    """``'task (model: A, B)'`` for each task of ``pc`` the model knows (so it trains the
+    model's prior for it) but only from other datasets than those naming it in ``pc`` (by the
+    model's dataset groups): a shared bare name such as ``cancer`` may be another structure."""
+    owners: dict[str, set[str]] = {}
+    for group, spec in vocab.groups.items():
+        for t in spec.get("tasks", []):
+            owners.setdefault(t, set()).add(group)
+    found: list[str] = []
+    for name, info in pc.datasets.items():
+        for t in info.tasks:
+            theirs = owners.get(t)
+            if t in vocab.tasks and theirs and name not in theirs:
+                entry = f"{t} ({name}; the model's from {', '.join(sorted(theirs))})"
+                if entry not in found:
+                    found.append(entry)
+    return found
 
 
 def _row_mask(n_rows: int, frozen: Sequence[int], like: Tensor) -> Tensor:
@@ -454,6 +474,12 @@ def finetune(
     base_pre = dict(base_meta.get("preprocess") or {})
     pc = _open(collection, base_pre, base_src or "the base model")
     new_tasks, new_mods = new_names(base.vocab, pc)
+    reused = names_from_other_datasets(base.vocab, pc)
+    if reused:
+        warnings.warn(f"tasks the model learned from other datasets, which this collection's "
+                      f"labels train further as the same structures: {first_of(reused, 4)}; "
+                      "if one is another structure of the same name (e.g. one dataset's "
+                      "'cancer' and another's), name it apart in a collection YAML", stacklevel=2)
     if freeze_shared and not (new_tasks or new_mods):
         raise ValueError("freeze_shared trains only the rows of new tasks and modalities: the "
                          "collection brings none")
