@@ -384,6 +384,10 @@ def test_ignore_label_is_not_a_task_but_is_allowed(tmp_path):
     c = Collection.from_dict({"datasets": [{"name": "d", "path": str(ds)}]})
     assert c.validate() == []
     assert c.tasks == ["d/prostate"] and c.dataset("d").ignore_values == (5,)
+    both = Collection.from_dict({"datasets": [{"name": "d", "path": str(ds), "labels": {
+        "background": 0, "prostate": [1, 5], "ignore": 5}}]})
+    assert any("value(s) [5] are both a structure's and 'ignore'" in p.message
+               for p in both.validate())
     import hermes.data as hd
 
     pc = hd.preprocess(c, cache_dir=tmp_path / "cache", spacing=1.0, workers=1,

@@ -624,6 +624,10 @@ class Collection:
             # nnU-Net v2 "ignore" label: unannotated voxels, excluded from every loss
             ignore_values = tuple(v for k in list(lmap) if k.lower() == "ignore"
                                   for v in lmap.pop(k))
+            both = sorted({v for vs in lmap.values() for v in vs} & set(ignore_values))
+            if both:
+                self._bad(f"label map: value(s) {both} are both a structure's and 'ignore' "
+                          "(unannotated voxels): give each value one meaning", name)
             shared_flag = dcfg.get("shared", [])
             if shared_flag is True:
                 shared_local = set(lmap)
