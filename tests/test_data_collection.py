@@ -473,3 +473,13 @@ def test_a_structure_named_on_value_0_is_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Collection.from_dict({"datasets": [{**spec, "labels": {0: "Background", 1: "liver"}}]})
+
+
+def test_a_dataset_of_several_channel_modalities_is_told_to_name_one(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "CT", "1": "PET"}, "labels": {"background": 0, "lesion": 1}}))
+    problems = [p.message for p in Collection.from_dict(
+        {"datasets": [{"name": "d", "path": str(tmp_path / "d")}]}).validate()]
+    assert any("(its channels: CT, PET); give the dataset's modality (e.g. `modality: CT`) in "
+               "a collection YAML" in m for m in problems)

@@ -332,14 +332,21 @@ def test_preprocess_refuses_cache_inside_sources_and_reports_problems(synth, tmp
     (tmp_path / "s" / "synth_t1" / "labelsTr" / "synth_t1_001.nii.gz").unlink()
     with pytest.raises(hd.CollectionError, match="synth_t1"):
         hd.preprocess(tmp_path / "s" / "collection.yaml", progress=False)
-    assert not (tmp_path / "s" / "hermes_cache").exists()
+    assert not list((tmp_path / "s").glob("hermes_cache*"))
 
 
 def test_default_cache_next_to_yaml(synth, tmp_path):
+    """hermes_cache_<YAML name>/ beside the YAML; a hermes_cache/ of earlier versions that
+    holds this collection goes on being used."""
     shutil.copytree(synth.parent, tmp_path / "s")
-    pc = hd.preprocess(tmp_path / "s" / "collection.yaml", spacing=10.0, workers=1,
-                       progress=False)
+    kw = dict(spacing=10.0, workers=1, progress=False)
+    pc = hd.preprocess(tmp_path / "s" / "collection.yaml", **kw)
+    assert pc.cache_dir == (tmp_path / "s" / "hermes_cache_collection").resolve()
+    pc.cache_dir.rename(tmp_path / "s" / "hermes_cache")
+    pc = hd.preprocess(tmp_path / "s" / "collection.yaml", **kw)
     assert pc.cache_dir == (tmp_path / "s" / "hermes_cache").resolve()
+    stats = json.loads((pc.cache_dir / "collection.json").read_text())["stats"]
+    assert stats["done"] == 0  # found, not preprocessed again
 
 
 def test_failed_case_is_reported_and_the_rest_resumes(synth, tmp_path):
@@ -360,9 +367,9 @@ def test_failed_case_is_reported_and_the_rest_resumes(synth, tmp_path):
 
 
 def test_two_collections_do_not_share_a_cache(synth, tmp_path):
-    """Two YAMLs next to each other share the default hermes_cache/: the second is refused
-    (before, it replaced the first's collection.json and training took whichever ran last);
-    the same collection re-run, moved or rebuilt in Python is not."""
+    """Two YAMLs next to each other get caches of their own by default; given one cache, the
+    second is refused (it would replace the first's collection.json, and training would take
+    whichever ran last); the same collection re-run, moved or rebuilt in Python is not."""
     import shutil
 
     import yaml
@@ -377,6 +384,8 @@ def test_two_collections_do_not_share_a_cache(synth, tmp_path):
     cfg["name"], cfg["datasets"], cfg["shared_tasks"] = "abdomen", cfg["datasets"][:1], []
     second.write_text(yaml.safe_dump(cfg))
     kw = dict(spacing=10.0, workers=1, progress=False)
+    assert hd.preprocess(second, **kw).cache_dir.name == "hermes_cache_abdomen"
+    kw["cache_dir"] = root / "hermes_cache"
     hd.preprocess(first, **kw)
     with pytest.raises(PreprocessError, match=r"holds another collection \('hermes_synthetic' "
                                                r"of .*collection.yaml\); give this one its own"):

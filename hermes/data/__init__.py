@@ -6,7 +6,7 @@ Typical use::
     import hermes.data as hd
     coll = hd.load_collection("collection.yaml")
     coll.check()                                  # raises listing every problem
-    pc = hd.preprocess(coll, spacing=1.5, workers=4)   # resumable cache, hermes_cache/
+    pc = hd.preprocess(coll, spacing=1.5, workers=4)   # resumable cache, hermes_cache_<yaml>/
     model = hermes.models.build("base", tasks=pc.tasks, modalities=pc.modalities,
                                 groups=pc.groups)
     for case in pc.split("train"):

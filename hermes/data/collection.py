@@ -594,9 +594,11 @@ class Collection:
             if len(set(channel_names)) == 1:
                 raw_mod = channel_names[0]
             else:
+                named = f" (its channels: {', '.join(channel_names)})" if channel_names else ""
                 self._problems.append(Problem(
-                    "modality", "'modality' missing (dataset.json does not name a single one)",
-                    name))
+                    "modality", f"'modality' missing: dataset.json does not name a single one"
+                    f"{named}; give the dataset's modality (e.g. `modality: CT`) in a "
+                    "collection YAML", name))
                 raw_mod = "?"
         modality = str(raw_mod)
         try:

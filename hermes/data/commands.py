@@ -123,8 +123,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("collection", help="collection YAML, or one dataset's folder (with its "
                    "dataset.json)")
     p.add_argument("--cache-dir", default=None,
-                   help="cache folder (default: the YAML's cache_dir or hermes_cache/ next to "
-                   "it; for a dataset folder hermes_cache_<folder name>/ beside it)")
+                   help="cache folder (default: the YAML's cache_dir or hermes_cache_<YAML "
+                   "name>/ next to it; for a dataset folder hermes_cache_<folder name>/ beside "
+                   "it)")
     p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
                    help="target spacing in mm, one value or three (default: YAML or 1.5)")
     p.add_argument("--workers", type=int, default=None, help="processes (default min(4, CPUs))")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 import zlib
@@ -354,11 +355,17 @@ def _work(args: tuple) -> tuple[str, str, str | None]:
 
 
 def resolve_cache_dir(collection: Collection, cache_dir: str | os.PathLike | None) -> Path:
-    """The cache folder: the argument, else the YAML's ``cache_dir``, else ``hermes_cache/``
-    next to the YAML. Refuses any folder inside (or equal to) a dataset's source folder."""
-    if cache_dir is None:
-        cache_dir = collection.cache_dir or "hermes_cache"
-        p = Path(os.path.expanduser(str(cache_dir)))
+    """The cache folder: the argument, else the YAML's ``cache_dir``, else
+    ``hermes_cache_<YAML name>/`` next to the YAML (one per YAML: two collections in one folder
+    do not share it; a ``hermes_cache/`` of earlier versions holding this collection is kept).
+    Refuses any folder inside (or equal to) a dataset's source folder."""
+    if cache_dir is None and not collection.cache_dir:
+        legacy = collection.root / "hermes_cache"
+        stem = collection.path.stem if collection.path else collection.name
+        p = legacy if _cache_holds(legacy, collection) is True else \
+            collection.root / f"hermes_cache_{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)}"
+    elif cache_dir is None:
+        p = Path(os.path.expanduser(str(collection.cache_dir)))
         p = p if p.is_absolute() else collection.root / p
     else:
         p = Path(os.path.expanduser(str(cache_dir)))
@@ -375,26 +382,34 @@ def resolve_cache_dir(collection: Collection, cache_dir: str | os.PathLike | Non
     return p
 
 
-def _check_same_collection(cache: Path, collection: Collection) -> None:
-    """Refuse a cache finished for another collection (two YAMLs in one folder share the default
-    ``hermes_cache/``: the second would replace the first's ``collection.json``, and training on
-    the cache would silently train the collection preprocessed last)."""
+def _cache_holds(cache: Path, collection: Collection) -> bool | None:
+    """Whether the finished cache ``cache`` is ``collection``'s (same YAML, or same name and
+    datasets: a moved or renamed YAML, or one built in Python); None when it holds none."""
     try:
         old = json.loads((cache / "collection.json").read_text())
         old_source, old_name = old.get("source"), old.get("name")
         old_datasets = {d.get("name") for d in old.get("datasets", [])}
     except (OSError, ValueError, AttributeError, TypeError):
-        return  # none yet, or unreadable: nothing to compare
+        return None  # none yet, or unreadable: nothing to compare
     source = str(collection.path) if collection.path else None
     if old_source is not None and source is not None and old_source == source:
+        return True
+    return old_name == collection.name and old_datasets == {d.name for d in collection.datasets}
+
+
+def _check_same_collection(cache: Path, collection: Collection) -> None:
+    """Refuse a cache finished for another collection (its ``collection.json`` would be
+    replaced, and training on the cache would silently train the collection preprocessed
+    last)."""
+    if _cache_holds(cache, collection) is not False:
         return
-    if old_name == collection.name and old_datasets == {d.name for d in collection.datasets}:
-        return  # the same collection (its YAML moved or renamed, or built in Python)
+    old = json.loads((cache / "collection.json").read_text())
+    old_source = old.get("source")
     raise PreprocessError(
-        f"cache {cache} holds another collection ({old_name!r}"
+        f"cache {cache} holds another collection ({old.get('name')!r}"
         f"{f' of {old_source}' if old_source else ''}); give this one its own cache "
-        "(--cache-dir, or cache_dir: in its YAML), or replace that one with overwrite=True "
-        "(`hermes preprocess --overwrite`)")
+        "(--cache-dir, or cache_dir: in its YAML), or replace that one (`hermes preprocess "
+        "--overwrite`; overwrite=True in Python)")
 
 
 def preprocess(
