@@ -108,3 +108,17 @@ def test_cuda_kernels_gated_on_the_extension_seeing_a_device(monkeypatch, count)
         assert aggregate._native(torch.device("cpu"), "aggregate_add") is None  # fake has none
     finally:
         _extension.cuda_kernels_usable.cache_clear()
+
+
+def test_subpackages_after_a_plain_import():
+    """README's ``hermes.ops.capabilities()`` works after ``import hermes`` alone (checked in
+    a fresh interpreter: here other tests have imported hermes.ops already)."""
+    import subprocess
+    import sys
+
+    code = ("import hermes; assert 'extension_loaded' in hermes.ops.capabilities(); "
+            "assert hermes.models.build and hermes.data.load_collection\n"
+            "try:\n    hermes.nothing\nexcept AttributeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd="/", check=True)
+    assert "has no attribute 'nothing'" in out.stdout
