@@ -508,3 +508,12 @@ def test_a_task_name_another_dataset_taught_the_model_is_named():
         "Task03_Liver": SimpleNamespace(tasks=["liver", "cancer"])})
     assert names_from_other_datasets(vocab, pc) == [
         "cancer (Task07_Pancreas; the model's from Task03_Liver)"]
+
+
+def test_default_run_folder_is_named_after_the_base_run(tmp_path):
+    from hermes.training.finetune_commands import _base_name
+
+    (tmp_path / "runs" / "liver").mkdir(parents=True)
+    assert _base_name(tmp_path / "runs" / "liver" / "model.hermes") == "liver"
+    assert _base_name(tmp_path / "runs" / "liver") == "liver"
+    assert _base_name(tmp_path / "hermes_r.pth") == "hermes_r"

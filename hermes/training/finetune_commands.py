@@ -23,6 +23,16 @@ _TRAIN_OPTIONS: dict[str, tuple[str, object]] = {
 }
 
 
+def _base_name(model: Path) -> str:
+    """The base model's name in the default run folder: its run folder's name for a run's
+    ``model.hermes`` (or the folder given), else the file's stem."""
+    from hermes.models.checkpoint import RUN_MODEL_FILE
+
+    if model.is_dir() or model.name == RUN_MODEL_FILE:
+        return (model if model.is_dir() else model.parent).resolve().name
+    return model.stem
+
+
 def _fill_options(args: argparse.Namespace, out: Path) -> None:
     """Set the run options left out (None): on ``--resume``, the run's own (from ``out``),
     else the defaults."""
@@ -65,8 +75,8 @@ def _finetune(args: argparse.Namespace) -> int:
         rehearsal = open_cache_once(args.rehearsal, None, args.workers, not args.quiet, base,
                                     args.device)
     variant = "-new-decoder" if args.new_decoder else "-frozen" if args.freeze_shared else ""
-    out = args.out or str(Path("runs") / f"{Path(args.model).stem}-{args.mode or 'full'}"
-                                         f"{variant}-{pc.name}")
+    out = args.out or str(Path("runs") / f"{_base_name(Path(args.model))}-"
+                                         f"{args.mode or 'full'}{variant}-{pc.name}")
     _fill_options(args, Path(out))
     # without --crop, finetune() takes the base model's training crop
     crop = {"crop_size": crop_option(args.crop)} if args.crop else {}
@@ -131,7 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--prior-lr-scale", type=float,
                    help="learning-rate multiplier of the prior tables (default 1)")
     f.add_argument("--out", help="run folder (default runs/<model>-<mode>[-new-decoder|-frozen]-"
-                                 "<collection>)")
+                                 "<collection>; <model>: the base run's folder name for its "
+                                 "model.hermes)")
     f.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
     f.add_argument("--steps", type=int, help="optimiser steps (default 500)")
     f.add_argument("--batch-size", type=int, help="default 2")
