@@ -134,7 +134,7 @@ class EvaluationResult:
 
     def write_csv(self, path: str | Path) -> None:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+        w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
         w.writeheader()
         w.writerows(self.rows)
         atomic_write_bytes(path, [buf.getvalue().encode()])

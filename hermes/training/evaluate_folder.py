@@ -39,7 +39,8 @@ def ground_truth_labels(gt_dir: Path, labels: str | os.PathLike | Mapping | None
                  if (d / "dataset.json").is_file()]
         if not found:
             raise FileNotFoundError(f"no dataset.json in {gt_dir} or {gt_dir.parent}: give the "
-                                    "label map with --labels (a dataset.json or a JSON file)")
+                                    "label map with --labels (a dataset.json or a JSON file); "
+                                    "the ground truth comes first (evaluate-folder GT PRED)")
         labels = found[0]
     if not isinstance(labels, Mapping):
         try:

@@ -359,12 +359,14 @@ class Trainer:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
         fields = LOG_FIELDS + (["extra"] if self.extra_loss is not None else [])
         kept = io.StringIO()  # the rows kept, replaced at once: a kill here loses none
-        writer = csv.DictWriter(kept, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(kept, fieldnames=fields, extrasaction="ignore",
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_bytes(path, [kept.getvalue().encode()])
         f = open(path, "a", newline="")
-        return f, csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        return f, csv.DictWriter(f, fieldnames=fields, extrasaction="ignore",
+                                   lineterminator="\n")
 
     def _tensorboard(self):
         if not self.cfg.tensorboard:
