@@ -26,7 +26,10 @@ def format_capabilities(info: dict) -> str:
         if info["cuda_device_count"]:
             lines.append(f"CUDA devices now : {', '.join(info['cuda_devices'])}")
         else:
-            lines.append(f"CUDA devices now : none ({info['cuda_error']})")
+            why = info["cuda_error"]
+            if "insufficient" in str(why).lower() and not info["torch_cuda_available"]:
+                why += "; or no NVIDIA driver or GPU at all (torch sees none either)"
+            lines.append(f"CUDA devices now : none ({why})")
     else:
         lines.append("CUDA kernels     : not compiled")
     lines.append(f"torch CUDA       : {'available' if info['torch_cuda_available'] else 'no'}")

@@ -122,3 +122,17 @@ def test_subpackages_after_a_plain_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd="/", check=True)
     assert "has no attribute 'nothing'" in out.stdout
+
+
+def test_info_on_a_machine_without_a_driver():
+    """cudart reports a missing driver as an insufficient one: hermes info says both."""
+    from hermes.info import format_capabilities
+    from hermes.ops import capabilities
+
+    info = {**capabilities(), "extension_loaded": True, "extension_path": "x", "openmp": True,
+            "openmp_threads": 2, "cuda_compiled": True, "cuda_archs": ["sm_90"],
+            "cuda_runtime_version": "13.0", "cuda_device_count": 0,
+            "cuda_error": "CUDA driver version is insufficient for CUDA runtime version"}
+    for torch_sees, said in ((False, True), (True, False)):
+        text = format_capabilities({**info, "torch_cuda_available": torch_sees})
+        assert ("or no NVIDIA driver or GPU at all" in text) is said
