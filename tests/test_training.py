@@ -139,6 +139,30 @@ def test_samples_are_deterministic_and_partial(cache):
     assert all(ds[i]["targets"].any() for i in range(8))
 
 
+def test_rotations_fill_with_the_volume_padding_not_zero():
+    """What a rotation brings into the crop from outside is the channel's padding value (the
+    case's minimum, as crops over the edge and inference pad), not 0 (mid-grey)."""
+    from hermes.training.sampling import build_augmentation
+
+    aug = build_augmentation((16, 16, 16), mri=False)
+    affine = aug.transforms[1]
+    affine.prob = 1.0  # always rotate/scale
+    affine.rand_affine.rand_affine_grid.rotate_range = ([0.5, 0.5],) * 3
+    shift_affine = [aug.transforms[0], affine, aug.transforms[2]]
+    image = torch.full((2, 16, 16, 16), 3.0)
+    pad = torch.tensor([-2.0, -1.5]).view(2, 1, 1, 1)
+    image[:, 4:12, 4:12, 4:12] = 7.0
+    image[0, :2], image[1, :2] = -2.0, -1.5  # the volume's minimum, inside the crop too
+    d = {"image": image, "label": torch.zeros(1, 16, 16, 16), "pad": pad}
+    affine.set_random_state(seed=3)
+    for t in shift_affine:
+        d = t(d)
+    out = torch.as_tensor(d["image"])
+    assert not (out == 0).any()  # no zero padding
+    for c, v in enumerate((-2.0, -1.5)):  # the corners rotated in hold the pad value
+        assert (out[c] == v).sum() > (image[c] == v).sum() * 0.5
+        assert out[c].min() >= v - 1e-5
+
 def test_dataset_without_training_cases_is_named(cache):
     """A dataset whose cases are all held out (e.g. all declared test) is never sampled: a
     warning names it and the tasks that then stay untrained."""

@@ -21,10 +21,22 @@ from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 MRI_MODALITIES = {"T1", "T2", "CINE", "MR"}
 
 
-def build_augmentation(crop_size: Sequence[int], mri: bool):
-    """MONAI augmentation for an ``{"image": (C, *crop), "label": (T, *crop)}`` dict.
+def _from_pad(d: dict) -> dict:
+    """The image relative to its padding value (the affine's zero padding then equals it)."""
+    return {**d, "image": d["image"] - d["pad"]}
 
-    Affine (scale +-30 %, rotation +-30 deg) with probability 0.5, then intensity transforms
+
+def _to_pad(d: dict) -> dict:
+    return {**d, "image": d["image"] + d["pad"]}
+
+
+def build_augmentation(crop_size: Sequence[int], mri: bool):
+    """MONAI augmentation for an ``{"image": (C, *crop), "label": (T, *crop), "pad": (C, 1, 1,
+    1)}`` dict (``pad``: each channel's value outside the volume, the case's minimum).
+
+    Affine (scale +-30 %, rotation +-30 deg) with probability 0.5, the parts rotated in from
+    outside the crop filled with ``pad`` as crops hanging over the volume's edge are and as
+    inference pads (not with 0, mid-grey of a z-scored image), then intensity transforms
     (scale, shift, gamma, Gaussian blur, Gaussian noise), each with probability 0.2 for MRI and
     0.1 for CT/PET, as the official recipe (MRI gets more colour augmentation).
     """
@@ -41,11 +53,13 @@ def build_augmentation(crop_size: Sequence[int], mri: bool):
     p = 0.2 if mri else 0.1
     rot = np.deg2rad(30.0)
     return Compose([
+        _from_pad,
         RandAffined(
             keys=["image", "label"], prob=0.5, rotate_range=(rot, rot, rot),
             scale_range=(0.3, 0.3, 0.3), mode=("bilinear", "nearest"),
             padding_mode="zeros", spatial_size=tuple(crop_size), cache_grid=True,
         ),
+        _to_pad,
         RandScaleIntensityd(keys="image", factors=0.3, prob=p),
         RandShiftIntensityd(keys="image", offsets=0.1, prob=p),
         RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=p),
@@ -135,7 +149,10 @@ class PatchDataset(Dataset):
         if self.augment:
             aug = self._augmentation(case.modality in MRI_MODALITIES)
             aug.set_random_state(seed=int(rng.integers(2**31)))
-            out = aug({"image": torch.from_numpy(image), "label": torch.from_numpy(targets)})
+            pad = torch.tensor(case.meta.get("image_min") or [0.0] * image.shape[0],
+                               dtype=torch.float32).view(-1, 1, 1, 1)
+            out = aug({"image": torch.from_numpy(image), "label": torch.from_numpy(targets),
+                       "pad": pad})
             image = torch.as_tensor(out["image"]).float().contiguous()
             targets = torch.as_tensor(out["label"]).round().to(torch.uint8)
         else:
