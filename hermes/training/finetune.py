@@ -189,9 +189,10 @@ def new_names(vocab: Vocabulary, pc: PreprocessedCollection) -> tuple[list[str],
 
 
 def names_from_other_datasets(vocab: Vocabulary, pc: PreprocessedCollection) -> list[str]:
-    """``'task (model: A, B)'`` for each task of ``pc`` the model knows (so it trains the
-    model's prior for it) but only from other datasets than those naming it in ``pc`` (by the
-    model's dataset groups): a shared bare name such as ``cancer`` may be another structure."""
+    """``"task (dataset; the model's from A, B)"`` for each task of ``pc`` the model knows (so
+    it trains the model's prior for it) but only from other datasets than the one naming it in
+    ``pc`` (by the model's dataset groups): a shared bare name such as ``cancer`` may be another
+    structure."""
     owners: dict[str, set[str]] = {}
     for group, spec in vocab.groups.items():
         for t in spec.get("tasks", []):
