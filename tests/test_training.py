@@ -321,6 +321,17 @@ def test_a_run_folder_inside_the_source_data_is_refused(cache):
         tr.Trainer(_small_cfg(cache, images / "run"))
     assert not (images / "run").exists()
 
+def test_a_crop_far_larger_than_the_images_is_warned_about(cache, tmp_path):
+    import hermes.training.trainer as tr
+
+    largest = max(max(c.shape) for c in hd.PreprocessedCollection(cache).cases)
+    crop = 16 * (2 * largest // 16 + 1)  # over twice the largest image on every axis
+    with pytest.warns(UserWarning, match=r"crop .* is over twice the largest training image"):
+        tr.Trainer(_small_cfg(cache, tmp_path / "run", crop_size=(crop, crop, crop)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.Trainer(_small_cfg(cache, tmp_path / "run2"))
+
 def test_resume_without_checkpoint_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(_small_cfg(cache, tmp_path / "none"), resume=True)

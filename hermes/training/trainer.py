@@ -13,7 +13,8 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,21 @@ ExtraLoss = Callable[["Trainer", dict, Any, torch.Tensor], tuple[torch.Tensor, d
 #: Steps between checkpoints unless the configuration (or a resumed run) says otherwise.
 CHECKPOINT_EVERY = 100
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
+
+
+def _warn_oversized_crop(crop: Sequence[int], collection: Any) -> None:
+    """Warn when the crop is over twice the largest cached image along an axis: the crops are
+    then mostly padding, and their activations may exceed the memory (a killed process says
+    nothing)."""
+    shapes = [tuple(case.shape) for case in getattr(collection, "cases", [])]
+    if not shapes:
+        return
+    largest = [max(s[a] for s in shapes) for a in range(3)]
+    if any(int(c) > 2 * m for c, m in zip(crop, largest, strict=True)):
+        warnings.warn(f"crop {tuple(int(c) for c in crop)} is over twice the largest training "
+                      f"image ({' x '.join(map(str, largest))} voxels at the cache's spacing): "
+                      "the crops are mostly padding and need much memory; a crop about the "
+                      "images' size trains the same", stacklevel=3)
 
 
 def _refuse_source_folder(out: Path, collection: Any) -> None:
@@ -250,6 +266,7 @@ class Trainer:
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"--out {self.out} is a file: the run needs a folder")
         _refuse_source_folder(self.out, self.collection)
+        _warn_oversized_crop(cfg.crop_size, self.collection)
         if resume:
             self._load_state()
         elif self.state_path.exists():
