@@ -483,3 +483,10 @@ def test_a_dataset_of_several_channel_modalities_is_told_to_name_one(tmp_path):
         {"datasets": [{"name": "d", "path": str(tmp_path / "d")}]}).validate()]
     assert any("(its channels: CT, PET); give the dataset's modality (e.g. `modality: CT`) in "
                "a collection YAML" in m for m in problems)
+    # with its modality, each channel may be normalised as its own (the list's length checked)
+    spec = {"name": "d", "path": str(tmp_path / "d"), "modality": "PET"}
+    ok = Collection.from_dict({"datasets": [spec], "normalization": {"PET": ["CT", "PET"]}})
+    assert not [p for p in ok.validate() if "normalization" in p.message]
+    bad = Collection.from_dict({"datasets": [spec], "normalization": {"PET": ["CT"]}})
+    assert any("normalization for PET lists 1 channels, the dataset's images have 2 (CT, PET)"
+               in p.message for p in bad.validate())

@@ -205,6 +205,30 @@ def test_normalisation_overrides():
     assert t1.kind == "window" and t1.clip == (0, 600)
 
 
+def test_per_channel_normalisation_of_a_pet_ct_image():
+    """``{PET: [CT, PET]}``: channel 0 of PET images as CT (HU window, body statistics),
+    channel 1 as PET (percentiles); each against the one-channel normalisation by hand."""
+    rng = np.random.default_rng(2)
+    ct = rng.normal(0, 400, (12, 10, 8)).astype(np.float32)
+    pet = np.abs(rng.normal(0, 3, (12, 10, 8))).astype(np.float32)
+    spec = normalization_for("PET", {"PET": ["CT", {"percentiles": [1, 99]}],
+                                     "CT": {"clip": [-500, 500]}})
+    assert [s.kind for s in spec] == ["ct", "percentile"]
+    assert spec[0].clip == (-500, 500) and spec[1].percentiles == (1, 99)
+    out, stats = normalize(np.stack([ct, pet]), spec)
+    np.testing.assert_allclose(out[0], normalize(ct[None], spec[0])[0][0], rtol=1e-6)
+    np.testing.assert_allclose(out[1], normalize(pet[None], spec[1])[0][0], rtol=1e-6)
+    assert stats[0]["clip"] == [-500, 500]
+    with pytest.raises(ValueError, match="gives 2 channels their own settings, the image has 3"):
+        normalize(np.stack([ct, pet, pet]), spec)
+    with pytest.raises(ValueError, match="channel 1: expected a modality name or a mapping"):
+        normalization_for("PET", {"PET": ["CT", 3]})
+    from hermes.data.preprocess import PreprocessParams
+
+    params = PreprocessParams(1.5, 1, "float32", 0, True, {"PET": ["CT", "PET"]})
+    assert params.case_hash("PET") != PreprocessParams(1.5, 1, "float32", 0, True,
+                                                       None).case_hash("PET")
+
 def test_narrow_ct_window_keeps_the_body_mask_of_raw_hu():
     # air at -1000 must not become "body" because the window clips it to -200
     x = np.array([-1000.0, -1000, 0, 100, 400], np.float32).reshape(1, 5, 1, 1)

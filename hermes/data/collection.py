@@ -9,6 +9,7 @@ Example ``collection.yaml``::
     # shared_tasks: {kidney: [kits/kidney, pet_ds/kidneys]}
     spacing: 1.5                     # optional preprocessing defaults (mm)
     normalization: {CT: {clip: [-1000, 1000]}, T1: {percentiles: [0.5, 99.5]}}
+    # (a list per channel: {PET: [CT, PET]} normalises channel 0 of PET images as CT)
     splits: {seed: 0, val_fraction: 0.2}
     datasets:
       - name: liver_ct
@@ -537,9 +538,15 @@ class Collection:
 
         for ds in self.datasets:
             try:
-                normalization_for(ds.modality, self.normalization)
+                spec = normalization_for(ds.modality, self.normalization)
             except (TypeError, ValueError) as exc:
                 self._bad(str(exc), ds.name)
+                continue
+            if isinstance(spec, tuple) and ds.channel_names and \
+                    len(spec) != len(ds.channel_names):
+                self._bad(f"normalization for {ds.modality} lists {len(spec)} channels, the "
+                          f"dataset's images have {len(ds.channel_names)} "
+                          f"({', '.join(ds.channel_names)})", ds.name)
         for key in self.normalization:  # a mistyped modality would be silently ignored
             try:
                 canonical_modality(str(key), self.extra_modalities)

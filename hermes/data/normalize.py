@@ -10,7 +10,10 @@
 
 Statistics are per image (per channel). Settings can be overridden per modality in the
 collection YAML, e.g. ``normalization: {CT: {clip: [-200, 300]}, T2: {percentiles: [1, 99]}}``
-(keys are modality names or their aliases, e.g. ``T1w``).
+(keys are modality names or their aliases, e.g. ``T1w``). A list gives each channel of that
+modality's images its own: ``normalization: {PET: [CT, PET]}`` normalises channel 0 of PET
+images as CT (HU window) and channel 1 as PET (a PET/CT dataset such as AutoPET); an entry is
+a modality name or a mapping of overrides of the modality's own default.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["NormalizationSpec", "default_normalization", "normalization_for", "normalize"]
+__all__ = ["NormalizationSpec", "default_normalization", "normalization_for", "normalize",
+           "spec_dict"]
 
 
 @dataclass(frozen=True)
@@ -59,23 +63,62 @@ def default_normalization(modality: str) -> NormalizationSpec:
     return NormalizationSpec("ct") if modality == "CT" else NormalizationSpec("percentile")
 
 
-def normalization_for(modality: str, overrides: Mapping | None = None) -> NormalizationSpec:
-    """The spec for ``modality``, with YAML ``normalization:`` overrides applied.
+#: One spec for every channel, or one per channel.
+Specs = NormalizationSpec | tuple[NormalizationSpec, ...]
+
+
+def _override(modality: str, overrides: Mapping | None) -> object:
+    o = None
+    for k, v in (overrides or {}).items():
+        if _same_modality(k, modality):
+            o = v
+    return o
+
+
+def normalization_for(modality: str, overrides: Mapping | None = None) -> Specs:
+    """The spec for ``modality``, with YAML ``normalization:`` overrides applied: one, or one
+    per channel where the override is a list (see the module's docstring).
 
     Raises:
         ValueError: malformed override (names the modality and the bad key).
     """
-    spec = default_normalization(modality)
-    if not overrides:
-        return spec
-    o = None
-    for k, v in overrides.items():
-        if _same_modality(k, modality):
-            o = v
+    o = _override(modality, overrides)
+    if isinstance(o, list | tuple):
+        if not o:
+            raise ValueError(f"normalization for {modality}: an empty channel list")
+        specs = []
+        for i, entry in enumerate(o):
+            if isinstance(entry, str):  # a modality's normalisation (its own overrides too)
+                from hermes.data.modalities import UnknownModalityError, canonical_modality
+
+                try:
+                    name = canonical_modality(entry)
+                except UnknownModalityError:
+                    name = entry.strip()
+                own = _override(name, overrides)
+                specs.append(_apply(name, default_normalization(name),
+                                    own if isinstance(own, Mapping) else None))
+            elif isinstance(entry, Mapping):
+                specs.append(_apply(modality, default_normalization(modality), entry))
+            else:
+                raise ValueError(f"normalization for {modality}, channel {i}: expected a "
+                                 f"modality name or a mapping, got {entry!r}")
+        return tuple(specs)
+    return _apply(modality, default_normalization(modality), o)
+
+
+def spec_dict(spec: Specs) -> dict | list[dict]:
+    """``spec.to_dict()``, or the list of the channels' dicts."""
+    return [s.to_dict() for s in spec] if isinstance(spec, tuple) else spec.to_dict()
+
+
+def _apply(modality: str, spec: NormalizationSpec, o: object) -> NormalizationSpec:
+    """``spec`` with the override mapping ``o`` applied (None: unchanged)."""
     if o is None:
         return spec
     if not isinstance(o, Mapping):
-        raise ValueError(f"normalization for {modality}: expected a mapping, got {o!r}")
+        raise ValueError(f"normalization for {modality}: expected a mapping or a list of "
+                         f"channels, got {o!r}")
     kw = asdict(spec)
     for key, val in o.items():
         if key == "clip":
@@ -125,8 +168,9 @@ def _zscore_(x: np.ndarray, sel: np.ndarray | None) -> tuple[float, float]:
     return mean, std
 
 
-def normalize(image: np.ndarray, spec: NormalizationSpec) -> tuple[np.ndarray, list[dict]]:
-    """Normalise a ``(C, X, Y, Z)`` image per channel (``image`` is not modified).
+def normalize(image: np.ndarray, spec: Specs) -> tuple[np.ndarray, list[dict]]:
+    """Normalise a ``(C, X, Y, Z)`` image per channel (``image`` is not modified); ``spec``:
+    one for every channel, or one per channel.
 
     Works in the returned array: besides it, one boolean voxel mask per channel (and, for
     percentile clipping, the channel's non-zero values) are the only temporaries.
@@ -135,9 +179,13 @@ def normalize(image: np.ndarray, spec: NormalizationSpec) -> tuple[np.ndarray, l
         ``(float32 image, per-channel stats)``: each stats dict holds the clip range used and
         the mean/std subtracted/divided, so the transform is recorded and invertible.
     """
+    specs = spec if isinstance(spec, tuple) else (spec,) * image.shape[0]
+    if len(specs) != image.shape[0]:
+        raise ValueError(f"the normalisation gives {len(specs)} channels their own settings, "
+                         f"the image has {image.shape[0]} channels")
     out = np.empty(image.shape, np.float32)
     stats = []
-    for c in range(image.shape[0]):
+    for c, spec in enumerate(specs):
         x = out[c]
         x[...] = image[c]
         if spec.kind == "none":

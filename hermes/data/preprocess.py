@@ -35,7 +35,7 @@ from hermes._text import first_of
 from hermes.data.collection import Case, Collection, load_collection
 from hermes.data.geometry import CANONICAL_AXCODES, crop, nonzero_bbox, reorient, resample
 from hermes.data.io import axcodes, load_image, spacing_from_affine
-from hermes.data.normalize import NormalizationSpec, normalization_for, normalize
+from hermes.data.normalize import Specs, normalization_for, normalize, spec_dict
 from hermes.data.splits import load_or_create_splits
 from hermes.files import atomic_write, atomic_write_json, remove_stale_temporaries, sha256_file
 
@@ -87,12 +87,12 @@ class PreprocessParams:
             "normalization": self.normalization,
         }
 
-    def spec_for(self, modality: str) -> NormalizationSpec:
+    def spec_for(self, modality: str) -> Specs:
         return normalization_for(modality, self.normalization)
 
     def case_hash(self, modality: str) -> str:
         d = self.to_dict()
-        d["normalization"] = self.spec_for(modality).to_dict()
+        d["normalization"] = spec_dict(self.spec_for(modality))
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -251,7 +251,7 @@ def prepare_arrays(
         "affine": new_aff.tolist(),
         "shape": list(image.shape[1:]),
         "spacing": list(spacing_from_affine(new_aff)),
-        "normalization": {"spec": spec.to_dict(), "channels": stats},
+        "normalization": {"spec": spec_dict(spec), "channels": stats},
         "resampling": {"image_order": params.image_order, "label_order": 0},
         "image_min": [float(image[c].min()) for c in range(image.shape[0])],
     }

@@ -33,6 +33,7 @@ from hermes.data.io import (
     nifti_geometry,
     strip_image_suffix,
 )
+from hermes.data.normalize import spec_dict
 from hermes.data.preprocess import PreprocessParams, prepare_arrays
 from hermes.inference.aggregator import _is_int
 from hermes.inference.geometry import BackMapper, pad_to_window
@@ -465,7 +466,7 @@ def detect_modality(
     total = torch.zeros(len(vocab.modalities), dtype=torch.float64)
     with torch.no_grad():
         for m in names:
-            key = repr(fast.spec_for(m).to_dict())
+            key = repr(spec_dict(fast.spec_for(m)))
             if key not in prepared:
                 img, _, _ = prepare_arrays(chans, affine, m, fast)
                 prepared[key] = _center_crop(img, crop_size, float(img.min()))
