@@ -664,3 +664,19 @@ def test_a_task_no_case_labels_is_warned_about(synth, tmp_path):
                                          r"\(synth_t1\)$"):
         hd.preprocess(src / synth.name, cache_dir=tmp_path / "c", spacing=10.0, workers=1,
                       progress=False)
+
+
+def test_a_label_off_the_image_grid_is_refused_without_validation(synth, tmp_path):
+    """validate=False skips the collection checks; preprocessing still compares the label's
+    affine with the image's instead of taking the label on the image's grid."""
+    from hermes.data.io import load_image, save_image
+
+    shutil.copytree(synth.parent, tmp_path / "s")
+    lab = tmp_path / "s" / "synth_t1" / "labelsTr" / "synth_t1_001.nii.gz"
+    arr, aff = load_image(lab)
+    aff[:3, 3] += 5.0
+    save_image(lab, arr, aff)
+    with pytest.raises(PreprocessError, match=r"synth_t1_001: ValueError: .* image and label "
+                                               r"affines differ \(max abs difference 5\)"):
+        hd.preprocess(tmp_path / "s" / "collection.yaml", cache_dir=tmp_path / "c",
+                      spacing=10.0, workers=1, progress=False, validate=False)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from hermes._text import first_of
-from hermes.data.collection import Case, Collection, load_collection
+from hermes.data.collection import Case, Collection, _affines_close, load_collection
 from hermes.data.geometry import CANONICAL_AXCODES, crop, nonzero_bbox, reorient, resample
 from hermes.data.io import axcodes, load_image, spacing_from_affine
 from hermes.data.normalize import Specs, normalization_for, normalize, spec_dict
@@ -302,6 +302,10 @@ def preprocess_case(case: Case, modality: str, params: PreprocessParams,
     label = label.astype(np.uint16 if label.max() > 255 else np.uint8)
     if image.shape[1:] != label.shape:
         raise ValueError(f"{case.key}: image shape {image.shape[1:]} != label {label.shape}")
+    if not _affines_close(img_aff, lab_aff):  # validate() says so first; checked without it too
+        raise ValueError(f"{case.key}: image and label affines differ (max abs difference "
+                         f"{float(np.abs(img_aff - lab_aff).max()):.4g}): the label would be "
+                         "taken on the image's grid")
     before = np.flatnonzero(np.bincount(label.ravel()))
     image, label, geom = prepare_arrays(image, img_aff, modality, params, label)
     seed = zlib.crc32(case.key.encode())
