@@ -490,3 +490,15 @@ def test_a_dataset_of_several_channel_modalities_is_told_to_name_one(tmp_path):
     bad = Collection.from_dict({"datasets": [spec], "normalization": {"PET": ["CT"]}})
     assert any("normalization for PET lists 1 channels, the dataset's images have 2 (CT, PET)"
                in p.message for p in bad.validate())
+
+
+def test_validation_reads_each_header_once(synth, monkeypatch):
+    import hermes.data.collection as coll
+
+    reads: list[str] = []
+    real = coll.load_header
+    monkeypatch.setattr(coll, "load_header", lambda p: reads.append(str(p)) or real(p))
+    c = coll.load_collection(synth)
+    assert c.validate(deep=False) == []
+    files = [str(p) for case in c.cases() for p in (*case.images, case.label)]
+    assert sorted(reads) == sorted(files)

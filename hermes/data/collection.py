@@ -214,13 +214,15 @@ def _scan_images(folder: Path, ending: str | None,
     return out
 
 
-def _channel_count(case: Case) -> int | None:
+def _channel_count(case: Case, shapes: Mapping[Path, tuple[int, ...]] | None = None
+                   ) -> int | None:
     """Image channels of a case: the channels of all its files (a 4-D file counts its 4th
-    axis); None when a header cannot be read (reported by the per-case checks)."""
+    axis); None when a header cannot be read (reported by the per-case checks). ``shapes``:
+    the files' shapes already read (the others are read here)."""
     total = 0
     for path in case.images:
         try:
-            shape, _ = load_header(path)
+            shape = shapes[path] if shapes and path in shapes else load_header(path)[0]
         except (ImageReadError, OSError):
             return None
         total += int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
@@ -345,10 +347,12 @@ def _missing_channels(case: Case, expected: int) -> str:
 
 
 def _check_case(
-    case: Case, allowed: frozenset[int], check_labels: bool, check_images: bool = False
+    case: Case, allowed: frozenset[int], check_labels: bool, check_images: bool = False,
+    shapes: dict[Path, tuple[int, ...]] | None = None,
 ) -> list[Problem]:
     """Every problem of one case: files, geometry, label values and (``check_images``) image
-    voxels: readable to the end, finite, not one constant value, as preprocessing needs them."""
+    voxels: readable to the end, finite, not one constant value, as preprocessing needs them.
+    The shapes of the headers read are put in ``shapes`` when given."""
     out: list[Problem] = []
     ds, cid = case.dataset, case.case_id
     headers: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
@@ -359,6 +363,8 @@ def _check_case(
         try:
             shape, aff = load_header(p)
             headers.append((p, shape, aff))
+            if shapes is not None:
+                shapes[p] = shape
         except ImageReadError as exc:
             out.append(Problem("unreadable", str(exc), ds, cid, str(p)))
     if out:
@@ -418,8 +424,11 @@ def _check_case(
     return out
 
 
-def _check_case_star(args: tuple) -> list[Problem]:
-    return _check_case(*args)
+def _check_case_star(args: tuple) -> tuple[list[Problem], int | None]:
+    """``(problems, image channels)`` of one case, each header read once."""
+    shapes: dict[Path, tuple[int, ...]] = {}
+    problems = _check_case(*args, shapes=shapes)
+    return problems, _channel_count(args[0], shapes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,7 +777,7 @@ class Collection:
             (c, frozenset(ds.label_values), deep, deep if images is None else images)
             for ds in self.datasets for c in ds.cases
         ]
-        results: Iterable[list[Problem]]
+        results: Iterable[tuple[list[Problem], int | None]]
         if workers > 1 and len(jobs) > 1:
             ex = ProcessPoolExecutor(max_workers=workers)
             results = ex.map(_check_case_star, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
@@ -779,16 +788,18 @@ class Collection:
             from tqdm.auto import tqdm
 
             results = tqdm(results, total=len(jobs), desc="validating", unit="case")
+        counts: dict[str, int | None] = {}
         try:
-            for r in results:
-                problems.extend(r)
+            for (case, *_), (found, n) in zip(jobs, results, strict=True):
+                problems.extend(found)
+                counts[case.key] = n
         finally:
             if ex is not None:
                 ex.shutdown()
         # channel consistency within a dataset, then across datasets (one model input)
         channels: dict[str, int] = {}
         for ds in self.datasets:
-            per_case = {c.case_id: _channel_count(c) for c in ds.cases}
+            per_case = {c.case_id: counts[c.key] for c in ds.cases}
             known = [n for n in per_case.values() if n is not None]
             declared = len(ds.channel_names)
             expected = declared or (max(set(known), key=known.count) if known else 0)
