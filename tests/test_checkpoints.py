@@ -243,6 +243,9 @@ def test_files_that_are_no_official_weights_are_named(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(hm.CheckpointError, match="is an empty file"):
         hm.from_official(tmp_path / "empty.pth")
+    (tmp_path / "empty.hermes").write_bytes(b"")  # no training state either
+    with pytest.raises(hm.CheckpointError, match="empty.hermes is not a Hermes checkpoint"):
+        hm.load(tmp_path / "empty.hermes")
     (tmp_path / "page.pth").write_text("<!DOCTYPE html><html>Not Found</html>")
     with pytest.raises(hm.CheckpointError, match="no Hermes model"):
         hm.from_official(tmp_path / "page.pth")

@@ -146,6 +146,20 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def training_state_note(path: Path) -> str | None:
+    """Why ``path``, given as a model, is a training run's state instead (its first bytes, or
+    a ``.ckpt`` beside a run's model file); None when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(STATE_MAGIC))
+    except OSError:
+        return None
+    if head == STATE_MAGIC or (path.suffix == ".ckpt" and (path.parent / RUN_MODEL_FILE).is_file()):
+        return (f"{path} is a Hermes training state (for --resume), not a model: use "
+                f"{path.parent / RUN_MODEL_FILE}")
+    return None
+
+
 def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]:
     path = checkpoint_path(path)
     if not path.exists():
@@ -158,10 +172,9 @@ def _read(path: Path, with_payload: bool) -> tuple[dict[str, Any], bytes | None]
         magic = f.read(len(MAGIC))
         if magic != MAGIC:
             hint = ""
-            if STATE_MAGIC.startswith(magic) or (
-                    path.suffix == ".ckpt" and (path.parent / RUN_MODEL_FILE).is_file()):
-                raise CheckpointError(f"{path} is a Hermes training state (for --resume), not "
-                                      f"a model: use {path.parent / RUN_MODEL_FILE}")
+            note = training_state_note(path)
+            if note is not None:
+                raise CheckpointError(note)
             if magic[:2] == b"PK" or magic[:1] == b"\x80":
                 hint = " (it looks like a plain torch.save file: for official Hermes weights "
                 hint += "use hermes.models.from_official)"

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from hermes.models.checkpoint import (
-    STATE_MAGIC,
     CheckpointError,
     is_hermes_checkpoint,
     load,
     load_state_checked,
+    training_state_note,
 )
 from hermes.models.config import HermesConfig
 from hermes.models.hermes_resunet import HermesResUNet
@@ -162,11 +162,11 @@ def _unreadable(path: Path, exc: Exception) -> str:
     training state, a failed download or another file."""
     if path.is_dir():
         return f"{path} is a folder, not a checkpoint file"
+    note = training_state_note(path)
+    if note is not None:
+        return note
     with open(path, "rb") as f:
-        head = f.read(len(STATE_MAGIC))
-    if head == STATE_MAGIC or (path.suffix == ".ckpt" and (path.parent / "model.hermes").is_file()):
-        return (f"{path} is a Hermes training state (for --resume), not a model: use "
-                f"{path.parent / 'model.hermes'}")
+        head = f.read(2)
     if not head.startswith((b"PK", b"\x80")):  # a zip (torch.save) or a legacy pickle
         what = "an empty file" if not head else "no Hermes model (.hermes) and no PyTorch file"
         return f"{path} is {what} (official Hermes weights are a .pth saved by torch.save)"
