@@ -214,19 +214,14 @@ def _scan_images(folder: Path, ending: str | None,
     return out
 
 
-def _channel_count(case: Case, shapes: Mapping[Path, tuple[int, ...]] | None = None
-                   ) -> int | None:
+def _channel_count(case: Case, shapes: Mapping[Path, tuple[int, ...]]) -> int | None:
     """Image channels of a case: the channels of all its files (a 4-D file counts its 4th
-    axis); None when a header cannot be read (reported by the per-case checks). ``shapes``:
-    the files' shapes already read (the others are read here)."""
-    total = 0
-    for path in case.images:
-        try:
-            shape = shapes[path] if shapes and path in shapes else load_header(path)[0]
-        except (ImageReadError, OSError):
-            return None
-        total += int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
-    return total
+    axis), from the header ``shapes`` :func:`_check_case` read; None when a file's header
+    could not be read (reported by the per-case checks)."""
+    if any(path not in shapes for path in case.images):
+        return None
+    return sum(int(np.prod(shapes[p][3:], dtype=np.int64)) if len(shapes[p]) > 3 else 1
+               for p in case.images)
 
 
 def _channel_tag(case: Case, path: Path) -> str | None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,18 +69,29 @@ def series_uid_of(path: str | os.PathLike) -> str:
     return str(getattr(ds, "SeriesInstanceUID", ""))
 
 
-def series_modality(folder: str | os.PathLike, series_uid: str | None = None) -> str | None:
-    """The ``Modality`` tag (``"CT"``, ``"MR"``, ``"PT"`` ...) of the series that
-    :func:`load_dicom_series` reads from ``folder``; None when its slices do not say."""
+def _read_files(folder: Path, pixels: bool) -> Iterator[tuple[Path, Any]]:
+    """``(path, dataset or None)`` of every file directly in ``folder``, in name order: what
+    pydicom reads (with ``force``, so files without the DICM preamble are read too; hidden files
+    only with it), None where it fails. pydicom's warnings about other files are kept quiet."""
     pydicom = _pydicom()
-    for p in sorted(Path(folder).iterdir()):
+    for p in sorted(folder.iterdir()):
         if not p.is_file():
             continue
         try:
-            ds = pydicom.dcmread(str(p), stop_before_pixels=True, force=not p.name.startswith("."))
-        except Exception:  # not a DICOM file: skip it
-            continue
-        if not hasattr(ds, "ImagePositionPatient"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(str(p), stop_before_pixels=not pixels,
+                                     force=not p.name.startswith("."))
+        except Exception:  # not a DICOM file
+            ds = None
+        yield p, ds
+
+
+def series_modality(folder: str | os.PathLike, series_uid: str | None = None) -> str | None:
+    """The ``Modality`` tag (``"CT"``, ``"MR"``, ``"PT"`` ...) of the series that
+    :func:`load_dicom_series` reads from ``folder``; None when its slices do not say."""
+    for _, ds in _read_files(Path(folder), pixels=False):
+        if ds is None or not hasattr(ds, "ImagePositionPatient"):
             continue
         if series_uid is None or str(getattr(ds, "SeriesInstanceUID", "")) == series_uid:
             tag = str(getattr(ds, "Modality", "") or "").strip().upper()
@@ -105,21 +118,12 @@ def load_dicom_series(
         DicomError: no readable slice, several series without ``series_uid``, mixed
             orientations or sizes, a single slice (2-D), or non-uniform slice spacing.
     """
-    pydicom = _pydicom()
     folder = Path(folder)
     if not folder.is_dir():
         raise DicomError(f"{folder}: not a folder (expected a DICOM series folder)")
     series: dict[str, list] = defaultdict(list)
     damaged: list[str] = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file():
-            continue
-        try:
-            with warnings.catch_warnings():  # what pydicom says of other files (force=True)
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(str(p), force=not p.name.startswith("."))
-        except Exception:  # not a DICOM file: skip it
-            ds = None
+    for p, ds in _read_files(folder, pixels=True):
         if ds is None or not any(k in ds for k in _DICOM_MARKS):
             if p.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM, yet unreadable as such
                 damaged.append(p.name)
