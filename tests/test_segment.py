@@ -96,6 +96,10 @@ def test_resampled_round_trip(case):
     img, gt = phantom(aff, shape)
     res = _run(img, aff, probabilities=True)
     assert res.labels.shape == shape
+    # masks alone come from the probabilities kept near each structure only: the same masks
+    sparse = _run(img, aff)
+    np.testing.assert_array_equal(np.asarray(sparse.masks), np.asarray(res.masks))
+    np.testing.assert_array_equal(sparse.labels, res.labels)
     for t, task in enumerate(BLOBS):
         d = dice(res.masks[t], gt[task])
         assert d > 0.9, f"{case} {task}: Dice {d:.3f}"

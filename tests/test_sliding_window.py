@@ -659,3 +659,42 @@ def test_reused_buffers_work_across_inference_mode():
         inside = sliding_window_inference(x, 12, 2, conv, **kw)
     outside = sliding_window_inference(x, 12, 2, conv, **kw)
     assert torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("shape,roi,axis", [
+    ((1, 2, 13, 30, 22), (16, 10, 8), 0),  # depth padded 13 -> 16: planes outside the crop
+    ((1, 2, 13, 30, 22), (16, 10, 8), 1),
+    ((1, 1, 20, 9, 7), (8, 12, 10), 2),  # the streamed axis itself padded
+    ((1, 2, 21, 34), (8, 12), 1),  # 2-D
+])
+def test_plane_sink_gets_the_streamed_output_plane_by_plane(shape, roi, axis):
+    x = _inputs(shape)
+    conv = ConvPredictor(shape[1], 3, ndim=len(shape) - 2)
+    kw = dict(overlap=0.5, mode="gaussian", output="probs", output_dtype=torch.float32,
+              streaming=True, stream_axis=axis)
+    want = sliding_window_inference(x, roi, 2, conv, **kw)[0]
+    got, kept = torch.full_like(want, float("nan")), []
+
+    def sink(a, index, plane):
+        assert a == axis and index == len(kept)
+        assert plane.shape == want.narrow(1 + a, index, 1).shape
+        if kept:  # the previous plane is still intact during this call
+            assert torch.equal(kept[-1][0], kept[-1][1])
+        kept.append((plane, plane.clone()))
+        got.narrow(1 + a, index, 1).copy_(plane)
+
+    assert sliding_window_inference(x, roi, 2, conv, plane_sink=sink, **kw) is None
+    assert len(kept) == want.shape[1 + axis]
+    assert torch.equal(got, want)
+
+
+def test_plane_sink_needs_one_streamed_image_without_gradients():
+    conv, sink = ConvPredictor(1, 2), (lambda *a: None)
+    with pytest.raises(ValueError, match="plane_sink needs streaming=True, one image"):
+        sliding_window_inference(_inputs((1, 1, 8, 8, 8)), 4, 1, conv, plane_sink=sink)
+    with pytest.raises(ValueError, match="one image"):
+        sliding_window_inference(_inputs((2, 1, 8, 8, 8)), 4, 1, conv, streaming=True,
+                                 plane_sink=sink)
+    with pytest.raises(ValueError, match="one predictor output"):
+        sliding_window_inference(_inputs((1, 1, 8, 8, 8)), 4, 1, lambda w: (conv(w), conv(w)),
+                                 streaming=True, plane_sink=sink)

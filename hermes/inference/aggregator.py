@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,6 +17,10 @@ __all__ = ["OUTPUT_KINDS", "PatchAggregator", "best_stream_axis", "resolve_devic
 
 #: User-facing output kinds of :class:`PatchAggregator` and ``sliding_window_inference``.
 OUTPUT_KINDS = ("logits", "probs", "masks", "labels")
+#: a plane sink's planes are finalised in chunks of up to this many planes and bytes (one
+#: parallel region per chunk: per plane, threads wait on each other when the CPU is busy)
+PLANES_PER_CHUNK = 8
+CHUNK_BYTES = 32 << 20
 
 
 def _is_int(value: object) -> bool:
@@ -99,6 +103,13 @@ class PatchAggregator:
             it is the accumulator itself: it must then be uncropped (``C x D x H x W``).
         reuse_buffers: take accumulators from a cache of zeroed buffers (much faster on the CPU
             than fresh memory); they are handed back on ``finalize``.
+        plane_sink: streaming only: instead of writing an output volume, pass each finalised
+            plane along ``stream_axis`` to ``plane_sink(index, plane)``, ``index`` counting
+            along that axis of the (cropped) output and ``plane`` its values
+            (``output_shape`` with that axis of size 1, a view into one of two buffers of
+            planes used in turn: it stays valid until the sink's next call returns, so a sink
+            may look one plane ahead). ``finalize`` then returns None. A consumer that keeps
+            only part of each plane needs no output volume at all.
     """
 
     def __init__(
@@ -118,6 +129,7 @@ class PatchAggregator:
         crop: Sequence[tuple[int, int]] | None = None,
         out: torch.Tensor | None = None,
         reuse_buffers: bool = True,
+        plane_sink: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
         shape = tuple(int(s) for s in spatial_shape)
         if len(shape) not in (2, 3) or min(shape) < 1:
@@ -149,6 +161,10 @@ class PatchAggregator:
             )
         # the ring's axis in (z, y, x) (2-D images get a unit z)
         self._ring_axis = stream_axis + 3 - self.spatial_ndim if self.streaming else 0
+        if plane_sink is not None and (not self.streaming or out is not None
+                                       or not callable(plane_sink)):
+            raise ValueError("plane_sink needs streaming=True, no out, and a callable")
+        self._sink = plane_sink
         self._shape3 = shape if len(shape) == 3 else (1, *shape)
         self._roi3 = roi if len(roi) == 3 else (1, *roi)
         if crop is None:
@@ -222,13 +238,23 @@ class PatchAggregator:
             self._buffer = _workspace.acquire((channels + 1) * n, self.device, self.reuse_buffers)
             self._acc = self._buffer[: channels * n].view(channels, *dims)
             self._wsum = self._buffer[channels * n :].view(*dims)
-            if out is not None:
+            if plane_sink is not None:  # two chunks of output planes, used in turn
+                chunk_shape = list(self.output_shape_3d)
+                plane_bytes = math.prod(chunk_shape) // chunk_shape[1 + self._ring_axis] * (
+                    self.output_dtype.itemsize)
+                self._chunk = max(1, min(chunk_shape[1 + self._ring_axis], PLANES_PER_CHUNK,
+                                         CHUNK_BYTES // max(plane_bytes, 1)))
+                chunk_shape[1 + self._ring_axis] = self._chunk
+                self._out = torch.empty((2, *chunk_shape), dtype=self.output_dtype,
+                                        device=self.device)
+            elif out is not None:
                 self._check_tensor(out, self.output_shape_3d, self.output_dtype, "out")
                 self._out = out.view(self.output_shape_3d)
             else:
                 self._out = torch.empty(
                     self.output_shape_3d, dtype=self.output_dtype, device=self.device
                 )
+        self._chunks = 0  # chunks of planes handed to the plane sink
         self._done = 0  # planes (rows) [0, _done) along the ring axis are final (streaming)
         self._z = 0  # current (largest) patch corner along the ring axis (streaming)
         self._finalized = False
@@ -363,18 +389,43 @@ class PatchAggregator:
                     for part in (slice(0, crop[0][0]), slice(crop[0][1], None)):
                         self._acc[:, part].index_fill_(1 + a, at, 0.0)
                         self._wsum[part].index_fill_(a, at, 0.0)
-                ops.finalize(
-                    self._acc, self._wsum, span[0], self._out, kind=self._kind,
-                    crop=crop[1:], out_z0=crop[0][0], rows=span[1], cols=span[2],
-                    sigmoid=self._sigmoid, threshold=self._threshold, zero_after=True,
-                )  # fmt: skip
+                if self._sink is None:
+                    ops.finalize(
+                        self._acc, self._wsum, span[0], self._out, kind=self._kind,
+                        crop=crop[1:], out_z0=crop[0][0], rows=span[1], cols=span[2],
+                        sigmoid=self._sigmoid, threshold=self._threshold, zero_after=True,
+                    )  # fmt: skip
+                else:
+                    self._finalize_planes(span, lo, hi)
             s = e
         self._done = max(self._done, until)
 
-    def finalize(self) -> torch.Tensor:
+    def _finalize_planes(self, span: list[tuple[int, int]], lo: int, hi: int) -> None:
+        """``_flush`` with a ``plane_sink``: planes ``[lo, hi)`` along the ring's axis, one at
+        a time into the plane buffer, each handed to the sink."""
+        a, crop, k = self._ring_axis, list(self._crop3), self._chunk
+        for p0 in range(lo, hi, k):
+            p1 = min(p0 + k, hi)
+            span[a] = (p0, p1)
+            at = list(crop)
+            at[a] = (p0, p0 + k)  # the chunk buffer holds these planes (rows, columns) only
+            buf = self._out[self._chunks % 2]
+            self._chunks += 1
+            ops.finalize(
+                self._acc, self._wsum, span[0], buf, kind=self._kind,
+                crop=at[1:], out_z0=at[0][0], rows=span[1], cols=span[2],
+                sigmoid=self._sigmoid, threshold=self._threshold, zero_after=True,
+            )  # fmt: skip
+            if self.spatial_ndim == 2:
+                buf = buf.squeeze(1)
+            for p in range(p0, p1):
+                self._sink(p - crop[a][0], buf.narrow(1 + a - (3 - self.spatial_ndim), p - p0, 1))
+
+    def finalize(self) -> torch.Tensor | None:
         """Finishes the aggregation and returns the output (``output_shape``, on ``device``).
 
-        Voxels no patch covered have a zero weight sum: their logits are NaN (0/0).
+        Voxels no patch covered have a zero weight sum: their logits are NaN (0/0). With a
+        ``plane_sink`` the last planes go to the sink and None is returned.
         """
         if self._finalized:
             raise RuntimeError("finalize() was already called")
@@ -389,6 +440,9 @@ class PatchAggregator:
         assert self._buffer is not None
         _workspace.release(self._buffer, self.reuse_buffers)
         self._buffer = None
+        if self._sink is not None:
+            self._out = None
+            return None
         if self.spatial_ndim == 2:
             result = result.squeeze(1)
         return result

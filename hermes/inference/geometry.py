@@ -10,6 +10,10 @@ from scipy import ndimage
 
 from hermes.data.geometry import CANONICAL_AXCODES, crop, separable_resample
 
+#: float32 rounding of a linear interpolation: a value reaches a threshold only if one of the
+#: samples it interpolates reaches ``threshold - THRESHOLD_MARGIN``
+THRESHOLD_MARGIN = 1e-6
+
 
 def resample_to_grid(
     array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
@@ -136,12 +140,13 @@ class BackMapper:
         buffer the next call reuses: copy what is kept.
 
         A linearly interpolated value reaches the threshold only if one of the samples it
-        interpolates does (up to float32 rounding, covered by a 1e-6 margin), so only output
-        voxels sampling within one model voxel of ``arr``'s box of such samples are computed.
+        interpolates does (up to float32 rounding, covered by ``THRESHOLD_MARGIN``), so only
+        output voxels sampling within one model voxel of ``arr``'s box of such samples are
+        computed.
         """
         from hermes.inference.masks import bounding_box
 
-        hits = bounding_box(arr >= threshold - 1e-6)
+        hits = bounding_box(arr >= threshold - THRESHOLD_MARGIN)
         if hits is None:
             return None, None
         same = self.identity and tuple(arr.shape) == self.crop_shape

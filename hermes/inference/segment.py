@@ -39,6 +39,7 @@ from hermes.inference.aggregator import _is_int
 from hermes.inference.geometry import BackMapper, pad_to_window
 from hermes.inference.masks import TaskMasks
 from hermes.inference.result import SegmentationResult
+from hermes.inference.sparse_probs import SparseProbabilities
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -55,6 +56,9 @@ __all__ = [
 DEFAULT_PREPROCESS: dict[str, Any] = {"spacing": [1.5, 1.5, 1.5], "image_order": 3,
                                       "crop_nonzero": True, "normalization": {}}
 DEFAULT_ROI = (96, 96, 96)
+#: masks from the probabilities kept near each structure only (``SparseProbabilities``); False
+#: keeps every task's whole model-grid volume (the earlier way, for benchmarks to compare)
+SPARSE_MASKS = True
 
 
 class SegmentationInputError(ValueError):
@@ -835,13 +839,22 @@ def segment(
         return net(w.to(dtype), tasks=task_names, modality=modality).seg_logits.float()
 
     # streamed along the axis needing the least accumulator memory (a ring of window depth, not
-    # a second C x D x H x W volume), in fresh memory that is freed before the write-back
+    # a second C x D x H x W volume), in fresh memory that is freed before the write-back; the
+    # masks alone need each task's probabilities near its structure only (SparseProbabilities),
+    # the probabilities output all of them
+    store = (None if probabilities or not SPARSE_MASKS
+             else SparseProbabilities(len(task_names), x.shape[2:], threshold))
     with torch.inference_mode():
         probs = sliding_window_inference(
             x, roi, sw_batch_size, predictor, overlap=ov, mode="gaussian", sw_device=dev,
             device="cpu", progress=progress, output="probs", output_dtype=torch.float32,
             tta=use_tta, streaming=True, stream_axis="auto", reuse_buffers=False,
-        )[0].numpy()[(slice(None), *inside)]
+            plane_sink=None if store is None else store.add,
+        )
+    if store is None:
+        probs = probs[0].numpy()[(slice(None), *inside)]
+    else:
+        store.finish()
     del x
     times["inference"] = time.perf_counter() - t0
 
@@ -866,12 +879,13 @@ def segment(
             prob_out[t] = p
             box, mask = None, p >= threshold
         else:
-            box, mask = back.threshold_box(probs[t], threshold)
+            arr = probs[t] if store is None else store.task(t)[inside]
+            box, mask = back.threshold_box(arr, threshold)
         largest, min_ml = pp.get(task_names[t], (False, 0.0))
         if mask is not None and (largest or min_ml > 0):
             mask = _postprocess(mask, largest, int(np.ceil(min_ml / vox_ml)) if min_ml > 0 else 0)
         masks.append(mask, box)
-    del p, probs, back  # back: its threshold_box buffers
+    del p, probs, store, back  # back: its threshold_box buffers
     # label map: where masks overlap the smaller structure wins (grey matter drawn over brain),
     # so nested structures stay visible; painted from the largest volume to the smallest
     for t in sorted(range(len(task_names)), key=lambda i: (-masks.count(i), i)):

@@ -9,6 +9,7 @@ only), ``tta`` (mirroring test-time augmentation).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -200,6 +201,7 @@ def sliding_window_inference(
     stream_axis: int | str = 0,
     tta: bool | Sequence[int] = False,
     reuse_buffers: bool = True,
+    plane_sink: Callable[[int, int, torch.Tensor], None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Sliding-window inference of ``predictor`` over ``inputs``, aggregated natively.
@@ -258,10 +260,16 @@ def sliding_window_inference(
             ``2^k`` mirrorings are averaged per window.
         reuse_buffers: reuse cached zeroed accumulator buffers between calls
             (``hermes.inference.clear_workspace()`` frees them).
+        plane_sink: with ``streaming``, one image and a predictor with one output: no output
+            volume is kept; each finalised plane is passed to ``plane_sink(axis, index,
+            plane)`` instead: ``axis`` the streamed spatial axis, ``index`` the plane's position
+            along it in the (cropped) output, ``plane`` its ``C x spatial`` values with that
+            axis of size 1 (valid until the sink's next call returns: copy what is kept).
+            Planes come in increasing ``index``; the function then returns None.
 
     Returns:
         ``N x C x spatial`` (``N x 1 x spatial`` for labels) on ``device``; a tuple or dict of
-        them for predictors with several outputs.
+        them for predictors with several outputs; None with a ``plane_sink``.
     """
     # ---- validation -----------------------------------------------------------------------
     if not isinstance(inputs, torch.Tensor):
@@ -319,6 +327,9 @@ def sliding_window_inference(
         raise ValueError(f"output_dtype applies to logits/probs, not {output!r}")
     else:
         agg_ops.logit_threshold(threshold)
+    if plane_sink is not None and (not streaming or inputs.shape[0] != 1
+                                   or not callable(plane_sink)):
+        raise ValueError("plane_sink needs streaming=True, one image (N = 1) and a callable")
     if stream_axis != "auto":
         if not _is_int(stream_axis) or not 0 <= stream_axis < nd:
             raise ValueError(
@@ -457,9 +468,12 @@ def sliding_window_inference(
                 torch.is_grad_enabled() and output in ("logits", "probs")
                 and any(t.requires_grad for t in outs)
             )  # fmt: skip
+            if plane_sink is not None and (differentiable or len(outs) > 1):
+                raise ValueError("plane_sink takes one predictor output without gradients")
             for c in channels:
-                results.append([None] * N if differentiable else _allocate_results(
-                    N, c, image_size, crop, output, output_dtype, streaming, device))
+                results.append([None] * N if differentiable or plane_sink is not None
+                               else _allocate_results(N, c, image_size, crop, output,
+                                                      output_dtype, streaming, device))
         elif batch_keys != keys or [int(t.shape[1]) for t in outs] != channels:
             raise ValueError(
                 f"predictor returned {len(outs)} output(s) with {[t.shape[1] for t in outs]} "
@@ -487,6 +501,8 @@ def sliding_window_inference(
                             output_dtype=output_dtype, streaming=streaming, stream_axis=axis,
                             device=device, crop=crop, out=results[o][n],
                             reuse_buffers=reuse_buffers,
+                            plane_sink=(None if plane_sink is None
+                                        else functools.partial(plane_sink, axis)),
                         )  # fmt: skip
                     aggregators[(n, o)] = agg
                 agg.add_batch(logits[j:k], locs)
@@ -499,6 +515,8 @@ def sliding_window_inference(
             j = k
         # drop this batch before the next predictor call: only one batch of predictions alive
         del raw, outs, logits, windows
+    if plane_sink is not None:
+        return None
     final = []
     for res in results:
         if differentiable:
