@@ -401,8 +401,8 @@ class PatchAggregator:
         self._done = max(self._done, until)
 
     def _finalize_planes(self, span: list[tuple[int, int]], lo: int, hi: int) -> None:
-        """``_flush`` with a ``plane_sink``: planes ``[lo, hi)`` along the ring's axis, one at
-        a time into the plane buffer, each handed to the sink."""
+        """``_flush`` with a ``plane_sink``: planes ``[lo, hi)`` along the ring's axis, a chunk
+        at a time into the two chunk buffers in turn, each plane handed to the sink."""
         a, crop, k = self._ring_axis, list(self._crop3), self._chunk
         for p0 in range(lo, hi, k):
             p1 = min(p0 + k, hi)
