@@ -352,3 +352,31 @@ def test_evaluate_folder_refuses_what_is_no_label_map(tmp_path):
     for tol in (-2.0, float("nan"), 0.0):
         with pytest.raises(ValueError, match="tolerance must be a positive distance"):
             evaluate_folder(gt_dir, pred_dir, tolerance_mm=tol, progress=False)
+
+
+def test_model_masks_are_those_hermes_segment_writes(cache):
+    """evaluate scores the masks ``hermes.segment`` gives for the case's original image: its
+    probabilities mapped back linearly and thresholded (not nearest-neighbour masks)."""
+    import hermes
+    import hermes.models as hm
+    from hermes.models.hermes_resunet import HermesOutput, HermesResUNet
+    from hermes.training.evaluate import predict_case
+
+    class VoxelNet(HermesResUNet):
+        """Logits voxel-wise from the (normalised) intensity: a cheap model with structure."""
+
+        def forward(self, x, tasks=None, modality=None, **kwargs):  # type: ignore[override]
+            seg = torch.stack([(x[:, 0] - 0.3 * i) * 4.0 for i in range(len(tasks))], 1)
+            return HermesOutput(seg, torch.zeros(x.shape[0], 1), None, None)
+
+    net = hm.build("tiny", tasks=cache.tasks, modalities=cache.modalities)
+    net.__class__ = VoxelNet
+    net.hermes_metadata = {"preprocess": cache.params, "train_config": {"crop_size": [32] * 3}}
+    case = cache.split("val")[0]
+    ours = predict_case(net.eval(), case, (32, 32, 32), overlap=0.5, threshold=0.5)
+    res = hermes.segment(case.meta["sources"][0]["path"], model=net, modality=case.modality,
+                         tasks=list(case.info.tasks), device="cpu", roi_tolerance=0.0)
+    assert res.task_names == list(case.info.tasks)
+    for t in range(len(res.task_names)):
+        assert 0 < res.masks.count(t) < np.prod(res.shape)  # a structure, not all or nothing
+        np.testing.assert_array_equal(ours[t], res.masks[t], err_msg=f"{case.key} {t}")

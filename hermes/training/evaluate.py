@@ -1,13 +1,15 @@
 """Evaluation of a model on a preprocessed collection, at the ORIGINAL image geometry.
 
 For every case of a split: sliding-window inference on the cached (canonical, resampled) image
-with the tasks its dataset annotates, per-task masks mapped back to the original voxel grid, and
-Dice, normalised surface Dice (NSD) and HD95 against the original label file (MONAI metrics).
+with the tasks its dataset annotates, per-task masks on the original voxel grid as
+``hermes.segment`` makes them (probabilities mapped back linearly, then thresholded), and Dice,
+normalised surface Dice (NSD) and HD95 against the original label file (MONAI metrics).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 from collections import defaultdict
@@ -23,8 +25,10 @@ from hermes.data.cache import CachedCase, PreprocessedCollection, split_cases
 from hermes.data.io import load_image
 from hermes.files import atomic_write_bytes
 from hermes.inference.geometry import BackMapper, pad_to_window
+from hermes.inference.masks import TaskMasks
 from hermes.inference.segment import resolve_sw_batch
 from hermes.inference.sliding_window import sliding_window_inference
+from hermes.inference.sparse_probs import SparseProbabilities
 from hermes.models.hermes_resunet import HermesResUNet
 from hermes.models.vocabulary import UnknownNameError
 
@@ -76,9 +80,11 @@ def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float)
 def predict_case(
     model: HermesResUNet, case: CachedCase, roi: tuple[int, int, int], overlap: float = 0.5,
     threshold: float = 0.5, device: str | torch.device = "cpu", sw_batch_size: int | None = None,
-) -> np.ndarray:
-    """Per-task masks ``(T, X, Y, Z)`` bool on the case's cached grid, tasks of its dataset
-    (``sw_batch_size`` None: ``hermes.segment``'s default for the device)."""
+) -> TaskMasks:
+    """Per-task masks of the tasks of the case's dataset on its ORIGINAL grid, computed as
+    ``hermes.segment`` computes them: sigmoid probabilities on the cached grid, mapped back
+    linearly and thresholded (``sw_batch_size`` None: ``hermes.segment``'s default for the
+    device)."""
     dev = torch.device(device)
     sw_batch_size = resolve_sw_batch(sw_batch_size, dev)
     tasks = list(case.info.tasks)
@@ -88,15 +94,27 @@ def predict_case(
     x = torch.from_numpy(np.ascontiguousarray(image))[None]
 
     def predictor(w: torch.Tensor) -> torch.Tensor:
-        return model(w.to(dev), tasks=tasks, modality=modality).seg_logits
+        return model(w.to(dev), tasks=tasks, modality=modality).seg_logits.float()
 
+    store = SparseProbabilities(len(tasks), x.shape[2:], threshold)
     with torch.no_grad():
-        masks = sliding_window_inference(
+        sliding_window_inference(
             x, roi, sw_batch_size, predictor, overlap=overlap, mode="gaussian",
-            output="masks", threshold=threshold, sw_device=dev, device="cpu",
-            streaming=True, stream_axis="auto",
+            output="probs", output_dtype=torch.float32, sw_device=dev, device="cpu",
+            streaming=True, stream_axis="auto", plane_sink=store.add,
         )
-    return masks[0].numpy()[(slice(None), *inside)].astype(bool)
+    store.finish()
+    back = BackMapper(case.meta)
+    masks = TaskMasks(back.orig_shape)
+    for t in range(len(tasks)):
+        box, mask = back.threshold_box(store.task(t)[inside], threshold)
+        masks.append(None if mask is None else mask.copy(), box)
+    return masks
+
+
+def _nearest_back(back: BackMapper, masks: np.ndarray, t: int) -> np.ndarray:
+    """Mask ``t`` of ``masks`` (cached grid) on the original grid, nearest neighbour."""
+    return back(masks[t], order=0)
 
 
 @dataclass
@@ -155,7 +173,8 @@ def evaluate(
         device: ``"auto"`` (CUDA when usable), ``"cpu"``, ``"cuda"``...
         tolerance_mm: NSD tolerance.
         predict: replaces the model's sliding-window prediction: ``case -> (T, X, Y, Z)`` bool
-            masks on the cached grid (e.g. to score another method with the same protocol).
+            masks on the cached grid, mapped back to the original grid by nearest neighbour
+            (e.g. to score another method with the same protocol).
         datasets: only the cases of these datasets (default: all).
     """
     tolerance_mm = check_tolerance(tolerance_mm)
@@ -193,21 +212,21 @@ def evaluate(
 
         iterator = tqdm(cases, desc=f"evaluate {split}", unit="case")
     for case in iterator:
-        masks = predict(case) if predict is not None else predict_case(
-            model, case, roi, overlap, threshold, device)
+        if predict is not None:  # masks on the cached grid, mapped back to the nearest voxel
+            cached, back = predict(case), BackMapper(case.meta)
+            mask_of = functools.partial(_nearest_back, back, cached)
+        else:
+            mask_of = predict_case(model, case, roi, overlap, threshold, device).__getitem__
         orig = case.meta["original"]
         label_path = case.meta["sources"][-1]["path"]
         gt_label, gt_affine = load_image(label_path)
         gt_label = np.asarray(gt_label).reshape(gt_label.shape[:3])
-        # as hermes.segment maps back: the edge voxels of the original grid (up to half a
-        # model voxel beyond the model grid's outer voxel centres) take the nearest prediction
-        back = BackMapper(case.meta)
         # unannotated voxels (nnU-Net "ignore" label) are scored in no metric, as in nnU-Net
         annotated = ~np.isin(gt_label, case.info.ignore_values)
         pairs = zip(case.info.tasks, case.info.task_values, strict=True)
         for t, (task, values) in enumerate(pairs):
             gt = np.isin(gt_label, values)
-            pred = back(masks[t], order=0) & annotated
+            pred = mask_of(t) & annotated
             m = mask_metrics(pred, gt, orig["spacing"], tolerance_mm)
             rows.append({"dataset": case.dataset, "case": case.case_id, "task": task, **m,
                          "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum())})
