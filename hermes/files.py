@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,11 +31,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     """Create ``path`` through ``write(file)`` on a temporary file in the same folder, fsync it
     and ``os.replace`` it into place: readers see the old file or the complete new one, and a
     failure leaves no partial file behind. The file gets the permissions ``open()`` would give
-    it (0666 less the umask), not the temporary file's private 0600."""
+    it (0666 less the umask), not the temporary file's private 0600. An ``OSError`` (disk
+    full, permissions...) names ``path``, not the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a short prefix: a name near the file system's limit still has a temporary name
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp",
+                                   dir=path.parent)
         if hasattr(os, "fchmod"):
             try:
                 os.fchmod(fd, 0o666 & ~_umask())
@@ -45,10 +50,62 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, f"{exc.strerror or exc} (writing {path})") from exc
         raise
+
+
+class FolderBusyError(RuntimeError):
+    """Another process is writing into the folder (it holds the folder's lock)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[None]:
+    """Hold ``folder``'s writer lock (``flock`` on ``folder/.hermes.lock``, created and
+    removed here) for the ``with`` block; :class:`FolderBusyError` at once, naming the other
+    process, when another holds it. The kernel releases the lock of a killed process, so no
+    lock goes stale. A no-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(folder) / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise FolderBusyError(
+                f"{what} {folder} is being written by another Hermes process (pid {holder}); "
+                "wait for it to finish, or write elsewhere") from None
+        try:  # the lock file may have been removed by its last holder since we opened it
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
+
+
+#: The lock file of :func:`folder_lock`.
+LOCK_NAME = ".hermes.lock"
 
 
 #: The temporary files of :func:`atomic_write` (``tempfile.mkstemp``: 8 random characters).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import nibabel as nib
 import nrrd
@@ -194,3 +195,36 @@ def test_implausible_resampled_size_is_refused():
                                          r"1.5 x 1.5 x 1.5 mm would give 85333 x .*unit"):
         resampled_grid((64, 64, 64), metres, 1.5)
     assert resampled_grid((64, 64, 64), np.diag([2.0, 2.0, 2.0, 1.0]), 1.5)[0] == (85, 85, 85)
+
+
+def test_folder_lock_refuses_a_second_writer_and_leaves_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from hermes.files import LOCK_NAME, FolderBusyError, folder_lock
+
+    probe = (f"from hermes.files import folder_lock\nwith folder_lock({str(tmp_path)!r}, "
+             "'run folder'): pass")
+    with folder_lock(tmp_path, "run folder"):
+        other = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert other.returncode != 0
+        assert f"run folder {tmp_path} is being written by another Hermes process (pid " \
+               f"{os.getpid()})" in other.stderr
+        with pytest.raises(FolderBusyError):  # another open file description: refused too
+            with folder_lock(tmp_path):
+                pass
+    assert not (tmp_path / LOCK_NAME).exists()
+    with folder_lock(tmp_path):  # free again
+        pass
+
+
+def test_atomic_write_names_the_file_and_takes_long_names(tmp_path):
+    from hermes.files import atomic_write_bytes
+
+    long = tmp_path / ("m" * 250)  # the temporary name must not exceed the limit
+    atomic_write_bytes(long, [b"x"])
+    assert long.read_bytes() == b"x" and sorted(os.listdir(tmp_path)) == [long.name]
+    target = tmp_path / "blocker" / "labels.json"
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(OSError, match=r"\(writing .*blocker/labels.json\)"):
+        atomic_write_bytes(target, [b"x"])
