@@ -348,6 +348,54 @@ def test_save_never_writes_over_the_input(tmp_path):
     assert written["labels"].name == "seg_labels.nii.gz"
 
 
+def test_save_leaves_files_it_did_not_write_alone(tmp_path):
+    """Only a Hermes labels.json and a save marker's names of Hermes outputs inside the folder
+    drive the removal of earlier outputs: a user's labels.json is refused (never replaced),
+    marker entries outside the folder or behind a symbolic link are ignored."""
+    from hermes.inference.result import save_marker
+
+    aff, img, _ = _on_grid("ras")
+    res = _run(img, aff)
+    user = tmp_path / "user"
+    (user / "structures").mkdir(parents=True)
+    mine = {"labels.json": b'{"labels": {"1": "brain"}}', "preview.png": b"my picture",
+            "structures/brain.nii.gz": b"my mask"}
+    for name, data in mine.items():
+        (user / name).write_bytes(data)
+    with pytest.raises(FileExistsError, match="is not a Hermes save's labels.json"):
+        res.save(user, preview=False)
+    assert {n: (user / n).read_bytes() for n in mine} == mine
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    victims = [elsewhere / "thesis.tex", elsewhere / "sub" / "keep.nii.gz"]
+    for v in victims:
+        v.write_text("keep")
+    res.save(out, preview=False)
+    (out / "linked").symlink_to(elsewhere / "sub")
+    (out / "structures").symlink_to(elsewhere / "sub")
+    save_marker(out).write_text(json.dumps({"files": [
+        str(victims[0]), "linked/keep.nii.gz", "structures/keep.nii.gz", "../elsewhere/x",
+        "statistics.csv"]}))
+    res.save(out, preview=False)
+    assert all(v.read_text() == "keep" for v in victims)
+    assert not save_marker(out).exists()
+
+
+def test_one_save_at_a_time_and_temporaries_of_a_killed_save_removed(tmp_path):
+    from hermes.files import FolderBusyError, folder_lock
+
+    aff, img, _ = _on_grid("ras")
+    res = _run(img, aff)
+    res.save(tmp_path, preview=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with folder_lock(tmp_path), pytest.raises(FolderBusyError, match="output folder"):
+        res.save(tmp_path, preview=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / ".labels.nii.gz.k3j9x0ab.tmp").write_bytes(b"half a file")
+    res.save(tmp_path, preview=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
 def test_results_keep_the_input_nifti_header_geometry(tmp_path):
     """qform/sform and their codes (MNI 4, aligned 2) come back as in the input, also when the
     qform differs from the sform; the spatial unit is written as mm."""

@@ -312,8 +312,10 @@ def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monk
     assert main(["segment", *argv]) == 0
     # b interrupted while saving: its marker names its files, labels.json not yet rewritten
     (out / "b" / "labels.json").unlink()
-    save_marker(out / "b").write_text(json.dumps({"files": ["labels.nii.gz", "leftover.png"]}))
-    (out / "b" / "leftover.png").write_bytes(b"from the interrupted save")
+    save_marker(out / "b").write_text(json.dumps(
+        {"files": ["labels.nii.gz", "structures/leftover.nii.gz"]}))
+    (out / "b" / "structures").mkdir()
+    (out / "b" / "structures" / "leftover.nii.gz").write_bytes(b"from the interrupted save")
     labels = json.loads((out / "c" / "labels.json").read_text())
     (out / "c" / "labels.json").write_text(json.dumps({**labels, "model": "other.hermes"}))
     ran = []
@@ -326,7 +328,7 @@ def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monk
     (out / "c" / "labels.json").write_text(json.dumps(labels))
     assert main(["segment", *argv, "--resume"]) == 0 and ran == ["b.nii.gz"]
     assert json.loads((out / "b" / "labels.json").read_text())["labels"] == labels["labels"]
-    assert not (out / "b" / "leftover.png").exists() and not save_marker(out / "b").exists()
+    assert not (out / "b" / "structures").exists() and not save_marker(out / "b").exists()
     assert main(["segment", *argv, "--resume"]) == 0 and ran == ["b.nii.gz"]  # all done
     one = ["-i", str(src / "a.nii.gz"), "-o", str(out / "a"), "--model", str(ckpt),
            "--modality", "T1", "--device", "cpu", "--fast", "--resume"]
@@ -345,3 +347,44 @@ def test_segment_command_resumes_an_interrupted_run(tmp_path, ckpt, capsys, monk
                "--modality", "T1", "--device", "cpu", "--resume", "-q"])
     assert rc == 1 and "--force" in capsys.readouterr().err
     assert (mine / "labels.nii.gz").read_bytes() == b"my ground truth"
+
+
+def test_output_folder_checks_before_inference(tmp_path):
+    """A DICOM series' own folder, a broken link and an input's name are refused up front;
+    the input clash is named even with --force (which could not help)."""
+    from hermes.inference.commands import _check_outdir
+
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "IM0001.dcm").write_bytes(b"slice")
+    for given in (series, series / "IM0001.dcm"):
+        with pytest.raises(FileExistsError, match="is the input DICOM series' folder"):
+            _check_outdir(series, True, [given])
+    _check_outdir(series / "seg", False, [series])  # a sub-folder of its own is fine
+    broken = tmp_path / "broken"
+    broken.symlink_to(tmp_path / "missing")
+    with pytest.raises(FileExistsError, match="broken symbolic link"):
+        _check_outdir(broken, True, [series])
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "labels.nii.gz").write_bytes(b"input")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="would overwrite the input"):
+            _check_outdir(clash, force, [clash / "labels.nii.gz"])
+
+
+def test_resume_does_not_skip_a_segmentation_of_another_image(tmp_path, ckpt, capsys):
+    aff = grid(np.diag([2.0, 2.0, 3.0]), (36, 36, 24))
+    img = phantom(aff, (36, 36, 24))[0] + 100
+    a, b = save_image(tmp_path / "a.nii.gz", img, aff), save_image(tmp_path / "b.nii.gz",
+                                                                    img[::-1], aff)
+    argv = ["-o", str(tmp_path / "out"), "--model", str(ckpt), "--modality", "T1",
+            "--device", "cpu", "--fast"]
+    assert main(["segment", "-i", str(a), *argv, "-q"]) == 0
+    assert main(["segment", "-i", str(a), *argv, "--resume"]) == 0
+    assert "already holds this model's segmentation: skipped" in capsys.readouterr().err
+    rc = main(["segment", "-i", str(b), *argv, "--resume"])
+    assert rc == 1 and "holds a segmentation of another image" in capsys.readouterr().err
+    assert main(["segment", "-i", str(b), *argv, "--resume", "--force", "-q"]) == 0
+    labels = json.loads((tmp_path / "out" / "labels.json").read_text())
+    assert labels["inputs"][0]["path"] == str(b.resolve())

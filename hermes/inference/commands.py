@@ -34,9 +34,25 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse to overwrite earlier outputs without ``--force`` and never write over an input."""
+    """Refuse to overwrite earlier outputs without ``--force`` and never write over an input
+    or into a DICOM series' own folder."""
+    from hermes.data.io import image_suffix
+
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"output {out} is a broken symbolic link; remove it or choose "
+                              "another -o")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output {out} exists and is not a folder")
+    resolved = {p.resolve() for p in inputs}
+    series = {p if p.is_dir() else p.parent for p in resolved
+              if p.is_dir() or image_suffix(p) is None}  # DICOM inputs' folders
+    if out.resolve() in series:
+        raise FileExistsError(f"output folder {out} is the input DICOM series' folder: the "
+                              "outputs would be added to the series; choose another -o")
+    for n in _OUTPUT_NAMES:
+        if (out / n).resolve() in resolved or any(
+                (out / n).resolve() in p.parents for p in resolved):
+            raise FileExistsError(f"output {out / n} would overwrite the input; choose another -o")
     # checked before inference runs, not when the results are written minutes later
     base = out.absolute()
     while not base.exists():
@@ -49,11 +65,6 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
         raise FileExistsError(
             f"output folder {out} already holds {', '.join(existing)}; pass --force to "
             "overwrite, --resume to continue an interrupted run, or choose another -o")
-    resolved = {p.resolve() for p in inputs}
-    for n in _OUTPUT_NAMES:
-        if (out / n).resolve() in resolved or any(
-                (out / n).resolve() in p.parents for p in resolved):
-            raise FileExistsError(f"output {out / n} would overwrite the input; choose another -o")
 
 
 def _overlap(text: str) -> float:
@@ -152,7 +163,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if isinstance(image, Path) and image.is_dir() and folder_cases(image, 0) is not None:
         return _run_folder(args, image, Path(args.output))
     out = Path(args.output)
-    done = _finished(out, args) if args.resume else False
+    done = _finished(out, args, images) if args.resume else False
     if done is True:
         _log(args, f"hermes: {out} already holds this model's segmentation: skipped (run "
                    "without --resume to segment it again)")
@@ -233,21 +244,23 @@ def _requested(args: argparse.Namespace) -> dict[str, Any]:
             "fast": bool(args.fast), "tasks_requested": _task_names(args.tasks)}
 
 
-def _finished(out: Path, args: argparse.Namespace) -> bool | str:
-    """Whether ``out`` holds a finished segmentation (its ``labels.json``, written last) by the
-    model and with the settings of this command: True; False when it holds none; else why not
-    (another model, other settings)."""
-    import json
-
+def _finished(out: Path, args: argparse.Namespace, inputs: list[Path]) -> bool | str:
+    """Whether ``out`` holds a finished segmentation (its ``labels.json``, written last) of
+    ``inputs`` by the model and with the settings of this command: True; False when it holds
+    none; else why not (another image, another model, other settings)."""
+    from hermes.inference.result import hermes_labels, input_record
     from hermes.models import checkpoint_path
     from hermes.models.default import default_model_path
 
-    try:
-        names = json.loads((out / "labels.json").read_text())
-    except (OSError, ValueError):
+    if not (out / "labels.json").exists():
         return False
-    if not isinstance(names, dict) or "labels" not in names or not names.get("model"):
+    names = hermes_labels(out)
+    if names is None or not names.get("model"):
         return f"{out} holds a labels.json that is not a Hermes segmentation's"
+    stored_inputs = names.get("inputs")  # absent from the labels.json of older saves
+    if stored_inputs is not None and stored_inputs != input_record([str(p) for p in inputs]):
+        return (f"{out} holds a segmentation of another image ({names.get('source')}), or of "
+                "this one before it changed")
     wanted = default_model_path() if args.model is None else checkpoint_path(args.model)
     if Path(names["model"]).resolve() != wanted.resolve():
         return f"{out} holds a segmentation by another model ({names['model']})"
@@ -268,7 +281,7 @@ def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
     inputs = [p for _, paths in cases for p in paths]
     force = {name: args.force for name, _ in cases}
     if args.resume:
-        state = {name: _finished(out / name, args) for name, _ in cases}
+        state = {name: _finished(out / name, args, paths) for name, paths in cases}
         done = [name for name, st in state.items() if st is True]
         if done:
             _log(args, f"hermes: {len(done)} of {len(cases)} case(s) already segmented by this "

@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from hermes.files import atomic_write_bytes
+from hermes.files import atomic_write_bytes, folder_lock, remove_stale_temporaries
 from hermes.inference.masks import TaskMasks
 
 __all__ = ["SegmentationResult", "detection_note", "nifti_image", "nifti_bytes", "safe_filename",
@@ -142,6 +142,60 @@ def save_marker(out: Path, prefix: str = "") -> Path:
     """The file :meth:`SegmentationResult.save` keeps in ``out`` while it writes (its
     presence: a save that did not finish)."""
     return out / f".{prefix}hermes-saving.json"
+
+
+#: the files of a save besides its per-task folders (``structures/``, ``probabilities/``)
+OUTPUT_FILES = ("labels.nii.gz", "labels.json", "statistics.json", "statistics.csv",
+                "preview.png")
+TASK_FOLDERS = ("structures", "probabilities")
+
+
+def hermes_labels(out: Path, prefix: str = "") -> dict | None:
+    """``out/{prefix}labels.json`` when a Hermes save wrote it (a JSON object with a
+    ``labels`` mapping and the save's ``model`` and ``settings`` records), else None (absent,
+    unreadable, or the user's own file)."""
+    try:
+        names = json.loads((out / f"{prefix}labels.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(names, dict) and isinstance(names.get("labels"), dict)
+            and "model" in names and isinstance(names.get("settings"), dict)):
+        return None
+    return names
+
+
+def own_output(out: Path, prefix: str, name: str) -> Path | None:
+    """``out / name`` when ``name`` is a file a save with ``prefix`` writes (one of
+    ``OUTPUT_FILES``, or ``<task folder>/<stem>.nii.gz``) and lies in ``out`` itself or its
+    real task folder (no symbolic link on the way out of ``out``); else None."""
+    parts = Path(str(name)).parts
+    if len(parts) == 1 and parts[0] in {prefix + f for f in OUTPUT_FILES}:
+        folder = out
+    elif (len(parts) == 2 and parts[0] in {prefix + d for d in TASK_FOLDERS}
+          and parts[1].endswith(".nii.gz") and not parts[1].startswith(".")):
+        folder = out / parts[0]
+        if folder.is_symlink():
+            return None
+    else:
+        return None
+    return folder / parts[-1]
+
+
+def input_record(paths: list[str]) -> list[dict[str, Any]]:
+    """What identifies the input files (or DICOM folders) of a segmentation: resolved path,
+    size in bytes and modification time (ns; for a folder, of its newest file and the bytes
+    of its files) of each; ``hermes segment --resume`` compares it."""
+    record = []
+    for src in paths:
+        p = Path(src)
+        try:
+            files = [q for q in p.iterdir() if q.is_file()] if p.is_dir() else [p]
+            stats = [q.stat() for q in files]
+        except OSError:
+            continue
+        record.append({"path": str(p.resolve()), "bytes": sum(st.st_size for st in stats),
+                       "mtime_ns": max((st.st_mtime_ns for st in stats), default=0)})
+    return record
 
 
 def detection_note(detection: dict | None) -> str:
@@ -310,33 +364,45 @@ class SegmentationResult:
             files.append(("preview", f"{prefix}preview.png", lambda: png))
         # last: a labels.json beside the other files marks a finished save (`--resume`)
         files.append(("names", f"{prefix}labels.json", self._names_json))
+        self._refuse_input_clash([out / name for _, name, _ in files])
+        out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out, "output folder"):  # one save at a time into a folder
+            self._write(out, prefix, files, scratch=int(np.prod(self.shape)) * (
+                4 if probabilities else 1))  # per file being made: its voxel array
+        return {key: out / name for key, name, _ in files}
+
+    def _write(self, out: Path, prefix: str, files: list[tuple[str, str, Any]],
+               scratch: int) -> None:
+        """:meth:`save`'s writing, holding the folder's lock: ``files`` (labels.json last),
+        then the earlier save's files that these do not replace are removed."""
+        names = out / f"{prefix}labels.json"
+        if (names.exists() or names.is_symlink()) and hermes_labels(out, prefix) is None:
+            raise FileExistsError(f"{names} is not a Hermes save's labels.json (no model and "
+                                  "settings records): it is left alone; save to another "
+                                  "folder or with another prefix")
         written_paths = {(out / name).resolve() for _, name, _ in files}
         stale = [p for p in self._earlier_outputs(out, prefix)
                  if p.resolve() not in written_paths and p.is_file()]
-        self._refuse_input_clash([out / name for _, name, _ in files] + stale)
-
-        out.mkdir(parents=True, exist_ok=True)
+        self._refuse_input_clash(stale)
+        for folder in (out, *(out / f"{prefix}{sub}" for sub in TASK_FOLDERS)):
+            remove_stale_temporaries(folder)  # left by a save that was killed
         # until labels.json is rewritten, a marker names the files this save writes and
         # replaces: an interrupted save is recognised (`hermes segment --resume`) and the next
         # save into the folder removes what it left
         marker = save_marker(out, prefix)
-        touched = sorted({name for _, name, _ in files} | {str(p.relative_to(out)) for p in stale
-                                                           if p.is_relative_to(out)})
+        touched = sorted({name for _, name, _ in files} | {str(p.relative_to(out)) for p in stale})
         atomic_write_bytes(marker, [json.dumps({"files": touched}).encode()])
         (out / f"{prefix}labels.json").unlink(missing_ok=True)  # unfinished until rewritten
-        # per file being made: its voxel array (float32 probability maps, else uint8)
-        scratch = int(np.prod(self.shape)) * (4 if probabilities else 1)
         _write_in_threads(out, [(name, produce) for _, name, produce in files[:-1]],
                           save_threads(len(files) - 1, scratch))
         atomic_write_bytes(out / files[-1][1], [files[-1][2]()])  # labels.json, last
         for p in stale:
             p.unlink(missing_ok=True)
-        marker.unlink()
-        for sub in ("structures", "probabilities"):
+        marker.unlink(missing_ok=True)
+        for sub in TASK_FOLDERS:
             folder = out / f"{prefix}{sub}"
-            if folder.is_dir() and not any(folder.iterdir()):
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
                 folder.rmdir()
-        return {key: out / name for key, name, _ in files}
 
     def _mask_bytes(self, index: int, geo: dict | None) -> bytes:
         """Task ``index``'s mask as ``.nii.gz`` bytes, built in the file's (Fortran) voxel order
@@ -350,25 +416,24 @@ class SegmentationResult:
     @staticmethod
     def _earlier_outputs(out: Path, prefix: str) -> list[Path]:
         """Files an earlier :meth:`save` with ``prefix`` wrote into ``out``: its preview and the
-        masks and maps of the tasks its ``labels.json`` lists, and what an interrupted save's
-        marker names (nothing else is touched)."""
-        found: list[Path] = []
+        masks and maps of the tasks its ``labels.json`` lists (a Hermes one only), and what an
+        interrupted save's marker names; only names a save writes, inside ``out``
+        (:func:`own_output`): nothing else is touched."""
+        listed: list[str] = []
         try:
-            listed = json.loads(save_marker(out, prefix).read_text())["files"]
-            found += [out / str(name) for name in listed if ".." not in Path(str(name)).parts]
+            marked = json.loads(save_marker(out, prefix).read_text())["files"]
+            listed += [str(name) for name in marked] if isinstance(marked, list) else []
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        try:
-            names = json.loads((out / f"{prefix}labels.json").read_text())["labels"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return found
-        if not isinstance(names, dict):
-            return found
-        keys = sorted(int(k) for k in names if str(k).isdigit() and k != "0")
-        stems = unique_filenames([str(names[str(k)]) for k in keys])
-        return found + [out / f"{prefix}preview.png"] + [
-            out / f"{prefix}{sub}" / f"{stem}.nii.gz"
-            for sub in ("structures", "probabilities") for stem in stems]
+        names = hermes_labels(out, prefix)
+        if names is not None:
+            labels = names["labels"]
+            keys = sorted(int(k) for k in labels if str(k).isdigit() and k != "0")
+            stems = unique_filenames([str(labels[str(k)]) for k in keys])
+            listed += [f"{prefix}preview.png"] + [
+                f"{prefix}{sub}/{stem}.nii.gz" for sub in TASK_FOLDERS for stem in stems]
+        own = (own_output(out, prefix, name) for name in listed)
+        return [p for p in own if p is not None]
 
     def _preview_or_nothing(self) -> bytes | None:
         """The preview PNG; a failure to draw it is a warning, never a failed save."""
@@ -399,6 +464,7 @@ class SegmentationResult:
             "modality": self.modality,
             "modality_detection": self.detection,
             "source": self.source,
+            "inputs": input_record(self.sources),
             "model": self.model_source,
             "settings": self.settings,
             "hermes_version": __version__,
