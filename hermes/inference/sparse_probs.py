@@ -27,6 +27,11 @@ __all__ = ["SparseProbabilities"]
 _EMPTY = 1 << 40  # an empty box is (lo, hi) = (_EMPTY, -_EMPTY): min/max unions keep it empty
 
 
+def _no_boxes(n: int) -> np.ndarray:
+    """``n x 4`` empty boxes (row lo, row hi, column lo, column hi)."""
+    return np.tile(np.array([_EMPTY, -_EMPTY, _EMPTY, -_EMPTY], np.int64), (n, 1))
+
+
 class SparseProbabilities:
     """Model-grid probabilities of ``channels`` tasks, stored near their hits only.
 
@@ -84,28 +89,28 @@ class SparseProbabilities:
             raise ValueError(f"{self._next_index} planes were added, the volume has "
                              f"{self.shape if self._axis is None else self.shape[self._axis]}")
         if self._pending is not None:
-            self._store(*self._pending, np.full((self.channels, 4), _EMPTY, np.int64)
-                        * np.array([1, -1, 1, -1]))
+            self._store(*self._pending, _no_boxes(self.channels))
             self._pending = None
 
     def _hit_boxes(self, values: torch.Tensor) -> np.ndarray:
         """``T x 4`` (row lo, row hi, column lo, column hi) of each task's hits in one plane
         (``_EMPTY`` boxes where it has none)."""
-        boxes = np.tile(np.array([_EMPTY, -_EMPTY, _EMPTY, -_EMPTY], np.int64),
-                        (self.channels, 1))
-        peak = values.amax(dim=-1).amax(dim=-1)  # fast for planes that are strided views
-        for t in torch.nonzero(peak >= self.level).flatten().tolist():
-            for k, dim in ((0, 1), (2, 0)):  # rows: any over columns; columns: over rows
-                hit = np.flatnonzero((values[t].amax(dim=dim) >= self.level).numpy())
-                boxes[t, k], boxes[t, k + 1] = hit[0], hit[-1] + 1
+        boxes = _no_boxes(self.channels)
+        # NumPy, one thread: small per-plane torch ops stall on their thread barrier when the
+        # CPU is busy (10x slower); NaN is no hit, as in thresholding
+        hit = np.greater_equal(values.numpy(), self.level)
+        for k, axis in ((0, 2), (2, 1)):  # rows: any over columns; columns: any over rows
+            line = hit.any(axis=axis)  # T x rows (columns)
+            some = line.any(axis=1)
+            boxes[some, k] = line[some].argmax(axis=1)
+            boxes[some, k + 1] = line.shape[1] - line[some, ::-1].argmax(axis=1)
         return boxes
 
     def _store(self, index: int, values: torch.Tensor, boxes: np.ndarray,
                next_boxes: np.ndarray) -> None:
         """Keeps plane ``index``'s values inside each task's hit boxes of this plane and its
         two neighbours, grown by one voxel."""
-        prev = self._prev if self._prev is not None else np.full_like(boxes, _EMPTY) * [
-            1, -1, 1, -1]
+        prev = self._prev if self._prev is not None else _no_boxes(self.channels)
         both = np.stack([prev, boxes, next_boxes])
         lo = both[:, :, 0::2].min(axis=0) - 1  # (row, column) starts
         hi = both[:, :, 1::2].max(axis=0) + 1
