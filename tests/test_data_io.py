@@ -228,3 +228,60 @@ def test_atomic_write_names_the_file_and_takes_long_names(tmp_path):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     with pytest.raises(OSError, match=r"\(writing .*blocker/labels.json\)"):
         atomic_write_bytes(target, [b"x"])
+
+
+def test_nifti_of_complex_or_rgb_voxels_is_refused(tmp_path):
+    import hermes
+    from hermes.data.io import ImageReadError
+
+    real = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    complex_img = nib.Nifti1Image(real.astype(np.complex64), np.eye(4))
+    nib.save(complex_img, tmp_path / "phase.nii.gz")
+    with pytest.raises(ImageReadError, match="complex-valued voxels .*magnitude"):
+        load_image(tmp_path / "phase.nii.gz", dtype=np.float32)
+    with pytest.raises(ImageReadError, match="complex-valued"):
+        hermes.segment(complex_img, modality="T1")
+    rgb = np.zeros((6, 5, 4), [("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii")
+    with pytest.raises(ImageReadError, match="RGB/structured voxels"):
+        load_image(tmp_path / "rgb.nii", dtype=np.float32)
+
+
+def test_uncompressed_nifti_named_nii_gz_is_read(tmp_path):
+    arr = np.arange(120, dtype=np.int16).reshape(6, 5, 4)
+    aff = np.diag([0.8, 0.9, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(arr, aff), tmp_path / "plain.nii")
+    (tmp_path / "plain.nii").rename(tmp_path / "named.nii.gz")
+    data, got = load_image(tmp_path / "named.nii.gz")
+    np.testing.assert_array_equal(data, arr)
+    np.testing.assert_allclose(got, aff)
+    assert load_header(tmp_path / "named.nii.gz") == ((6, 5, 4), pytest.approx(aff))
+
+
+@pytest.mark.parametrize("space", ["scanner-xyz", "3D-right-handed", "left-posterior-superior"])
+def test_nrrd_scanner_and_right_handed_spaces_are_lps_as_itk_reads_them(tmp_path, space):
+    arr = np.zeros((4, 3, 2), np.int16)
+    header = {"space": space, "space directions": np.diag([2.0, 3.0, 4.0]),
+              "space origin": np.array([10.0, 20.0, 30.0])}
+    nrrd.write(str(tmp_path / "v.nrrd"), arr, header, index_order="F")
+    _, aff = load_image(tmp_path / "v.nrrd")
+    np.testing.assert_allclose(aff, [[-2, 0, 0, -10], [0, -3, 0, -20], [0, 0, 4, 30],
+                                     [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("centering, shift", [(None, 0.5), ("cell", 0.5), ("node", 0.0)])
+def test_nrrd_axis_mins_place_the_grid_as_itk_does(tmp_path, centering, shift):
+    """An NRRD with ``kinds``, ``spacings`` and ``axis mins`` but no ``space directions``
+    (teem's way to place a grid): LPS axes, the first voxel at the axis mins plus half a
+    spacing for cell centering (ITK's default), as SimpleITK reads it."""
+    arr = np.zeros((6, 5, 4), np.int16)
+    header = {"kinds": ["domain"] * 3, "spacings": [1.5, 2.0, 3.0],
+              "axis mins": [10.0, 20.0, 30.0]}
+    if centering:
+        header["centerings"] = [centering] * 3
+    nrrd.write(str(tmp_path / "v.nrrd"), arr, header, index_order="F")
+    _, aff = load_image(tmp_path / "v.nrrd")
+    lps_origin = np.array([10.0, 20.0, 30.0]) + shift * np.array([1.5, 2.0, 3.0])
+    np.testing.assert_allclose(aff[:3, 3], lps_origin * [-1, -1, 1])
+    np.testing.assert_allclose(np.diag(aff)[:3], [-1.5, -2.0, 3.0])
+    assert load_header(tmp_path / "v.nrrd")[1] == pytest.approx(aff)

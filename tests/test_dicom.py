@@ -134,6 +134,17 @@ def test_series_errors(tmp_path):
     write_series(tmp_path / "one", vol[:, :, :1], aff)
     with pytest.raises(DicomError, match="single slice"):
         load_dicom_series(tmp_path / "one")
+    for name, change, message in (
+            ("frames", lambda ds: setattr(ds, "NumberOfFrames", 5),
+             r"multi-frame DICOM \(IM0000.dcm.*\) is not supported; convert it"),
+            ("nospacing", lambda ds: delattr(ds, "PixelSpacing"),
+             r"pixel spacing found \(5 image file\(s\) without PixelSpacing\)")):
+        for p in write_series(tmp_path / name, vol, aff):
+            ds = pydicom.dcmread(p)
+            change(ds)
+            ds.save_as(p)
+        with pytest.raises(DicomError, match=message):
+            load_dicom_series(tmp_path / name)
     write_series(tmp_path / "two", vol, aff, series_uid="1.2.3.4")
     write_series(tmp_path / "two" / "..", vol, aff, series_uid="1.2.3.5")  # sibling folder
     for p in (tmp_path).glob("IM*.dcm"):

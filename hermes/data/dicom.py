@@ -123,21 +123,37 @@ def load_dicom_series(
         raise DicomError(f"{folder}: not a folder (expected a DICOM series folder)")
     series: dict[str, list] = defaultdict(list)
     damaged: list[str] = []
+    multiframe: list[str] = []
+    lacking: dict[str, int] = defaultdict(int)  # tag -> image files without it
     for p, ds in _read_files(folder, pixels=True):
         if ds is None or not any(k in ds for k in _DICOM_MARKS):
             if p.suffix.lower() in DICOM_SUFFIXES:  # named as DICOM, yet unreadable as such
                 damaged.append(p.name)
             continue
-        if not all(hasattr(ds, k) for k in ("ImagePositionPatient", "ImageOrientationPatient",
-                                             "PixelSpacing")) or "PixelData" not in ds:
+        if "PixelData" not in ds:
             continue
-        series[str(getattr(ds, "SeriesInstanceUID", ""))].append(ds)
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            multiframe.append(p.name)
+            continue
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient",
+                               "PixelSpacing") if not hasattr(ds, k)]
+        for k in missing:
+            lacking[k] += 1
+        if not missing:
+            series[str(getattr(ds, "SeriesInstanceUID", ""))].append(ds)
     if damaged:
         raise DicomError(f"{folder}: {len(damaged)} file(s) named as DICOM are not readable "
                          f"DICOM ({first_of(damaged, 3)}): damaged or incomplete copies? Replace "
                          "or remove them")
+    if not series and multiframe:
+        raise DicomError(f"{folder}: multi-frame DICOM ({first_of(multiframe, 3)}: several "
+                         "frames in one file, e.g. enhanced CT/MR) is not supported; convert it "
+                         "to NIfTI (e.g. with dcm2niix) or export one file per slice")
     if not series:
-        raise DicomError(f"{folder}: no DICOM image slice with position and orientation found")
+        why = (f" ({', '.join(f'{n} image file(s) without {k}' for k, n in lacking.items())})"
+               if lacking else "")
+        raise DicomError(f"{folder}: no DICOM image slice with position, orientation and "
+                         f"pixel spacing found{why}")
     if series_uid is not None:
         if series_uid not in series:
             raise DicomError(f"{folder}: no series {series_uid!r}; found {sorted(series)}")

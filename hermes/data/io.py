@@ -51,9 +51,13 @@ _NRRD_SPACES: dict[str, np.ndarray] = {
     "las": np.diag([-1.0, 1.0, 1.0, 1.0]),
     "left-posterior-superior": _LPS_TO_RAS,
     "lps": _LPS_TO_RAS,
-    "scanner-xyz": np.diag([1.0, 1.0, 1.0, 1.0]),
-    "3d-right-handed": np.diag([1.0, 1.0, 1.0, 1.0]),
+    # the scanner frame (DICOM's, LPS) and a generic right-handed frame: read as ITK reads
+    # them (and 3D Slicer through it), as LPS
+    "scanner-xyz": _LPS_TO_RAS,
+    "3d-right-handed": _LPS_TO_RAS,
 }
+#: NRRD axis kinds of spatial axes (pynrrd 1.1 has no such list)
+_NRRD_SPATIAL_KINDS = ("domain", "space")
 
 
 #: Size in mm of the NIfTI spatial units (``xyzt_units & 7``: 1 metre, 2 mm, 3 micrometre); any
@@ -141,10 +145,11 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
 
     NRRD stores ``space directions`` as one row per axis (``None``/``nan`` for non-spatial axes
     such as a channel axis) and ``space origin``; world coordinates are in ``space``. A file
-    naming no ``space`` (or with ``spacings`` only) is read as ITK and 3D Slicer read it: in
-    LPS coordinates (with ``spacings`` only: LPS axes, origin 0).
+    naming no ``space`` or a scanner/right-handed one (or with ``spacings`` only) is read as ITK
+    and 3D Slicer read it: in LPS coordinates (with ``spacings`` only: LPS axes, the first
+    voxel at the ``axis mins``, plus half a spacing unless the axis is ``node``-centred; else
+    at 0).
     """
-    import nrrd  # local: only needed for NRRD
 
     ndim = int(header.get("dimension", len(header.get("sizes", []))))
     directions = header.get("space directions")
@@ -154,7 +159,7 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
         spacings = header.get("spacings")
         spatial = list(range(min(3, ndim)))
         if kinds is not None:
-            spatial = [i for i, k in enumerate(kinds) if k in nrrd.SPATIAL_KINDS or k == "space"]
+            spatial = [i for i, k in enumerate(kinds) if str(k).lower() in _NRRD_SPATIAL_KINDS]
             spatial = spatial[:3] if spatial else list(range(min(3, ndim)))
         sp = [1.0] * 3
         if spacings is not None:
@@ -164,7 +169,14 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
             warnings.warn(f"{path}: the NRRD header gives no voxel size (space directions or "
                           "spacings) for every axis: taken as 1 mm; volumes and the model's "
                           "resampling depend on it", stacklevel=4)
-        return _LPS_TO_RAS @ np.diag([*sp, 1.0]), spatial
+        lps = np.diag([*sp, 1.0])
+        mins, centers = header.get("axis mins"), header.get("centerings")
+        if mins is not None:
+            for j, i in enumerate(spatial):
+                low = float(mins[i])
+                node = centers is not None and str(centers[i]).lower() == "node"
+                lps[j, 3] = (low if node else low + sp[j] / 2) if np.isfinite(low) else 0.0
+        return _LPS_TO_RAS @ lps, spatial
 
     directions = np.asarray(
         [
@@ -245,25 +257,50 @@ def _readable_suffix(path: Path) -> str:
     return suffix
 
 
-def _nifti_data(img: Any, dtype: np.dtype | None) -> np.ndarray:
-    """The voxels of a nibabel NIfTI image: scaled floats of ``dtype`` when it is floating,
-    else the stored values (with any scaling nibabel applies)."""
+def nifti_data(img: Any, dtype: np.dtype | None, name: str = "image") -> np.ndarray:
+    """The voxels of a nibabel NIfTI image ``name``: scaled floats of ``dtype`` when it is
+    floating, else the stored values (with any scaling nibabel applies).
+
+    Raises:
+        ImageReadError: complex (e.g. MR phase) or RGB voxels, which are no intensities.
+    """
+    stored = np.dtype(img.get_data_dtype())
+    if stored.kind == "c":
+        raise ImageReadError(f"{name}: complex-valued voxels ({stored}): save real intensities "
+                             "(for complex MR data e.g. the magnitude)")
+    if stored.fields is not None or stored.kind == "V":
+        raise ImageReadError(f"{name}: RGB/structured voxels ({stored}) are no scalar image; "
+                             "save one intensity channel")
     if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
         return np.asarray(img.get_fdata(dtype=np.dtype(dtype)))
     return np.asarray(img.dataobj)
 
 
+def _nifti_from_stream(f: Any) -> Any:
+    """A NIfTI-1 or NIfTI-2 image (by the header's ``sizeof_hdr``, 348 or 540) read from an
+    open binary stream; its voxels are read from ``f`` while it stays open."""
+    first = f.read(4)
+    f.seek(0)
+    nifti2 = first in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_stream(f)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def _load_nifti_gz(path: Path, dtype: np.dtype | None) -> tuple[Any, np.ndarray]:
     """``(image, voxels)`` of a ``.nii.gz`` file read through one gzip stream to its end, so
     that the stream's CRC and length are checked (nibabel stops reading where the voxels end:
-    damaged compressed data would otherwise be read as other voxel values)."""
-    with gzip.open(path, "rb") as f:
-        sizeof_hdr = f.read(4)
-        f.seek(0)
-        nifti2 = sizeof_hdr in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # 540
-        img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_stream(f)
-        data = _nifti_data(img, dtype)
-        f.read()  # the rest of the stream, up to the CRC/length check at its end
+    damaged compressed data would otherwise be read as other voxel values). A file so named
+    that is not compressed is read as ``.nii`` (as ITK does)."""
+    compressed = _is_gzip(path)
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        img = _nifti_from_stream(f)
+        data = nifti_data(img, dtype, str(path))
+        if compressed:
+            f.read()  # the rest of the stream, up to the CRC/length check at its end
     return img, data
 
 
@@ -295,7 +332,7 @@ def load_image(
                 img, data = _load_nifti_gz(path, dtype)
             else:
                 img = nib.load(str(path))
-                data = _nifti_data(img, dtype)
+                data = nifti_data(img, dtype, str(path))
             affine = nifti_affine_mm(img)
             if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C) NIfTI vector layout
                 data = data[:, :, :, 0, :]
@@ -324,7 +361,11 @@ def load_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
         if suffix in (".nrrd", ".nhdr"):
             shape, affine = _load_nrrd(path, header_only=True)
         else:
-            img = nib.load(str(path))
+            if suffix == ".nii.gz" and not _is_gzip(path):  # named .nii.gz, not compressed
+                with open(path, "rb") as f:
+                    img = _nifti_from_stream(f)
+            else:
+                img = nib.load(str(path))
             shape, affine = tuple(int(s) for s in img.shape), nifti_affine_mm(img)
             if len(shape) == 5 and shape[3] == 1:
                 shape = shape[:3] + shape[4:]

@@ -166,7 +166,8 @@ def _load_channels(case: Case) -> tuple[np.ndarray, np.ndarray]:
         arr, aff = load_image(p, dtype=np.float32)
         n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if n_bad:
-            raise ValueError(f"{p}: image has {n_bad} non-finite (NaN/inf) voxels")
+            raise ValueError(f"{p}: image has {n_bad} non-finite (NaN/inf) voxels (or values "
+                             "beyond float32's range, +-3.4e38)")
         if affine is None:
             affine = aff
         if arr.ndim == 3:

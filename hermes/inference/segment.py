@@ -30,6 +30,7 @@ from hermes.data.io import (
     image_suffix,
     load_image,
     nifti_affine_mm,
+    nifti_data,
     nifti_geometry,
     strip_image_suffix,
 )
@@ -215,7 +216,7 @@ def load_input(
             raise SegmentationInputError(
                 "spacing= gives the geometry of an array input; a nibabel image has its affine "
                 "(pass affine= to override it)")
-        arr = np.asarray(image.get_fdata(dtype=np.float32))
+        arr = nifti_data(image, np.float32, type(image).__name__)
         aff = nifti_affine_mm(image) if affine is None else _affine_from(affine, None)
         desc = f"{type(image).__name__} {tuple(arr.shape)}"
     elif isinstance(image, (np.ndarray, torch.Tensor)):
@@ -286,7 +287,8 @@ def _validate(arr: np.ndarray, affine: np.ndarray, desc: str, in_channels: int,
             + hint)
     n_bad = int(chans.size - np.count_nonzero(np.isfinite(chans)))
     if n_bad:
-        raise SegmentationInputError(f"{desc}: image has {n_bad} non-finite (NaN/inf) voxels")
+        raise SegmentationInputError(f"{desc}: image has {n_bad} non-finite (NaN/inf) voxels "
+                                     "(or values beyond float32's range, +-3.4e38)")
     if float(chans.max()) == float(chans.min()):
         raise SegmentationInputError(
             f"{desc}: image is empty (every voxel equals {float(chans.min()):g})")
