@@ -312,25 +312,31 @@ def test_cli_finetune_resume_takes_the_runs_own_options(setup, tmp_path, capsys)
     assert "seed=3 (now 4)" in capsys.readouterr().err
 
 
-def test_cli_finetune_under_torchrun(setup, tmp_path):
-    """Two gloo processes, incremental with rehearsal: ranks in sync, one model written by
-    rank 0 with the new tasks, no DDP gradient-layout warnings, the process group left."""
-    root, old, new, _ = setup
-    out = tmp_path / "ddp"
+def _torchrun_finetune(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``hermes finetune ARGS`` in two gloo processes on the CPU (each prints at its end
+    whether it left the process group)."""
     script = tmp_path / "finetune_ddp.py"
     script.write_text("import sys, torch.distributed as dist\n"
                       "from hermes.cli import main\n"
                       "code = main(sys.argv[1:])\n"
                       "print('process group left:', not dist.is_initialized())\n"
                       "sys.exit(code)\n")
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), "finetune", str(root / "base.hermes"), str(new.cache_dir),
-         "--rehearsal", str(old.cache_dir), "--out", str(out), "--workers", "0",
-         "--mode", "incremental", "--device", "cpu", "--steps", "2", "--crop", "32", "24", "24",
-         "--no-augment"],
+         str(script), "finetune", *args, "--workers", "0", "--device", "cpu",
+         "--crop", "32", "24", "24", "--no-augment"],
         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, cwd=tmp_path,
         timeout=600)
+
+
+def test_cli_finetune_under_torchrun(setup, tmp_path):
+    """Two gloo processes, incremental with rehearsal: ranks in sync, one model written by
+    rank 0 with the new tasks, no DDP gradient-layout warnings, the process group left."""
+    root, old, new, _ = setup
+    out = tmp_path / "ddp"
+    proc = _torchrun_finetune(tmp_path, str(root / "base.hermes"), str(new.cache_dir),
+                              "--rehearsal", str(old.cache_dir), "--out", str(out),
+                              "--mode", "incremental", "--steps", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("process group left: True") == 2
     assert "ddp: parameters in sync across 2 ranks" in proc.stdout
@@ -339,6 +345,33 @@ def test_cli_finetune_under_torchrun(setup, tmp_path):
     model = hm.load(out / "model.hermes")
     assert {"synth_t2/kidney", "synth_t2/bladder"} <= set(model.vocab.tasks)
     assert model.hermes_metadata["finetune"]["mode"] == "incremental"
+
+
+def test_cli_finetune_new_decoder_under_torchrun(setup, tmp_path):
+    """A model with a decoder branch trains under DDP (find_unused_parameters must see the
+    output's tensors, else the first backward fails with "mark a variable ready only once")."""
+    root, _, new, base = setup
+    out = tmp_path / "ddp_nd"
+    proc = _torchrun_finetune(tmp_path, str(root / "base.hermes"), str(new.cache_dir),
+                              "--out", str(out), "--mode", "incremental", "--new-decoder",
+                              "--steps", "1", "--batch-size", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ddp: parameters in sync across 2 ranks" in proc.stdout
+    model = hm.load(out / "model.hermes")
+    assert model.config.decoder_branches == (len(base.vocab.tasks),)
+
+
+def test_output_tensors_are_visible_to_ddp():
+    """DDP finds the forward's tensors; the output still unpacks as (seg, modality)."""
+    from torch.nn.parallel.distributed import _find_tensors
+
+    from hermes.models.hermes_resunet import HermesOutput
+
+    seg, mod, mask = torch.zeros(1, 2, 2, 2, 2), torch.zeros(1, 3), torch.ones(1, 2).bool()
+    out = HermesOutput(seg, mod, [["a", "b"]], mask)
+    assert [id(t) for t in _find_tensors(out)] == [id(seg), id(mod), id(mask)]
+    s, m = out
+    assert s is seg and m is mod and out[1] is mod and len(out) == 2
 
 
 def test_refusals_grid_resume_base_and_nothing_new(setup, tmp_path):

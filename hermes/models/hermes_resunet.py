@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,8 +28,14 @@ def check_spatial_size(size: tuple[int, ...], what: str = "spatial size") -> Non
             f"{2 * MIN_SIZE} (instance norm needs 2+ voxels at the bottleneck)")
 
 
+@dataclass(eq=False, repr=False, slots=True)
 class HermesOutput:
     """Result of a forward pass; unpacks as ``seg_logits, modality_logits``.
+
+    A dataclass so that ``DistributedDataParallel`` finds its tensors (with
+    ``find_unused_parameters``, as for models with decoder branches, it walks the output's
+    tensors, lists, dicts and dataclasses; a plain object would hide them and every parameter
+    would be marked ready twice).
 
     Attributes:
         seg_logits: B x T x D x H x W, one logit per requested task (sigmoid for probability).
@@ -38,21 +45,12 @@ class HermesOutput:
             widest request (those channels hold the null token's output and mean nothing).
     """
 
-    __slots__ = ("seg_logits", "modality_logits", "tasks", "task_mask")
+    seg_logits: Tensor
+    modality_logits: Tensor
+    tasks: list[list[str]] | None = None
+    task_mask: Tensor | None = None
 
-    def __init__(
-        self,
-        seg_logits: Tensor,
-        modality_logits: Tensor,
-        tasks: list[list[str]] | None = None,
-        task_mask: Tensor | None = None,
-    ) -> None:
-        self.seg_logits = seg_logits
-        self.modality_logits = modality_logits
-        self.tasks = tasks
-        self.task_mask = task_mask
-
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tensor]:
         return iter((self.seg_logits, self.modality_logits))
 
     def __len__(self) -> int:
