@@ -242,6 +242,20 @@ def test_incremental_with_distillation_and_rehearsal(setup, tmp_path):
     assert meta["distill_weight"] == 1.0 and meta["rehearsal_fraction"] == 0.5
 
 
+def test_logged_lr_is_the_base_rate_in_every_mode(setup, tmp_path):
+    """log.csv's lr is the scheduled base rate (--lr through warm-up and cosine), not the rate
+    of whichever parameter group comes first (with freeze_shared: the scaled prior tables)."""
+    _, _, new, base = setup
+    logged = {}
+    for name, opts in (("full", {"mode": "full"}),
+                       ("frozen", {"mode": "incremental", "freeze_shared": True})):
+        finetune(base, new, tmp_path / name, prior_lr_scale=10.0, warmup_steps=2, **opts,
+                 **TRAIN)
+        with open(tmp_path / name / "log.csv", newline="") as f:
+            logged[name] = [float(r["lr"]) for r in csv.DictReader(f)]
+    assert logged["full"] == logged["frozen"] == [5e-4, 1e-3]  # lr 1e-3, 2 warm-up steps
+
+
 def test_cli_finetune_full(setup, tmp_path, capsys):
     from hermes.cli import main
 

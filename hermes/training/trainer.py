@@ -45,6 +45,12 @@ RESUME_MAY_CHANGE = frozenset(
 ExtraLoss = Callable[["Trainer", dict, Any, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 #: Steps between checkpoints unless the configuration (or a resumed run) says otherwise.
 CHECKPOINT_EVERY = 100
+#: log.csv's columns: ``step`` (1-based), the step's losses (``loss`` = ``bce`` + ``dice`` +
+#: the weighted ``modality`` loss; means over the processes), ``lr`` (the base learning rate as
+#: the schedule sets it for that step: the rate of the network's weights, whatever the
+#: fine-tuning mode; the prior tables of ``finetune --prior-lr-scale`` train at that multiple
+#: of it), ``seconds`` (the step) and ``data_seconds`` (waiting for its batch); fine-tuning with
+#: an extra loss adds ``extra``.
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
 
 
@@ -421,6 +427,14 @@ class Trainer:
         rand = torch.randint(0, len(self.model.vocab.modalities), (b,), generator=g)
         return torch.where(swap, rand.to(mod_idx.device), mod_idx)
 
+    def scheduled_lr(self) -> float:
+        """The base learning rate the schedule sets for the next step (log.csv's ``lr``): the
+        rate of groups without an ``lr_scale``, the same in every fine-tuning mode (the
+        optimizer's first group may be a scaled one, or absent when its parameters are
+        frozen)."""
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
     def train_step(self, batch: dict) -> dict[str, float]:
         """One optimiser step on ``batch`` (from :func:`collate_partial`); returns the losses."""
         dev = self.device
@@ -487,7 +501,7 @@ class Trainer:
             for batch in loader:
                 data_s = time.perf_counter() - t_data
                 t0 = time.perf_counter()
-                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+                lr = self.scheduled_lr()  # the base rate this step uses
                 losses = self.train_step(batch)
                 self.step += 1
                 row = {"step": self.step, **{k: f"{v:.6g}" for k, v in losses.items()},
