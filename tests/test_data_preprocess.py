@@ -680,3 +680,31 @@ def test_a_label_off_the_image_grid_is_refused_without_validation(synth, tmp_pat
                                                r"affines differ \(max abs difference 5\)"):
         hd.preprocess(tmp_path / "s" / "collection.yaml", cache_dir=tmp_path / "c",
                       spacing=10.0, workers=1, progress=False, validate=False)
+
+
+def test_a_second_preprocessing_into_a_cache_is_refused(synth, tmp_path, capsys):
+    """Two runs into one cache would remove each other's temporaries and collection.json:
+    while one holds the cache's lock, another is refused at once and changes nothing."""
+    from hermes.cli import main
+    from hermes.files import LOCK_NAME, FolderBusyError, folder_lock
+
+    cache = tmp_path / "c"
+    hd.preprocess(synth, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+    stale = cache / ".splits.json.ab12cd34.tmp"  # as another run's file being written
+    stale.write_bytes(b"")
+
+    def files() -> dict:  # the cache's files and contents, but the lock
+        return {p: p.read_bytes() for p in cache.rglob("*")
+                if p.is_file() and p.name != LOCK_NAME}
+
+    before = files()
+    with folder_lock(cache, "cache folder"):
+        with pytest.raises(FolderBusyError, match=f"cache folder {cache.resolve()} is being "
+                                                  "written by another Hermes process"):
+            hd.preprocess(synth, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+        assert main(["preprocess", str(synth), "--cache-dir", str(cache), "--spacing", "10",
+                     "--workers", "1", "--no-progress"]) == 1
+        assert "hermes preprocess: error: cache folder" in capsys.readouterr().err
+        assert files() == before
+    hd.preprocess(synth, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+    assert not stale.exists()

@@ -419,6 +419,27 @@ def test_refusals_grid_resume_base_and_nothing_new(setup, tmp_path):
         finetune(base, old, tmp_path / "p", mode="priors", **TRAIN)
 
 
+def test_finetuning_into_a_folder_another_run_writes_is_refused(setup, tmp_path, capsys):
+    """The run folder is locked for the whole fine-tuning (finetune.json, the run, the
+    export): a second run into it is refused before it writes anything."""
+    from hermes.cli import main
+    from hermes.files import LOCK_NAME, FolderBusyError, folder_lock
+
+    root, _, new, base = setup
+    out = tmp_path / "busy"
+    out.mkdir()
+    with folder_lock(out, "run folder"):
+        with pytest.raises(FolderBusyError, match=f"run folder {out} is being written"):
+            finetune(base, new, out, mode="full", **TRAIN)
+        assert main(["finetune", str(root / "base.hermes"), str(new.cache_dir), "--out",
+                     str(out), "--steps", "1", "--crop", "32", "24", "24", "--workers", "0",
+                     "--device", "cpu", "-q"]) == 1
+        assert "hermes finetune: error: run folder" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == [LOCK_NAME]
+    finetune(base, new, out, mode="full", **TRAIN)
+    assert (out / "model.hermes").exists() and not (out / LOCK_NAME).exists()
+
+
 def test_a_dataset_named_like_an_old_group_adds_its_tasks(setup):
     _, old, new, base = setup
     groups = {"synth_ct": {"tasks": ["synth_t2/bladder"], "modality": "CT"}}

@@ -544,3 +544,85 @@ def test_other_ranks_do_not_repeat_what_rank_zero_reported(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert _run(parser, fails(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err == "hermes: interrupted\n"
+
+
+def _unfinished_run(cache, out: Path) -> TrainConfig:
+    """``out`` as a live run holds it before its first checkpoint: its config.json, log.csv
+    and an in-flight checkpoint's temporary (what a second run once took as a dead run's)."""
+    from dataclasses import asdict
+
+    from hermes.training.trainer import LOG_FIELDS
+
+    cfg = _small_cfg(cache, out, steps=1)
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(asdict(cfg)))
+    (out / "log.csv").write_text(",".join(LOG_FIELDS) + "\n")
+    (out / ".last.ckpt.ab12cd34.tmp").write_bytes(b"a checkpoint being written")
+    return cfg
+
+
+def test_a_second_run_into_a_run_folder_is_refused_before_it_touches_it(cache, tmp_path, capsys):
+    """Two runs into one --out mixed their files (config and log of one, model of the other)
+    and the second removed the first's checkpoint temporaries: while a run holds the folder's
+    lock, another is refused at once (API and CLI) and the folder is left as it was."""
+    from hermes.cli import main
+    from hermes.files import LOCK_NAME, FolderBusyError, folder_lock
+
+    out = tmp_path / "run"
+    cfg = _unfinished_run(cache, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with folder_lock(out, "run folder"):
+        with pytest.raises(FolderBusyError, match=rf"run folder {out} is being written by "
+                                                  rf"another Hermes process \(pid {os.getpid()}\)"):
+            train(cfg)
+        with pytest.raises(FolderBusyError):
+            train(cfg, resume=True)
+        assert main(["train", str(cache), "--out", str(out), "--steps", "1", "--crop", "32",
+                     "--workers", "0", "--device", "cpu", "-q"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"hermes train: error: run folder {out} is being written by "
+                              "another Hermes process") and err.count("\n") == 1, err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_NAME} == before
+    train(cfg)  # released: the folder of a run that died before its first checkpoint is taken
+    assert (out / "model.hermes").exists() and not (out / LOCK_NAME).exists()
+    assert not (out / ".last.ckpt.ab12cd34.tmp").exists()
+
+
+def test_a_trainer_holds_its_run_folder_until_its_run_ends(cache, tmp_path):
+    """From its creation (the checks of the folder) to the end of run(); a refused trainer
+    leaves no folder or lock behind."""
+    import hermes.training.trainer as tr
+    from hermes.files import LOCK_NAME, FolderBusyError
+
+    cfg = _small_cfg(cache, tmp_path / "run", steps=1)
+    trainer = tr.Trainer(cfg)
+    with pytest.raises(FolderBusyError, match="run folder"):
+        tr.Trainer(cfg)
+    trainer.run()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    with pytest.raises(FileExistsError, match="already holds"):  # not busy: a finished run
+        tr.Trainer(cfg)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        tr.Trainer(_small_cfg(cache, tmp_path / "new", datasets=["nope"])).run()
+    assert not (tmp_path / "new").exists()
+
+
+def test_ddp_run_into_a_busy_folder_is_refused_by_every_rank(cache, tmp_path):
+    """Under torchrun rank 0 takes the lock; every rank stops (none waits for it in a
+    collective), and the reason is printed once."""
+    from hermes.files import folder_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "cli.py"
+    script.write_text("import sys\nfrom hermes.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    with folder_lock(out, "run folder"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(script), "train", str(cache), "--out", str(out), "--steps", "1", "--crop", "32",
+             "--workers", "0", "--device", "cpu", "-q"],
+            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+            cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("is being written by another Hermes process") == 1, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == []

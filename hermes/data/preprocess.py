@@ -37,7 +37,13 @@ from hermes.data.geometry import CANONICAL_AXCODES, crop, nonzero_bbox, reorient
 from hermes.data.io import axcodes, load_image, spacing_from_affine
 from hermes.data.normalize import Specs, normalization_for, normalize, spec_dict
 from hermes.data.splits import load_or_create_splits
-from hermes.files import atomic_write, atomic_write_json, remove_stale_temporaries, sha256_file
+from hermes.files import (
+    atomic_write,
+    atomic_write_json,
+    folder_lock,
+    remove_stale_temporaries,
+    sha256_file,
+)
 
 __all__ = ["PreprocessError", "PreprocessParams", "preprocess", "preprocess_case",
            "prepare_arrays", "prepare_image", "verify_case", "resolve_cache_dir"]
@@ -470,8 +476,45 @@ def preprocess(
         params.spec_for(ds.modality)  # malformed overrides fail before any work
     cache = resolve_cache_dir(collection, cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    header_p = cache / "preprocess.json"
+    with folder_lock(cache, "cache folder"):  # a second run into it is refused at once
+        _fill_cache(collection, cache, params, workers, progress, verify_full, overwrite)
+    pc = PreprocessedCollection(cache)
+    _warn_lost_labels(pc, params.spacing)
+    _warn_empty_tasks(pc)
+    return pc
+
+
+def _fill_cache(collection: Collection, cache: Path, params: PreprocessParams, workers: int,
+                progress: bool, verify_full: bool, overwrite: bool) -> None:
+    """:func:`preprocess`'s work in the (locked) cache folder: check that the cache may be
+    written, preprocess the cases not cached yet, and write ``collection.json`` last."""
     header = params.to_dict()
+    _check_cache(cache, collection, header, overwrite)
+    # before anything changes: stored splits that no longer fit the collection are refused
+    load_or_create_splits(collection, cache / "splits.json")
+    for folder in (cache, *(cache / ds.name for ds in collection.datasets)):
+        remove_stale_temporaries(folder)  # of a run killed while writing
+    # collection.json marks a finished run: gone while cases may change, so that an interrupted
+    # run (e.g. --overwrite with another spacing) leaves a cache that refuses to open until a
+    # re-run finishes, not one mixing two settings
+    (cache / "collection.json").unlink(missing_ok=True)
+    atomic_write_json(cache / "preprocess.json", header)
+    jobs = [(c, ds.modality, params, cache, verify_full)
+            for ds in collection.datasets for c in ds.cases]
+    t0 = time.perf_counter()
+    status = _run_jobs(jobs, workers, progress)
+    info = collection.to_dict()
+    info["cases"] = {ds.name: [c.case_id for c in ds.cases] for ds in collection.datasets}
+    info["params"] = header
+    info["source"] = str(collection.path) if collection.path else None
+    info["stats"] = {**status, "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(cache / "collection.json", info)
+
+
+def _check_cache(cache: Path, collection: Collection, header: dict, overwrite: bool) -> None:
+    """Refuse (unless ``overwrite``) a cache made with other parameters than ``header`` or
+    for another collection."""
+    header_p = cache / "preprocess.json"
     if header_p.is_file() and not overwrite:
         old = json.loads(header_p.read_text())
         if old != header:
@@ -484,18 +527,12 @@ def preprocess(
                 "re-preprocesses it)")
     if not overwrite:
         _check_same_collection(cache, collection)
-    # before anything changes: stored splits that no longer fit the collection are refused
-    splits = load_or_create_splits(collection, cache / "splits.json")
-    for folder in (cache, *(cache / ds.name for ds in collection.datasets)):
-        remove_stale_temporaries(folder)  # of a run killed while writing
-    # collection.json marks a finished run: gone while cases may change, so that an interrupted
-    # run (e.g. --overwrite with another spacing) leaves a cache that refuses to open until a
-    # re-run finishes, not one mixing two settings
-    (cache / "collection.json").unlink(missing_ok=True)
-    atomic_write_json(header_p, header)
 
-    jobs = [(c, ds.modality, params, cache, verify_full)
-            for ds in collection.datasets for c in ds.cases]
+
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> dict[str, int]:
+    """Preprocess the cases of ``jobs`` (arguments of :func:`_work`) in ``workers``
+    processes; returns how many were done, skipped (cached already) and failed. Raises
+    :class:`PreprocessError` listing every failed case."""
     status: dict[str, int] = {"done": 0, "skipped": 0, "failed": 0}
     failures: list[str] = []
     bar = None
@@ -512,7 +549,6 @@ def preprocess(
             bar.update(1)
             bar.set_postfix(status, refresh=False)
 
-    t0 = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as ex:
             futs = [ex.submit(_work, j) for j in jobs]
@@ -526,17 +562,7 @@ def preprocess(
     if failures:
         raise PreprocessError(f"{len(failures)} case(s) failed (the others are cached; "
                               "re-run to resume):\n  " + "\n  ".join(sorted(failures)))
-    info = collection.to_dict()
-    info["cases"] = {ds.name: [c.case_id for c in ds.cases] for ds in collection.datasets}
-    info["params"] = header
-    info["source"] = str(collection.path) if collection.path else None
-    info["stats"] = {**status, "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(cache / "collection.json", info)
-    del splits
-    pc = PreprocessedCollection(cache)
-    _warn_lost_labels(pc, params.spacing)
-    _warn_empty_tasks(pc)
-    return pc
+    return status
 
 
 def _warn_empty_tasks(pc) -> None:

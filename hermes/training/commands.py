@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hermes.data.cache import PreprocessedCollection
 from hermes.models.hermes_resunet import check_spatial_size
-from hermes.training.trainer import CHECKPOINT_EVERY
+from hermes.training.trainer import CHECKPOINT_EVERY, RankZeroFailed
 
 
 def open_cache(source: str, cache_dir: str | None, workers: int | None,
@@ -45,13 +45,6 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
                                 "re-run `hermes preprocess` on its collection YAML")
     raise FileNotFoundError(f"{source} is neither a collection YAML, a dataset folder (with "
                             "dataset.json) nor a preprocessed cache")
-
-
-class RankZeroFailed(RuntimeError):
-    """Another process (rank 0) failed and printed why: the command exits without repeating
-    it (``reported_elsewhere``)."""
-
-    reported_elsewhere = True
 
 
 def open_cache_once(source: str, cache_dir: str | None, workers: int | None, progress: bool,

@@ -546,16 +546,43 @@ def finetune(
                       param_groups=make_param_groups(rows, frozen, cfg.weight_decay,
                                                      prior_lr_scale),
                       extra_loss=extra)
-    if trainer.rank == 0:
-        atomic_write_json(trainer.out / SETTINGS_FILE, settings)
-    try:
-        path = trainer.run()
-    finally:
-        leave_distributed()
-    if trainer.rank != 0:
-        return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode, *counts)
-    # export: the EMA model with frozen values restored exactly (EMA arithmetic rounds)
-    exported = trainer.ema.model.cpu()
+    with trainer:  # the run folder stays locked until the export is written
+        if trainer.rank == 0:
+            atomic_write_json(trainer.out / SETTINGS_FILE, settings)
+        try:
+            path = trainer.run()
+        finally:
+            leave_distributed()
+        if trainer.rank != 0:
+            return FinetuneResult(path, trainer.ema.model, new_tasks, new_mods, plan, mode,
+                                  *counts)
+        exported = _restore_frozen(trainer.ema.model.cpu(), base, rows, frozen, t_old)
+        header_meta = hm.read_header(path)["metadata"]
+        pre = dict(getattr(pc, "params", {}) or {})  # how hermes.segment() must preprocess
+        header_meta.setdefault("preprocess", {k: pre[k] for k in (
+            "spacing", "image_order", "crop_nonzero", "normalization") if k in pre})
+        header_meta["finetune"] = {
+            "mode": mode, "base_model": base_src, "new_tasks": new_tasks,
+            "new_modalities": new_mods, "init": init,
+            "init_sources": {"tasks": plan["tasks"], "modalities": plan["modalities"]},
+            "rehearsal": (str(getattr(rehearsal, "cache_dir", rehearsal))
+                          if rehearsal is not None else None),
+            "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
+            "distill_weight": weight, "old_tasks": t_old, "old_modalities": m_old,
+            "freeze_shared": freeze_shared, "new_decoder": new_decoder,
+            "trainable_parameters": counts[0],
+            "prior_lr_scale": prior_lr_scale,
+        }
+        hm.save(exported, path, metadata=header_meta)
+    return FinetuneResult(path, exported.eval(), new_tasks, new_mods, plan, mode, *counts)
+
+
+def _restore_frozen(exported: hm.HermesResUNet, base: hm.HermesResUNet,
+                    rows: dict[str, list[int]], frozen: set[str],
+                    t_old: int) -> hm.HermesResUNet:
+    """``exported`` (the EMA model, on the CPU) with the frozen parameters and rows set back
+    to ``base``'s values exactly (EMA arithmetic rounds them); the task tables' null row moved
+    to the end, so their old rows map to ``base``'s first ``t_old`` rows and its null row."""
     old_state = {k: v.detach().cpu() for k, v in base.state_dict().items()}
     with torch.no_grad():
         params = dict(exported.named_parameters())
@@ -568,21 +595,4 @@ def finetune(
             else:
                 src_idx = idx
             params[name][idx] = old_state[name][src_idx].to(params[name].dtype)
-    header_meta = hm.read_header(path)["metadata"]
-    pre = dict(getattr(pc, "params", {}) or {})  # how hermes.segment() must preprocess
-    header_meta.setdefault("preprocess", {k: pre[k] for k in (
-        "spacing", "image_order", "crop_nonzero", "normalization") if k in pre})
-    header_meta["finetune"] = {
-        "mode": mode, "base_model": base_src, "new_tasks": new_tasks,
-        "new_modalities": new_mods, "init": init,
-        "init_sources": {"tasks": plan["tasks"], "modalities": plan["modalities"]},
-        "rehearsal": (str(getattr(rehearsal, "cache_dir", rehearsal))
-                      if rehearsal is not None else None),
-        "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
-        "distill_weight": weight, "old_tasks": t_old, "old_modalities": m_old,
-        "freeze_shared": freeze_shared, "new_decoder": new_decoder,
-        "trainable_parameters": counts[0],
-        "prior_lr_scale": prior_lr_scale,
-    }
-    hm.save(exported, path, metadata=header_meta)
-    return FinetuneResult(path, exported.eval(), new_tasks, new_mods, plan, mode, *counts)
+    return exported

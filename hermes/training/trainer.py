@@ -6,6 +6,7 @@ data-parallel (NCCL on GPUs, gloo on CPUs); rank 0 writes logs and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 import hermes.models as hm
 from hermes.data.cache import PreprocessedCollection, split_cases
-from hermes.files import atomic_write_bytes, remove_stale_temporaries
+from hermes.files import atomic_write_bytes, folder_lock, remove_stale_temporaries
 from hermes.models.checkpoint import RUN_MODEL_FILE, read_training_state, write_training_state
 from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.ema import EMA
@@ -52,6 +53,13 @@ CHECKPOINT_EVERY = 100
 #: of it), ``seconds`` (the step) and ``data_seconds`` (waiting for its batch); fine-tuning with
 #: an extra loss adds ``extra``.
 LOG_FIELDS = ["step", "loss", "bce", "dice", "modality", "lr", "seconds", "data_seconds"]
+
+
+class RankZeroFailed(RuntimeError):
+    """Another process (rank 0) failed and printed why: the command exits without repeating
+    it (``reported_elsewhere``)."""
+
+    reported_elsewhere = True
 
 
 def _warn_oversized_crop(crop: Sequence[int], collection: Any) -> None:
@@ -215,7 +223,12 @@ def _set_rng_state(state: dict) -> None:
 
 class Trainer:
     """One training run; ``run()`` trains to ``cfg.steps`` (resuming if asked) and returns the
-    path of the exported EMA model."""
+    path of the exported EMA model.
+
+    The run folder is locked (:func:`~hermes.files.folder_lock`, on rank 0) from the trainer's
+    creation until the run ends (or :meth:`close`; the end of a ``with`` block when used as a
+    context manager): a second run into the same folder is refused with
+    :class:`~hermes.files.FolderBusyError` before it touches anything there."""
 
     def __init__(
         self, cfg: TrainConfig, resume: bool = False, *, model: hm.HermesResUNet | None = None,
@@ -273,6 +286,53 @@ class Trainer:
             raise FileExistsError(f"--out {self.out} is a file: the run needs a folder")
         _refuse_source_folder(self.out, self.collection)
         _warn_oversized_crop(cfg.crop_size, self.collection)
+        self._lock = contextlib.ExitStack()  # the run folder's lock (rank 0), see close()
+        self._holding = False  # whether this process holds it
+        self._made_out = False  # whether this run created the run folder
+        self._in_with = False  # used as a context manager: run() keeps the lock
+        self._hold_run_folder()
+        try:  # everything below reads or writes the run folder: under its lock
+            self._check_run_folder(resume)
+            self.ddp = (
+                torch.nn.parallel.DistributedDataParallel(
+                    self.model,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    # a decoder whose tasks a batch does not request gets no gradient
+                    find_unused_parameters=bool(self.model.config.decoder_branches))
+                if self.world > 1 else None
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- run folder
+    def _hold_run_folder(self) -> None:
+        """Create the run folder and take its writer lock (:func:`~hermes.files.folder_lock`)
+        on rank 0 (the other ranks write nothing), held until :meth:`close`: a second run into
+        the same folder is refused here, before it reads, cleans or writes anything there.
+        Every rank learns whether rank 0 got the folder."""
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self._made_out = not self.out.exists()
+                self.out.mkdir(parents=True, exist_ok=True)
+                self._lock.enter_context(folder_lock(self.out, "run folder"))
+                self._holding = True
+            except Exception as exc:
+                error = exc
+        if self.world > 1:
+            shared: list[object] = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(shared, src=0)
+            if self.rank != 0 and shared[0] is not None:
+                raise RankZeroFailed(f"rank 0 could not take the run folder {self.out}: "
+                                     f"{shared[0]}")
+        if error is not None:
+            self.close()
+            raise error
+
+    def _check_run_folder(self, resume: bool) -> None:
+        """Load the state of the run to resume, or refuse a folder holding another run's (or
+        a user's) files (with the folder locked: another run's files may be a live run's)."""
         if resume:
             self._load_state()
         elif self.state_path.exists():
@@ -291,13 +351,26 @@ class Trainer:
                 f"{self.out} holds {' and '.join(taken)}, which a run writes; choose another "
                 "--out directory"
             )
-        self.ddp = (
-            torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                # a decoder whose tasks a batch does not request gets no gradient
-                find_unused_parameters=bool(self.model.config.decoder_branches))
-            if self.world > 1 else None
-        )
+
+    def close(self) -> None:
+        """Release the run folder's lock (removing the folder if this run created it and
+        left it empty). :meth:`run` calls it at its end, unless the trainer is used as a
+        context manager (``with Trainer(...) as t:``), which holds the folder until the
+        block ends (to write more into it after the run, as fine-tuning's export does)."""
+        self._lock.close()
+        self._holding = False
+        if self._made_out:
+            with contextlib.suppress(OSError):  # not empty: the run wrote into it
+                self.out.rmdir()
+            self._made_out = False
+
+    def __enter__(self) -> Trainer:
+        self._in_with = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._in_with = False
+        self.close()
 
     # ---------------------------------------------------------------- state
     @property
@@ -481,11 +554,24 @@ class Trainer:
         return dict(zip(logs, parts.tolist(), strict=True))
 
     def run(self) -> Path:
+        """Train to ``cfg.steps`` (from the resumed step), writing the log, checkpoints and
+        finally the EMA model (rank 0); returns the model's path."""
+        main = self.rank == 0
+        if main and not self._holding:
+            raise RuntimeError(f"Trainer.run: the run folder {self.out} was released "
+                               "(close() was called); make a new Trainer to train again")
+        try:
+            return self._run()
+        finally:
+            if not self._in_with:
+                self.close()
+
+    def _run(self) -> Path:
+        """:meth:`run`'s loop, with the run folder locked."""
         cfg = self.cfg
         main = self.rank == 0
         loader = self._loader()  # checks the dataset names before the run folder is written
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out)  # of a run killed while writing a checkpoint
             atomic_write_bytes(self.out / "config.json",
                                [json.dumps(asdict(cfg), indent=1).encode()])
@@ -568,9 +654,11 @@ def changed_settings(saved: dict, now: dict, may_change: frozenset = frozenset()
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) a universal model; returns the exported EMA model path."""
-    trainer = Trainer(cfg, resume=resume)
+    """Train (or resume) a universal model; returns the exported EMA model path. The run
+    folder is locked for the run: a second run into it is refused
+    (:class:`~hermes.files.FolderBusyError`)."""
     try:
-        return trainer.run()
+        with Trainer(cfg, resume=resume) as trainer:
+            return trainer.run()
     finally:
         leave_distributed()
