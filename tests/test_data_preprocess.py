@@ -708,3 +708,33 @@ def test_a_second_preprocessing_into_a_cache_is_refused(synth, tmp_path, capsys)
         assert files() == before
     hd.preprocess(synth, cache_dir=cache, spacing=10.0, workers=1, progress=False)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("collection.json", "my notes: DO NOT DELETE\n"),  # not JSON
+    ("collection.json", '[{"patient": 1}]'),  # JSON, not an object
+    ("collection.json", '{"patients": 2}'),  # another tool's object
+    ("preprocess.json", "my notes\n"),  # was a bare "Expecting value" error
+])
+def test_a_users_file_named_like_a_cache_file_is_refused_by_name(synth, tmp_path, capsys, name,
+                                                                  text):
+    """A --cache-dir holding a collection.json or preprocess.json Hermes did not write: it is
+    refused by name and left alone (a non-JSON collection.json was deleted and replaced);
+    --overwrite replaces it."""
+    from hermes.cli import main
+
+    cache = tmp_path / "mine"
+    cache.mkdir()
+    (cache / name).write_text(text)
+    args = ["preprocess", str(synth), "--cache-dir", str(cache), "--spacing", "10", "--workers",
+            "1", "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hermes preprocess: error: {cache.resolve() / name} is not a Hermes "
+                          f"cache's {name}") and err.count("\n") == 1, err
+    assert (cache / name).read_text() == text
+    with pytest.raises(PreprocessError, match=f"{name} is not a Hermes cache's"):
+        hd.preprocess(synth, cache_dir=cache, spacing=10.0, workers=1, progress=False)
+    assert (cache / name).read_text() == text
+    assert main([*args, "--overwrite"]) == 0
+    assert len(hd.PreprocessedCollection(cache).cases) > 0

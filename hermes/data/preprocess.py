@@ -513,10 +513,12 @@ def _fill_cache(collection: Collection, cache: Path, params: PreprocessParams, w
 
 def _check_cache(cache: Path, collection: Collection, header: dict, overwrite: bool) -> None:
     """Refuse (unless ``overwrite``) a cache made with other parameters than ``header`` or
-    for another collection."""
-    header_p = cache / "preprocess.json"
-    if header_p.is_file() and not overwrite:
-        old = json.loads(header_p.read_text())
+    for another collection, and files named like the cache's that Hermes did not write."""
+    if overwrite:
+        return
+    old = read_cache_file(cache, "preprocess.json")
+    read_cache_file(cache, "collection.json")  # refused here if it is not a cache's
+    if old is not None:
         if old != header:
             diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
             shown = ", ".join(f"{k} {old.get(k)} there, {header.get(k)} here" for k in diff)
@@ -525,8 +527,36 @@ def _check_cache(cache: Path, collection: Collection, header: dict, overwrite: b
                 "folder itself to use it as it is, use another cache folder, the same "
                 "settings, or overwrite=True (`hermes preprocess --overwrite`, which "
                 "re-preprocesses it)")
-    if not overwrite:
-        _check_same_collection(cache, collection)
+    _check_same_collection(cache, collection)
+
+
+#: Keys every Hermes cache's JSON file of that name holds: what tells it from a user's file.
+CACHE_FILE_KEYS = {"collection.json": frozenset({"name", "tasks", "modalities", "datasets",
+                                                 "params"}),
+                   "preprocess.json": frozenset({"format", "spacing", "axcodes"})}
+
+
+def read_cache_file(cache: Path, name: str) -> dict | None:
+    """The cache's ``collection.json`` or ``preprocess.json`` (``name``), None when absent.
+
+    A file of that name that Hermes did not write (not JSON, not an object, or without the
+    keys a cache's holds) is refused, naming it: it may be the user's own, and preprocessing
+    would replace it."""
+    path = cache / name
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        problem = (None if isinstance(data, dict) and CACHE_FILE_KEYS[name] <= set(data)
+                   else "not the JSON object a cache holds")
+    except (OSError, ValueError) as exc:  # also UnicodeDecodeError
+        problem = f"unreadable as JSON: {exc}"
+    if problem is not None:
+        raise PreprocessError(
+            f"{path} is not a Hermes cache's {name} ({problem}); it is left as it is: give "
+            "another cache folder (--cache-dir), or move the file away (`hermes preprocess "
+            "--overwrite` replaces it)")
+    return data
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> dict[str, int]:

@@ -24,16 +24,15 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
     from hermes.data.collection import is_dataset_folder
 
     if (path.suffix.lower() in (".yaml", ".yml") and path.is_file()) or is_dataset_folder(path):
-        import json
-
         from hermes.data.collection import load_collection
-        from hermes.data.preprocess import preprocess, resolve_cache_dir
+        from hermes.data.preprocess import preprocess, read_cache_file, resolve_cache_dir
 
         collection = load_collection(path)
         # a cache made by `hermes preprocess` with other settings (e.g. --spacing) keeps them,
         # except what the YAML itself sets (a changed `spacing:` is refused by preprocess)
-        stored_p = resolve_cache_dir(collection, cache_dir) / "preprocess.json"
-        stored = json.loads(stored_p.read_text()) if stored_p.is_file() else (defaults or {})
+        stored = read_cache_file(resolve_cache_dir(collection, cache_dir), "preprocess.json")
+        if stored is None:
+            stored = defaults or {}
         keys = ["image_order", "dtype", "max_fg_samples", "crop_nonzero"]
         if collection.spacing is None:
             keys.append("spacing")
