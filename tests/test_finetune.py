@@ -440,6 +440,33 @@ def test_finetuning_into_a_folder_another_run_writes_is_refused(setup, tmp_path,
     assert (out / "model.hermes").exists() and not (out / LOCK_NAME).exists()
 
 
+def test_the_base_models_training_run_is_not_taken_for_a_fine_tuning_run(setup, tmp_path,
+                                                                          capsys):
+    """`finetune RUN COLL --out RUN [--resume]`: said to be a training run (it failed in torch
+    with "a different number of parameter groups", or pointed to --resume); the run's model is
+    left as it was. A checkpoint of another kind of run is named as such by the trainer."""
+    from hermes.cli import main
+    from hermes.training.trainer import TrainConfig, Trainer, train
+
+    _, old, _, _ = setup
+    run = tmp_path / "base_run"
+    opts = {k: v for k, v in TRAIN.items() if k != "steps"}
+    cfg = TrainConfig(cache_dir=str(old.cache_dir), out_dir=str(run), steps=1, **opts)
+    train(cfg)
+    model = (run / "model.hermes").read_bytes()
+    for resume in (True, False):
+        with pytest.raises(ValueError, match=f"{run} holds a training run .*not a fine-tuning "
+                                             "run: fine-tune into another --out"):
+            finetune(run / "model.hermes", old, run, mode="full", resume=resume, **TRAIN)
+    assert main(["finetune", str(run), str(old.cache_dir), "--out", str(run), "--resume",
+                 "--workers", "0", "--device", "cpu", "-q"]) == 1
+    assert "hermes finetune: error: " in capsys.readouterr().err
+    assert (run / "model.hermes").read_bytes() == model
+    with pytest.raises(ValueError, match="written by another kind of run .* parameter groups "
+                                         r"of \[\d+\] tensors"):
+        Trainer(cfg, resume=True, param_groups=make_param_groups({}, set(), 0.0))
+
+
 def test_a_dataset_named_like_an_old_group_adds_its_tasks(setup):
     _, old, new, base = setup
     groups = {"synth_ct": {"tasks": ["synth_t2/bladder"], "modality": "CT"}}

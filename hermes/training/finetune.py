@@ -72,7 +72,14 @@ from hermes.models.extend import (
     plan_extension,
 )
 from hermes.models.vocabulary import UnknownNameError, Vocabulary
-from hermes.training.trainer import TrainConfig, Trainer, changed_settings, leave_distributed
+from hermes.training.trainer import (
+    MODEL_FILE,
+    STATE_FILE,
+    TrainConfig,
+    Trainer,
+    changed_settings,
+    leave_distributed,
+)
 
 __all__ = [
     "MODES",
@@ -404,7 +411,20 @@ def count_trainable(model: nn.Module, rows: dict[str, list[int]], params: set[st
 SETTINGS_FILE = "finetune.json"
 
 
+def _refuse_a_training_run(out_dir: Path) -> None:
+    """Refuse a run folder of ``hermes train`` (a checkpoint without :data:`SETTINGS_FILE`)
+    as a fine-tuning run's, resumed or not: its checkpoint is of another kind of run (its
+    optimizer state does not fit), and its model would be replaced."""
+    if (out_dir / STATE_FILE).exists() and not (out_dir / SETTINGS_FILE).exists():
+        raise ValueError(
+            f"{out_dir} holds a training run (`hermes train`: {STATE_FILE} and no "
+            f"{SETTINGS_FILE}), not a fine-tuning run: fine-tune into another --out folder "
+            f"(the run's {MODEL_FILE} can be the base model)")
+
+
 def _check_resumed_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse to resume the fine-tuning run in ``out_dir`` with other settings than it was
+    started with."""
     path = out_dir / SETTINGS_FILE
     if not path.exists():
         return
@@ -540,6 +560,7 @@ def finetune(
         "new_decoder": new_decoder, "prior_lr_scale": prior_lr_scale,
         "rehearsal_fraction": rehearsal_fraction if rehearsal is not None else 0.0,
         "base_weights": _weights_digest(base)}
+    _refuse_a_training_run(Path(out_dir))
     if resume:
         _check_resumed_settings(Path(out_dir), settings)
     trainer = Trainer(cfg, resume=resume, model=extended, collection=aligned,

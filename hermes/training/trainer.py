@@ -439,12 +439,26 @@ class Trainer:
                 "architecture differ): use a new --out directory"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.ema.load_state_dict(state["ema"])
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        """Load the checkpoint's optimizer state, refusing one whose parameter groups are not
+        this run's (a run of another kind: a training run resumed as a fine-tuning run, or
+        another fine-tuning mode) with a message saying so, not torch's."""
+        groups = [len(g["params"]) for g in saved.get("param_groups", [])]
+        ours = [len(g["params"]) for g in self.optimizer.param_groups]
+        if groups != ours:
+            raise ValueError(
+                f"--resume: {self.state_path} was written by another kind of run (its "
+                f"optimizer has parameter groups of {groups} tensors, this run's {ours}: a "
+                "training run, or a fine-tuning run of another mode); resume it as it was "
+                "started, or choose another --out directory")
+        self.optimizer.load_state_dict(saved)
 
     # ---------------------------------------------------------------- logging
     def _open_log(self):
