@@ -665,6 +665,7 @@ def test_reused_buffers_work_across_inference_mode():
     ((1, 2, 13, 30, 22), (16, 10, 8), 0),  # depth padded 13 -> 16: planes outside the crop
     ((1, 2, 13, 30, 22), (16, 10, 8), 1),
     ((1, 1, 20, 9, 7), (8, 12, 10), 2),  # the streamed axis itself padded
+    ((1, 1, 12, 10, 45), (8, 8, 24), 2),  # chunks of 3 planes along the last axis
     ((1, 2, 21, 34), (8, 12), 1),  # 2-D
 ])
 def test_plane_sink_gets_the_streamed_output_plane_by_plane(shape, roi, axis):

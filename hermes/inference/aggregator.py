@@ -21,6 +21,9 @@ OUTPUT_KINDS = ("logits", "probs", "masks", "labels")
 #: parallel region per chunk: per plane, threads wait on each other when the CPU is busy)
 PLANES_PER_CHUNK = 8
 CHUNK_BYTES = 32 << 20
+#: streamed along the last axis, a chunk's planes are the runs the finalisation vectorises
+#: over: up to this many, and at most an eighth of the ring (3-4x faster than 2 at 16)
+PLANES_PER_CHUNK_LAST_AXIS = 16
 
 
 def _is_int(value: object) -> bool:
@@ -242,8 +245,11 @@ class PatchAggregator:
                 chunk_shape = list(self.output_shape_3d)
                 plane_bytes = math.prod(chunk_shape) // chunk_shape[1 + self._ring_axis] * (
                     self.output_dtype.itemsize)
-                self._chunk = max(1, min(chunk_shape[1 + self._ring_axis], PLANES_PER_CHUNK,
-                                         CHUNK_BYTES // max(plane_bytes, 1)))
+                if self._ring_axis == 2:
+                    cap = min(PLANES_PER_CHUNK_LAST_AXIS, ring // 8)
+                else:
+                    cap = min(PLANES_PER_CHUNK, CHUNK_BYTES // max(plane_bytes, 1))
+                self._chunk = max(1, min(chunk_shape[1 + self._ring_axis], cap))
                 chunk_shape[1 + self._ring_axis] = self._chunk
                 self._out = torch.empty((2, *chunk_shape), dtype=self.output_dtype,
                                         device=self.device)
