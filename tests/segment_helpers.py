@@ -103,3 +103,28 @@ def oracle_model(spacing=(1.5, 1.5, 1.5), answer: str = "T1") -> OracleNet:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+#: (linear part, model spacing) of original grids whose masks are mapped back: no resampling,
+#: flipped and anisotropic, permuted axes, oblique and upsampled
+BACK_MAPPING_GRIDS = [
+    (np.diag([2.0, 2.0, 2.0]), 2.0),
+    (np.diag([-1.5, 2.0, -3.0]), 2.5),
+    (np.array([[0, 0, 2.0], [-1.6, 0, 0], [0, 2.4, 0]]), (1.7, 2.9, 2.2)),
+    (rotation(1, 18) @ np.diag([1.5, 1.5, -1.5]), 1.1),
+]
+
+
+def back_mapper(linear: np.ndarray, spacing) -> tuple:
+    """``(model-grid shape, BackMapper)`` of a 37 x 30 x 23 image on ``grid(linear)`` (a zero
+    border, cropped) preprocessed at ``spacing`` mm."""
+    from hermes.data.preprocess import PreprocessParams, prepare_arrays
+    from hermes.inference.geometry import BackMapper
+
+    rng = np.random.default_rng(0)
+    shape = (37, 30, 23)
+    img = np.zeros(shape, np.float32)
+    img[3:-2, 2:-4, 1:-1] = rng.random((32, 24, 21)) + 1
+    params = PreprocessParams(spacing, 1, "float32", 0, True, {"T1": {"kind": "none"}})
+    model, _, geom = prepare_arrays(img[None], grid(linear, shape), "T1", params)
+    return model.shape[1:], BackMapper(geom)

@@ -16,8 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from segment_helpers import (  # noqa: E402
+    BACK_MAPPING_GRIDS,
     MODALITIES,
     TASKS,
+    back_mapper,
     dice,
     grid,
     oracle_model,
@@ -659,32 +661,19 @@ def test_thin_slabs_are_warned_about():
         _run(rng.uniform(1, 2, (40, 40, 12)).astype(np.float32), aff)
 
 
-@pytest.mark.parametrize("linear, spacing", [
-    (np.diag([2.0, 2.0, 2.0]), 2.0),  # model grid = cropped grid: no resampling
-    (np.diag([-1.5, 2.0, -3.0]), 2.5),
-    (np.array([[0, 0, 2.0], [-1.6, 0, 0], [0, 2.4, 0]]), (1.7, 2.9, 2.2)),  # permuted axes
-    (rotation(1, 18) @ np.diag([1.5, 1.5, -1.5]), 1.1),  # oblique, upsampled
-])
+@pytest.mark.parametrize("linear, spacing", BACK_MAPPING_GRIDS)
 def test_masks_mapped_back_in_their_box_equal_the_whole_mapping(linear, spacing):
     """``BackMapper.threshold_box`` computes only the box that can reach the threshold: its
     masks equal thresholding the whole mapped array, to the voxel, also for probabilities one
     float32 step either side of the threshold and for hits on the model grid's faces."""
     from scipy import ndimage
 
-    from hermes.data.preprocess import PreprocessParams, prepare_arrays
-    from hermes.inference.geometry import BackMapper
     from hermes.inference.masks import TaskMasks
 
-    rng = np.random.default_rng(0)
-    shape = (37, 30, 23)
-    img = np.zeros(shape, np.float32)
-    img[3:-2, 2:-4, 1:-1] = rng.random((32, 24, 21)) + 1  # a zero border: cropped
-    params = PreprocessParams(spacing, 1, "float32", 0, True, {"T1": {"kind": "none"}})
-    model, _, geom = prepare_arrays(img[None], grid(linear, shape), "T1", params)
-    back = BackMapper(geom)
+    model_shape, back = back_mapper(linear, spacing)
     for seed in range(6):
         g = np.random.default_rng(seed)
-        field = ndimage.gaussian_filter(g.standard_normal(model.shape[1:]), 2.0)
+        field = ndimage.gaussian_filter(g.standard_normal(model_shape), 2.0)
         probs = (1 / (1 + np.exp(-(field / field.std() * 3 - 3 + seed)))).astype(np.float32)
         near = g.random(probs.shape) < 0.02
         probs[near] = np.float32(0.5) + g.choice([-1, 0, 1], near.sum()) * np.float32(6e-8)
@@ -699,7 +688,7 @@ def test_masks_mapped_back_in_their_box_equal_the_whole_mapping(linear, spacing)
             np.testing.assert_array_equal(masks[0], want, err_msg=f"{seed} {threshold}")
             if want.any():
                 assert masks.box(0)[1].size < want.size  # a box, not the grid
-    assert back.threshold_box(np.zeros(model.shape[1:], np.float32), 0.5) == (None, None)
+    assert back.threshold_box(np.zeros(model_shape, np.float32), 0.5) == (None, None)
 
 
 def test_task_masks_keep_crops_and_give_dense_masks():

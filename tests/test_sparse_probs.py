@@ -11,13 +11,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from hermes.data.preprocess import PreprocessParams, prepare_arrays
-from hermes.inference.geometry import THRESHOLD_MARGIN, BackMapper
+from hermes.inference.geometry import THRESHOLD_MARGIN
 from hermes.inference.masks import TaskMasks
 from hermes.inference.sparse_probs import SparseProbabilities
 
 sys.path.insert(0, str(Path(__file__).parent))
-from segment_helpers import grid, rotation  # noqa: E402
+from segment_helpers import BACK_MAPPING_GRIDS, back_mapper  # noqa: E402
 
 
 def _probabilities(shape, seed: int) -> np.ndarray:
@@ -76,21 +75,10 @@ def test_values_are_exact_within_one_voxel_of_every_hit(axis, threshold):
     assert store.task(5).max() == 0  # no hit: nothing stored
 
 
-@pytest.mark.parametrize("linear, spacing", [
-    (np.diag([2.0, 2.0, 2.0]), 2.0),  # model grid = cropped grid: no resampling
-    (np.diag([-1.5, 2.0, -3.0]), 2.5),
-    (np.array([[0, 0, 2.0], [-1.6, 0, 0], [0, 2.4, 0]]), (1.7, 2.9, 2.2)),  # permuted axes
-    (rotation(1, 18) @ np.diag([1.5, 1.5, -1.5]), 1.1),  # oblique, upsampled
-])
+@pytest.mark.parametrize("linear, spacing", BACK_MAPPING_GRIDS)
 def test_masks_from_sparse_probabilities_equal_the_whole_mapping(linear, spacing):
-    rng = np.random.default_rng(0)
-    shape = (37, 30, 23)
-    img = np.zeros(shape, np.float32)
-    img[3:-2, 2:-4, 1:-1] = rng.random((32, 24, 21)) + 1  # a zero border: cropped
-    params = PreprocessParams(spacing, 1, "float32", 0, True, {"T1": {"kind": "none"}})
-    model, _, geom = prepare_arrays(img[None], grid(linear, shape), "T1", params)
-    back = BackMapper(geom)
-    probs = _probabilities(model.shape[1:], seed=3)
+    model_shape, back = back_mapper(linear, spacing)
+    probs = _probabilities(model_shape, seed=3)
     for axis, threshold in ((0, 0.5), (1, 0.3), (2, 0.5)):
         store = _stream(probs, axis, threshold)
         for t, p in enumerate(probs):
