@@ -19,9 +19,6 @@ __all__ = ["register", "example_path", "folder_cases", "EXAMPLE_NAME", "EXAMPLE_
 EXAMPLE_NAME = "mni152_t1_brain_2mm.nii.gz"
 EXAMPLE_MODALITY = "T1"
 
-_OUTPUT_NAMES = ("labels.nii.gz", "labels.json", "statistics.json", "statistics.csv",
-                 "preview.png", "structures", "probabilities")
-
 
 def example_path() -> Path:
     """Path of the bundled example image (``hermes/data/examples/``)."""
@@ -37,7 +34,9 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse to overwrite earlier outputs without ``--force`` and never write over an input
     or into a DICOM series' own folder."""
     from hermes.data.io import image_suffix
+    from hermes.inference.result import OUTPUT_FILES, TASK_FOLDERS
 
+    names = OUTPUT_FILES + TASK_FOLDERS
     if out.is_symlink() and not out.exists():
         raise FileExistsError(f"output {out} is a broken symbolic link; remove it or choose "
                               "another -o")
@@ -49,7 +48,7 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
     if out.resolve() in series:
         raise FileExistsError(f"output folder {out} is the input DICOM series' folder: the "
                               "outputs would be added to the series; choose another -o")
-    for n in _OUTPUT_NAMES:
+    for n in names:
         if (out / n).resolve() in resolved or any(
                 (out / n).resolve() in p.parents for p in resolved):
             raise FileExistsError(f"output {out / n} would overwrite the input; choose another -o")
@@ -60,7 +59,7 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write the output folder {out}: {base} is not a writable "
                               "folder")
-    existing = [n for n in _OUTPUT_NAMES if (out / n).exists()]
+    existing = [n for n in names if (out / n).exists()]
     if existing and not force:
         raise FileExistsError(
             f"output folder {out} already holds {', '.join(existing)}; pass --force to "
