@@ -29,6 +29,7 @@ __all__ = [
     "strip_image_suffix",
     "load_image",
     "load_header",
+    "nifti_data",
     "save_image",
     "spacing_from_affine",
     "axcodes",
@@ -150,7 +151,6 @@ def _nrrd_affine(header: dict, path: Path) -> tuple[np.ndarray, list[int]]:
     voxel at the ``axis mins``, plus half a spacing unless the axis is ``node``-centred; else
     at 0).
     """
-
     ndim = int(header.get("dimension", len(header.get("sizes", []))))
     directions = header.get("space directions")
     kinds = header.get("kinds")
