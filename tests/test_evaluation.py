@@ -29,7 +29,8 @@ def test_metrics_hand_computed():
     assert m["hd95"] == pytest.approx(2.0)  # one voxel along x = 2 mm
     same = mask_metrics(a, a, spacing=(1, 1, 1), tolerance_mm=1.0)
     assert same == {"dice": pytest.approx(1.0), "nsd": pytest.approx(1.0), "hd95": 0.0}
-    assert mask_metrics(a & False, a & False, (1, 1, 1), 1.0)["dice"] == 1.0
+    neither = mask_metrics(a & False, a & False, (1, 1, 1), 1.0)  # not scored (nnU-Net)
+    assert sorted(neither) == ["dice", "hd95", "nsd"] and all(map(math.isnan, neither.values()))
     miss = mask_metrics(np.zeros_like(a), a, (1, 1, 1), 1.0)
     assert miss["dice"] == 0.0 and math.isnan(miss["hd95"])
 
@@ -147,12 +148,33 @@ def test_perfect_prediction_scores_near_one_at_original_geometry(cache, tmp_path
 def test_empty_prediction_scores_zero(cache):
     res = evaluate(None, cache, split="val", progress=False,
                    predict=lambda c: np.zeros((len(c.info.tasks), *c.shape), bool))
-    assert all(r["dice"] == (1.0 if r["gt_voxels"] == 0 else 0.0) for r in res.rows)
+    for r in res.rows:  # a structure in neither mask is not scored; a missed one scores 0
+        assert math.isnan(r["dice"]) if r["gt_voxels"] == 0 else r["dice"] == 0.0
     # missed structures have no HD95: the summary and table say how many cases its mean covers
     for s in res.summary():
         rows = [r for r in res.rows if (r["dataset"], r["task"]) == (s["dataset"], s["task"])]
-        assert s["hd95_cases"] == sum(r["gt_voxels"] == 0 for r in rows) < s["cases"]
+        assert s["scored"] == sum(r["gt_voxels"] > 0 for r in rows) <= s["cases"]
+        assert s["hd95_cases"] == 0 and (s["dice"] == 0.0 or s["scored"] == 0)
     assert "n HD95" in res.table().splitlines()[0]
+
+
+def test_summary_means_leave_out_cases_without_the_structure():
+    """As nnU-Net and MONAI: a structure in neither mask is no case of its mean (it scored
+    Dice 1 and HD95 0 before, inflating the means of rare structures)."""
+    from hermes.training.evaluate import EvaluationResult
+
+    nan = math.nan
+    rows = [{"dataset": "d", "task": "tumour", "dice": 0.5, "nsd": 0.4, "hd95": 6.0}] * 6 + \
+        [{"dataset": "d", "task": "tumour", "dice": nan, "nsd": nan, "hd95": nan}] * 4 + \
+        [{"dataset": "d", "task": "cyst", "dice": 0.0, "nsd": 0.0, "hd95": nan}] + \
+        [{"dataset": "d", "task": "cyst", "dice": nan, "nsd": nan, "hd95": nan}] * 9
+    tumour, cyst = EvaluationResult(rows).summary()
+    assert tumour == {"dataset": "d", "task": "tumour", "cases": 10, "scored": 6, "dice": 0.5,
+                      "nsd": pytest.approx(0.4), "hd95": 6.0, "hd95_cases": 6}
+    assert (cyst["scored"], cyst["dice"], cyst["hd95_cases"]) == (1, 0.0, 0)  # a false positive
+    assert math.isnan(cyst["hd95"])
+    line = EvaluationResult(rows).table().splitlines()[1].split()
+    assert line[2:] == ["6", "0.5000", "0.4000", "6.00", "6"]
 
 
 def test_datasets_filter_evaluates_only_those_datasets(cache):
@@ -352,6 +374,10 @@ def test_evaluate_folder_refuses_what_is_no_label_map(tmp_path):
     for tol in (-2.0, float("nan"), 0.0):
         with pytest.raises(ValueError, match="tolerance must be a positive distance"):
             evaluate_folder(gt_dir, pred_dir, tolerance_mm=tol, progress=False)
+    save_image(gt_dir / "a.nrrd", gt, aff)  # one case in two files: it would count twice
+    with pytest.raises(ValueError, match=r"holds cases under several files \(a.nii.gz and "
+                                         r"a.nrrd\)"):
+        evaluate_folder(gt_dir, pred_dir, progress=False)
 
 
 def test_model_masks_are_those_hermes_segment_writes(cache):

@@ -47,25 +47,25 @@ def check_tolerance(tolerance_mm: float) -> float:
 def mask_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance_mm: float) -> dict:
     """Dice, NSD (at ``tolerance_mm``) and HD95 (mm) of two boolean masks.
 
-    Both empty: Dice = NSD = 1, HD95 = 0. Exactly one empty: Dice = NSD = 0, HD95 = nan.
-    Dice is MONAI's; NSD and HD95 are MONAI's definitions (its mask edges; NSD: the fraction of
-    both edges within the tolerance of the other; HD95: the larger of the two directed 95th
-    percentiles), with the edge-to-edge distances from one exact Euclidean distance transform
-    per direction: MONAI 1.6 queries a KD-tree instead, which took minutes per structure for
-    the ragged edges of a CPU-trained model on a 512 x 512 x 61 CT (tested equal to MONAI).
+    Both empty (the structure is in neither): all NaN, not scored, as nnU-Net and MONAI do.
+    Exactly one empty: Dice = NSD = 0, HD95 = NaN. Dice is ``2 |P & G| / (|P| + |G|)``
+    (MONAI's and nnU-Net's, in float64); NSD and HD95 are MONAI's definitions (its mask edges;
+    NSD: the fraction of both edges within the tolerance of the other; HD95: the larger of the
+    two directed 95th percentiles), with the edge-to-edge distances from one exact Euclidean
+    distance transform per direction: MONAI 1.6 queries a KD-tree instead, which took minutes
+    per structure for the ragged edges of a CPU-trained model on a 512 x 512 x 61 CT (tested
+    equal to MONAI).
     """
-    from monai.metrics import compute_dice
     from monai.metrics.utils import get_mask_edges
     from scipy.ndimage import distance_transform_edt
 
     p, g = bool(pred.any()), bool(gt.any())
     if not p and not g:
-        return {"dice": 1.0, "nsd": 1.0, "hd95": 0.0}
+        return {"dice": math.nan, "nsd": math.nan, "hd95": math.nan}
     if p != g:
         return {"dice": 0.0, "nsd": 0.0, "hd95": math.nan}
-    yp = torch.from_numpy(np.ascontiguousarray(pred))[None, None].float()
-    yg = torch.from_numpy(np.ascontiguousarray(gt))[None, None].float()
-    dice = compute_dice(yp, yg, include_background=True).item()
+    both = int(np.count_nonzero(np.logical_and(pred, gt)))
+    dice = 2.0 * both / (int(np.count_nonzero(pred)) + int(np.count_nonzero(gt)))
     sp = [float(s) for s in spacing]
     edge_p, edge_g = get_mask_edges(np.asarray(pred, bool), np.asarray(gt, bool), crop=True)
     to_gt = distance_transform_edt(~edge_g, sampling=sp)[edge_p].astype(np.float32)
@@ -122,30 +122,34 @@ class EvaluationResult:
     rows: list[dict]
 
     def summary(self) -> list[dict]:
-        """Mean Dice/NSD/HD95 per (dataset, task) over cases. HD95 is undefined where exactly
-        one mask is empty (a missed structure or a false positive; its Dice and NSD are 0):
-        its mean is over the ``hd95_cases`` cases where it is defined."""
+        """Mean Dice/NSD/HD95 per (dataset, task) over the ``scored`` cases: those where the
+        label or the prediction holds the structure (a case with it in neither is not scored,
+        as in nnU-Net and MONAI; NaN when no case is scored). HD95 is undefined where exactly
+        one mask is empty (a missed structure or a false positive; its Dice and NSD are 0): its
+        mean is over the ``hd95_cases`` cases where it is defined. ``cases``: all cases."""
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for r in self.rows:
             groups[(r["dataset"], r["task"])].append(r)
         out = []
         for (ds, task), rows in groups.items():
-            hd = [r["hd95"] for r in rows if math.isfinite(r["hd95"])]
+            scored = [r for r in rows if math.isfinite(r["dice"])]
+            hd = [r["hd95"] for r in scored if math.isfinite(r["hd95"])]
             out.append({
-                "dataset": ds, "task": task, "cases": len(rows),
-                "dice": float(np.mean([r["dice"] for r in rows])),
-                "nsd": float(np.mean([r["nsd"] for r in rows])),
+                "dataset": ds, "task": task, "cases": len(rows), "scored": len(scored),
+                "dice": float(np.mean([r["dice"] for r in scored])) if scored else math.nan,
+                "nsd": float(np.mean([r["nsd"] for r in scored])) if scored else math.nan,
                 "hd95": float(np.mean(hd)) if hd else math.nan, "hd95_cases": len(hd),
             })
         return out
 
     def table(self) -> str:
-        """The summary as text; ``n HD95``: the cases in the HD95 mean (the others missed the
-        structure or found one the label does not have)."""
+        """The summary as text; ``n``: the cases scored (the structure in the label or the
+        prediction), ``n HD95``: those in the HD95 mean (the others missed the structure or
+        found one the label does not have)."""
         lines = [f"{'dataset':<16} {'task':<28} {'n':>3} {'Dice':>7} {'NSD':>7} {'HD95':>8} "
                  f"{'n HD95':>6}"]
         for s in self.summary():
-            lines.append(f"{s['dataset']:<16} {s['task']:<28} {s['cases']:>3} "
+            lines.append(f"{s['dataset']:<16} {s['task']:<28} {s['scored']:>3} "
                          f"{s['dice']:7.4f} {s['nsd']:7.4f} {s['hd95']:8.2f} "
                          f"{s['hd95_cases']:>6}")
         return "\n".join(lines)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -178,6 +179,13 @@ def evaluate_folder(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     if not files:
         raise FileNotFoundError(f"{gt_dir} holds no label files (.nii.gz, .nii, .nrrd)")
     cases = [(strip_image_suffix(p.name), p) for p in files]
+    names: dict[str, list[str]] = defaultdict(list)
+    for case, p in cases:
+        names[case].append(p.name)
+    twice = [" and ".join(ps) for ps in names.values() if len(ps) > 1]
+    if twice:
+        raise ValueError(f"{gt_dir} holds cases under several files ({first_of(twice, 3)}): "
+                         "each would be scored twice; keep one file per case")
     if predicted_only:
         cases = [(case, p) for case, p in cases if _prediction_file(pred_dir, case)]
         if not cases:
