@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,25 @@ def test_resume_does_not_skip_a_segmentation_of_another_image(tmp_path, ckpt, ca
     assert main(["segment", "-i", str(b), *argv, "--resume", "--force", "-q"]) == 0
     labels = json.loads((tmp_path / "out" / "labels.json").read_text())
     assert labels["inputs"][0]["path"] == str(b.resolve())
+
+
+def test_resume_skips_only_the_same_modality_outputs_and_model_file(tmp_path, ckpt, capsys):
+    import shutil
+
+    aff = grid(np.diag([2.0, 2.0, 3.0]), (36, 36, 24))
+    a = save_image(tmp_path / "a.nii.gz", phantom(aff, (36, 36, 24))[0] + 100, aff)
+    model = tmp_path / "m.hermes"
+    shutil.copy(ckpt, model)
+    argv = ["segment", "-i", str(a), "-o", str(tmp_path / "out"), "--model", str(model),
+            "--device", "cpu", "--fast", "-q"]
+    assert main([*argv, "--modality", "T1"]) == 0
+    assert main([*argv, "--modality", "T1", "--resume"]) == 0  # the same: skipped
+    capsys.readouterr()
+    for extra, reason in ((["--modality", "CT"], "other settings: modality T1 (here CT)"),
+                          (["--modality", "T1", "--largest-component"], "post-processing"),
+                          (["--modality", "T1", "--per-structure"], "without structures")):
+        assert main([*argv, *extra, "--resume"]) == 1
+        assert reason in capsys.readouterr().err
+    os.utime(model, ns=(1, 1))  # the model file replaced (retrained into the same path)
+    assert main([*argv, "--modality", "T1", "--resume"]) == 1
+    assert "an earlier version of the model file" in capsys.readouterr().err

@@ -263,10 +263,29 @@ def _finished(out: Path, args: argparse.Namespace, inputs: list[Path]) -> bool |
     wanted = default_model_path() if args.model is None else checkpoint_path(args.model)
     if Path(names["model"]).resolve() != wanted.resolve():
         return f"{out} holds a segmentation by another model ({names['model']})"
+    model_file = names.get("model_file")  # absent from the labels.json of older saves
+    if model_file is not None and model_file != input_record([str(wanted)]):
+        return f"{out} holds a segmentation by an earlier version of the model file {wanted}"
     stored = names.get("settings") or {}
     other = [f"{k} {stored[k]} (here {v})" for k, v in _requested(args).items()
              if k in stored and stored[k] != v]
-    return f"{out} was segmented with other settings: {', '.join(other)}" if other else True
+    if args.modality.lower() != "auto" and str(names.get("modality", "")).lower() != \
+            args.modality.lower():
+        other.append(f"modality {names.get('modality')} (here {args.modality})")
+    post = _parse_postprocess(args) or {"largest": False, "min_volume_ml": 0.0}
+    kept = {(bool(v.get("largest")), float(v.get("min_volume_ml", 0.0)))
+            for v in (stored.get("postprocess") or {}).values()} or {(False, 0.0)}
+    if kept != {(post["largest"], post["min_volume_ml"])}:
+        other.append("post-processing (--largest-component, --min-volume-ml)")
+    if other:
+        return f"{out} was segmented with other settings: {', '.join(other)}"
+    wanted_files = {"structures": getattr(args, "per_structure", False),
+                    "probabilities": getattr(args, "probabilities", False),
+                    "preview.png": not getattr(args, "no_preview", False)}
+    lacking = [name for name, want in wanted_files.items() if want and not (out / name).exists()]
+    if lacking:
+        return f"{out} holds a segmentation without {', '.join(lacking)}"
+    return True
 
 
 def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
@@ -306,7 +325,8 @@ def _run_folder(args: argparse.Namespace, folder: Path, out: Path) -> int:
               f"{first_of(failed, 10)}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(f"{len(cases)} case(s) segmented into {out}/<case>/")
+        print(f"{len(cases)} case(s) segmented into {out}/<case>/" if cases else
+              f"nothing left to segment: every case of {folder} is done in {out}/<case>/")
     return 0
 
 

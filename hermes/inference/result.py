@@ -466,6 +466,7 @@ class SegmentationResult:
             "source": self.source,
             "inputs": input_record(self.sources),
             "model": self.model_source,
+            "model_file": input_record([self.model_source]) if self.model_source else None,
             "settings": self.settings,
             "hermes_version": __version__,
         }
