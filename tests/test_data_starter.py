@@ -141,3 +141,25 @@ def test_build_starter_collection_for_real(tmp_path):
     assert "brain" in coll.tasks and "bone" in coll.tasks
     md = (tmp_path / "starter" / "PROVENANCE.md").read_text()
     assert "SIMULATED" in md and "BSD-3-Clause" in md and "GPL-2" in md
+
+
+def test_starter_refuses_dataset_folders_already_in_dir(tmp_path, capsys, monkeypatch):
+    """``hermes data starter`` checks the dataset folders it would write (as ``data synthetic``
+    does) before any download; ``--no-simulated`` leaves the simulated ones aside."""
+    import hermes.data.starter as starter
+    from hermes.cli import main
+
+    ran = []
+    monkeypatch.setattr(starter, "build_starter_collection", lambda *a, **k: ran.append(1))
+    mine = tmp_path / "st" / "mni152_t1_brain" / "imagesTr" / "my_case_0000.nii.gz"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own image")
+    assert main(["data", "starter", str(tmp_path / "st"), "--sources", "nilearn"]) == 1
+    assert "already holds mni152_t1_brain" in capsys.readouterr().err and not ran
+    assert mine.read_bytes() == b"my own image"
+    simulated = tmp_path / "sim" / "mni152_pet_SIMULATED"
+    simulated.mkdir(parents=True)
+    assert main(["data", "starter", str(tmp_path / "sim"), "--sources", "nilearn",
+                 "--no-simulated"]) == 0 and ran == [1]
+    assert main(["data", "starter", str(tmp_path / "sim"), "--sources", "nilearn"]) == 1
+    assert set(starter.SOURCE_DATASETS) == set(starter.SOURCES)

@@ -97,9 +97,12 @@ def _synthetic(args: argparse.Namespace) -> int:
 
 
 def _starter(args: argparse.Namespace) -> int:
-    from hermes.data.starter import StarterError, build_starter_collection
+    from hermes.data.starter import SOURCE_DATASETS, SOURCES, StarterError, build_starter_collection
 
-    error = _existing_outputs(Path(args.dir), [], args.force)
+    sources = args.sources or list(SOURCES)
+    folders = [d for s in sources for d in SOURCE_DATASETS.get(s, [])
+               if not (args.no_simulated and d.endswith("_SIMULATED"))]
+    error = _existing_outputs(Path(args.dir), folders, args.force)
     if error:
         print(f"{command_name(args)}: error: {error}", file=sys.stderr)
         return 1
@@ -176,5 +179,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="subset of: pyradiomics (chest CT), invesalius (head CT; needs "
                     "apt-get), nilearn, nimare (T1) (default: all)")
     st.add_argument("--force", action="store_true",
-                    help="replace a collection.yaml already in DIR")
+                    help="replace a collection.yaml and dataset folders already in DIR")
     st.set_defaults(func=_starter)

@@ -56,6 +56,7 @@ from hermes.files import sha256_file
 __all__ = [
     "StarterError",
     "SOURCES",
+    "SOURCE_DATASETS",
     "build_starter_collection",
     "derive_brain_tissue_labels",
     "derive_chest_ct_labels",
@@ -505,6 +506,13 @@ SOURCES: dict[str, Callable[..., list[_Dataset]]] = {
     "nilearn": _src_nilearn,
     "nimare": _src_nimare,
 }
+#: the dataset folders each source writes (with ``simulated``: the nilearn source's last two)
+SOURCE_DATASETS: dict[str, list[str]] = {
+    "pyradiomics": ["radiomics_chest_ct"],
+    "invesalius": ["invesalius_head_ct"],
+    "nilearn": ["mni152_t1_brain", "mni152_t2_SIMULATED", "mni152_pet_SIMULATED"],
+    "nimare": ["mni152_t1_head"],
+}
 
 
 def _provenance_md(datasets: list[_Dataset], failures: dict[str, str]) -> str:
@@ -574,6 +582,7 @@ def build_starter_collection(
                 failures[name] = str(exc)
                 continue
             for ds in got:
+                assert ds.name in SOURCE_DATASETS[name], ds.name  # the folders checked first
                 _write(ds, out)
                 datasets.append(ds)
             shutil.rmtree(work, ignore_errors=True)
