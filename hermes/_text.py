@@ -16,3 +16,14 @@ def command_name(args: argparse.Namespace) -> str:
     line runs, the prefix of its error and warning lines."""
     parts = (getattr(args, "command", None), getattr(args, "data_command", None))
     return " ".join(["hermes", *(p for p in parts if p)])
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of counts that must be at least 1 (cases, steps, workers...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

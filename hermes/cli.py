@@ -110,8 +110,12 @@ def _warning_format(command: str, default: Callable) -> Callable:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # building the parser imports torch (a second or two): Ctrl-C there is no traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("hermes: interrupted", file=sys.stderr)
+        return 130
     default = warnings.formatwarning
     warnings.formatwarning = _warning_format(command_name(args), default)
     try:

@@ -147,3 +147,21 @@ def test_warning_lines_of_the_cli():
     for other in (sibling, "/usr/lib/python3/site-packages/monai/metrics/utils.py"):
         assert fmt("theirs", FutureWarning, other, 7, "x = 1") == warnings.formatwarning(
             "theirs", FutureWarning, other, 7, "x = 1")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "synthetic", "DIR", "--cases", "0"], "argument --cases: must be at least 1"),
+    (["train", "c.yaml", "--checkpoint-every", "0"], "--checkpoint-every: must be at least 1"),
+    (["train", "c.yaml", "--device", "gpu"], "--device: must be auto, cpu, cuda or cuda:N"),
+    (["finetune", "m.hermes", "c.yaml", "--device", "tpu"], "--device: must be auto, cpu"),
+    (["evaluate", "m.hermes", "c.yaml", "--device", "cuda:x"], "--device: must be auto, cpu"),
+    (["preprocess", "c.yaml", "--workers", "0"], "--workers: must be at least 1"),
+])
+def test_nonsense_option_values_are_refused_when_parsed(argv, message, capsys):
+    """Before any data is read: a count of 0 was taken as the default (or wrote a collection
+    without cases) and an unknown --device reached torch after preprocessing."""
+    from hermes.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from hermes._text import command_name
+from hermes._text import command_name, positive_int
 
 __all__ = ["register"]
 
@@ -131,7 +131,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "it)")
     p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
                    help="target spacing in mm, one value or three (default: YAML or 1.5)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default min(4, CPUs))")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="processes (default min(4, CPUs))")
     p.add_argument("--order", type=int, default=3, choices=[1, 3],
                    help="image interpolation: 1 linear, 3 cubic spline (labels: nearest)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
@@ -159,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0,
                    help="random seed: the same seed writes the same collection")
-    s.add_argument("--cases", type=int, default=3, help="cases per dataset")
+    s.add_argument("--cases", type=positive_int, default=3, help="cases per dataset (default 3)")
     s.add_argument("--datasets", nargs="+", default=None,
                    help="synth_ct synth_t1 synth_t2 synth_pet synth_cine")
     s.add_argument("--force", action="store_true",

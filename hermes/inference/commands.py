@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hermes._text import first_of
+from hermes.inference.segment import device_option
 
 __all__ = ["register", "example_path", "folder_cases", "EXAMPLE_NAME", "EXAMPLE_MODALITY"]
 
@@ -347,7 +348,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a .hermes checkpoint, a training run's folder, or an official Hermes-R "
                         ".pth (default: the embedded model)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", type=device_option,
+                   help="auto (default: CUDA when usable), cpu, cuda, cuda:1 ...")
     p.add_argument("--fast", action="store_true",
                    help="faster, slightly less accurate: window overlap 0.25 instead of 0.5 and "
                         "linear instead of cubic resampling")

@@ -623,6 +623,23 @@ def window_overlap(overlap: float | None, fast: bool) -> float:
     return (0.25 if fast else 0.5) if overlap is None else float(overlap)
 
 
+def device_option(text: str) -> str:
+    """argparse ``type`` of the commands' ``--device``: ``auto``, ``cpu``, ``cuda`` or
+    ``cuda:N`` (any case), refused at parse time otherwise; returned in lower case."""
+    import argparse
+
+    value = text.strip().lower()
+    if value != "auto":
+        try:
+            dev = torch.device(value)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise argparse.ArgumentTypeError(
+                f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return value
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

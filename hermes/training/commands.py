@@ -6,7 +6,9 @@ import argparse
 import os
 from pathlib import Path
 
+from hermes._text import positive_int
 from hermes.data.cache import PreprocessedCollection
+from hermes.inference.segment import device_option
 from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.trainer import CHECKPOINT_EVERY, RankZeroFailed
 
@@ -273,10 +275,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ema", type=float, help="EMA decay (default 0.99)")
     t.add_argument("--seed", type=int, help="default 0")
     t.add_argument("--workers", type=int, default=None, help="data loader / preprocessing workers")
-    t.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+    t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="STEPS",
                    help=f"steps between checkpoints (default {CHECKPOINT_EVERY}, or the "
                    "resumed run's)")
-    t.add_argument("--device", default="auto")
+    t.add_argument("--device", default="auto", type=device_option,
+                   help="auto (default: CUDA when usable), cpu, cuda, cuda:1 ...")
     t.add_argument("--no-augment", action="store_true", default=None)
     t.add_argument("--datasets", help="train on these datasets only (comma-separated)")
     t.add_argument("--modality-shuffle", type=float, metavar="F",
@@ -297,8 +300,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--roi", type=int, nargs="+", help="window size (default: training crop)")
     e.add_argument("--overlap", type=float, default=0.5)
     e.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
-    e.add_argument("--device", default="auto", help="auto (default: CUDA when usable), cpu, "
-                   "cuda, cuda:1 ...")
+    e.add_argument("--device", default="auto", type=device_option,
+                   help="auto (default: CUDA when usable), cpu, cuda, cuda:1 ...")
     e.add_argument("--datasets", help="evaluate these datasets only (comma-separated)")
     e.add_argument("--out", help="per-case CSV, or a folder for metrics_<split>.csv (default "
                    "metrics_<split>.csv here); an existing file must be such a CSV")

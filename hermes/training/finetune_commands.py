@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hermes._text import positive_int
+from hermes.inference.segment import device_option
 from hermes.training.trainer import CHECKPOINT_EVERY
 
 #: ``hermes finetune`` options that define a run: option -> (key in the run's finetune.json or
@@ -154,10 +156,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--ema", type=float, help="EMA decay (default 0.99)")
     f.add_argument("--seed", type=int, help="default 0")
     f.add_argument("--workers", type=int, default=None)
-    f.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+    f.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="STEPS",
                    help=f"steps between checkpoints (default {CHECKPOINT_EVERY}, or the "
                         "resumed run's)")
-    f.add_argument("--device", default="auto")
+    f.add_argument("--device", default="auto", type=device_option,
+                   help="auto (default: CUDA when usable), cpu, cuda, cuda:1 ...")
     f.add_argument("--no-augment", action="store_true", default=None)
     f.add_argument("--resume", action="store_true",
                    help="continue the run in --out with its own settings (options left out "
