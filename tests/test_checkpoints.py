@@ -378,9 +378,12 @@ def test_training_state_is_checksummed(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"not a state")
     with pytest.raises(hm.CheckpointError, match="cannot read training state .*junk.ckpt"):
         read_training_state(tmp_path / "junk.ckpt")
-    # given as a model, even without model.hermes beside it: named
+    # given as a model, even without model.hermes beside it (an unfinished run): named, and
+    # the run to finish rather than a model file that is not there
     for load in (hm.load, hm.from_official):
-        with pytest.raises(hm.CheckpointError, match="training state .*not a model"):
+        with pytest.raises(hm.CheckpointError, match="training state .*not a model, and its run "
+                                                     "has not written .*model.hermes yet: "
+                                                     "finish the run"):
             load(tmp_path / "last.ckpt")
 
 

@@ -155,8 +155,12 @@ def training_state_note(path: Path) -> str | None:
     except OSError:
         return None
     if head == STATE_MAGIC or (path.suffix == ".ckpt" and (path.parent / RUN_MODEL_FILE).is_file()):
-        return (f"{path} is a Hermes training state (for --resume), not a model: use "
-                f"{path.parent / RUN_MODEL_FILE}")
+        model = path.parent / RUN_MODEL_FILE
+        if model.is_file():
+            return f"{path} is a Hermes training state (for --resume), not a model: use {model}"
+        return (f"{path} is a Hermes training state (for --resume), not a model, and its run "
+                f"has not written {model} yet: finish the run (hermes train/finetune ... --out "
+                f"{path.parent} --resume)")
     return None
 
 
