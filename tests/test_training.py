@@ -626,3 +626,24 @@ def test_ddp_run_into_a_busy_folder_is_refused_by_every_rank(cache, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("is being written by another Hermes process") == 1, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_resume_without_out_finds_the_run_the_options_left_out_named(tmp_path, monkeypatch):
+    """``--resume`` takes the left-out options from the run, so its folder is found among
+    ``runs/`` (a run of preset base resumed without --preset looked in runs/<c>-tiny)."""
+    from hermes.training.commands import default_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    default = Path("runs") / "col-tiny"
+    assert default_run_folder(default, "col-*", resume=False) == default
+    assert default_run_folder(default, "col-*", resume=True) == default  # nothing to find
+    (tmp_path / "runs" / "col-base").mkdir(parents=True)
+    (tmp_path / "runs" / "col-base" / "last.ckpt").write_bytes(b"state")
+    (tmp_path / "runs" / "other-base").mkdir()
+    (tmp_path / "runs" / "other-base" / "last.ckpt").write_bytes(b"state")
+    assert default_run_folder(default, "col-*", resume=True) == Path("runs") / "col-base"
+    (tmp_path / "runs" / "col-small").mkdir()
+    (tmp_path / "runs" / "col-small" / "last.ckpt").write_bytes(b"state")
+    with pytest.raises(ValueError, match=r"2 runs could be meant \(runs/col-base, "
+                                         r"runs/col-small\); name one with --out"):
+        default_run_folder(default, "col-*", resume=True)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from hermes._text import positive_int
+from hermes._text import first_of, positive_int
 from hermes.data.cache import PreprocessedCollection
 from hermes.inference.segment import device_option
 from hermes.models.hermes_resunet import check_spatial_size
@@ -143,6 +143,20 @@ def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
     return fields
 
 
+def default_run_folder(default: Path, candidates: str, resume: bool) -> Path:
+    """The run folder when ``--out`` is not given: ``default`` (named after the options given
+    now) or, with ``--resume`` when that holds no checkpoint, the one folder under ``runs/``
+    matching the glob ``candidates`` that does (the options left out are the run's, so the
+    name may not be rebuilt from them); several such runs are refused, naming them."""
+    if not resume or (default / "last.ckpt").is_file():
+        return default
+    found = sorted(p for p in Path("runs").glob(candidates) if (p / "last.ckpt").is_file())
+    if len(found) > 1:
+        raise ValueError(f"--resume without --out: {len(found)} runs could be meant "
+                         f"({first_of([str(p) for p in found], 4)}); name one with --out")
+    return found[0] if found else default
+
+
 def read_run_json(path: Path) -> dict:
     """A run's ``config.json`` / ``finetune.json``, or an error naming the file."""
     import json
@@ -164,7 +178,8 @@ def _train(args: argparse.Namespace) -> int:
         crop_option(args.crop)
     pc = open_cache_once(args.collection, args.cache_dir, args.workers, not args.quiet,
                          device=args.device)
-    out = args.out or str(Path("runs") / f"{pc.name}-{args.preset or 'tiny'}")
+    out = args.out or str(default_run_folder(Path("runs") / f"{pc.name}-{args.preset or 'tiny'}",
+                                             f"{pc.name}-*", args.resume))
     saved = None
     if args.resume and (Path(out) / "config.json").is_file():
         saved = read_run_json(Path(out) / "config.json")

@@ -62,7 +62,7 @@ def _fill_options(args: argparse.Namespace, out: Path) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     import hermes.models as hm
-    from hermes.training.commands import crop_option, open_cache_once
+    from hermes.training.commands import crop_option, default_run_folder, open_cache_once
     from hermes.training.finetune import finetune
     from hermes.training.trainer import _dist_info
 
@@ -77,8 +77,10 @@ def _finetune(args: argparse.Namespace) -> int:
         rehearsal = open_cache_once(args.rehearsal, None, args.workers, not args.quiet, base,
                                     args.device)
     variant = "-new-decoder" if args.new_decoder else "-frozen" if args.freeze_shared else ""
-    out = args.out or str(Path("runs") / f"{_base_name(Path(args.model))}-"
-                                         f"{args.mode or 'full'}{variant}-{pc.name}")
+    base_name = _base_name(Path(args.model))
+    out = args.out or str(default_run_folder(
+        Path("runs") / f"{base_name}-{args.mode or 'full'}{variant}-{pc.name}",
+        f"{base_name}-*-{pc.name}", args.resume))
     _fill_options(args, Path(out))
     # without --crop, finetune() takes the base model's training crop
     crop = {"crop_size": crop_option(args.crop)} if args.crop else {}
