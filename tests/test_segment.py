@@ -783,3 +783,17 @@ def test_save_streams_gzip_and_writes_in_threads(tmp_path, monkeypatch):
     left = {p.name for p in (tmp_path / "bad").rglob("*")}
     assert "labels.json" not in left and ".hermes-saving.json" in left
     assert not [n for n in left if n.endswith(".tmp")]
+
+
+def test_a_bare_name_means_the_one_dataset_task_of_that_name():
+    """``--tasks head`` for the embedded model's ``invesalius_head_ct/head``; a name several
+    datasets keep apart is refused, naming them."""
+    from hermes.inference.segment import resolve_tasks
+    from hermes.models import UnknownNameError
+
+    net = hm.build("tiny", tasks=["a/head", "b/head", "c/liver", "liver2"], modalities=["CT"])
+    assert resolve_tasks(net.vocab, "liver,liver2", "CT") == ["c/liver", "liver2"]
+    with pytest.raises(UnknownNameError, match="'head' is ambiguous: a/head, b/head"):
+        resolve_tasks(net.vocab, "head", "CT")
+    with pytest.raises(UnknownNameError, match="unknown task 'kidney'"):
+        resolve_tasks(net.vocab, "kidney", "CT")

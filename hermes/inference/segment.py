@@ -41,6 +41,7 @@ from hermes.inference.geometry import BackMapper, pad_to_window
 from hermes.inference.masks import TaskMasks
 from hermes.inference.result import SegmentationResult
 from hermes.inference.sparse_probs import SparseProbabilities
+from hermes.models.vocabulary import UnknownNameError
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -354,12 +355,19 @@ def _task_list(tasks: str | Sequence[str]) -> list:
     return [n.strip() for n in names]
 
 
+def _prefixed(vocab, name: str) -> list[str]:
+    """The usable tasks named ``<dataset>/name`` (a dataset's own structure kept apart from
+    same-named ones of other datasets)."""
+    return [t for t in vocab.usable_tasks() if t.endswith("/" + name)]
+
+
 def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> list[str]:
     """Task names to compute, in the order given (duplicates dropped).
 
     ``tasks``: None (every task of the dataset groups whose modality is ``modality``; every
     usable task when the groups record no modality), a comma-separated string, or a list of
-    task or dataset-group names (a group expands to its tasks).
+    task or dataset-group names (a group expands to its tasks; a bare name the model only has
+    as one ``<dataset>/name`` means that task).
 
     Raises:
         hermes.models.UnknownNameError: an unknown name (with close matches).
@@ -384,6 +392,11 @@ def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> li
             continue
         if name not in vocab.tasks and vocab.group_name(name) is not None:
             expanded = vocab.group(name)
+        elif name not in vocab.tasks and _prefixed(vocab, name):
+            expanded = _prefixed(vocab, name)  # 'head' for the only '<dataset>/head'
+            if len(expanded) > 1:
+                raise UnknownNameError(f"task {name!r} is ambiguous: {', '.join(expanded)}; "
+                                       "pass one of these names")
         else:
             vocab.task_index(name)  # raises UnknownNameError with suggestions
             expanded = [name]
