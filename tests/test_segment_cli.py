@@ -411,3 +411,12 @@ def test_resume_skips_only_the_same_modality_outputs_and_model_file(tmp_path, ck
     os.utime(model, ns=(1, 1))  # the model file replaced (retrained into the same path)
     assert main([*argv, "--modality", "T1", "--resume"]) == 1
     assert "an earlier version of the model file" in capsys.readouterr().err
+
+
+def test_demo_checks_its_output_as_segment_does(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "x.nii.gz")]) == 1
+    assert "names a file: -o is the output folder" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+    (tmp_path / "afile").write_text("mine")
+    assert main(["demo", "-o", str(tmp_path / "afile")]) == 1
+    assert "exists and is not a folder" in capsys.readouterr().err

@@ -144,12 +144,17 @@ def _run(args: argparse.Namespace, image: Path | list[Path], out: Path, modality
     return 0
 
 
-def _cmd_segment(args: argparse.Namespace) -> int:
+def _refuse_file_output(output: str) -> None:
+    """``-o`` naming an image file (``out.nii.gz``): -o is a folder."""
     from hermes.data.io import image_suffix
 
-    if image_suffix(args.output) is not None:
-        raise ValueError(f"-o {args.output} names a file: -o is the output folder (the label "
-                         f"map is written to {Path(args.output) / 'labels.nii.gz'})")
+    if image_suffix(output) is not None:
+        raise ValueError(f"-o {output} names a file: -o is the output folder (the label "
+                         f"map is written to {Path(output) / 'labels.nii.gz'})")
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    _refuse_file_output(args.output)
     images = [Path(p) for p in args.input]
     for image in images:
         if not image.exists():
@@ -335,7 +340,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     image = example_path()
     if not image.is_file():
         raise FileNotFoundError(f"the bundled example {image} is missing from this installation")
+    _refuse_file_output(args.output)
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a folder; choose another -o")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise FileExistsError(f"demo output folder {out} exists and is not empty; pass --force "
                               "to overwrite it or -o for another folder")
