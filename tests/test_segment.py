@@ -560,7 +560,8 @@ def test_arguments_and_inputs_the_api_used_to_mishandle(tmp_path):
         with pytest.raises(ValueError, match="roi_size"):
             _run(img, aff, roi_size=roi)
     for ml in (-5, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="min_volume_ml must be a volume >= 0 mL"):
+        with pytest.raises(ValueError,
+                           match=r"min_volume_ml \(--min-volume-ml\) must be a volume >= 0 mL"):
             _run(img, aff, postprocess={"min_volume_ml": ml})
     for name in ("tta", "fast", "probabilities"):
         with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):

@@ -257,7 +257,7 @@ def analyse_priors(model, out_dir: str | os.PathLike, k: int = 3, png: bool = Tr
             analysis, or the user's) and ``force`` is False.
     """
     if int(k) < 1:
-        raise ValueError(f"k (neighbours per name) must be at least 1, got {k}")
+        raise ValueError(f"k (neighbours per name, --top) must be at least 1, got {k}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file: the analysis needs a folder")

@@ -402,7 +402,7 @@ def resolve_tasks(vocab, tasks: str | Sequence[str] | None, modality: str) -> li
             expanded = [name]
         out.extend(t for t in expanded if t not in out)
     if not out:
-        raise SegmentationInputError("no task requested (tasks is empty)")
+        raise SegmentationInputError("no task requested (tasks / --tasks is empty)")
     _warn_other_modality(vocab, out, modality)
     return out
 
@@ -601,8 +601,8 @@ def _postprocess_spec(postprocess: Any, tasks: list[str]) -> dict[str, tuple[boo
                                  "(use 'largest', 'min_volume_ml')")
             ml = float(spec.get("min_volume_ml", 0.0))
             if not 0.0 <= ml < float("inf"):
-                raise ValueError(f"postprocess for {where}: min_volume_ml must be a volume "
-                                 f">= 0 mL, got {ml}")
+                raise ValueError(f"postprocess for {where}: min_volume_ml (--min-volume-ml) "
+                                 f"must be a volume >= 0 mL, got {ml}")
             return bool(spec.get("largest", False)), ml
         raise ValueError(f"postprocess for {where}: expected 'largest', True or a mapping "
                          f"{{'largest': bool, 'min_volume_ml': float}}, got {spec!r}")

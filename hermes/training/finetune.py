@@ -479,13 +479,16 @@ def finetune(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for flag, on in (("freeze_shared", freeze_shared), ("new_decoder", new_decoder)):
         if on and mode != "incremental":
-            raise ValueError(f"{flag} applies to mode 'incremental'")
+            raise ValueError(f"{flag} (--{flag.replace('_', '-')}) applies to mode "
+                             "'incremental' (--mode incremental)")
     if freeze_shared and new_decoder:
         raise ValueError("give freeze_shared or new_decoder, not both")
     if not prior_lr_scale > 0:
-        raise ValueError(f"prior_lr_scale must be positive, got {prior_lr_scale}")
+        raise ValueError(f"prior_lr_scale (--prior-lr-scale) must be positive, got "
+                         f"{prior_lr_scale}")
     if not 0.0 <= rehearsal_fraction < 1.0:
-        raise ValueError("rehearsal_fraction must lie in [0, 1)")
+        raise ValueError(f"rehearsal_fraction (--rehearsal-fraction) must lie in [0, 1), got "
+                         f"{rehearsal_fraction}")
     if distill is not None and not 0.0 <= float(distill) < float("inf"):
         raise ValueError(f"distill (the distillation loss weight) must be >= 0, got {distill}")
     base = hm.load(model) if isinstance(model, (str, os.PathLike)) else model

@@ -154,13 +154,16 @@ class TrainConfig:
             raise ValueError(f"crop_size needs three sizes, got {self.crop_size}")
         check_spatial_size(self.crop_size, "crop_size")
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
+            raise ValueError(f"steps (--steps) and batch_size (--batch-size) must be positive, got "
+                             f"{self.steps} and {self.batch_size}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError("amp must be auto, bf16, fp16 or off")
         if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 step, got {self.checkpoint_every}")
+            raise ValueError(f"checkpoint_every (--checkpoint-every) must be >= 1 step, got "
+                             f"{self.checkpoint_every}")
         if not 0.0 <= self.modality_shuffle <= 1.0:
-            raise ValueError(f"modality_shuffle must lie in [0, 1], got {self.modality_shuffle}")
+            raise ValueError(f"modality_shuffle (--modality-shuffle) must lie in [0, 1], got "
+                             f"{self.modality_shuffle}")
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -338,7 +341,7 @@ class Trainer:
         elif self.state_path.exists():
             raise FileExistsError(
                 f"{self.out} already holds a training run ({STATE_FILE}): continue it with "
-                "--resume (resume=True) or choose another --out directory"
+                "--resume (resume=True in Python) or choose another --out directory"
             )
         elif (self.out / MODEL_FILE).exists():
             raise FileExistsError(
