@@ -27,3 +27,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def name_list(values: str | Sequence[str] | None) -> list[str] | None:
+    """Names given separated by commas and/or spaces (``a,b c`` or several arguments) as a
+    list; None stays None."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, str) else list(values)
+    return [n.strip() for v in items for n in v.replace(",", " ").split() if n.strip()]

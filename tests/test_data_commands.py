@@ -165,3 +165,22 @@ def test_nonsense_option_values_are_refused_when_parsed(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_option_spellings_agree_across_commands():
+    """-o for --out, --force for preprocess's --overwrite, -q for --no-progress, and lists of
+    names separated by spaces or commas everywhere."""
+    from hermes._text import name_list
+    from hermes.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["preprocess", "c.yaml", "--force", "-q"])
+    assert args.overwrite and args.no_progress
+    assert parse(["data", "validate", "c.yaml", "--quiet"]).no_progress
+    args = parse(["train", "c.yaml", "-o", "run", "--datasets", "a,b", "c"])
+    assert args.out == "run" and name_list(args.datasets) == ["a", "b", "c"]
+    args = parse(["evaluate", "m.hermes", "c.yaml", "--datasets", "a", "b", "-o", "m.csv"])
+    assert args.out == "m.csv" and name_list(args.datasets) == ["a", "b"]
+    assert name_list(parse(["data", "synthetic", "D", "--datasets", "synth_ct,synth_t1"])
+                     .datasets) == ["synth_ct", "synth_t1"]
+    assert parse(["priors", "m.hermes", "-o", "p"]).out == "p"

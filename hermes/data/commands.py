@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from hermes._text import command_name, positive_int
+from hermes._text import command_name, name_list, positive_int
 
 __all__ = ["register"]
 
@@ -80,7 +80,7 @@ def _existing_outputs(out: Path, names: list[str], force: bool) -> str | None:
 def _synthetic(args: argparse.Namespace) -> int:
     from hermes.data.synthetic import ALL_DATASETS, DEFAULT_DATASETS, generate_collection
 
-    names = args.datasets or list(DEFAULT_DATASETS)
+    names = name_list(args.datasets) or list(DEFAULT_DATASETS)
     unknown = [n for n in names if n not in ALL_DATASETS]
     if unknown:
         print(f"{command_name(args)}: error: unknown synthetic dataset(s) {unknown}; choose from "
@@ -99,7 +99,7 @@ def _synthetic(args: argparse.Namespace) -> int:
 def _starter(args: argparse.Namespace) -> int:
     from hermes.data.starter import SOURCE_DATASETS, SOURCES, StarterError, build_starter_collection
 
-    sources = args.sources or list(SOURCES)
+    sources = name_list(args.sources) or list(SOURCES)
     folders = [d for s in sources for d in SOURCE_DATASETS.get(s, [])
                if not (args.no_simulated and d.endswith("_SIMULATED"))]
     error = _existing_outputs(Path(args.dir), folders, args.force)
@@ -109,7 +109,7 @@ def _starter(args: argparse.Namespace) -> int:
     try:
         path = build_starter_collection(args.dir, simulated=not args.no_simulated,
                                         keep_downloads=args.keep_downloads,
-                                        sources=args.sources)
+                                        sources=sources)
     except StarterError as exc:
         print(f"{command_name(args)}: error: {exc}", file=sys.stderr)
         return 1
@@ -136,11 +136,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--order", type=int, default=3, choices=[1, 3],
                    help="image interpolation: 1 linear, 3 cubic spline (labels: nearest)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--overwrite", action="store_true",
+    p.add_argument("--overwrite", "--force", action="store_true",
                    help="allow replacing a cache made with other parameters")
     p.add_argument("--verify-full", action="store_true",
                    help="re-hash cached arrays before skipping done cases")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", "-q", "--quiet", action="store_true", dest="no_progress",
+                   help="no progress bar")
     p.set_defaults(func=_preprocess)
 
     d = subparsers.add_parser("data", help="dataset tools: validate, synthetic, starter")
@@ -153,7 +154,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--shallow", action="store_true",
                    help="headers only (skip reading label values and image voxels)")
     v.add_argument("--workers", type=int, default=1)
-    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--no-progress", "-q", "--quiet", action="store_true", dest="no_progress",
+                   help="no progress bar")
     v.set_defaults(func=_validate)
 
     s = ds.add_parser("synthetic", help="write a seeded synthetic multi-modality collection")

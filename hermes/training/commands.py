@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from hermes._text import first_of, positive_int
+from hermes._text import first_of, name_list, positive_int
 from hermes.data.cache import PreprocessedCollection
 from hermes.inference.segment import device_option
 from hermes.models.hermes_resunet import check_spatial_size
@@ -100,11 +100,6 @@ def crop_option(values: list[int]) -> tuple[int, int, int]:
     return crop
 
 
-def _names(text: str | None) -> list[str] | None:
-    """``"a,b"`` -> ``["a", "b"]``; None stays None."""
-    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
-
-
 #: ``hermes train`` options that define a run: option -> (TrainConfig field, default). Left out
 #: on ``--resume``, they are taken from the run's config.json.
 _RUN_OPTIONS: dict[str, tuple[str, object]] = {
@@ -138,7 +133,7 @@ def _run_settings(args: argparse.Namespace, saved: dict | None) -> dict:
         elif option == "no_augment":
             value = not value
         elif option == "datasets":
-            value = _names(value)
+            value = name_list(value)
         fields[name] = value
     return fields
 
@@ -267,7 +262,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         roi = triple(list(crop) if crop else [96])
     res = evaluate(model, pc, split=args.split, roi=roi, overlap=args.overlap,
                    tolerance_mm=args.tolerance, device=args.device, progress=not args.quiet,
-                   datasets=_names(args.datasets))
+                   datasets=name_list(args.datasets))
     return _report(res, out)
 
 
@@ -278,7 +273,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # run options default to None: their defaults (_RUN_OPTIONS) apply unless --resume finds them
     t.add_argument("--preset", choices=["tiny", "small", "base", "large"],
                    help="model size (default tiny)")
-    t.add_argument("--out", help="run folder (default runs/<collection>-<preset>)")
+    t.add_argument("--out", "-o", help="run folder (default runs/<collection>-<preset>)")
     t.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML, or "
                    "hermes_cache_<folder name>/ beside a dataset folder)")
     t.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
@@ -296,7 +291,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="auto", type=device_option,
                    help="auto (default: CUDA when usable), cpu, cuda, cuda:1 ...")
     t.add_argument("--no-augment", action="store_true", default=None)
-    t.add_argument("--datasets", help="train on these datasets only (comma-separated)")
+    t.add_argument("--datasets", nargs="+",
+                   help="train on these datasets only (names separated by spaces or commas)")
     t.add_argument("--modality-shuffle", type=float, metavar="F",
                    help="fraction of crops given a random modality prior, so that the modality "
                         "head learns to detect the modality from the image (default 0)")
@@ -317,8 +313,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
     e.add_argument("--device", default="auto", type=device_option,
                    help="auto (default: CUDA when usable), cpu, cuda, cuda:1 ...")
-    e.add_argument("--datasets", help="evaluate these datasets only (comma-separated)")
-    e.add_argument("--out", help="per-case CSV, or a folder for metrics_<split>.csv (default "
+    e.add_argument("--datasets", nargs="+",
+                   help="evaluate these datasets only (names separated by spaces or commas)")
+    e.add_argument("--out", "-o", help="per-case CSV, or a folder for metrics_<split>.csv (default "
                    "metrics_<split>.csv here); an existing file must be such a CSV")
     e.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars (the results table is still printed)")
@@ -334,7 +331,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--labels", help="the ground truth's label map: a dataset.json or JSON file "
                    "(default: the dataset.json in GT or its parent)")
     f.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
-    f.add_argument("--out", help="per-case CSV, or a folder for metrics_folder.csv (default "
+    f.add_argument("--out", "-o", help="per-case CSV, or a folder for metrics_folder.csv (default "
                    "metrics_folder.csv here); an existing file must be such a CSV")
     f.add_argument("--predicted-only", action="store_true",
                    help="score only the cases PRED holds (default: a missing one is an error)")

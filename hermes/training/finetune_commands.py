@@ -144,9 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "encoder (old tasks stay exact)")
     f.add_argument("--prior-lr-scale", type=float,
                    help="learning-rate multiplier of the prior tables (default 1)")
-    f.add_argument("--out", help="run folder (default runs/<model>-<mode>[-new-decoder|-frozen]-"
-                                 "<collection>; <model>: the base run's folder name for its "
-                                 "model.hermes)")
+    f.add_argument("--out", "-o",
+                   help="run folder (default runs/<model>-<mode>[-new-decoder|-frozen]-"
+                        "<collection>; <model>: the base run's folder name for its "
+                        "model.hermes)")
     f.add_argument("--cache-dir", help="preprocessing cache (default next to the YAML)")
     f.add_argument("--steps", type=int, help="optimiser steps (default 500)")
     f.add_argument("--batch-size", type=int, help="default 2")
@@ -172,7 +173,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("priors", help="similarity of a model's learned task and modality priors")
     p.add_argument("model", help="a Hermes checkpoint (.hermes) or a training run's folder")
-    p.add_argument("--out", required=True, help="output folder (CSV, PNG, text summary)")
+    p.add_argument("--out", "-o", required=True, help="output folder (CSV, PNG, text summary)")
     p.add_argument("--top", type=int, default=3, help="neighbours listed per task")
     p.add_argument("--modality-reduce", default="flatten", choices=["flatten", "mean"],
                    help="compare modality tokens position by position, or their mean")
