@@ -134,7 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=None,
                    help="processes (default min(4, CPUs))")
     p.add_argument("--order", type=int, default=3, choices=[1, 3],
-                   help="image interpolation: 1 linear, 3 cubic spline (labels: nearest)")
+                   help="image interpolation: 1 linear, 3 cubic spline (default; labels: "
+                   "nearest)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--overwrite", "--force", action="store_true",
                    help="allow replacing a cache made with other parameters")

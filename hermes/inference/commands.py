@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hermes._text import first_of
-from hermes.inference.segment import device_option
+from hermes.inference.segment import device_option, overlap_option
 
 __all__ = ["register", "example_path", "folder_cases", "EXAMPLE_NAME", "EXAMPLE_MODALITY"]
 
@@ -65,17 +64,6 @@ def _check_outdir(out: Path, force: bool, inputs: list[Path]) -> None:
         raise FileExistsError(
             f"output folder {out} already holds {', '.join(existing)}; pass --force to "
             "overwrite, --resume to continue an interrupted run, or choose another -o")
-
-
-def _overlap(text: str) -> float:
-    """``--overlap``: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
 
 
 def _task_names(tasks: list[str] | None) -> list[str] | None:
@@ -361,12 +349,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help="faster, slightly less accurate: window overlap 0.25 instead of 0.5 and "
                         "linear instead of cubic resampling")
-    p.add_argument("--overlap", type=_overlap, default=None, metavar="F",
+    p.add_argument("--overlap", type=overlap_option, default=None, metavar="F",
                    help="sliding-window overlap in [0, 1) (default 0.5, 0.25 with --fast)")
     p.add_argument("--tta", action="store_true",
                    help="mirroring test-time augmentation over the 3 axes: 8x the inference "
                         "time (off by default, unlike nnU-Net)")
-    p.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="mask probability threshold (default 0.5)")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component of every structure")
     p.add_argument("--min-volume-ml", type=float, default=0.0,

@@ -653,6 +653,19 @@ def device_option(text: str) -> str:
     return value
 
 
+def overlap_option(text: str) -> float:
+    """argparse ``type`` of ``--overlap``: a number in [0, 1)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

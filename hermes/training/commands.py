@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hermes._text import first_of, name_list, positive_int
 from hermes.data.cache import PreprocessedCollection
-from hermes.inference.segment import device_option
+from hermes.inference.segment import device_option, overlap_option
 from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.trainer import CHECKPOINT_EVERY, RankZeroFailed
 
@@ -306,11 +306,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("model", help="a Hermes checkpoint (.hermes) or a training run's folder")
     e.add_argument("collection", help="collection YAML, one dataset's folder (with its "
                    "dataset.json) or a preprocessed cache folder")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="cases to evaluate (default test)")
     e.add_argument("--cache-dir")
     e.add_argument("--roi", type=int, nargs="+", help="window size (default: training crop)")
-    e.add_argument("--overlap", type=float, default=0.5)
-    e.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
+    e.add_argument("--overlap", type=overlap_option, default=0.5, metavar="F",
+                   help="sliding-window overlap in [0, 1) (default 0.5)")
+    e.add_argument("--tolerance", type=float, default=2.0,
+                   help="NSD tolerance in mm (default 2)")
     e.add_argument("--device", default="auto", type=device_option,
                    help="auto (default: CUDA when usable), cpu, cuda, cuda:1 ...")
     e.add_argument("--datasets", nargs="+",
@@ -330,7 +333,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("pred", help="folder of predictions")
     f.add_argument("--labels", help="the ground truth's label map: a dataset.json or JSON file "
                    "(default: the dataset.json in GT or its parent)")
-    f.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm")
+    f.add_argument("--tolerance", type=float, default=2.0,
+                   help="NSD tolerance in mm (default 2)")
     f.add_argument("--out", "-o", help="per-case CSV, or a folder for metrics_folder.csv (default "
                    "metrics_folder.csv here); an existing file must be such a CSV")
     f.add_argument("--predicted-only", action="store_true",

@@ -174,7 +174,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("priors", help="similarity of a model's learned task and modality priors")
     p.add_argument("model", help="a Hermes checkpoint (.hermes) or a training run's folder")
     p.add_argument("--out", "-o", required=True, help="output folder (CSV, PNG, text summary)")
-    p.add_argument("--top", type=int, default=3, help="neighbours listed per task")
+    p.add_argument("--top", type=positive_int, default=3,
+                   help="neighbours listed per task (default 3)")
     p.add_argument("--modality-reduce", default="flatten", choices=["flatten", "mean"],
                    help="compare modality tokens position by position, or their mean")
     p.add_argument("--center", default="none", choices=["none", "groups"],
