@@ -167,6 +167,8 @@ def test_validation_reports_every_problem_at_once(synth_copy):
         ("image_values", "synth_ct", "synth_ct_002"),
         ("unreadable", "synth_t1", "synth_t1_000"),
     ]), problems
+    missing = next(p for p in problems if p.kind == "missing_file").message
+    assert missing.startswith("image ") and "synth_t1/imagesTr/synth_t1_001_0000" in missing
     lv = next(p for p in problems if p.kind == "label_values")
     assert "7 (1 voxels)" in lv.message and "synth_ct_001.nii.gz" in lv.message
     assert "ultrasound" in next(p for p in problems if p.kind == "modality").message

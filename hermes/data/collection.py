@@ -353,7 +353,8 @@ def _check_case(
     headers: list[tuple[Path, tuple[int, ...], np.ndarray]] = []
     for p in (*case.images, case.label):
         if not p.is_file():
-            out.append(Problem("missing_file", f"{p.name} not found", ds, cid, str(p)))
+            what = "label" if p == case.label else "image"
+            out.append(Problem("missing_file", f"{what} {p} not found", ds, cid, str(p)))
             continue
         try:
             shape, aff = load_header(p)

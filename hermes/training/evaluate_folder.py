@@ -71,7 +71,8 @@ def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, .
     path = _prediction_file(pred_dir, case)
     if path is None:
         raise FileNotFoundError(f"no prediction for case {case} in {pred_dir} ({case}.nii.gz or "
-                                f"{case}/labels.nii.gz)")
+                                f"{case}/labels.nii.gz); --predicted-only scores the cases "
+                                "it holds")
     if path.parent == pred_dir:  # a plain label file
         return path, None
     folder = path.parent

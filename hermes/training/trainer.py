@@ -658,7 +658,7 @@ class Trainer:
         dist.all_gather(gathered, total)
         if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise RuntimeError(f"DDP ranks diverged: parameter sums {gathered}")
-        if self.rank == 0:
+        if self.rank == 0 and self.cfg.progress:
             print(f"ddp: parameters in sync across {self.world} ranks")
 
 
