@@ -600,7 +600,9 @@ def test_a_trainer_holds_its_run_folder_until_its_run_ends(cache, tmp_path):
         tr.Trainer(cfg)
     trainer.run()
     assert not (tmp_path / "run" / LOCK_NAME).exists()
-    with pytest.raises(FileExistsError, match="already holds"):  # not busy: a finished run
+    # not busy: a finished run, which --resume would not train further (it was suggested)
+    with pytest.raises(FileExistsError, match=r"already holds a trained model \(model.hermes\); "
+                                              "choose another --out"):
         tr.Trainer(cfg)
     with pytest.raises(ValueError, match="unknown dataset"):
         tr.Trainer(_small_cfg(cache, tmp_path / "new", datasets=["nope"])).run()

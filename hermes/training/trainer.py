@@ -338,10 +338,10 @@ class Trainer:
         a user's) files (with the folder locked: another run's files may be a live run's)."""
         if resume:
             self._load_state()
-        elif self.state_path.exists():
+        elif self.state_path.exists() and not (self.out / MODEL_FILE).exists():
             raise FileExistsError(
-                f"{self.out} already holds a training run ({STATE_FILE}): continue it with "
-                "--resume (resume=True in Python) or choose another --out directory"
+                f"{self.out} already holds an unfinished training run ({STATE_FILE}): continue "
+                "it with --resume (resume=True in Python) or choose another --out directory"
             )
         elif (self.out / MODEL_FILE).exists():
             raise FileExistsError(
