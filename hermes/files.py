@@ -80,7 +80,7 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "not known yet"
             finally:
                 os.close(fd)
             raise FolderBusyError(
