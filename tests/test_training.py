@@ -227,7 +227,7 @@ _RUNNER = textwrap.dedent("""
     from hermes.training import TrainConfig, train
     cache, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     train(TrainConfig(cache_dir=cache, out_dir=out, crop_size=(32, 32, 32), batch_size=2,
-                      steps=6, workers=0, checkpoint_every=2, progress=False,
+                      steps=6, workers=0, checkpoint_every=2, progress=True,
                       tensorboard=False), resume=resume)
 """)
 
@@ -365,7 +365,7 @@ def test_resume_keeps_the_runs_settings(cache, tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--resume", "--batch-size", "2"]) == 1
     assert "batch_size=1 (now 2)" in capsys.readouterr().err
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="already holds a trained model"):  # finished
         train(_small_cfg(cache, out, batch_size=1, steps=2))
     state = (out / "last.ckpt").read_bytes()
     damaged = bytearray(state)
