@@ -63,11 +63,13 @@ class FolderBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[None]:
+def folder_lock(folder: str | os.PathLike, what: str = "folder",
+                waiting: Callable[[str], object] | None = None) -> Iterator[None]:
     """Hold ``folder``'s writer lock (``flock`` on ``folder/.hermes.lock``, created and
-    removed here) for the ``with`` block; :class:`FolderBusyError` at once, naming the other
-    process, when another holds it. The kernel releases the lock of a killed process, so no
-    lock goes stale. A no-op where ``fcntl`` is missing (Windows)."""
+    removed here) for the ``with`` block. When another process holds it:
+    :class:`FolderBusyError` at once, naming that process, or with ``waiting``, that is called
+    with a line saying so and the lock is waited for. The kernel releases the lock of a killed
+    process, so no lock goes stale. A no-op where ``fcntl`` is missing (Windows)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -79,13 +81,18 @@ def folder_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Non
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "not known yet"
-            finally:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "not known yet"
+            busy = f"{what} {folder} is being written by another Hermes process (pid {holder})"
+            if waiting is None:
                 os.close(fd)
-            raise FolderBusyError(
-                f"{what} {folder} is being written by another Hermes process (pid {holder}); "
-                "wait for it to finish, or write elsewhere") from None
+                raise FolderBusyError(f"{busy}; wait for it to finish, or write elsewhere") \
+                    from None
+            waiting(f"{busy}: waiting for it")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
         try:  # the lock file may have been removed by its last holder since we opened it
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break

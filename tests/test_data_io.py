@@ -285,3 +285,30 @@ def test_nrrd_axis_mins_place_the_grid_as_itk_does(tmp_path, centering, shift):
     np.testing.assert_allclose(aff[:3, 3], lps_origin * [-1, -1, 1])
     np.testing.assert_allclose(np.diag(aff)[:3], [-1.5, -2.0, 3.0])
     assert load_header(tmp_path / "v.nrrd")[1] == pytest.approx(aff)
+
+
+def test_folder_lock_waits_when_asked(tmp_path):
+    """A training run on a collection another process is preprocessing waits for that cache
+    instead of failing (waiting=...): told so, then it gets the lock once the other lets go."""
+    import subprocess
+    import sys
+
+    from hermes.files import folder_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        f"import sys\nfrom hermes.files import folder_lock\nwith folder_lock({str(tmp_path)!r}):"
+        "\n    print('held', flush=True)\n    sys.stdin.readline()\nprint('released', flush=True)"
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said: list[str] = []
+
+    def waiting(line: str) -> None:  # told it waits: let the holder finish
+        said.append(line)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+
+    with folder_lock(tmp_path, "cache folder", waiting=waiting):
+        assert holder.stdout.readline().strip() == "released"  # we hold it after the other
+    holder.wait(timeout=30)
+    assert len(said) == 1 and "is being written by another Hermes process" in said[0]
+    assert "waiting for it" in said[0]

@@ -25,7 +25,7 @@ import re
 import time
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -436,6 +436,7 @@ def preprocess(
     validate: bool = True,
     verify_full: bool = False,
     overwrite: bool = False,
+    waiting: Callable[[str], object] | None = None,
 ):
     """Validate and preprocess a collection into a cache; return it opened.
 
@@ -451,6 +452,9 @@ def preprocess(
         validate: run :meth:`Collection.check` first (raises listing all problems).
         verify_full: re-hash cached arrays when deciding whether to skip a case.
         overwrite: allow replacing a cache made with different parameters.
+        waiting: while another process writes the cache: None refuses
+            (:class:`~hermes.files.FolderBusyError`); a function is called with a line saying
+            so and the other process is waited for (then its cases are found cached).
 
     Returns:
         :class:`hermes.data.cache.PreprocessedCollection`.
@@ -476,7 +480,7 @@ def preprocess(
         params.spec_for(ds.modality)  # malformed overrides fail before any work
     cache = resolve_cache_dir(collection, cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    with folder_lock(cache, "cache folder"):  # a second run into it is refused at once
+    with folder_lock(cache, "cache folder", waiting):  # one process writes it at a time
         _fill_cache(collection, cache, params, workers, progress, verify_full, overwrite)
     pc = PreprocessedCollection(cache)
     _warn_lost_labels(pc, params.spacing)

@@ -13,6 +13,13 @@ from hermes.models.hermes_resunet import check_spatial_size
 from hermes.training.trainer import CHECKPOINT_EVERY, RankZeroFailed
 
 
+def _say(line: str) -> None:
+    """A line on stderr, prefixed as the command's messages are."""
+    import sys
+
+    print(f"hermes: {line}", file=sys.stderr, flush=True)
+
+
 def open_cache(source: str, cache_dir: str | None, workers: int | None,
                progress: bool, defaults: dict | None = None) -> PreprocessedCollection:
     """A preprocessed collection from a cache folder, or from a collection YAML or one
@@ -39,8 +46,9 @@ def open_cache(source: str, cache_dir: str | None, workers: int | None,
         if collection.spacing is None:
             keys.append("spacing")
         kept = {k: stored[k] for k in keys if k in stored}
+        # a training run started beside another on the same collection waits for its cache
         return preprocess(collection, cache_dir=cache_dir, workers=workers, progress=progress,
-                          **kept)
+                          waiting=_say, **kept)
     if path.is_dir() and (path / "preprocess.json").exists():
         raise FileNotFoundError(f"{source}: preprocessing did not finish (no collection.json); "
                                 "re-run `hermes preprocess` on its collection YAML")
