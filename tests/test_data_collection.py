@@ -492,6 +492,68 @@ def test_a_dataset_of_several_channel_modalities_is_told_to_name_one(tmp_path):
     bad = Collection.from_dict({"datasets": [spec], "normalization": {"PET": ["CT"]}})
     assert any("normalization for PET lists 1 channels, the dataset's images have 2 (CT, PET)"
                in p.message for p in bad.validate())
+    # without that list the CT channel is normalised as PET: said (nnU-Net goes by channel)
+    with pytest.warns(UserWarning, match=r"channel 0 is CT \(dataset.json channel_names\) but "
+                                         r"every channel is normalised as PET.*\{PET: \[CT, "
+                                         r"PET\]\}"):
+        Collection.from_dict({"datasets": [spec]})
+
+
+def _msd(root, cases: int, listed: int, num: int, extra: list | None = None):
+    """An MSD dataset folder with ``cases`` label/image pairs, ``listed`` of them in its
+    training list (plus ``extra`` entries) and ``numTraining`` = ``num``."""
+    lab = np.zeros((4, 4, 4), np.uint8)
+    lab[1, 1, 1] = 1
+    for i in range(cases):
+        save_image(root / "labelsTr" / f"c{i}.nii.gz", lab, np.eye(4))
+        save_image(root / "imagesTr" / f"c{i}.nii.gz", lab.astype(np.float32), np.eye(4))
+    training = [{"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"}
+                for i in range(listed)] + (extra or [])
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},
+        "numTraining": num, "training": training}))
+    return Collection.from_dict({"datasets": [{"name": "d", "path": str(root)}]})
+
+
+def test_msd_lists_and_label_files_that_would_change_the_training_data(tmp_path):
+    """An MSD training list leaving out labelled cases on disk (nnU-Net scans the folders),
+    a numTraining that disagrees, malformed entries (a null label, a list of channel files is
+    fine) and two label files of one case are problems, not silent choices."""
+    msgs = [p.message for p in _msd(tmp_path / "stale", 5, 3, 5).validate()]
+    assert any("labelsTr holds 2 label(s) that dataset.json's training list leaves out (c3, c4)"
+               in m for m in msgs)
+    assert any("numTraining=5 but its training list has 3 entries" in m for m in msgs)
+    c = _msd(tmp_path / "entries", 2, 1, 3, extra=[
+        {"image": ["./imagesTr/c1.nii.gz"], "label": "./labelsTr/c1.nii.gz"},
+        {"image": "./imagesTr/c1.nii.gz", "label": None}])
+    msgs = [p.message for p in c.validate()]
+    assert [x.case_id for x in c.dataset("d").cases] == ["c0", "c1"]
+    assert any("training[2] needs a label path and an image path" in m for m in msgs)
+    nn = tmp_path / "nn"
+    lab = np.zeros((4, 4, 4), np.uint8)
+    save_image(nn / "labelsTr" / "a.nii.gz", lab, np.eye(4))
+    save_image(nn / "labelsTr" / "a.nii", lab, np.eye(4))  # a stale copy sorting first
+    save_image(nn / "imagesTr" / "a_0000.nii.gz", lab.astype(np.float32), np.eye(4))
+    (nn / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}}))
+    msgs = [p.message for p in Collection.from_dict(
+        {"datasets": [{"name": "nn", "path": str(nn)}]}).validate()]
+    assert any("several label files for one case (a.nii, a.nii.gz)" in m for m in msgs)
+
+
+def test_shared_names_spelled_otherwise_and_a_single_test_case(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    c = Collection.from_dict({"shared_tasks": ["liver"], "datasets": [
+        {"name": "a", "path": str(tmp_path / "a"), "modality": "CT", "labels": {1: "Liver"}},
+        {"name": "b", "path": str(tmp_path / "b"), "modality": "CT", "labels": {1: "liver"},
+         "test_cases": "b1"}]})
+    msgs = [p.message for p in c.validate()]
+    assert any("shared_tasks entry 'liver' is spelled 'Liver' in some dataset's labels" in m
+               for m in msgs)
+    # one test case given alone is that case, not its characters
+    assert any("test_cases names unknown case 'b1'" in m for m in msgs)
+    assert not any("unknown case 'b'" in m for m in msgs)
 
 
 def test_validation_reads_each_header_once(synth, monkeypatch):

@@ -263,12 +263,23 @@ def _discover_cases(
                     Problem("config", f"dataset.json training[{i}] lacks image/label", name)
                 )
                 continue
-            label = (root / entry["label"]).resolve()
+            image, label = entry["image"], entry["label"]
+            channels = [image] if isinstance(image, str) else image
+            if not isinstance(label, str) or not isinstance(channels, list) or not channels \
+                    or not all(isinstance(c, str) for c in channels):
+                problems.append(Problem(
+                    "config", f"dataset.json training[{i}] needs a label path and an image path "
+                    f"(or a list of one per channel), got {entry!r}", name))
+                continue
+            label = (root / label).resolve()
             cid = _strip(label.name)
-            cases.append(
-                Case(name, cid, _resolve_listed_image(root, entry["image"]), label,
-                     "test" if cid in test_ids else None)
-            )
+            images = tuple(p for c in channels for p in _resolve_listed_image(root, c))
+            cases.append(Case(name, cid, images, label, "test" if cid in test_ids else None))
+        n = meta.get("numTraining")
+        if isinstance(n, int) and n != len(training) and training:
+            problems.append(Problem(
+                "config", f"dataset.json numTraining={n} but its training list has "
+                f"{len(training)} entries", name))
     else:
         # nnU-Net v2 layout: labelsTr/<case><ending>, imagesTr/<case>_<XXXX><ending>.
         labels = _scan_images(root / "labelsTr", ending)
@@ -280,6 +291,11 @@ def _discover_cases(
                     "missing_file", f"image {img.name} has no label in labelsTr", name, cid,
                     str(img)))
                 continue
+            if len(labels[cid]) > 1:  # e.g. a stale a.nii beside a.nii.gz
+                problems.append(Problem(
+                    "config", f"several label files for one case "
+                    f"({', '.join(p.name for p in labels[cid])}): keep one, or set file_ending "
+                    "in dataset.json", name, cid))
             lab = labels[cid][0]
             imgs = images.get(cid)
             if not imgs:
@@ -306,6 +322,14 @@ def _discover_cases(
                                   _resolve_listed_image(root, entry["image"]), label, "test"))
             elif isinstance(entry, str):
                 unlabelled.append((root / entry).resolve())
+    if isinstance(training, list) and training and isinstance(training[0], Mapping):
+        listed = {c.case_id for c in cases}  # the training and labelled test entries
+        unlisted = sorted(set(_scan_images(root / "labelsTr", ending)) - listed)
+        if unlisted:  # nnU-Net scans the folders: a stale list would drop cases unseen
+            problems.append(Problem(
+                "config", f"labelsTr holds {len(unlisted)} label(s) that dataset.json's "
+                f"training list leaves out ({first_of(unlisted, 4)}): add them to the list "
+                "(or move them away)", name))
     seen: set[str] = set()
     for c in cases:
         if c.case_id in seen:
@@ -539,6 +563,14 @@ class Collection:
                 used_refs.discard(f"{ds.name}/{t.local_name}")
         for r in sorted(used_refs):
             self._bad(f"shared_tasks entry {r!r} matches no dataset label")
+        # a shared name some dataset spells otherwise (Liver, liver) makes two tasks
+        for r in sorted(self._shared_refs):
+            near = sorted({t.local_name for ds in self.datasets for t in ds.tasks
+                           if t.local_name != r and t.local_name.lower() == r.lower()})
+            if near:
+                self._bad(f"shared_tasks entry {r!r} is spelled {', '.join(map(repr, near))} "
+                          "in some dataset's labels: those stay a task of their own; spell it "
+                          "alike (or rename with the dataset's labels: mapping)")
         from hermes.data.normalize import normalization_for
 
         for ds in self.datasets:
@@ -552,11 +584,39 @@ class Collection:
                 self._bad(f"normalization for {ds.modality} lists {len(spec)} channels, the "
                           f"dataset's images have {len(ds.channel_names)} "
                           f"({', '.join(ds.channel_names)})", ds.name)
+            if not isinstance(spec, tuple):
+                self._warn_channel_modalities(ds)
         for key in self.normalization:  # a mistyped modality would be silently ignored
             try:
                 canonical_modality(str(key), self.extra_modalities)
             except UnknownModalityError as exc:
                 self._bad(f"normalization: {exc}")
+
+    def _warn_channel_modalities(self, ds: DatasetSpec) -> None:
+        """Warn when dataset.json names channels of modalities normalised otherwise than the
+        dataset's (CT and PET of a PET/CT): every channel is normalised as the dataset's unless
+        the YAML's ``normalization`` lists one per channel (nnU-Net reads them per channel)."""
+        from hermes.data.normalize import normalization_for
+
+        try:  # a dataset without a modality is reported as such
+            own = normalization_for(canonical_modality(ds.modality, self.extra_modalities),
+                                    self.normalization)
+        except (UnknownModalityError, TypeError, ValueError):
+            return
+        others = []
+        for i, channel in enumerate(ds.channel_names):
+            try:
+                mod = canonical_modality(channel, self.extra_modalities)
+                if normalization_for(mod, self.normalization) != own:
+                    others.append(f"channel {i} is {channel}")
+            except (UnknownModalityError, TypeError, ValueError):
+                continue
+        if others and len(ds.channel_names) > 1:
+            warnings.warn(
+                f"dataset {ds.name}: {', '.join(others)} (dataset.json channel_names) but every "
+                f"channel is normalised as {ds.modality}; to normalise each as its own, list "
+                f"them in the YAML: normalization: {{{ds.modality}: "
+                f"[{', '.join(ds.channel_names)}]}}", stacklevel=4)
 
     def _parse_dataset(self, i: int, dcfg: object) -> DatasetSpec | None:
         if not isinstance(dcfg, Mapping):
@@ -677,7 +737,9 @@ class Collection:
         except (TypeError, ValueError):
             self._bad(f"'weight' must be a positive number, got {dcfg.get('weight')!r}", name)
             weight = 1.0
-        test_ids = {str(t) for t in (dcfg.get("test_cases") or [])}
+        listed = dcfg.get("test_cases") or []
+        # one case may be given alone (`test_cases: a1`), not only as a list
+        test_ids = {str(t) for t in ([listed] if isinstance(listed, (str, int)) else listed)}
         cases: list[Case] = []
         unlabelled: list[Path] = []
         if root.is_dir():
