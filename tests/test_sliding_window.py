@@ -699,3 +699,48 @@ def test_plane_sink_needs_one_streamed_image_without_gradients():
     with pytest.raises(ValueError, match="one predictor output"):
         sliding_window_inference(_inputs((1, 1, 8, 8, 8)), 4, 1, lambda w: (conv(w), conv(w)),
                                  streaming=True, plane_sink=sink)
+
+
+def test_a_failing_plane_sink_leaves_the_aggregator_refusing_further_use():
+    """Its planes' sums are spent when the sink raises: a retried add or finalize would send
+    duplicate and NaN planes, so both are refused; the dirty accumulators are not cached."""
+    conv = ConvPredictor(1, 2)
+    x = _inputs((1, 1, 16, 10, 10))
+    calls = []
+
+    def sink(index, plane):
+        calls.append(index)
+        if len(calls) == 3:
+            raise OSError("disk full")
+
+    agg = PatchAggregator((16, 10, 10), 2, (8, 10, 10), streaming=True, plane_sink=sink)
+    with pytest.raises(OSError, match="disk full"):
+        for z in (0, 4, 8):
+            agg.add_batch(conv(x[:, :, z:z + 8]), [[z, 0, 0]])
+    for again in (lambda: agg.add_batch(conv(x[:, :, 8:16]), [[8, 0, 0]]), agg.finalize):
+        with pytest.raises(RuntimeError, match="the plane sink raised"):
+            again()
+    assert calls == [0, 1, 2]
+
+
+def test_tta_keeps_gradients_as_without_it():
+    weight = torch.randn(2, 1, 3, 3, 3, requires_grad=True)
+
+    def predictor(w):
+        return F.conv3d(w, weight, padding=1)
+
+    x = _inputs((1, 1, 10, 10, 10))
+    for tta in (False, True):
+        out = sliding_window_inference(x, 8, 1, predictor, overlap=0.5, tta=tta)
+        assert out.requires_grad
+        (grad,) = torch.autograd.grad(out.sum(), weight)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_stream_axis_takes_numpy_integers_and_refuses_bools():
+    import numpy as np
+
+    agg = PatchAggregator((8, 8, 8), 1, 4, streaming=True, stream_axis=np.int64(1))
+    assert agg._ring_axis == 1
+    with pytest.raises(ValueError, match="stream_axis must be a spatial axis"):
+        PatchAggregator((8, 8, 8), 1, 4, streaming=True, stream_axis=True)

@@ -157,11 +157,12 @@ class PatchAggregator:
         self.output = output
         self.streaming = bool(streaming)
         self.reuse_buffers = bool(reuse_buffers)
-        if not isinstance(stream_axis, int) or not 0 <= stream_axis < self.spatial_ndim:
+        if not _is_int(stream_axis) or not 0 <= stream_axis < self.spatial_ndim:
             raise ValueError(
                 f"stream_axis must be a spatial axis in [0, {self.spatial_ndim}), "
                 f"got {stream_axis!r}"
             )
+        stream_axis = int(stream_axis)
         # the ring's axis in (z, y, x) (2-D images get a unit z)
         self._ring_axis = stream_axis + 3 - self.spatial_ndim if self.streaming else 0
         if plane_sink is not None and (not self.streaming or out is not None
@@ -261,6 +262,7 @@ class PatchAggregator:
                     self.output_shape_3d, dtype=self.output_dtype, device=self.device
                 )
         self._chunks = 0  # chunks of planes handed to the plane sink
+        self._failed = False  # the plane sink raised: the sums of its planes are lost
         self._done = 0  # planes (rows) [0, _done) along the ring axis are final (streaming)
         self._z = 0  # current (largest) patch corner along the ring axis (streaming)
         self._finalized = False
@@ -304,6 +306,7 @@ class PatchAggregator:
             locations: ``B x n`` (start corners, ``n`` = spatial dims) or ``B x 2n`` (TorchIO
                 style: starts then ends, ends exclusive) voxel coordinates in the volume.
         """
+        self._check_usable()
         if self._finalized:
             raise RuntimeError("this aggregator was already finalised")
         nd = self.spatial_ndim
@@ -406,6 +409,11 @@ class PatchAggregator:
             s = e
         self._done = max(self._done, until)
 
+    def _check_usable(self) -> None:
+        if self._failed:
+            raise RuntimeError("the plane sink raised while this aggregator finalised planes: "
+                               "their sums are lost; start again with a new aggregator")
+
     def _finalize_planes(self, span: list[tuple[int, int]], lo: int, hi: int) -> None:
         """``_flush`` with a ``plane_sink``: planes ``[lo, hi)`` along the ring's axis, a chunk
         at a time into the two chunk buffers in turn, each plane handed to the sink."""
@@ -424,8 +432,15 @@ class PatchAggregator:
             )  # fmt: skip
             if self.spatial_ndim == 2:
                 buf = buf.squeeze(1)
-            for p in range(p0, p1):
-                self._sink(p - crop[a][0], buf.narrow(1 + a - (3 - self.spatial_ndim), p - p0, 1))
+            try:
+                for p in range(p0, p1):
+                    self._sink(p - crop[a][0],
+                               buf.narrow(1 + a - (3 - self.spatial_ndim), p - p0, 1))
+            except BaseException:
+                # these planes' sums are spent: no way on. The accumulators (not zeroed) are
+                # dropped, not handed back to the buffer cache
+                self._failed, self._buffer = True, None
+                raise
 
     def finalize(self) -> torch.Tensor | None:
         """Finishes the aggregation and returns the output (``output_shape``, on ``device``).
@@ -433,6 +448,7 @@ class PatchAggregator:
         Voxels no patch covered have a zero weight sum: their logits are NaN (0/0). With a
         ``plane_sink`` the last planes go to the sink and None is returned.
         """
+        self._check_usable()
         if self._finalized:
             raise RuntimeError("finalize() was already called")
         self._finalized = True

@@ -928,7 +928,10 @@ def segment(
             box, mask = back.threshold_box(arr, threshold)
         largest, min_ml = pp.get(task_names[t], (False, 0.0))
         if mask is not None and (largest or min_ml > 0):
-            mask = _postprocess(mask, largest, int(np.ceil(min_ml / vox_ml)) if min_ml > 0 else 0)
+            # voxels of at least min_ml (rounded to 1e-6 voxel first: 0.0189 mL of 0.027 uL
+            # voxels is 700 voxels, not 700.0000000000005 -> 701)
+            least = int(np.ceil(round(min_ml / vox_ml, 6))) if min_ml > 0 else 0
+            mask = _postprocess(mask, largest, least)
         masks.append(mask, box)
     del p, probs, store, back  # back: its threshold_box buffers
     # label map: where masks overlap the smaller structure wins (grey matter drawn over brain),

@@ -163,14 +163,19 @@ def _mirror_predictor(predictor: Callable[..., Any], axes: Sequence[int]) -> Cal
             keys, outs = _flatten_outputs(predictor(xi, *args, **kwargs))
             outs = [o for o in outs if isinstance(o, torch.Tensor)]
             for k, yi in enumerate(outs):
-                yi = torch.flip(yi.detach(), dims) if dims else yi.detach()
+                if not (torch.is_grad_enabled() and yi.requires_grad):  # gradients kept
+                    yi = yi.detach()
+                yi = torch.flip(yi, dims) if dims else yi
                 if k == len(totals):
                     # a copy: the predictor's output may be its input, a reused buffer or an
                     # inference tensor, none of which may be summed into in place
                     totals.append(yi.to(torch.float32, copy=True))
+                elif totals[k].requires_grad or yi.requires_grad:
+                    totals[k] = totals[k] + yi
                 else:
                     totals[k].add_(yi)
-        return _pack_outputs(keys, [t.div_(len(combos)) for t in totals])
+        return _pack_outputs(keys, [t / len(combos) if t.requires_grad else t.div_(len(combos))
+                                    for t in totals])
 
     return predict
 
