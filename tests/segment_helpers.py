@@ -85,6 +85,9 @@ class OracleNet(HermesResUNet):
         mod[:, self.vocab.modality_index(self.answer)] = float(np.log(9.0 * (n - 1)))  # p = 0.9
         return HermesOutput(seg, mod, None, None)
 
+    def modality_logits(self, x, tasks, modality):  # type: ignore[override]
+        return self.forward(x, tasks=tasks, modality=modality).modality_logits
+
 
 def oracle_model(spacing=(1.5, 1.5, 1.5), answer: str = "T1") -> OracleNet:
     net = hm.build("tiny", tasks=TASKS, modalities=MODALITIES,

@@ -187,3 +187,13 @@ def test_torch_compile_traces_the_model_on_cpu():
         ref = m(x, tasks=["a"], modality="CT").seg_logits
         out = torch.compile(m, backend="eager")(x, tasks=["a"], modality="CT").seg_logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_modality_logits_alone_equal_the_forward_pass(model):
+    """What modality detection runs: the encoder and the coarse decoder stages only, the
+    same logits as a whole forward pass, per sample of a batch of several modalities."""
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        whole = model(x, tasks=["liver"], modality=["CT", "T1"]).modality_logits
+        alone = model.modality_logits(x, tasks=["liver"], modality=["CT", "T1"])
+    assert alone.shape == (2, len(MODS)) and torch.equal(alone, whole)

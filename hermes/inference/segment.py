@@ -491,8 +491,8 @@ def detect_modality(
                 prepared[key] = _center_crop(img, crop_size, float(img.min()))
             x = torch.from_numpy(np.ascontiguousarray(prepared[key]))[None].to(
                 device, _model_dtype(model))
-            out = model(x, tasks=[probe], modality=m)
-            total += torch.softmax(out.modality_logits.float(), -1)[0].double().cpu()
+            logits = model.modality_logits(x, tasks=[probe], modality=m)
+            total += torch.softmax(logits.float(), -1)[0].double().cpu()
     rows = [vocab.modality_index(m) for m in names]
     mean = total[rows] / total[rows].sum()
     best = int(torch.argmax(mean))

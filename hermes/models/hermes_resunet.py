@@ -275,9 +275,22 @@ class HermesResUNet(nn.Module):
                 seg[i, cols] = seg_d[i, : len(cols)]
         return seg, mod
 
+    def modality_logits(self, x: Tensor, tasks: Sequence[str], modality: str | Sequence[str]
+                        ) -> Tensor:
+        """``B x M`` modality logits of ``x`` given the tasks' and modality's priors, as
+        :meth:`forward` computes them for tasks of the main decoder, without the
+        full-resolution decoding stages (the modality head reads the encoder's and the first
+        two decoder stages' tokens): what modality detection needs, in less time."""
+        self._check_input(x)
+        task_idx, mask, _ = self.encode_tasks(tasks, x.shape[0])
+        modality_idx = self.encode_modality(modality, x.shape[0]).to(x.device)
+        return self._forward_tokens(x, task_idx.to(x.device), modality_idx, mask.shape[1],
+                                    segment=False)[1]
+
     def _forward_tokens(self, x: Tensor, task_idx: Tensor, modality_idx: Tensor,
-                        n_out: int) -> tuple[Tensor, Tensor]:
-        """The network on checked inputs: (seg logits B x n_out x D x H x W, modality logits)."""
+                        n_out: int, segment: bool = True) -> tuple[Tensor | None, Tensor]:
+        """The network on checked inputs: (seg logits B x n_out x D x H x W, or None without
+        ``segment``; modality logits)."""
         n_tok = task_idx.shape[1]
         x1 = self.stem(x)
         x2 = self.down[0](x1)
@@ -298,9 +311,10 @@ class HermesResUNet(nn.Module):
             used = [bool(((owner == k) & real).any()) for k in range(len(self.branches))]
             main = bool(((owner == -1) & real).any()) or not any(used)
         seg, (p5, p6) = self._decode(self.up, self.fusion[3:], self.task_head, skips,
-                                     (p2, p3, p4), task_idx, modality_idx, n_out, segment=main)
+                                     (p2, p3, p4), task_idx, modality_idx, n_out,
+                                     segment=main and segment)
         for k, branch in enumerate(self.branches):
-            if used[k]:
+            if used[k] and segment:
                 seg_k, _ = self._decode(branch.up, branch.fusion, branch.task_head, skips,
                                         (p2, p3, p4), task_idx, modality_idx, n_out)
                 seg = seg_k if seg is None else torch.where(
