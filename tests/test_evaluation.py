@@ -358,6 +358,11 @@ def test_evaluate_folder_refuses_what_is_no_label_map(tmp_path):
     save_image(gt_dir / "a.nii.gz", gt, aff)  # float-typed but integral: a label map
     save_image(pred_dir / "a.nii.gz", gt, aff)
     assert evaluate_folder(gt_dir, pred_dir, progress=False).rows[0]["dice"] == 1.0
+    save_image(gt_dir / "B.NII.GZ", gt, aff)  # suffixes in capitals: the case is B
+    save_image(pred_dir / "B.NII.GZ", gt, aff)
+    rows = evaluate_folder(gt_dir, pred_dir, progress=False).rows
+    assert [r["case"] for r in rows] == ["B", "a"] and rows[0]["dice"] == 1.0
+    (gt_dir / "B.NII.GZ").unlink()
     for bad, what in ((0.9999, "non-integer values \\(e.g. 0.9999\\)"), (np.nan, "NaN")):
         pred = gt.copy()
         pred[3, 3, 3] = bad

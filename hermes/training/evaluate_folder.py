@@ -11,6 +11,7 @@ folder, or given), a Hermes output's from its ``labels.json`` (any dataset prefi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import warnings
@@ -62,7 +63,10 @@ def _prediction_file(pred_dir: Path, case: str) -> Path | None:
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr"):
         if (pred_dir / f"{case}{suffix}").is_file():
             return pred_dir / f"{case}{suffix}"
-    return None
+    # a suffix in other letter case (C2.NII.GZ), as the ground truth's may be
+    others = sorted(p for p in pred_dir.glob(f"{glob.escape(case)}.*") if p.is_file()
+                    and image_suffix(p) is not None and strip_image_suffix(p.name) == case)
+    return others[0] if others else None
 
 
 def _prediction(pred_dir: Path, case: str) -> tuple[Path, dict[str, tuple[int, ...]] | None]:
