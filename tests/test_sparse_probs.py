@@ -102,3 +102,13 @@ def test_planes_out_of_order_or_of_another_shape_are_refused():
         store.task(0)
     with pytest.raises(ValueError, match="1 planes were added, the volume has 5"):
         store.finish()
+
+
+def test_threshold_and_task_index_are_checked():
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="threshold must be a probability in"):
+            SparseProbabilities(2, (4, 5, 6), bad)
+    store = _stream(np.zeros((2, 4, 5, 6), np.float32), 0, 0.5)
+    for bad in (-1, 2):
+        with pytest.raises(IndexError, match=f"task {bad} of 2"):
+            store.task(bad)

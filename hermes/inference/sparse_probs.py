@@ -52,6 +52,8 @@ class SparseProbabilities:
     def __init__(self, channels: int, shape: Sequence[int], threshold: float) -> None:
         self.channels = int(channels)
         self.shape = tuple(int(s) for s in shape)
+        if not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"threshold must be a probability in (0, 1), got {threshold!r}")
         self.level = float(threshold) - THRESHOLD_MARGIN
         self._axis: int | None = None
         # per task: (plane index, row start, column start, values) of each stored piece
@@ -133,6 +135,8 @@ class SparseProbabilities:
         that the next call reuses."""
         if self._pending is not None:
             raise RuntimeError("call finish() after the last plane")
+        if not 0 <= t < self.channels:
+            raise IndexError(f"task {t} of {self.channels}")
         if self._buffer is None:
             self._buffer = np.zeros(self.shape, np.float32)
         elif self._dirty is not None:
