@@ -798,3 +798,12 @@ def test_a_bare_name_means_the_one_dataset_task_of_that_name():
         resolve_tasks(net.vocab, "head", "CT")
     with pytest.raises(UnknownNameError, match="unknown task 'kidney'"):
         resolve_tasks(net.vocab, "kidney", "CT")
+
+
+def test_min_volume_in_voxels_is_not_rounded_up_past_an_exact_count():
+    from hermes.inference.segment import min_voxels
+
+    voxel = 0.3 ** 3 / 1000  # mL
+    assert 0.0189 / voxel > 700  # the float quotient: a component of 700 voxels would go
+    assert min_voxels(0.0189, voxel) == 700
+    assert min_voxels(0.01891, voxel) == 701 and min_voxels(0.0, voxel) == 0

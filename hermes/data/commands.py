@@ -154,7 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "dataset.json)")
     v.add_argument("--shallow", action="store_true",
                    help="headers only (skip reading label values and image voxels)")
-    v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--workers", type=positive_int, default=1, help="processes (default 1)")
     v.add_argument("--no-progress", "-q", "--quiet", action="store_true", dest="no_progress",
                    help="no progress bar")
     v.set_defaults(func=_validate)

@@ -569,6 +569,13 @@ def _auto_modality(net, chans: np.ndarray, aff: np.ndarray, params: PreprocessPa
 # --------------------------------------------------------------------------------------------
 
 
+def min_voxels(min_ml: float, voxel_ml: float) -> int:
+    """Voxels a component needs to hold ``min_ml`` mL (0: keep every one), the ratio rounded to
+    1e-6 voxel first: 0.0189 mL of 0.027 uL voxels is 700 voxels, not 701 (its float quotient
+    is 700.0000000000005)."""
+    return int(np.ceil(round(min_ml / voxel_ml, 6))) if min_ml > 0 else 0
+
+
 def _postprocess(mask: np.ndarray, largest: bool, min_voxels: int) -> np.ndarray:
     """Keep the largest 26-connected component and/or drop components under ``min_voxels``."""
     if not mask.any() or (not largest and min_voxels <= 1):
@@ -928,10 +935,7 @@ def segment(
             box, mask = back.threshold_box(arr, threshold)
         largest, min_ml = pp.get(task_names[t], (False, 0.0))
         if mask is not None and (largest or min_ml > 0):
-            # voxels of at least min_ml (rounded to 1e-6 voxel first: 0.0189 mL of 0.027 uL
-            # voxels is 700 voxels, not 700.0000000000005 -> 701)
-            least = int(np.ceil(round(min_ml / vox_ml, 6))) if min_ml > 0 else 0
-            mask = _postprocess(mask, largest, least)
+            mask = _postprocess(mask, largest, min_voxels(min_ml, vox_ml))
         masks.append(mask, box)
     del p, probs, store, back  # back: its threshold_box buffers
     # label map: where masks overlap the smaller structure wins (grey matter drawn over brain),
