@@ -393,31 +393,35 @@ def resolve_cache_dir(collection: Collection, cache_dir: str | os.PathLike | Non
     return p
 
 
-def _cache_holds(cache: Path, collection: Collection) -> bool | None:
-    """Whether the finished cache ``cache`` is ``collection``'s (same YAML, or same name and
-    datasets: a moved or renamed YAML, or one built in Python); None when it holds none."""
-    try:
-        old = json.loads((cache / "collection.json").read_text())
-        old_source, old_name = old.get("source"), old.get("name")
-        old_datasets = {d.get("name") for d in old.get("datasets", [])}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None  # none yet, or unreadable: nothing to compare
+def _same_collection(info: dict, collection: Collection) -> bool:
+    """Whether a cache's ``collection.json`` (``info``) is ``collection``'s: the same YAML, or
+    the same name and datasets (a moved or renamed YAML, or one built in Python)."""
     source = str(collection.path) if collection.path else None
-    if old_source is not None and source is not None and old_source == source:
+    if info.get("source") is not None and source is not None and info["source"] == source:
         return True
-    return old_name == collection.name and old_datasets == {d.name for d in collection.datasets}
+    return info.get("name") == collection.name and \
+        {d.get("name") for d in info.get("datasets", [])} == {d.name for d in collection.datasets}
 
 
-def _check_same_collection(cache: Path, collection: Collection) -> None:
-    """Refuse a cache finished for another collection (its ``collection.json`` would be
-    replaced, and training on the cache would silently train the collection preprocessed
-    last)."""
-    if _cache_holds(cache, collection) is not False:
+def _cache_holds(cache: Path, collection: Collection) -> bool | None:
+    """Whether the finished cache ``cache`` is ``collection``'s; None when it holds none (or
+    an unreadable one)."""
+    try:
+        info = json.loads((cache / "collection.json").read_text())
+        return _same_collection(info, collection)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _check_same_collection(cache: Path, info: dict | None, collection: Collection) -> None:
+    """Refuse a cache finished for another collection (``info``: its ``collection.json``; it
+    would be replaced, and training on the cache would silently train the collection
+    preprocessed last)."""
+    if info is None or _same_collection(info, collection):
         return
-    old = json.loads((cache / "collection.json").read_text())
-    old_source = old.get("source")
+    old_source = info.get("source")
     raise PreprocessError(
-        f"cache {cache} holds another collection ({old.get('name')!r}"
+        f"cache {cache} holds another collection ({info.get('name')!r}"
         f"{f' of {old_source}' if old_source else ''}); give this one its own cache "
         "(--cache-dir, or cache_dir: in its YAML), or replace that one (`hermes preprocess "
         "--overwrite`; overwrite=True in Python)")
@@ -521,17 +525,16 @@ def _check_cache(cache: Path, collection: Collection, header: dict, overwrite: b
     if overwrite:
         return
     old = read_cache_file(cache, "preprocess.json")
-    read_cache_file(cache, "collection.json")  # refused here if it is not a cache's
-    if old is not None:
-        if old != header:
-            diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
-            shown = ", ".join(f"{k} {old.get(k)} there, {header.get(k)} here" for k in diff)
-            raise PreprocessError(
-                f"cache {cache} was made with different parameters ({shown}); give the cache "
-                "folder itself to use it as it is, use another cache folder, the same "
-                "settings, or overwrite=True (`hermes preprocess --overwrite`, which "
-                "re-preprocesses it)")
-    _check_same_collection(cache, collection)
+    info = read_cache_file(cache, "collection.json")  # refused here if it is not a cache's
+    if old is not None and old != header:
+        diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
+        shown = ", ".join(f"{k} {old.get(k)} there, {header.get(k)} here" for k in diff)
+        raise PreprocessError(
+            f"cache {cache} was made with different parameters ({shown}); give the cache "
+            "folder itself to use it as it is, use another cache folder, the same "
+            "settings, or overwrite=True (`hermes preprocess --overwrite`, which "
+            "re-preprocesses it)")
+    _check_same_collection(cache, info, collection)
 
 
 #: Keys every Hermes cache's JSON file of that name holds: what tells it from a user's file.
