@@ -154,8 +154,8 @@ def training_state_note(path: Path) -> str | None:
             head = f.read(len(STATE_MAGIC))
     except OSError:
         return None
-    if head == STATE_MAGIC or (path.suffix == ".ckpt" and (path.parent / RUN_MODEL_FILE).is_file()):
-        model = path.parent / RUN_MODEL_FILE
+    model = path.parent / RUN_MODEL_FILE
+    if head == STATE_MAGIC or (path.suffix == ".ckpt" and model.is_file()):
         if model.is_file():
             return f"{path} is a Hermes training state (for --resume), not a model: use {model}"
         return (f"{path} is a Hermes training state (for --resume), not a model, and its run "
